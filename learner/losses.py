@@ -1,0 +1,136 @@
+"""Training losses: PPO policy and value losses, reward-model losses, SFT, entropy.
+
+Pure torch. Per-token tensors are (B, T) over response tokens, `mask` is 1 on real response
+tokens; every per-token loss is the token-mean over all real tokens of the batch. Padded inputs
+are zeroed with `torch.where` before any arithmetic, so garbage there (even inf/NaN) can change
+neither a loss nor its gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tidal.common.ops import entropy_from_logits, masked_mean
+
+
+def policy_loss(
+    logprobs: torch.Tensor,  # (B, T) log pi_theta(a_t), with grad
+    old_logprobs: torch.Tensor,  # (B, T) log pi_old(a_t) at collection
+    advantages: torch.Tensor,  # (B, T)
+    mask: torch.Tensor,  # (B, T)
+    clip_eps: float,
+    *,
+    is_weights: torch.Tensor | None = None,  # (B, T) truncated importance weights, or None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017), minimized:
+
+        ratio = pi_theta / pi_old
+        loss  = token-mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+
+    `is_weights` (off-policy / async samples): per-token weights, treated as constants, that
+    multiply each token's loss before the mean. They correct for samples drawn by an older or
+    numerically different behaviour policy (the rollout engine) than pi_old; compute them with
+    `truncated_is_weights`, whose cap bounds the variance.
+
+    Metrics (detached float tensors):
+      clipfrac   - fraction of real tokens with |ratio - 1| > eps (CleanRL's definition)
+      approx_kl  - k3 estimate of KL(pi_old || pi_theta): token-mean of (ratio - 1) - log ratio,
+                   unbiased with samples from pi_old and never negative
+      ratio_mean - token-mean of ratio
+    """
+    real = mask.bool()
+    logratio = torch.where(real, logprobs - old_logprobs, 0.0)  # (B, T)
+    advantages = torch.where(real, advantages, 0.0).detach()
+    ratio = logratio.exp()
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    per_token = torch.max(pg_loss1, pg_loss2)  # (B, T) pessimistic bound
+    if is_weights is not None:
+        per_token = per_token * torch.where(real, is_weights, 0.0).detach()
+    loss = masked_mean(per_token, mask)
+    with torch.no_grad():
+        metrics = {
+            "clipfrac": masked_mean(((ratio - 1.0).abs() > clip_eps).float(), mask),
+            "approx_kl": masked_mean((ratio - 1.0) - logratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, metrics
+
+
+def truncated_is_weights(
+    old_logprobs: torch.Tensor,  # (B, T) log pi_old, recomputed by the trainer
+    rollout_logprobs: torch.Tensor,  # (B, T) log pi_behaviour, as reported by the rollout engine
+    mask: torch.Tensor,  # (B, T)
+    cap: float,
+) -> torch.Tensor:
+    """Truncated importance sampling weights min(pi_old / pi_behaviour, cap), detached, 0 on
+    padding -> (B, T). Truncation (as in IMPALA's V-trace rho-bar) trades a small bias for
+    bounded variance when the engine's sampler drifts from the trainer (ANCHORS.md, complaint 5)."""
+    if cap <= 0:
+        raise ValueError(f"is-weight cap must be > 0, got {cap}")
+    real = mask.bool()
+    log_w = torch.where(real, old_logprobs - rollout_logprobs, 0.0)
+    return torch.where(real, log_w.exp().clamp(max=cap), 0.0).detach()
+
+
+def value_loss(
+    values: torch.Tensor,  # (B, T) V_theta(s_t), with grad
+    old_values: torch.Tensor,  # (B, T) values at collection
+    returns: torch.Tensor,  # (B, T) GAE returns
+    mask: torch.Tensor,  # (B, T)
+    clip_eps: float,
+) -> torch.Tensor:
+    """Clipped value loss (ANCHORS.md, detail 8): 0.5 * token-mean of
+    max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2). The clip keeps the critic
+    from moving further than eps from its collection-time prediction in one update."""
+    real = mask.bool()
+    values = torch.where(real, values, 0.0)
+    old_values = torch.where(real, old_values, 0.0).detach()
+    returns = torch.where(real, returns, 0.0).detach()
+    v_loss_unclipped = (values - returns) ** 2
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    v_loss_clipped = (v_clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mask)
+
+
+def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry loss for a reward model: mean of -log sigmoid(r_chosen - r_rejected).
+    chosen, rejected (B,). logsigmoid stays finite for large margins where log(sigmoid) is -inf."""
+    if chosen.shape != rejected.shape:
+        raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ")
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def ranking_reward_loss(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """InstructGPT reward-model loss (Ouyang et al. 2022; ANCHORS.md, detail 11): K ranked
+    responses per prompt give C(K, 2) comparisons; each prompt's sum over its pairs is scaled by
+    1 / C(K, 2), then averaged over prompts. scores (B, K) float, ranks (B, K) long with
+    0 = best; every row of ranks must be a permutation of 0..K-1 (no ties)."""
+    if scores.dim() != 2 or scores.shape != ranks.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and ranks {tuple(ranks.shape)} must both be (B, K)")
+    B, K = scores.shape
+    if K < 2:
+        raise ValueError(f"ranking needs K >= 2 responses per prompt, got K={K}")
+    expected = torch.arange(K, device=ranks.device)
+    bad = (ranks.sort(-1).values != expected).any(-1).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"ranks rows {bad.tolist()} are not permutations of 0..{K - 1} (0 = best, no ties)")
+    margin = scores[:, :, None] - scores[:, None, :]  # (B, K, K): s_i - s_j
+    i_better = ranks[:, :, None] < ranks[:, None, :]  # (B, K, K): pair (i, j) with i preferred
+    pair_losses = torch.where(i_better, -F.logsigmoid(margin), 0.0)  # one term per ordered pair
+    return (pair_losses.sum((1, 2)) / math.comb(K, 2)).mean()
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood, token-mean over real tokens. logprobs (B, T), mask (B, T)."""
+    return -masked_mean(torch.where(mask.bool(), logprobs, 0.0), mask)
+
+
+def entropy_bonus(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Token-mean policy entropy over real tokens. logits (B, T, V), mask (B, T) -> scalar.
+    The trainer subtracts coef * this from its loss to keep exploration alive."""
+    entropy = entropy_from_logits(logits, temperature)  # (B, T)
+    return masked_mean(torch.where(mask.bool(), entropy, 0.0), mask)
