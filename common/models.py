@@ -24,7 +24,7 @@ from tidal.common import model_builds
 from tidal.common.ops import logprobs_from_logits, position_ids_from_mask
 
 REGISTRY_NAMES = ("tiny-random", "tiny-random:SEED", "smollm2-135m", "smollm2-135m-2l")
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"  # bump whenever the tiny build changes: caches are shared
 SMOLLM2_VERSION = "v1"
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_META_FILE = "value_model.json"

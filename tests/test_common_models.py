@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tidal.common import model_builds
 from tidal.common.models import (
-    ValueModel, load_causal_lm, load_tokenizer, load_value_model, read_value_model_meta,
+    TINY_VERSION, ValueModel, load_causal_lm, load_tokenizer, load_value_model, read_value_model_meta,
     resolve_model, save_value_model, sequence_logprobs,
 )
 
@@ -29,7 +29,7 @@ def test_tiny_random_is_deterministic_by_seed(tmp_path, monkeypatch):
     a0, a1 = resolve_model("tiny-random:0"), resolve_model("tiny-random:1")
     monkeypatch.setenv("TIDAL_CACHE", str(tmp_path / "b"))
     b0 = resolve_model("tiny-random")  # default seed is 0
-    assert a0 != b0 and a0.name == b0.name == "tiny-random-s0-v1"
+    assert a0 != b0 and a0.name == b0.name == f"tiny-random-s0-{TINY_VERSION}"
 
     w_a0, w_a1, w_b0 = (load_file(str(p / "model.safetensors")) for p in (a0, a1, b0))
     assert w_a0.keys() == w_b0.keys()
