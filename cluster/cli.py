@@ -39,7 +39,12 @@ def _data_sentiment(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from tidal.common.metrics import plot_run
 
-    for path in plot_run(args.run_dir):
+    try:
+        paths = plot_run(args.run_dir)
+    except (FileNotFoundError, ValueError) as e:  # no metrics.jsonl, or nothing in it to plot
+        print(f"tidal report: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
     return 0
 

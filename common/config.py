@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +214,18 @@ def _check_cross_fields(c: TidalConfig) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-6` as a float: PyYAML follows YAML 1.1, where a float needs a
+    dot, so `lr: 1e-5` and `learner.lr=1e-6` would otherwise arrive as strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TidalConfig:
     """Read YAML (or start from defaults when path is None), apply `a.b=value` overrides, validate."""
     raw: dict = {}
@@ -221,7 +234,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.load(p.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -237,11 +250,13 @@ def _apply_override(raw: dict, override: str) -> None:
     key, value = override.split("=", 1)
     parts = key.strip().split(".")
     node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:  # absent, or an empty section (`stages:` in YAML reads as null)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[:i + 1])} is not a section")
+    node[parts[-1]] = yaml.load(value, Loader=_Loader) if value.strip() else None
 
 
 def from_dict(cls: type, raw: Any, path: str) -> Any:
@@ -335,7 +350,10 @@ def describe(cls: type = TidalConfig, prefix: str = "") -> list[str]:
         key = _join(prefix, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             lines += describe(hints[f.name], key)
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else to_dict(f.default_factory())
-            lines.append(f"{key} = {default!r}  # {f.metadata.get('doc', '')}")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else to_dict(f.default_factory())
+        lines.append(f"{key} = {default!r}  # {f.metadata.get('doc', '')}")
+        item = typing.get_args(hints[f.name])[:1]
+        if typing.get_origin(hints[f.name]) is tuple and dataclasses.is_dataclass(item[0] if item else None):
+            lines += describe(item[0], f"{key}[]")  # fields of each list entry (e.g. reward.terms[].kind)
     return lines
