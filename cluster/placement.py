@@ -1,0 +1,214 @@
+"""Placement by configuration: where each role's actors run.
+
+Two modes (`cluster.placement`), one code path:
+
+* colocated: one placement group, one bundle per learner rank (or per rollout worker, whichever
+  is more). Bundle k hosts learner rank k, critic rank k, rollout worker k mod n, and the
+  reference / reward-model workers spread the same way. Actors that share a bundle split its
+  GPU (time-slicing); each keeps its own CPUs.
+* disaggregated: the learner-side roles (learner, critic, reference, reward model) get one
+  placement group; every rollout worker gets a placement group of its own with one bundle, so
+  the pool can grow and shrink while the job runs (`Placement.add_rollout_slot`,
+  `remove_rollout_slot`) without touching the learners. `cluster.rollout_node_resource` /
+  `learner_node_resource` pin the two sides to nodes that advertise those custom resources.
+
+`plan_placement` is pure (unit-tested without Ray); `Placement` turns a plan into live Ray
+placement groups and hands out `.options(...)` for each actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tidal.common.config import TidalConfig
+
+NODE_RESOURCE_SLIVER = 0.001  # what a bundle asks of a node-marking custom resource
+LEARNER_ROLES = ("learner", "critic", "reference", "reward")
+
+
+@dataclass(frozen=True)
+class RoleSlot:
+    """Where one actor goes: a bundle of a named placement group, and what it requests there."""
+
+    role: str
+    group: str  # placement-group name in PlacementPlan.groups
+    bundle_index: int
+    num_cpus: float
+    num_gpus: float
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    mode: str
+    groups: dict[str, tuple[dict[str, float], ...]]  # group name -> bundles (resource dicts)
+    slots: dict[str, tuple[RoleSlot, ...]]  # role -> one slot per actor
+    rollout_bundle: dict[str, float] = field(default_factory=dict)  # one extra rollout worker
+
+    @property
+    def total_cpus(self) -> float:
+        return sum(b.get("CPU", 0.0) for bundles in self.groups.values() for b in bundles)
+
+    @property
+    def total_gpus(self) -> float:
+        return sum(b.get("GPU", 0.0) for bundles in self.groups.values() for b in bundles)
+
+
+def role_counts(cfg: TidalConfig, *, critic: bool, reference: bool, reward_model: bool) -> dict[str, int]:
+    """Actors per role for an RL stage with this config."""
+    n = cfg.learner.num_workers
+    return {
+        "learner": n,
+        "critic": n if critic else 0,
+        "reference": 1 if reference else 0,
+        "reward": cfg.reward.num_workers if reward_model else 0,
+        "rollout": cfg.rollout.num_workers,
+    }
+
+
+def _role_resources(cfg: TidalConfig, role: str) -> tuple[float, float]:
+    if role == "rollout":
+        return cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker
+    return cfg.learner.cpus_per_worker, cfg.learner.gpus_per_worker
+
+
+def _pack(cfg: TidalConfig, group: str, n_bundles: int, roles: dict[str, int],
+          node_resource: str | None) -> tuple[tuple[dict[str, float], ...], dict[str, tuple[RoleSlot, ...]]]:
+    """Assign actor i of each role to bundle i mod n_bundles; size each bundle to what lands on it.
+    A bundle's GPU is the largest single request on it, shared equally by its GPU actors."""
+    members: list[list[tuple[str, float, float]]] = [[] for _ in range(n_bundles)]
+    for role, count in roles.items():
+        cpus, gpus = _role_resources(cfg, role)
+        for i in range(count):
+            members[i % n_bundles].append((role, cpus, gpus))
+    bundles, slots = [], {role: [] for role in roles}
+    for k, actors in enumerate(members):
+        gpu = max((g for _, _, g in actors), default=0.0)
+        n_gpu_actors = sum(1 for _, _, g in actors if g > 0)
+        bundle = {"CPU": float(sum(c for _, c, _ in actors))}
+        if gpu > 0:
+            bundle["GPU"] = float(gpu)
+        if node_resource:
+            bundle[node_resource] = NODE_RESOURCE_SLIVER
+        bundles.append(bundle)
+        for role, cpus, gpus in actors:
+            share = gpu / n_gpu_actors if gpus > 0 else 0.0
+            slots[role].append(RoleSlot(role, group, k, float(cpus), float(share)))
+    return tuple(bundles), {r: tuple(s) for r, s in slots.items() if s}
+
+
+def rollout_bundle(cfg: TidalConfig) -> dict[str, float]:
+    """The one-bundle placement group of a disaggregated (or added) rollout worker."""
+    bundle = {"CPU": float(cfg.rollout.cpus_per_worker)}
+    if cfg.rollout.gpus_per_worker > 0:
+        bundle["GPU"] = float(cfg.rollout.gpus_per_worker)
+    if cfg.cluster.placement == "disaggregated" and cfg.cluster.rollout_node_resource:
+        bundle[cfg.cluster.rollout_node_resource] = NODE_RESOURCE_SLIVER
+    return bundle
+
+
+def plan_placement(cfg: TidalConfig, counts: dict[str, int]) -> PlacementPlan:
+    """Bundles and per-actor slots for `counts` (from role_counts) under cfg.cluster.placement."""
+    unknown = set(counts) - set(LEARNER_ROLES) - {"rollout"}
+    if unknown:
+        raise ValueError(f"unknown roles {sorted(unknown)}; expected {LEARNER_ROLES + ('rollout',)}")
+    learner_side = {r: counts.get(r, 0) for r in LEARNER_ROLES if counts.get(r, 0) > 0}
+    n_learner = max(counts.get("learner", 0), 1)
+    n_rollout = counts.get("rollout", 0)
+    if cfg.cluster.placement == "colocated":
+        bundles, slots = _pack(cfg, "shared", max(n_learner, n_rollout),
+                               {**learner_side, "rollout": n_rollout}, None)
+        return PlacementPlan("colocated", {"shared": bundles}, slots, rollout_bundle(cfg))
+    bundles, slots = _pack(cfg, "learner", n_learner, learner_side, cfg.cluster.learner_node_resource)
+    groups = {"learner": bundles}
+    rollout_slots = []
+    for i in range(n_rollout):
+        name = f"rollout-{i}"
+        groups[name] = (rollout_bundle(cfg),)
+        rollout_slots.append(RoleSlot("rollout", name, 0, float(cfg.rollout.cpus_per_worker),
+                                      float(cfg.rollout.gpus_per_worker)))
+    slots["rollout"] = tuple(rollout_slots)
+    return PlacementPlan("disaggregated", groups, slots, rollout_bundle(cfg))
+
+
+class Placement:
+    """Live placement groups for a plan. `options(role, i)` gives `ActorClass.options(**...)`."""
+
+    def __init__(self, plan: PlacementPlan, timeout_s: float, name_prefix: str = "tidal"):
+        from ray.util.placement_group import placement_group
+
+        self.plan, self.timeout_s, self.prefix = plan, timeout_s, name_prefix
+        self.pgs = {}
+        for name, bundles in plan.groups.items():
+            strategy = "STRICT_PACK" if name.startswith("rollout-") else "PACK"
+            self.pgs[name] = placement_group(list(bundles), strategy=strategy, name=f"{name_prefix}-{name}")
+        self.rollout_slots: list[RoleSlot] = list(plan.slots.get("rollout", ()))
+        self._wait(list(self.pgs))
+
+    def _wait(self, names: list[str]) -> None:
+        import ray
+
+        refs = [self.pgs[n].ready() for n in names]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if len(ready) < len(refs):
+            missing = [n for n, r in zip(names, refs) if r not in ready]
+            raise TimeoutError(
+                f"placement groups {missing} were not scheduled within {self.timeout_s:.0f} s; the cluster "
+                f"lacks resources for bundles {[self.plan.groups.get(n) or self.plan.rollout_bundle for n in missing]} "
+                f"(ray status shows what is free). Lower *.num_workers / *.cpus_per_worker or add nodes.")
+
+    def options(self, role: str, index: int) -> dict:
+        """Ray actor options placing actor `index` of `role` on its bundle."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        slots = self.rollout_slots if role == "rollout" else self.plan.slots.get(role, ())
+        if index >= len(slots):
+            raise IndexError(f"role {role!r} has {len(slots)} placement slots; no slot {index}")
+        slot = slots[index]
+        return {
+            "num_cpus": slot.num_cpus,
+            "num_gpus": slot.num_gpus,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self.pgs[slot.group], placement_group_bundle_index=slot.bundle_index,
+                placement_group_capture_child_tasks=True),
+        }
+
+    def add_rollout_slot(self) -> int:
+        """A placement group for one more rollout worker; returns its slot index."""
+        from ray.util.placement_group import placement_group
+
+        i = len(self.rollout_slots)
+        name = f"rollout-{i}-x"
+        while name in self.pgs:
+            name += "x"
+        self.pgs[name] = placement_group([self.plan.rollout_bundle], strategy="STRICT_PACK", name=f"{self.prefix}-{name}")
+        self._wait([name])
+        self.rollout_slots.append(RoleSlot("rollout", name, 0, self.plan.rollout_bundle["CPU"],
+                                           self.plan.rollout_bundle.get("GPU", 0.0)))
+        return i
+
+    def remove_rollout_slot(self) -> None:
+        """Free the last rollout slot (its worker must be gone). Shared bundles are kept."""
+        from ray.util.placement_group import remove_placement_group
+
+        slot = self.rollout_slots.pop()
+        if slot.group.startswith("rollout-"):
+            remove_placement_group(self.pgs.pop(slot.group))
+
+    def node_of(self, role: str, index: int) -> str:
+        """Node id hosting the bundle of actor `index` of `role` (for tests and logs)."""
+        from ray.util.placement_group import placement_group_table
+
+        slots = self.rollout_slots if role == "rollout" else self.plan.slots[role]
+        slot = slots[index]
+        table = placement_group_table(self.pgs[slot.group])
+        return table["bundles_to_node_id"][slot.bundle_index]
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self.pgs.values():
+            try:
+                remove_placement_group(pg)
+            except Exception:  # already gone with the cluster
+                pass
+        self.pgs.clear()

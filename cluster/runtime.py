@@ -1,0 +1,86 @@
+"""Connecting the driver to Ray: an embedded local cluster, or an existing one.
+
+`cluster.address` None starts a private local Ray cluster inside the driver process (the
+default on a laptop or CI machine); any other value (`auto`, `ray://host:10001`, `host:6379`)
+connects to a running cluster. Either way every worker process gets the same environment
+variables (`RUNTIME_ENV_VARS`, the values the test-suite uses) through the job's runtime_env,
+so an actor behaves identically whether it was started by a test, by `tidal train` or by a
+job submitted with `tidal submit`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+from tidal.common.config import ClusterConfig
+
+# Single-threaded math, CPU DeepSpeed, in-process vLLM, offline hubs (PLATFORM.md explains each).
+# A value already set in the driver's environment wins, so a GPU machine can override them.
+RUNTIME_ENV_VARS: dict[str, str] = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DS_ACCELERATOR": "cpu",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+}
+# Passed through when set in the driver (model cache, GPU visibility).
+PASS_THROUGH_VARS = ("TIDAL_CACHE", "PYTHONPATH", "HF_HOME", "CUDA_VISIBLE_DEVICES", "TORCH_EXTENSIONS_DIR")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of every Ray worker: RUNTIME_ENV_VARS, overridden by the driver's own values."""
+    env = {k: os.environ.get(k, v) for k, v in RUNTIME_ENV_VARS.items()}
+    env.update({k: os.environ[k] for k in PASS_THROUGH_VARS if k in os.environ})
+    return env
+
+
+def apply_driver_env() -> None:
+    """Set RUNTIME_ENV_VARS in the driver process too (it loads tokenizers and small models)."""
+    for k, v in RUNTIME_ENV_VARS.items():
+        os.environ.setdefault(k, v)
+
+
+@dataclass
+class RayConnection:
+    """What `connect` did, so `disconnect` undoes exactly that."""
+
+    started_here: bool  # we called ray.init (False: the caller already had Ray up)
+    embedded: bool  # a local cluster was started inside this process
+    address: str
+
+
+def connect(cfg: ClusterConfig) -> RayConnection:
+    """Start or join Ray for a run. Reuses an already initialised Ray (tests, `ray job` entrypoints)."""
+    import ray
+
+    apply_driver_env()
+    if ray.is_initialized():
+        return RayConnection(started_here=False, embedded=False, address="existing")
+    runtime_env = {"env_vars": worker_env()}
+    if cfg.address is None and "RAY_ADDRESS" not in os.environ:
+        temp_dir = cfg.ray_temp_dir or tempfile.mkdtemp(prefix="tidal-ray-")
+        kwargs = {"num_cpus": cfg.num_cpus} if cfg.num_cpus is not None else {}
+        ray.init(include_dashboard=False, _temp_dir=os.path.abspath(temp_dir), runtime_env=runtime_env,
+                 log_to_driver=True, **kwargs)
+        return RayConnection(started_here=True, embedded=True, address="local")
+    # A submitted job runs with RAY_ADDRESS set; joining keeps its job runtime_env (working dir).
+    address = cfg.address or os.environ["RAY_ADDRESS"]
+    ray.init(address=address, runtime_env=runtime_env if cfg.address is not None else None)
+    return RayConnection(started_here=True, embedded=False, address=address)
+
+
+def disconnect(conn: RayConnection) -> None:
+    import ray
+
+    if conn.started_here and ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,159 @@
+"""Fast unit tests of the driver's pure parts: placement bundles, atomic checkpoints."""
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tidal.cluster import checkpoint as ck
+from tidal.cluster.placement import NODE_RESOURCE_SLIVER, plan_placement, role_counts
+from tidal.common.config import load_config
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def _cfg(*overrides):
+    return load_config(None, list(overrides))
+
+
+def test_colocated_shares_one_group_and_sizes_bundles_by_what_lands_there():
+    cfg = _cfg("learner.num_workers=2", "learner.mini_batch_size=8", "rollout.num_workers=3",
+               "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=1")
+    counts = role_counts(cfg, critic=True, reference=True, reward_model=False)
+    plan = plan_placement(cfg, counts)
+    assert list(plan.groups) == ["shared"]
+    bundles = plan.groups["shared"]
+    assert len(bundles) == 3  # max(learners, rollout workers)
+    # bundle 0: learner 0, critic 0, reference, rollout 0; bundle 1: learner 1, critic 1, rollout 1; bundle 2: rollout 2
+    assert [b["CPU"] for b in bundles] == [3.5, 2.5, 0.5]
+    assert [s.bundle_index for s in plan.slots["rollout"]] == [0, 1, 2]
+    assert [s.bundle_index for s in plan.slots["learner"]] == [0, 1]
+    assert plan.total_cpus == pytest.approx(2 * 1 + 2 * 1 + 1 + 3 * 0.5)
+    assert "reward" not in plan.slots
+
+
+def test_colocated_gpus_are_time_sliced_within_a_bundle():
+    cfg = _cfg("learner.gpus_per_worker=1", "rollout.gpus_per_worker=1")
+    plan = plan_placement(cfg, role_counts(cfg, critic=False, reference=False, reward_model=False))
+    (bundle,) = plan.groups["shared"]
+    assert bundle["GPU"] == 1.0
+    assert plan.slots["learner"][0].num_gpus == 0.5 and plan.slots["rollout"][0].num_gpus == 0.5
+
+
+def test_disaggregated_gives_each_rollout_worker_its_own_group_on_rollout_nodes():
+    cfg = _cfg("cluster.placement=disaggregated", "rollout.num_workers=2", "learner.num_workers=2",
+               "learner.mini_batch_size=8", "cluster.rollout_node_resource=rollout_node",
+               "cluster.learner_node_resource=learner_node", "rollout.gpus_per_worker=1")
+    plan = plan_placement(cfg, role_counts(cfg, critic=True, reference=True, reward_model=True))
+    assert set(plan.groups) == {"learner", "rollout-0", "rollout-1"}
+    for b in plan.groups["learner"]:
+        assert b["learner_node"] == NODE_RESOURCE_SLIVER and "rollout_node" not in b and "GPU" not in b
+    for i in range(2):
+        (b,) = plan.groups[f"rollout-{i}"]
+        assert b == {"CPU": 1.0, "GPU": 1.0, "rollout_node": NODE_RESOURCE_SLIVER}
+        assert plan.slots["rollout"][i].group == f"rollout-{i}"
+    # the learner group holds learner + critic ranks, reference and reward model, none of the rollout
+    assert sum(b["CPU"] for b in plan.groups["learner"]) == 2 + 2 + 1 + 1
+    assert plan.rollout_bundle == {"CPU": 1.0, "GPU": 1.0, "rollout_node": NODE_RESOURCE_SLIVER}
+
+
+def test_plan_rejects_unknown_roles():
+    with pytest.raises(ValueError, match="unknown roles"):
+        plan_placement(_cfg(), {"learner": 1, "critics": 1})
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _writer(payload):
+    def write(d):
+        (d / "payload.json").write_text(json.dumps(payload))
+    return write
+
+
+def test_checkpoint_publishes_atomically_and_keeps_previous(tmp_path):
+    ck.write_checkpoint(tmp_path, 2, _writer({"s": 2}), keep=2)
+    ck.write_checkpoint(tmp_path, 4, _writer({"s": 4}), keep=2)
+    latest = ck.latest_checkpoint(tmp_path)
+    assert latest.name == "step-000004" and json.loads((latest / "payload.json").read_text()) == {"s": 4}
+    ck.write_checkpoint(tmp_path, 6, _writer({"s": 6}), keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step-000004", "step-000006"]
+
+
+def test_crash_while_writing_leaves_previous_checkpoint_in_use(tmp_path):
+    ck.write_checkpoint(tmp_path, 2, _writer({"s": 2}))
+
+    def crashing(d):
+        (d / "payload.json").write_text("{half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        ck.write_checkpoint(tmp_path, 4, crashing)
+    latest = ck.latest_checkpoint(tmp_path)
+    assert latest.name == "step-000002"
+    assert json.loads((latest / "payload.json").read_text()) == {"s": 2}
+    # the half-written directory is not mistaken for a checkpoint, and the next write cleans it
+    ck.write_checkpoint(tmp_path, 4, _writer({"s": 4}))
+    assert ck.latest_checkpoint(tmp_path).name == "step-000004"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigkill_during_checkpoint_write_never_corrupts(tmp_path):
+    """A real process killed with SIGKILL in the middle of writing a large checkpoint."""
+    ck.write_checkpoint(tmp_path, 1, _writer({"s": 1}))
+    code = f"""
+import sys, time
+from pathlib import Path
+from tidal.cluster import checkpoint as ck
+def write(d):
+    (d / 'payload.json').write_text('{{"s": 2}}')
+    (d / 'big.bin').write_bytes(b'x' * 1000)
+    print('writing', flush=True)
+    time.sleep(60)
+ck.write_checkpoint({str(tmp_path)!r}, 2, write)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    latest = ck.latest_checkpoint(tmp_path)
+    assert latest.name == "step-000001"
+    assert json.loads((latest / "payload.json").read_text()) == {"s": 1}
+
+
+def test_stale_latest_pointer_falls_back_to_newest_complete(tmp_path):
+    ck.write_checkpoint(tmp_path, 3, _writer({}))
+    (tmp_path / "checkpoints" / "latest").write_text("step-000009")  # points at nothing
+    assert ck.latest_checkpoint(tmp_path).name == "step-000003"
+    assert ck.latest_checkpoint(tmp_path / "nope") is None
+
+
+def test_rewriting_the_same_step_replaces_it(tmp_path):
+    ck.write_checkpoint(tmp_path, 5, _writer({"v": 1}))
+    ck.write_checkpoint(tmp_path, 5, _writer({"v": 2}))
+    assert json.loads((ck.latest_checkpoint(tmp_path) / "payload.json").read_text()) == {"v": 2}
+
+
+def test_driver_state_round_trip_restores_rng(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    state = ck.DriverState(step=7, weight_version=7, kl_controller={"value": 0.1},
+                           reward_state={"mean": 0.5}, data_state={"epoch": 1, "position": 3})
+    state.save(tmp_path)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    loaded = ck.DriverState.load(tmp_path)
+    assert loaded == state
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_run_state_records_finished_stages(tmp_path):
+    assert ck.read_run_state(tmp_path) == {"stages": {}}
+    ck.mark_stage_done(tmp_path, "sft", {"output": "x"})
+    ck.mark_stage_done(tmp_path, "rm", {"output": "y"})
+    assert ck.read_run_state(tmp_path)["stages"] == {"sft": {"output": "x"}, "rm": {"output": "y"}}
