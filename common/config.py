@@ -49,6 +49,8 @@ class ClusterConfig:
     placement: Literal["colocated", "disaggregated"] = doc("colocated", "colocated: all roles share the same resources; disaggregated: the rollout pool gets its own placement-group bundles (its own nodes on a cluster), sized by rollout.num_workers independently of the learners.")
     sync_timeout_s: float = doc(300.0, "Hard timeout of every weight sync and remote call that could hang; a peer that does not answer is an error that names it.", min=1.0)
     ray_temp_dir: Optional[str] = doc(None, "Temp dir of the embedded Ray cluster (None: Ray's default). Set a private one to keep runs apart.")
+    rollout_node_resource: Optional[str] = doc(None, "Disaggregated placement: a custom Ray resource that marks rollout nodes (nodes started with --resources='{\"NAME\": 1}'); every rollout bundle asks for a sliver of it, so the pool lands on those nodes. None: any node with free resources.")
+    learner_node_resource: Optional[str] = doc(None, "Like rollout_node_resource, for the learner (and reference/critic/reward-model) bundles.")
 
 
 @dataclass(frozen=True)
