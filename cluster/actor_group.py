@@ -1,0 +1,309 @@
+"""A generic fault-tolerant group of actors (RLlib's actor-manager shape).
+
+`ActorGroup(cls, n, args)` creates n actors of a plain class. A call on the group takes a
+callable per actor, `lambda actor: actor.method.remote(x)` (no string dispatch: the method
+name is code that grep and type checkers see), and returns one `CallResult` per actor: the
+value or the error, never an exception that hides the other actors' results. Every wait has
+a timeout, so a dead or stuck actor becomes an error naming it, never a hang.
+
+Health: an actor whose call raised `RayActorError` or timed out is marked unhealthy;
+`probe_unhealthy()` pings actors; `restore()` replaces unhealthy actors by fresh ones with
+the same id. `add()` / `remove()` resize the group (independent scaling of a role).
+
+Local mode (`local=True`): the same class runs in-process as plain objects behind a shim
+whose `obj.method.remote(...)` calls the method at once, so the same callables, the same
+results and the same error handling work without Ray (unit tests, debugging).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
+
+T = TypeVar("T")
+
+
+class ActorCallTimeout(TimeoutError):
+    """An actor did not answer within the timeout."""
+
+
+@dataclass(frozen=True)
+class CallResult(Generic[T]):
+    """The outcome of one call on one actor: `value` when ok, else `error`."""
+
+    actor_id: int
+    label: str  # human-readable actor name for error messages, e.g. "rollout-2"
+    ok: bool
+    value: Optional[T] = None
+    error: Optional[BaseException] = None
+
+    def get(self) -> T:
+        """The value, or re-raise the actor's error."""
+        if not self.ok:
+            raise self.error  # type: ignore[misc]
+        return self.value  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- local mode
+
+
+class LocalRef:
+    """The finished result of a local-mode call (stands where a Ray ObjectRef would)."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        try:
+            self.value, self.error = fn(), None
+        except Exception as e:  # noqa: BLE001 - returned to the caller as a CallResult
+            self.value, self.error = None, e
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _LocalMethod:
+    def __init__(self, bound: Callable):
+        self._bound = bound
+
+    def remote(self, *args: Any) -> LocalRef:
+        return LocalRef(lambda: self._bound(*[_resolve(a) for a in args]))
+
+
+class LocalHandle:
+    """Wraps a plain object so `handle.method.remote(*args)` calls `obj.method(*args)`.
+
+    Like Ray, a top-level ObjectRef argument is resolved to its value first."""
+
+    def __init__(self, obj: Any):
+        self._obj = obj
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self._obj, name))
+
+
+def _resolve(arg: Any) -> Any:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover
+        return arg
+    return ray.get(arg) if isinstance(arg, ray.ObjectRef) else arg
+
+
+def is_ready(ref: Any) -> bool:
+    """Whether a call's result is available without blocking."""
+    if isinstance(ref, LocalRef):
+        return True
+    import ray
+
+    ready, _ = ray.wait([ref], timeout=0)
+    return bool(ready)
+
+
+def wait_any(refs: list, timeout_s: float) -> list:
+    """The refs among `refs` that finished within `timeout_s` (at least one unless timed out)."""
+    local = [r for r in refs if isinstance(r, LocalRef)]
+    if local or not refs:
+        return local
+    import ray
+
+    ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
+    if ready:  # collect everything else that is already done too
+        more, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        ready = list({id(r): r for r in ready + more}.values())
+    return ready
+
+
+def fetch(ref: Any, timeout_s: float) -> Any:
+    """The value of one call, raising its error, or ActorCallTimeout after `timeout_s`."""
+    if isinstance(ref, LocalRef):
+        return ref.result()
+    import ray
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ActorCallTimeout(f"no answer within {timeout_s:.1f}s") from None
+
+
+def is_actor_death(error: BaseException) -> bool:
+    """Whether an error means the actor process is gone (as opposed to a method raising)."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(error, (ray.exceptions.RayActorError, ActorCallTimeout))
+
+
+# ----------------------------------------------------------------------------- the group
+
+
+@dataclass
+class _Member:
+    handle: Any
+    healthy: bool = True
+    restarts: int = 0
+
+
+class ActorGroup(Generic[T]):
+    """n actors of `cls(*args)`; ids are stable across restarts and never reused after removal.
+
+    options: Ray actor options for every actor (num_cpus, num_gpus, max_concurrency, ...).
+    options_fn: extra options per actor id (e.g. its placement-group bundle).
+    local: run plain objects in-process instead of Ray actors.
+    name: prefix of actor labels in errors ("rollout" -> "rollout-3").
+    call_timeout_s: default timeout of `call`.
+    """
+
+    def __init__(self, cls: type, num_actors: int, args: tuple = (), options: Optional[dict] = None,
+                 options_fn: Optional[Callable[[int], dict]] = None, local: bool = False,
+                 name: str = "actor", call_timeout_s: float = 300.0):
+        if num_actors < 0:
+            raise ValueError(f"ActorGroup({name}): num_actors must be >= 0, got {num_actors}")
+        self.cls, self.args, self.options, self.options_fn = cls, args, dict(options or {}), options_fn
+        self.local, self.name, self.call_timeout_s = local, name, call_timeout_s
+        self._members: dict[int, _Member] = {}
+        self._next_id = 0
+        self._lock = threading.RLock()
+        self.add(num_actors)
+
+    # ------------------------------------------------------------------ membership
+
+    def _create(self, actor_id: int) -> Any:
+        if self.local:
+            return LocalHandle(self.cls(*self.args))
+        import ray
+
+        opts = {**self.options, **(self.options_fn(actor_id) if self.options_fn else {})}
+        return ray.remote(self.cls).options(**opts).remote(*self.args)
+
+    def add(self, n: int) -> list[int]:
+        """Create n more actors; returns their ids (their constructors may still be running)."""
+        with self._lock:
+            ids = list(range(self._next_id, self._next_id + n))
+            self._next_id += n
+            for i in ids:
+                self._members[i] = _Member(self._create(i))
+            return ids
+
+    def remove(self, actor_ids: Iterable[int], kill: bool = True) -> None:
+        """Drop actors from the group (and end their processes unless kill=False)."""
+        with self._lock:
+            for i in list(actor_ids):
+                member = self._members.pop(i, None)
+                if member is not None and kill:
+                    self._kill(member.handle)
+
+    def _kill(self, handle: Any) -> None:
+        if self.local:
+            return
+        import ray
+
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass
+
+    @property
+    def num_actors(self) -> int:
+        with self._lock:
+            return len(self._members)
+
+    @property
+    def actor_ids(self) -> list[int]:
+        with self._lock:
+            return sorted(self._members)
+
+    def healthy_actor_ids(self) -> list[int]:
+        with self._lock:
+            return [i for i in sorted(self._members) if self._members[i].healthy]
+
+    def unhealthy_actor_ids(self) -> list[int]:
+        with self._lock:
+            return [i for i in sorted(self._members) if not self._members[i].healthy]
+
+    @property
+    def num_healthy(self) -> int:
+        return len(self.healthy_actor_ids())
+
+    def actor(self, actor_id: int) -> Any:
+        """The handle (Ray actor handle, or LocalHandle in local mode) of one actor."""
+        with self._lock:
+            return self._members[actor_id].handle
+
+    def label(self, actor_id: int) -> str:
+        return f"{self.name}-{actor_id}"
+
+    def restarts(self, actor_id: int) -> int:
+        with self._lock:
+            return self._members[actor_id].restarts
+
+    def mark_unhealthy(self, actor_id: int) -> None:
+        with self._lock:
+            if actor_id in self._members:
+                self._members[actor_id].healthy = False
+
+    def is_healthy(self, actor_id: int) -> bool:
+        with self._lock:
+            return actor_id in self._members and self._members[actor_id].healthy
+
+    # ------------------------------------------------------------------ calls
+
+    def submit(self, fn: Callable[[Any], Any], actor_id: int) -> Any:
+        """Start `fn(handle)` on one actor without waiting; returns its ref."""
+        return fn(self.actor(actor_id))
+
+    def call(self, fn: Callable[[Any], Any], actor_ids: Optional[Iterable[int]] = None,
+             timeout_s: Optional[float] = None, mark_unhealthy: bool = True) -> list[CallResult]:
+        """Run `fn(handle)` on each actor (default: all healthy ones) and wait for all of them,
+        at most `timeout_s` in total. Actors that died or timed out are marked unhealthy."""
+        ids = self.healthy_actor_ids() if actor_ids is None else list(actor_ids)
+        timeout = self.call_timeout_s if timeout_s is None else timeout_s
+        refs: dict[int, Any] = {}
+        results: dict[int, CallResult] = {}
+        for i in ids:
+            try:
+                refs[i] = self.submit(fn, i)
+            except Exception as e:  # noqa: BLE001 - e.g. the handle's actor is already dead
+                results[i] = CallResult(i, self.label(i), False, error=e)
+        deadline = time.monotonic() + timeout
+        for i, ref in refs.items():
+            try:
+                value = fetch(ref, max(0.0, deadline - time.monotonic()))
+                results[i] = CallResult(i, self.label(i), True, value=value)
+            except Exception as e:  # noqa: BLE001
+                if isinstance(e, ActorCallTimeout):
+                    e = ActorCallTimeout(f"{self.label(i)}: no answer within {timeout:.1f}s")
+                results[i] = CallResult(i, self.label(i), False, error=e)
+        if mark_unhealthy:
+            for r in results.values():
+                if not r.ok and is_actor_death(r.error):
+                    self.mark_unhealthy(r.actor_id)
+        return [results[i] for i in ids]
+
+    def probe_unhealthy(self, timeout_s: float = 10.0,
+                        probe: Optional[Callable[[Any], Any]] = None) -> list[int]:
+        """Ping every actor (default probe: Ray's built-in readiness call); returns the ids of
+        actors that are unhealthy afterwards. A busy single-threaded actor answers only after
+        its current call, so probe with a timeout longer than that call or only idle actors."""
+        if self.local:
+            return self.unhealthy_actor_ids()
+        probe = probe or (lambda a: a.__ray_ready__.remote())
+        self.call(probe, actor_ids=self.healthy_actor_ids(), timeout_s=timeout_s)
+        return self.unhealthy_actor_ids()
+
+    def restore(self) -> list[int]:
+        """Replace every unhealthy actor by a fresh one with the same id; returns their ids.
+        The old process is killed first (a stuck actor must not keep its resources)."""
+        with self._lock:
+            restored = self.unhealthy_actor_ids()
+            for i in restored:
+                member = self._members[i]
+                self._kill(member.handle)
+                self._members[i] = _Member(self._create(i), True, member.restarts + 1)
+            return restored
+
+    def shutdown(self) -> None:
+        self.remove(self.actor_ids, kill=True)
