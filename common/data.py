@@ -1,0 +1,425 @@
+"""Dataset I/O for RLHF records: jsonl/parquet readers and writers with per-row schema checks,
+chat-template rendering, and `PromptDataset` (deterministic, resumable prompt batches).
+
+Record kinds and their row fields (unknown extra fields are ignored):
+  prompts         prompt | messages, [reference]
+  demonstrations  prompt + response, or messages whose last turn is the assistant's (= response)
+  comparisons     prompt | messages, chosen, rejected
+  rankings        prompt | messages, responses (K >= 2), ranking (ranking[i] = rank of
+                  responses[i], 0 = best; a permutation of range(K))
+`prompt` is a string; `messages` is a chat list of {role, content} (the prompt conversation).
+Files are chosen by suffix: .jsonl / .json (JSON lines) or .parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Union
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tidal.common.types import PromptBatch
+
+Message = dict[str, str]
+Prompt = Union[str, list[Message]]  # plain text or a chat conversation
+
+
+class DataError(ValueError):
+    """A dataset file that does not match its record schema (message: FILE:ROW: field: fix)."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt: Prompt
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
+class DemonstrationRecord:
+    prompt: Prompt
+    response: str
+
+
+@dataclass(frozen=True)
+class ComparisonRecord:
+    prompt: Prompt
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class RankingRecord:
+    prompt: Prompt
+    responses: list[str]
+    ranking: list[int]  # ranking[i] = rank of responses[i], 0 = best
+
+
+Record = Union[PromptRecord, DemonstrationRecord, ComparisonRecord, RankingRecord]
+
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+_PROMPT_FIELDS = [("prompt", pa.string()), ("messages", _MESSAGES)]
+SCHEMAS: dict[str, pa.Schema] = {
+    "prompts": pa.schema(_PROMPT_FIELDS + [("reference", pa.string())]),
+    "demonstrations": pa.schema(_PROMPT_FIELDS + [("response", pa.string())]),
+    "comparisons": pa.schema(_PROMPT_FIELDS + [("chosen", pa.string()), ("rejected", pa.string())]),
+    "rankings": pa.schema(_PROMPT_FIELDS + [("responses", pa.list_(pa.string())), ("ranking", pa.list_(pa.int64()))]),
+}
+_KIND_OF = {PromptRecord: "prompts", DemonstrationRecord: "demonstrations",
+            ComparisonRecord: "comparisons", RankingRecord: "rankings"}
+_HINTS = {
+    "prompts": "Each prompt row needs 'prompt' (a string) or 'messages' (a list of {role, content}); 'reference' is optional.",
+    "demonstrations": "Each demonstration row needs 'prompt' and 'response' strings, or 'messages' whose last turn is the assistant's response.",
+    "comparisons": "Each comparison row needs prompt (or messages), chosen and rejected.",
+    "rankings": "Each ranking row needs prompt (or messages), 'responses' (K >= 2 strings) and 'ranking' (rank of each response, 0 = best, a permutation of 0..K-1).",
+}
+
+
+# ---------------------------------------------------------------------------- validation
+
+class _Row:
+    """One raw row being validated; knows where it came from so errors can say so."""
+
+    def __init__(self, src: str, number: int, kind: str, data: dict):
+        self.src, self.number, self.kind, self.data = src, number, kind, data
+
+    def fail(self, field: str, problem: str) -> DataError:
+        return DataError(f"{self.src}:{self.number}: field '{field}': {problem}. {_HINTS[self.kind]}")
+
+    def text(self, field: str) -> str:
+        if field not in self.data:
+            raise self.fail(field, "missing")
+        return self.check_text(field, self.data[field])
+
+    def check_text(self, field: str, value) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(field, f"expected a non-empty string, got {_describe(value)}")
+        return value
+
+    def messages(self, field: str, value) -> list[Message]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(field, f"expected a non-empty list of {{role, content}} messages, got {_describe(value)}")
+        out = []
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"] \
+                    or not isinstance(m.get("content"), str):
+                raise self.fail(f"{field}[{i}]", f"expected {{'role': str, 'content': str}}, got {_describe(m)}")
+            out.append({"role": m["role"], "content": m["content"]})  # extra message keys dropped
+        return out
+
+    def prompt(self, allow_assistant_last: bool = False) -> Prompt:
+        value = self.data.get("prompt")
+        if value is None and self.data.get("messages") is not None:
+            msgs = self.messages("messages", self.data["messages"])
+            if msgs[-1]["role"] == "assistant" and not allow_assistant_last:
+                raise self.fail("messages", "the last message is from the assistant; a prompt conversation must end with the user's turn")
+            return msgs
+        if value is None:
+            raise self.fail("prompt", "missing (and no 'messages')" if "prompt" not in self.data
+                            else "expected a non-empty string or a list of messages, got null")
+        return self.messages("prompt", value) if isinstance(value, list) else self.check_text("prompt", value)
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "an empty string" if not value.strip() else f"the string {value[:40]!r}"
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _parse_prompt(row: _Row) -> PromptRecord:
+    ref = row.data.get("reference")
+    if ref is not None and not isinstance(ref, str):
+        raise row.fail("reference", f"expected a string or null, got {_describe(ref)}")
+    return PromptRecord(row.prompt(), ref)
+
+
+def _parse_demonstration(row: _Row) -> DemonstrationRecord:
+    if row.data.get("prompt") is None and row.data.get("messages") is not None:
+        msgs = row.messages("messages", row.data["messages"])
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            raise row.fail("messages", "the last message must be the assistant's response, after at least one prompt message")
+        return DemonstrationRecord(msgs[:-1], row.check_text(f"messages[{len(msgs) - 1}].content", msgs[-1]["content"]))
+    return DemonstrationRecord(row.prompt(), row.text("response"))
+
+
+def _parse_comparison(row: _Row) -> ComparisonRecord:
+    return ComparisonRecord(row.prompt(), row.text("chosen"), row.text("rejected"))
+
+
+def _parse_ranking(row: _Row) -> RankingRecord:
+    prompt = row.prompt()
+    responses, ranking = row.data.get("responses"), row.data.get("ranking")
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise row.fail("responses", f"expected a list of at least 2 strings, got {_describe(responses)}"
+                       + (f" of length {len(responses)}" if isinstance(responses, list) else ""))
+    responses = [row.check_text(f"responses[{i}]", r) for i, r in enumerate(responses)]
+    ok = isinstance(ranking, list) and all(type(r) is int for r in ranking)
+    if not ok or sorted(ranking) != list(range(len(responses))):
+        raise row.fail("ranking", f"expected a permutation of 0..{len(responses) - 1} (one rank per response), "
+                                  f"got {ranking if isinstance(ranking, list) else _describe(ranking)}")
+    return RankingRecord(prompt, responses, list(ranking))
+
+
+_PARSERS = {"prompts": _parse_prompt, "demonstrations": _parse_demonstration,
+            "comparisons": _parse_comparison, "rankings": _parse_ranking}
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    raise DataError(f"{path}: unknown dataset format {suffix!r}; use a .jsonl (JSON lines) or .parquet file.")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _PARSERS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(_PARSERS)}.")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    # Line by line with the json module rather than pyarrow.json: pyarrow infers one schema
+    # per block, turns a missing field into null and reports type conflicts without a row
+    # number, while every row has to become Python objects for validation anyway.
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines (e.g. a trailing newline) are not rows
+            try:
+                yield number, json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path.name}:{number}: not UTF-8 ({e.reason} at byte {e.start}). "
+                                f"Save the file as UTF-8.") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path.name}:{number}: malformed JSON ({e.msg} at column {e.colno}). "
+                                f"Each line must be one complete JSON object.") from None
+
+
+def _parquet_rows(path: Path, kind: str, batch_rows: int) -> Iterator[tuple[int, object]]:
+    # pre_buffer=False: with pre-buffering, pyarrow reads ahead across row groups and memory
+    # grows with the file (measured 7 MB held for a 6.7 MB file vs 0.6 MB without).
+    f = pq.ParquetFile(path, pre_buffer=False)
+    columns = [name for name in SCHEMAS[kind].names if name in f.schema_arrow.names]
+    number = 0
+    for batch in f.iter_batches(batch_size=batch_rows, columns=columns):  # one batch in memory at a time
+        for data in batch.to_pylist():
+            number += 1
+            yield number, data
+
+
+def iter_records(path: str | Path, kind: str, batch_rows: int = 1024) -> Iterator[Record]:
+    """Stream validated records of `kind` from a jsonl or parquet file without loading it whole.
+
+    Raises DataError naming the file, the 1-based row (jsonl: line) number and the field."""
+    path = Path(path)
+    _check_kind(kind)
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    rows = _jsonl_rows(path) if _format(path) == "jsonl" else _parquet_rows(path, kind, batch_rows)
+    parse = _PARSERS[kind]
+    for number, data in rows:
+        if not isinstance(data, dict):
+            raise DataError(f"{path.name}:{number}: expected a JSON object, got {_describe(data)}. {_HINTS[kind]}")
+        yield parse(_Row(path.name, number, kind, data))
+
+
+def read_records(path: str | Path, kind: str) -> list[Record]:
+    """All records of a (small) file; use iter_records for large ones."""
+    return list(iter_records(path, kind))
+
+
+# ---------------------------------------------------------------------------- writing
+
+def _to_row(record: Record) -> dict:
+    row = dict(record.__dict__)
+    prompt = row.pop("prompt")
+    if isinstance(prompt, list):
+        if isinstance(record, DemonstrationRecord):  # chat demonstrations: the response is the last turn
+            return {"messages": prompt + [{"role": "assistant", "content": row.pop("response")}]}
+        return {"messages": prompt, **row}
+    return {"prompt": prompt, **row}
+
+
+def _rows_of_one_kind(records: Iterable[Record], name: str) -> Iterator[tuple[str, dict]]:
+    kind = None
+    for n, record in enumerate(records, start=1):
+        k = _KIND_OF.get(type(record))
+        if k is None or (kind is not None and k != kind):
+            raise TypeError(f"write_records({name}): record {n} is a {type(record).__name__}; "
+                            f"a file holds records of one kind ({kind or 'a tidal record type'}).")
+        kind = k
+        yield kind, _to_row(record)
+
+
+def _write_parquet(f, rows: Iterator[tuple[str, dict]], chunk_rows: int) -> int:
+    count, kind, chunk, writer = 0, "prompts", [], None
+    try:
+        for kind, row in rows:
+            chunk.append(row)
+            count += 1
+            if len(chunk) >= chunk_rows:  # one row group per chunk
+                writer = writer or pq.ParquetWriter(f, SCHEMAS[kind])
+                writer.write_table(pa.Table.from_pylist(chunk, schema=SCHEMAS[kind]))
+                chunk = []
+        writer = writer or pq.ParquetWriter(f, SCHEMAS[kind])
+        if chunk:
+            writer.write_table(pa.Table.from_pylist(chunk, schema=SCHEMAS[kind]))
+    finally:
+        if writer is not None:
+            writer.close()  # also on error, while `f` is still open (the temp file is dropped anyway)
+    return count
+
+
+def write_records(path: str | Path, records: Iterable[Record], chunk_rows: int = 8192) -> int:
+    """Write records (all of one kind) to .jsonl or .parquet; returns the row count.
+
+    Atomic: rows go to a temporary file next to `path`, which replaces `path` only when
+    complete, so a crash or a bad record never leaves a corrupt existing dataset."""
+    path = Path(path)
+    fmt = _format(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    rows = _rows_of_one_kind(records, path.name)
+    try:
+        with open(tmp, "wb") as f:
+            if fmt == "parquet":
+                count = _write_parquet(f, rows, chunk_rows)
+            else:
+                count = 0
+                for _, row in rows:
+                    f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+                    count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count
+
+
+# ---------------------------------------------------------------------------- chat templates
+
+def _as_messages(prompt: Prompt) -> list[Message]:
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def render_prompt(tokenizer, prompt: Prompt, use_chat_template: bool) -> str:
+    """Prompt text for generation: the tokenizer's chat template with the generation prompt
+    appended, or (without template) the string itself / the chat turns' contents joined."""
+    if use_chat_template:
+        return tokenizer.apply_chat_template(_as_messages(prompt), add_generation_prompt=True, tokenize=False)
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def render_demonstration(tokenizer, record: DemonstrationRecord, use_chat_template: bool) -> tuple[str, str]:
+    """(prompt_text, response_text) such that prompt_text + response_text is the full training
+    text; SFT masks the prompt tokens. The response text never ends with EOS: the trainer
+    appends the EOS token id (with a template, a trailing end-of-turn equal to EOS is removed
+    so it is not doubled)."""
+    prompt_text = render_prompt(tokenizer, record.prompt, use_chat_template)
+    if not use_chat_template:
+        return prompt_text, record.response
+    full = tokenizer.apply_chat_template(
+        _as_messages(record.prompt) + [{"role": "assistant", "content": record.response}], tokenize=False)
+    if not full.startswith(prompt_text):
+        # Some templates render earlier turns differently once an answer follows; fall back to
+        # the raw response after the generation prompt, which is what the policy will see.
+        return prompt_text, record.response
+    response_text = full[len(prompt_text):].rstrip()
+    eos = tokenizer.eos_token
+    if eos and response_text.endswith(eos):
+        response_text = response_text[: -len(eos)]
+    return prompt_text, response_text
+
+
+# ---------------------------------------------------------------------------- prompt batches
+
+@dataclass(frozen=True)
+class DataState:
+    """Where a PromptDataset stands: `position` rows of epoch `epoch`'s order are consumed."""
+
+    epoch: int = 0
+    position: int = 0
+
+
+class PromptDataset:
+    """Prompts of a file, served in a shuffled order fixed by (seed, epoch), resumable exactly.
+
+    The records are held in memory (prompt files are small next to the rollouts they feed);
+    rendering and tokenizing happen per batch. `PromptBatch.index` is the file row (0-based).
+    Prompts longer than `max_prompt_tokens` are truncated from the LEFT, keeping their end
+    (the words the model continues; a leading BOS is kept) - with a chat template this can
+    cut the system turn, so keep prompts short or raise the limit."""
+
+    def __init__(self, path: str | Path, tokenizer, max_prompt_tokens: int, use_chat_template: bool, seed: int = 0):
+        self.records: list[PromptRecord] = read_records(path, "prompts")
+        if not self.records:
+            raise DataError(f"{Path(path).name}: no prompts; RL needs at least one prompt row.")
+        self.tokenizer, self.max_prompt_tokens = tokenizer, max_prompt_tokens
+        self.use_chat_template, self.seed = use_chat_template, seed
+        self.state = DataState()
+        self._order: tuple[int, list[int]] = (-1, [])  # cached (epoch, order)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def order(self, epoch: int) -> list[int]:
+        """Row order of `epoch`; the same (seed, epoch) always gives the same order."""
+        if self._order[0] != epoch:
+            rows = list(range(len(self.records)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(rows)
+            self._order = (epoch, rows)
+        return self._order[1]
+
+    def make_batch(self, rows: list[int]) -> PromptBatch:
+        texts, ids = [], []
+        for r in rows:
+            text = render_prompt(self.tokenizer, self.records[r].prompt, self.use_chat_template)
+            # A chat template writes its own special tokens; a plain prompt gets the tokenizer's.
+            tok = self.tokenizer(text, add_special_tokens=not self.use_chat_template)["input_ids"]
+            if len(tok) > self.max_prompt_tokens:
+                tok = _truncate_left(tok, self.max_prompt_tokens, self.tokenizer.bos_token_id)
+                text = self.tokenizer.decode(tok)
+            texts.append(text)
+            ids.append(tok)
+        return PromptBatch(list(rows), texts, ids, [self.records[r].reference for r in rows])
+
+    def batches(self, batch_size: int, epoch: int) -> Iterator[PromptBatch]:
+        """Batches of one epoch (the last may be short), from `state.position` when `state` is
+        at this epoch, else from its start; `state` advances after each batch is yielded."""
+        order = self.order(epoch)
+        start = self.state.position if self.state.epoch == epoch else 0
+        for i in range(start, len(order), batch_size):
+            batch = self.make_batch(order[i:i + batch_size])
+            done = i + len(batch)
+            self.state = DataState(epoch + 1, 0) if done == len(order) else DataState(epoch, done)
+            yield batch
+
+    def next_batch(self, batch_size: int) -> PromptBatch:
+        """Exactly `batch_size` prompts from the current state, running on into the next epoch
+        (a new order) when this one ends: the RL driver's step-by-step view of the data."""
+        rows: list[int] = []
+        while len(rows) < batch_size:
+            epoch, pos = self.state.epoch, self.state.position
+            take = self.order(epoch)[pos:pos + batch_size - len(rows)]
+            rows += take
+            pos += len(take)
+            self.state = DataState(epoch + 1, 0) if pos == len(self.records) else DataState(epoch, pos)
+        return self.make_batch(rows)
+
+
+def _truncate_left(ids: list[int], max_tokens: int, bos_id: int | None) -> list[int]:
+    if bos_id is not None and ids[0] == bos_id and max_tokens > 1:
+        return [bos_id] + ids[len(ids) - (max_tokens - 1):]
+    return ids[len(ids) - max_tokens:]
