@@ -1,0 +1,191 @@
+"""The learned reward model as a worker, and a pool of such workers on Ray.
+
+`RewardWorker` is a plain class: it loads a reward-model folder (a value model saved by
+`save_value_model`: backbone + scalar head + tokenizer + metadata), scores sequences in
+micro-batches, reading the head at the last real token (ANCHORS detail 1), and applies the
+reward normalization saved with the model (`reward_mean` / `reward_std` in its metadata).
+
+What the model reads (documented choice): prompt + response exactly as the policy saw them.
+ - `RewardInput.token_ids` given (the rollout's prompt_ids + response_ids, EOS included when
+   the policy emitted it): used as they are. The pool's owner passes them only when the reward
+   model's tokenizer is the policy's (same `tokenizer_fingerprint`).
+ - otherwise the text: tokenizer(prompt) + tokenizer(completion, no special tokens), the same
+   split the rollout uses to build prompt_ids and response_ids (no EOS appended).
+Sequences longer than the model's context keep their LAST tokens (the score is read at the end).
+Rows are right-padded per micro-batch; the model is causal, so padding after the last real
+token cannot change its score.
+
+`RewardPool` runs N workers as Ray actors (N = 0: one worker in this process), splits a batch
+into per-worker chunks before `ray.put`, and waits with a timeout: a worker that dies or does
+not answer is an error that names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class RewardWorkerError(RuntimeError):
+    """A reward worker died, timed out or failed; the message names the worker."""
+
+
+@dataclass(frozen=True)
+class RewardInput:
+    """A batch to score: texts always, token ids when the policy's tokenizer is shared."""
+
+    prompts: list[str]  # (B,)
+    completions: list[str]  # (B,)
+    token_ids: list[list[int]] | None = None  # (B, *) prompt + response ids, unpadded
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def slice(self, start: int, stop: int) -> "RewardInput":
+        ids = self.token_ids[start:stop] if self.token_ids is not None else None
+        return RewardInput(self.prompts[start:stop], self.completions[start:stop], ids)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of vocabulary and special tokens: equal fingerprints mean token ids can be shared."""
+    payload = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id,
+                          tokenizer.bos_token_id, type(tokenizer).__name__])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class RewardWorker:
+    """Scores (prompt, completion) pairs with one reward model. Plain class; see module doc."""
+
+    def __init__(self, model_path: str, micro_batch_size: int = 16, dtype: str = "float32"):
+        from tidal.common.models import VALUE_HEAD_FILE, load_tokenizer, load_value_model, read_value_model_meta
+
+        path = Path(model_path)
+        if not (path / VALUE_HEAD_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path} is not a reward-model folder (no {VALUE_HEAD_FILE}); point the model term at the "
+                f"output of the rm stage or a folder written by save_value_model.")
+        try:
+            self.tokenizer = load_tokenizer(path)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(
+                f"reward-model folder {path} has no usable tokenizer ({e}); save it with "
+                f"save_value_model(..., tokenizer=tokenizer).") from e
+        self.model = load_value_model(path, dtype=getattr(torch, dtype))
+        self.micro_batch_size = micro_batch_size
+        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        meta = read_value_model_meta(path)
+        self.reward_mean = float(meta.get("reward_mean", 0.0))
+        self.reward_std = float(meta.get("reward_std", 1.0))
+        if not (math.isfinite(self.reward_mean) and math.isfinite(self.reward_std) and self.reward_std > 0):
+            raise ValueError(f"{path}: metadata reward_mean={self.reward_mean}, reward_std={self.reward_std} "
+                             f"cannot normalize (std must be finite and > 0).")
+        self.pad_id = self.tokenizer.pad_token_id
+        self.fallback_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.pad_id
+
+    def ready(self) -> str:
+        """The tokenizer fingerprint; a cheap call that proves the worker is up."""
+        return tokenizer_fingerprint(self.tokenizer)
+
+    def encode(self, batch: RewardInput) -> list[list[int]]:
+        """Token ids of each row (see module doc), truncated to the context from the left."""
+        if batch.token_ids is not None:
+            seqs = [list(s) for s in batch.token_ids]
+        else:
+            prompt_ids = self.tokenizer(batch.prompts)["input_ids"]
+            completion_ids = self.tokenizer(batch.completions, add_special_tokens=False)["input_ids"]
+            seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
+        # An empty prompt with an empty completion has no token to read a score at.
+        return [s[-self.max_len:] if s else [self.fallback_id] for s in seqs]
+
+    @torch.inference_mode()
+    def score(self, batch: RewardInput) -> torch.Tensor:
+        """(B,) float32 normalized reward-model scores."""
+        seqs = self.encode(batch)
+        out = torch.empty(len(seqs), dtype=torch.float32)
+        # Longest first, so rows of similar length share a micro-batch and padding stays small.
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        for start in range(0, len(order), self.micro_batch_size):
+            rows = order[start:start + self.micro_batch_size]
+            width = len(seqs[rows[0]])
+            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (b, T)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (b, T)
+            for r, i in enumerate(rows):
+                input_ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+                attention_mask[r, :len(seqs[i])] = 1
+            out[rows] = self.model.score(input_ids, attention_mask).float()  # (b,)
+        return (out - self.reward_mean) / self.reward_std
+
+
+class RewardPool:
+    """N reward workers as Ray actors (N = 0: one in-process worker, no Ray)."""
+
+    def __init__(self, model_path: str | Path, num_workers: int = 1, micro_batch_size: int = 16,
+                 dtype: str = "float32", timeout_s: float = 300.0, num_cpus_per_worker: float = 1.0):
+        self.model_path = str(model_path)
+        self.timeout_s = timeout_s
+        self.local: RewardWorker | None = None
+        self.actors: list = []
+        if num_workers == 0:
+            self.local = RewardWorker(self.model_path, micro_batch_size, dtype)
+            self.fingerprint = self.local.ready()
+            return
+        import ray
+
+        remote_cls = ray.remote(num_cpus=num_cpus_per_worker, max_restarts=0)(RewardWorker)
+        self.actors = [remote_cls.remote(self.model_path, micro_batch_size, dtype) for _ in range(num_workers)]
+        # Model loading errors surface here, at construction, not at the first score().
+        fingerprints = self._gather([a.ready.remote() for a in self.actors], "start")
+        self.fingerprint = fingerprints[0]
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.actors)
+
+    def score(self, batch: RewardInput) -> torch.Tensor:
+        """(B,) scores; the batch is split into one contiguous chunk per worker."""
+        if self.local is not None:
+            return self.local.score(batch)
+        if len(batch) == 0:
+            return torch.empty(0, dtype=torch.float32)
+        import ray
+
+        n = min(len(self.actors), len(batch))
+        bounds = [len(batch) * k // n for k in range(n + 1)]
+        # Each worker receives only its own chunk (one object per worker, put once).
+        chunks = [ray.put(batch.slice(bounds[k], bounds[k + 1])) for k in range(n)]
+        refs = [self.actors[k].score.remote(chunks[k]) for k in range(n)]
+        return torch.cat(self._gather(refs, "score"))
+
+    def _gather(self, refs: list, what: str) -> list:
+        """Results in order, or a RewardWorkerError naming the workers that failed or hung."""
+        import ray
+
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            late = [refs.index(r) for r in pending]
+            raise RewardWorkerError(
+                f"reward worker(s) {late} of {len(self.actors)} ({self.model_path}) did not answer {what} "
+                f"within {self.timeout_s:.0f}s; they may be overloaded or hung.")
+        results = []
+        for k, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayActorError as e:
+                raise RewardWorkerError(
+                    f"reward worker {k} of {len(self.actors)} ({self.model_path}) died during {what}: {e}") from e
+            except ray.exceptions.RayTaskError as e:
+                raise RewardWorkerError(
+                    f"reward worker {k} of {len(self.actors)} ({self.model_path}) failed during {what}: {e}") from e
+        return results
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
