@@ -150,6 +150,8 @@ class _Member:
 class ActorGroup(Generic[T]):
     """n actors of `cls(*args)`; ids are stable across restarts and never reused after removal.
 
+    args: constructor arguments, or a function of the actor id that returns them (e.g. a
+        per-actor seed); a restarted actor is built with the same arguments as the first.
     options: Ray actor options for every actor (num_cpus, num_gpus, max_concurrency, ...).
     options_fn: extra options per actor id (e.g. its placement-group bundle).
     local: run plain objects in-process instead of Ray actors.
@@ -157,7 +159,8 @@ class ActorGroup(Generic[T]):
     call_timeout_s: default timeout of `call`.
     """
 
-    def __init__(self, cls: type, num_actors: int, args: tuple = (), options: Optional[dict] = None,
+    def __init__(self, cls: type, num_actors: int, args: tuple | Callable[[int], tuple] = (),
+                 options: Optional[dict] = None,
                  options_fn: Optional[Callable[[int], dict]] = None, local: bool = False,
                  name: str = "actor", call_timeout_s: float = 300.0):
         if num_actors < 0:
@@ -172,12 +175,13 @@ class ActorGroup(Generic[T]):
     # ------------------------------------------------------------------ membership
 
     def _create(self, actor_id: int) -> Any:
+        args = self.args(actor_id) if callable(self.args) else self.args
         if self.local:
-            return LocalHandle(self.cls(*self.args))
+            return LocalHandle(self.cls(*args))
         import ray
 
         opts = {**self.options, **(self.options_fn(actor_id) if self.options_fn else {})}
-        return ray.remote(self.cls).options(**opts).remote(*self.args)
+        return ray.remote(self.cls).options(**opts).remote(*args)
 
     def add(self, n: int) -> list[int]:
         """Create n more actors; returns their ids (their constructors may still be running)."""

@@ -1,0 +1,134 @@
+"""The transformers rollout backend (`rollout.backend: hf`): the same interface as the vLLM
+worker, for machines or models vLLM cannot serve. Slower (no paged KV cache, no continuous
+batching), but it needs nothing beyond transformers.
+
+Logprobs are recomputed with one forward pass over [prompt | response] after generation:
+`sequence_logprobs` (the trainer's own function) when no top-k/top-p filter is set, else
+`filtered_logprobs` on the same logits, so both backends report the probability of the
+distribution actually sampled from (see tidal.rollout.sampling).
+
+Seeding: transformers samples a whole batch from one RNG, so each call is seeded from the
+sampling seed and its first prompt index; a prompt's samples then depend on the chunk it
+lands in (the vLLM backend seeds each prompt independently).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from tidal.cluster.weights import WeightHandle, WeightTransport, pull
+from tidal.common.config import RolloutConfig
+from tidal.common.ops import position_ids_from_mask
+from tidal.common.types import PromptBatch, RolloutBatch
+from tidal.rollout.sampling import Sampling, filtered_logprobs
+from tidal.rollout.worker import WorkerInfo, assemble, check_prompts, eos_token_ids
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFRolloutWorker:
+    """transformers.generate with the RolloutWorker interface."""
+
+    backend = "hf"
+
+    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str = "float32",
+                 seed: int = 0, worker_id: int = 0):
+        from tidal.common.models import load_causal_lm, load_tokenizer
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        self.worker_id, self.weight_version, self.rollout, self.seed = worker_id, 0, rollout, seed
+        self.device = torch.device("cuda" if torch.cuda.is_available() and rollout.gpus_per_worker > 0 else "cpu")
+        self.model = load_causal_lm(model_path, _DTYPES[dtype]).to(self.device)
+        self.tokenizer = load_tokenizer(model_path)
+        self.eos_ids = eos_token_ids(Path(model_path), self.tokenizer)
+        self.transports: dict[str, WeightTransport] = {}
+
+    @torch.no_grad()
+    def generate(self, prompts: PromptBatch, sampling: Sampling) -> RolloutBatch:
+        check_prompts(prompts, self.rollout.max_model_len, sampling.max_new_tokens)
+        pad = self.tokenizer.pad_token_id
+        rows = [list(ids) for ids in prompts.token_ids for _ in range(sampling.n)]  # grouped by prompt
+        P = max(len(r) for r in rows)
+        input_ids = torch.tensor([[pad] * (P - len(r)) + r for r in rows], device=self.device)  # (B, P)
+        mask = (torch.arange(P, device=self.device) >= torch.tensor(
+            [P - len(r) for r in rows], device=self.device)[:, None]).long()  # (B, P)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.prompt_seed(prompts.index[0]) if len(prompts) else sampling.seed)
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask,
+                                  generation_config=self._generation_config(sampling))
+        responses = out[:, P:]  # (B, R), pad after EOS
+        lengths = self._lengths(responses)  # (B,) tokens up to and including the first EOS
+        logprobs = self._logprobs(out, torch.cat([mask, torch.ones_like(responses)], 1), responses.shape[1], sampling)
+        n = sampling.n
+        ids = [responses[i, : lengths[i]].tolist() for i in range(len(rows))]
+        lps = [logprobs[i, : lengths[i]].tolist() for i in range(len(rows))]
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        group = lambda xs: [xs[p * n:(p + 1) * n] for p in range(len(prompts))]  # noqa: E731
+        return assemble(prompts, sampling, group(ids), group(lps), group(texts), self.eos_ids, self.weight_version)
+
+    def _generation_config(self, sampling: Sampling):
+        """Fully explicit, so no default of the model's generation_config.json (top_k=50,
+        repetition penalties, ...) changes the sampling distribution behind our back."""
+        from transformers import GenerationConfig
+
+        sample = not sampling.greedy
+        return GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens, do_sample=sample,
+            temperature=sampling.temperature if sample else 1.0, top_p=sampling.top_p if sample else 1.0,
+            top_k=max(sampling.top_k, 0) if sample else 0, repetition_penalty=1.0,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids))
+
+    def _lengths(self, responses: torch.Tensor) -> list[int]:
+        is_eos = torch.zeros_like(responses, dtype=torch.bool)
+        for e in self.eos_ids:
+            is_eos |= responses == e
+        R = responses.shape[1]
+        first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(responses[:, 0], R))
+        return first.tolist()
+
+    def _logprobs(self, seq: torch.Tensor, mask: torch.Tensor, R: int, sampling: Sampling) -> torch.Tensor:
+        """(B, R) logprobs of the generated tokens under the sampling distribution."""
+        from tidal.common.models import sequence_logprobs
+
+        if R == 0:
+            return torch.zeros(seq.shape[0], 0)
+        # Tokens after EOS are padding: the mask above marks them real, which only changes
+        # the (discarded) logprobs after the first EOS, never those before it (causal model).
+        if not sampling.filtered:
+            return sequence_logprobs(self.model, seq, mask, R, sampling.temperature or 1.0).float().cpu()
+        out = self.model(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                         use_cache=False, logits_to_keep=R + 1)
+        logits = out.logits[:, -R - 1:-1]  # (B, R, V)
+        return filtered_logprobs(logits, seq[:, -R:], sampling.temperature, sampling.top_k, sampling.top_p).cpu()
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, handle: WeightHandle) -> int:
+        return self.load_named_tensors(pull(handle, self.transports), handle.version)
+
+    @torch.no_grad()
+    def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """load_state_dict of the given tensors (strict about names, not about completeness);
+        a tied lm_head follows its embedding automatically (same Parameter)."""
+        state = dict(named_tensors)
+        own = dict(self.model.state_dict())
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise KeyError(f"weights not in the model: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        self.model.load_state_dict(state, strict=False)
+        self.weight_version = int(version)
+        return self.weight_version
+
+    def join_transport(self, transport: WeightTransport) -> None:
+        self.transports[transport.name] = transport
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.worker_id, os.getpid(), self.weight_version, self.backend)
+
+    def weight_sum(self, name_part: str) -> float:
+        return float(sum(p.detach().float().sum() for n, p in self.model.named_parameters() if name_part in n))

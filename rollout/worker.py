@@ -1,0 +1,171 @@
+"""The rollout worker: one vLLM engine that generates completions and loads new weights.
+
+A plain class; `RolloutPool` runs it as a Ray actor (or in-process in local mode). The engine
+runs in the actor's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0: starts in seconds, and the
+weight iterator reaches the vLLM worker as tensors, PLATFORM.md), with an explicit dtype
+(without one vLLM on CPU drops to bf16), eager mode, and the `WeightLoader` extension.
+
+Actor calls run one at a time, so a generate call never sees a weight change half-way: every
+sample of a call carries the one weight version it was generated with.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from tidal.cluster.weights import WeightHandle, WeightTransport, pull
+from tidal.common.config import RolloutConfig
+from tidal.common.types import PromptBatch, RolloutBatch
+from tidal.rollout.sampling import Sampling, truncate_at_eos
+
+WEIGHT_LOADER_EXT = "tidal.rollout.vllm_ext.WeightLoader"
+
+# Engine-process settings (PLATFORM.md); set before vLLM is imported, unless already set.
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: int
+    pid: int
+    weight_version: int
+    backend: str
+
+
+def check_prompts(prompts: PromptBatch, max_model_len: int, max_new_tokens: int) -> None:
+    """Raise a clear error for a prompt the engine cannot take (naming it and the fix)."""
+    if len(prompts.text) != len(prompts.index) or len(prompts.token_ids) != len(prompts.index):
+        raise ValueError(f"PromptBatch fields disagree in length: index {len(prompts.index)}, "
+                         f"text {len(prompts.text)}, token_ids {len(prompts.token_ids)}.")
+    for idx, ids in zip(prompts.index, prompts.token_ids):
+        if not ids:
+            raise ValueError(f"prompt {idx} has no tokens; drop empty prompts before generating.")
+        if len(ids) + max_new_tokens > max_model_len:
+            raise ValueError(
+                f"prompt {idx} has {len(ids)} tokens; with rollout.max_new_tokens={max_new_tokens} it "
+                f"exceeds rollout.max_model_len={max_model_len}. Raise rollout.max_model_len or lower "
+                f"data.max_prompt_tokens.")
+
+
+def assemble(prompts: PromptBatch, sampling: Sampling, responses: list[list[list[int]]],
+             logprobs: list[list[list[float]]], texts: list[list[str]], eos_ids: set[int],
+             weight_version: int) -> RolloutBatch:
+    """Build the RolloutBatch: rows grouped by prompt (n per prompt, in prompt order), every
+    response cut after its first EOS (ANCHORS detail 4) with its logprobs cut to match.
+    responses/logprobs/texts: [prompt][sample] -> tokens / per-token logprobs / text."""
+    rows: dict[str, list] = {k: [] for k in ("pi", "pt", "pids", "rt", "rids", "lp", "fr", "ref")}
+    for p, idx in enumerate(prompts.index):
+        if len(responses[p]) != sampling.n:
+            raise RuntimeError(f"engine returned {len(responses[p])} samples for prompt {idx}, expected {sampling.n}")
+        for ids, lps, text in zip(responses[p], logprobs[p], texts[p]):
+            cut, stopped = truncate_at_eos(list(ids), eos_ids)
+            rows["pi"].append(idx)
+            rows["pt"].append(prompts.text[p])
+            rows["pids"].append(list(prompts.token_ids[p]))
+            rows["rt"].append(text)
+            rows["rids"].append(cut)
+            rows["lp"].append([float(x) for x in lps[: len(cut)]])
+            rows["fr"].append("stop" if stopped else "length")
+            if prompts.reference:
+                rows["ref"].append(prompts.reference[p])
+    return RolloutBatch(rows["pi"], rows["pt"], rows["pids"], rows["rt"], rows["rids"], rows["lp"],
+                        rows["fr"], [weight_version] * len(rows["pi"]), rows["ref"])
+
+
+def eos_token_ids(model_path: str | Path, tokenizer) -> set[int]:
+    """The tokenizer's EOS plus any extra EOS ids of the model's generation config."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        from transformers import GenerationConfig
+
+        extra = GenerationConfig.from_pretrained(str(model_path)).eos_token_id
+        ids |= set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    except OSError:  # no generation_config.json
+        pass
+    return ids
+
+
+class RolloutWorker:
+    """A vLLM engine: `generate` (PromptBatch -> RolloutBatch) and `load_weights` (handle)."""
+
+    backend = "vllm"
+
+    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str = "float32",
+                 seed: int = 0, worker_id: int = 0):
+        for key, value in ENGINE_ENV.items():
+            os.environ.setdefault(key, value)
+        from vllm import LLM
+
+        from tidal.common.models import load_tokenizer
+
+        self.worker_id, self.weight_version, self.rollout = worker_id, 0, rollout
+        extra = {}
+        if not torch.cuda.is_available():  # KV cache in host memory, sized by the config
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(rollout.kv_cache_gb))))
+            extra["kv_cache_memory_bytes"] = int(rollout.kv_cache_gb * 2**30)
+        self.llm = LLM(
+            model=str(model_path), dtype=dtype, enforce_eager=True, max_model_len=rollout.max_model_len,
+            seed=seed, worker_extension_cls=WEIGHT_LOADER_EXT, logprobs_mode="processed_logprobs",
+            **extra)
+        self.tokenizer = load_tokenizer(model_path)
+        self.eos_ids = eos_token_ids(model_path, self.tokenizer)
+        self.transports: dict[str, WeightTransport] = {}
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: PromptBatch, sampling: Sampling) -> RolloutBatch:
+        from vllm import SamplingParams
+
+        check_prompts(prompts, self.rollout.max_model_len, sampling.max_new_tokens)
+        params = [SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=max(sampling.top_k, 0), max_tokens=sampling.max_new_tokens, logprobs=0,
+            seed=sampling.prompt_seed(idx), stop_token_ids=sorted(self.eos_ids),
+        ) for idx in prompts.index]
+        inputs = [{"prompt_token_ids": list(ids)} for ids in prompts.token_ids]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        responses, logprobs, texts = [], [], []
+        for out in outputs:  # same order as the inputs
+            completions = sorted(out.outputs, key=lambda c: c.index)
+            responses.append([list(c.token_ids) for c in completions])
+            # logprobs=0 returns the sampled token's logprob at every position.
+            logprobs.append([[pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids)] for c in completions])
+            texts.append([c.text for c in completions])
+        return assemble(prompts, sampling, responses, logprobs, texts, self.eos_ids, self.weight_version)
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, handle: WeightHandle) -> int:
+        """Pull `handle` through its transport and load it; returns the new weight version."""
+        return self.load_named_tensors(pull(handle, self.transports), handle.version)
+
+    def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Load HF-named tensors in place (all of them in one reload, see vllm_ext), then drop
+        the prefix cache: cached KV blocks were computed by the old weights (PLATFORM.md)."""
+        self.llm.collective_rpc("tidal_load_weights", args=(named_tensors,))
+        self.llm.reset_prefix_cache()
+        self.weight_version = int(version)
+        return self.weight_version
+
+    def join_transport(self, transport: WeightTransport) -> None:
+        """Register a receiver-side transport (e.g. a collective group) for later handles."""
+        self.transports[transport.name] = transport
+
+    # ------------------------------------------------------------------ probes
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.worker_id, os.getpid(), self.weight_version, self.backend)
+
+    def weight_sum(self, name_part: str) -> float:
+        """Sum of the engine's parameters whose name contains `name_part` (tests)."""
+        return self.llm.collective_rpc("tidal_weight_sum", args=(name_part,))[0]
