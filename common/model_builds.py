@@ -58,7 +58,10 @@ def build_once(name: str, build: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models_dir))
         try:
             build(tmp)
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by all processes
+            # mkdtemp (and some writers) make files private; the cache is shared by all processes.
+            tmp.chmod(0o755)
+            for f in tmp.iterdir():
+                f.chmod(0o644)
             os.replace(tmp, final)
         except OSError:
             if not (final / "config.json").is_file():  # lost a race only if a peer won it
@@ -177,6 +180,8 @@ def load_smollm2_gguf():
 def _fix_smollm2_tokenizer(tokenizer) -> None:
     """The instruct model ends turns with <|im_end|>; padding uses <|endoftext|> so that pad
     and EOS stay distinct (ANCHORS detail 2). SmolLM2 adds no BOS to plain text."""
+    from tokenizers import pre_tokenizers
+
     vocab = tokenizer.get_vocab()
     for tok in (SMOLLM2_EOS, SMOLLM2_PAD):
         if tok not in vocab:
@@ -184,6 +189,13 @@ def _fix_smollm2_tokenizer(tokenizer) -> None:
     tokenizer.eos_token = SMOLLM2_EOS
     tokenizer.pad_token = SMOLLM2_PAD
     tokenizer.padding_side = "left"
+    tokenizer.model_max_length = 8192  # the model's context; the GGUF carries none for the tokenizer
+    # The GGUF names its pre-tokenizer "smollm" (digits split one by one, then GPT-2 byte-level
+    # rules); transformers' GGUF reader keeps only the byte-level part.
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
     if getattr(tokenizer, "add_bos_token", False):
         tokenizer.add_bos_token = False
     ids = tokenizer("hello")["input_ids"]

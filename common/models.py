@@ -69,11 +69,12 @@ def resolve_model(name_or_path: str) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"model folder {path} has no config.json; point model.path at a HF model folder "
+                f"model folder {path} has no config.json; point model.policy (or model.reward / model.critic) at a HF model folder "
                 f"(save_pretrained output) or use a registry name: {', '.join(REGISTRY_NAMES)}.")
         return path
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids are org/name
-    if looks_like_path or _hub_offline():
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # hub ids are name or org/name
+        raise ValueError(f"model folder {path} does not exist; registry names are: {', '.join(REGISTRY_NAMES)}.")
+    if _hub_offline():
         raise ValueError(
             f"unknown model {name!r}: not a registry name ({', '.join(REGISTRY_NAMES)}), not an existing "
             f"folder, and hub downloads are off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set). "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
 import time
 from pathlib import Path
@@ -107,7 +108,7 @@ def test_unknown_name_and_folder_without_config_are_clear_errors(tmp_path, monke
         resolve_model("tiny-random:abc")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model(str(tmp_path))
-    with pytest.raises(ValueError, match="not an existing folder"):
+    with pytest.raises(ValueError, match="does not exist"):
         resolve_model(str(tmp_path / "missing"))
 
 
@@ -148,9 +149,13 @@ def test_value_score_ignores_padding_and_reads_last_real_token(tiny_model):
     assert scores.std() > 0  # a head that outputs a constant would pass the checks above
 
 
-def test_value_head_init_and_dropout_off(tiny_model):
+def test_value_model_backbone_head_init_and_dropout_off(tiny_model):
     torch.manual_seed(0)
     model = load_value_model(tiny_model)
+    assert isinstance(model, ValueModel)
+    lm = load_causal_lm(tiny_model)  # the backbone carries the LM's trained weights, not a fresh init
+    assert torch.equal(model.backbone.embed_tokens.weight, lm.model.embed_tokens.weight)
+    assert torch.equal(model.backbone.layers[1].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight)
     hidden = model.config.hidden_size
     assert model.value_head.bias.abs().max() == 0
     expected = 1.0 / (hidden + 1) ** 0.5
@@ -222,7 +227,9 @@ def test_smollm2_conversion_matches_gguf_and_tokenizer_is_right():
     assert tok("hello")["input_ids"] == tok("hello", add_special_tokens=False)["input_ids"]
 
     converted = load_causal_lm(path)
-    assert converted.config.rope_theta == 100000.0 or converted.config.rope_parameters["rope_theta"] == 100000.0
+    assert json.loads((path / "config.json").read_text())["rope_theta"] == 100000.0
+    assert converted.config.rope_parameters["rope_theta"] == 100000.0
+    assert converted.config.tie_word_embeddings is True  # as SmolLM2 ships
     reference, _ = model_builds.load_smollm2_gguf()
     x = torch.tensor([ids])
     with torch.no_grad():
