@@ -1,0 +1,139 @@
+"""Weight transport: bucketing, packing, object-store publish/pull (workers pull directly),
+the learner's dict-bucket handle form, and sync with hard timeouts naming the culprit."""
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+import torch
+
+from tidal.cluster.actor_group import ActorGroup
+from tidal.cluster.weights import (FlatBucket, InProcessTransport, ObjectStoreTransport, WeightHandle,
+                                   WeightSyncError, iter_buckets, pull)
+
+try:
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _weights() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        ("embed.weight", torch.randn(300, 64, generator=g)),  # 75 KiB
+        ("layer.0.weight", torch.randn(64, 64, generator=g)),  # 16 KiB
+        ("layer.0.bias", torch.randn(64, generator=g)),
+        ("half.weight", torch.randn(32, 16, generator=g).to(torch.bfloat16)),
+        ("steps", torch.arange(5)),  # int64
+        ("scalar", torch.tensor(3.5)),  # 0-d
+    ]
+
+
+def _same(a, b) -> bool:
+    return [n for n, _ in a] == [n for n, _ in b] and all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) for (_, x), (_, y) in zip(a, b))
+
+
+def test_iter_buckets_respects_size_and_order():
+    weights = _weights()
+    buckets = list(iter_buckets(weights, bucket_mb=20 / 1024))  # 20 KiB
+    assert [n for b in buckets for n, _ in b] == [n for n, _ in weights]
+    assert [n for n, _ in buckets[0]] == ["embed.weight"]  # larger than a bucket: alone
+    for b in buckets[1:]:
+        assert sum(t.numel() * t.element_size() for _, t in b) <= 20 * 1024
+    assert len(list(iter_buckets(weights, bucket_mb=64))) == 1
+    with pytest.raises(ValueError, match="bucket_mb"):
+        list(iter_buckets(weights, 0))
+
+
+def test_flat_bucket_round_trip_keeps_dtypes_and_shapes():
+    weights = _weights()
+    flat = FlatBucket.pack(weights)
+    assert flat.buffer.dtype == torch.uint8 and flat.buffer.is_contiguous()
+    assert flat.buffer.numel() == sum(t.numel() * t.element_size() for _, t in weights)
+    assert _same(list(flat.tensors()), weights)
+
+
+def test_in_process_transport():
+    handle = InProcessTransport().publish(_weights(), version=4, bucket_mb=0.01)
+    assert handle.version == 4 and handle.transport == "in_process" and len(handle.bucket_refs) > 1
+    assert _same(list(pull(handle)), _weights())
+    with pytest.raises(ValueError, match="version"):
+        WeightHandle(-1)
+    with pytest.raises(ValueError, match="no 'nccl' transport"):
+        list(pull(WeightHandle(1, (), "nccl")))
+
+
+class Receiver:
+    """A minimal weight receiver: the load_weights(handle) contract of rollout workers."""
+
+    def __init__(self, hang_on_load: bool = False):
+        self.hang_on_load, self.state, self.version = hang_on_load, {}, 0
+
+    def load_weights(self, handle: WeightHandle) -> int:
+        if self.hang_on_load:
+            time.sleep(3600)
+        self.state = {n: t.clone() for n, t in pull(handle)}
+        self.version = handle.version
+        return self.version
+
+    def checksum(self) -> tuple[int, list[str], float]:
+        return self.version, sorted(self.state), float(sum(t.double().sum() for t in self.state.values()))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("packing", ["dict", "flat"])
+def test_object_store_publish_pull_and_sync(ray_cluster, packing):
+    weights = _weights()
+    transport = ObjectStoreTransport(packing=packing)
+    handle = transport.publish(weights, version=1, bucket_mb=20 / 1024)
+    assert len(handle.bucket_refs) == len(list(iter_buckets(weights, 20 / 1024)))
+    assert handle.num_bytes == sum(t.numel() * t.element_size() for _, t in weights)
+    assert _same(list(transport.pull(handle)), weights)
+
+    group = ActorGroup(Receiver, 2, options={"num_cpus": 0}, name="receiver")
+    try:
+        transport.sync(group, handle, timeout_s=60)
+        expected = float(sum(t.double().sum() for _, t in weights))
+        for r in group.call(lambda a: a.checksum.remote(), timeout_s=30):
+            version, names, total = r.get()
+            assert version == 1 and names == sorted(n for n, _ in weights) and total == pytest.approx(expected)
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.ray
+def test_learner_export_form_is_a_handle(ray_cluster):
+    """LearnerGroup.export_weights returns ObjectRefs of dict[str, Tensor] buckets."""
+    import ray
+
+    weights = _weights()
+    refs = [ray.put(dict(weights[:3])), ray.put(dict(weights[3:]))]
+    assert _same(list(pull(WeightHandle(7, refs))), weights)
+
+
+@pytest.mark.ray
+def test_sync_to_a_stuck_or_dead_worker_fails_in_time_naming_it(ray_cluster):
+    handle = ObjectStoreTransport().publish(_weights(), version=2, bucket_mb=1)
+    group = ActorGroup(Receiver, 3, args=lambda i: (i == 1,), options={"num_cpus": 0}, name="receiver")
+    try:
+        pids = [r.get() for r in group.call(lambda a: a.pid.remote(), timeout_s=60)]
+        os.kill(pids[2], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WeightSyncError) as info:
+            ObjectStoreTransport().sync(group, handle, timeout_s=3.0)
+        assert time.monotonic() - start < 15
+        err = info.value
+        assert set(err.failures) == {"receiver-1", "receiver-2"} and err.version == 2
+        assert "receiver-1" in str(err) and "no answer within 3.0s" in str(err)
+        assert group.unhealthy_actor_ids() == [1, 2]
+        assert group.call(lambda a: a.checksum.remote(), actor_ids=[0], timeout_s=30)[0].get()[0] == 2
+    finally:
+        group.shutdown()
