@@ -183,3 +183,25 @@ def mark_stage_done(run_dir: str | Path, stage: str, info: dict[str, Any]) -> No
     state = read_run_state(run_dir)
     state["stages"][stage] = info
     atomic_write_text(Path(run_dir) / RUN_STATE, json.dumps(state, indent=2))
+
+
+def truncate_jsonl(path: str | Path, keep: Callable[[dict], bool]) -> int:
+    """Rewrite a JSONL log keeping only the records `keep` accepts (resume: forget what came after
+    the checkpoint, so replayed steps are not logged twice). Torn last lines are dropped.
+    Returns the number of records removed."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, removed = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            removed += 1
+            continue
+        if keep(rec):
+            kept.append(json.dumps(rec))
+        else:
+            removed += 1
+    atomic_write_text(path, "".join(r + "\n" for r in kept))
+    return removed

@@ -3,10 +3,10 @@
 Two modes (`cluster.placement`), one code path:
 
 * colocated: one placement group, one bundle per learner rank (or per rollout worker, whichever
-  is more). Bundle k hosts learner rank k, critic rank k, rollout worker k mod n, and the
-  reference / reward-model workers spread the same way. Actors that share a bundle split its
+  is more). Bundle k hosts learner rank k (whose actor also holds the PPO critic), rollout
+  worker k mod n, and the reference / reward-model workers spread the same way. Actors that share a bundle split its
   GPU (time-slicing); each keeps its own CPUs.
-* disaggregated: the learner-side roles (learner, critic, reference, reward model) get one
+* disaggregated: the learner-side roles (learner, reference, reward model) get one
   placement group; every rollout worker gets a placement group of its own with one bundle, so
   the pool can grow and shrink while the job runs (`Placement.add_rollout_slot`,
   `remove_rollout_slot`) without touching the learners. `cluster.rollout_node_resource` /
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from tidal.common.config import TidalConfig
 
 NODE_RESOURCE_SLIVER = 0.001  # what a bundle asks of a node-marking custom resource
-LEARNER_ROLES = ("learner", "critic", "reference", "reward")
+LEARNER_ROLES = ("learner", "reference", "reward")
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,10 @@ class PlacementPlan:
         return sum(b.get("GPU", 0.0) for bundles in self.groups.values() for b in bundles)
 
 
-def role_counts(cfg: TidalConfig, *, critic: bool, reference: bool, reward_model: bool) -> dict[str, int]:
-    """Actors per role for an RL stage with this config."""
-    n = cfg.learner.num_workers
+def role_counts(cfg: TidalConfig, *, reference: bool, reward_model: bool) -> dict[str, int]:
+    """Actors per role for an RL stage with this config (the critic lives in the learner ranks)."""
     return {
-        "learner": n,
-        "critic": n if critic else 0,
+        "learner": cfg.learner.num_workers,
         "reference": 1 if reference else 0,
         "reward": cfg.reward.num_workers if reward_model else 0,
         "rollout": cfg.rollout.num_workers,
@@ -185,6 +183,13 @@ class Placement:
         self.rollout_slots.append(RoleSlot("rollout", name, 0, self.plan.rollout_bundle["CPU"],
                                            self.plan.rollout_bundle.get("GPU", 0.0)))
         return i
+
+    def rollout_options(self, worker_id: int) -> dict:
+        """Options of rollout worker `worker_id` (RolloutPool's actor_options): its planned slot,
+        or a new one-bundle group for a worker added by scaling up (ids are never reused)."""
+        while worker_id >= len(self.rollout_slots):
+            self.add_rollout_slot()
+        return self.options("rollout", worker_id)
 
     def remove_rollout_slot(self) -> None:
         """Free the last rollout slot (its worker must be gone). Shared bundles are kept."""

@@ -10,6 +10,7 @@ job submitted with `tidal submit`.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -59,8 +60,10 @@ class RayConnection:
     address: str
 
 
-def connect(cfg: ClusterConfig) -> RayConnection:
-    """Start or join Ray for a run. Reuses an already initialised Ray (tests, `ray job` entrypoints)."""
+def connect(cfg: ClusterConfig, min_cpus: float = 0) -> RayConnection:
+    """Start or join Ray for a run. Reuses an already initialised Ray (tests, `ray job` entrypoints).
+    An embedded cluster gets cluster.num_cpus logical CPUs, or else enough for `min_cpus` (what the
+    run's placement needs; logical CPUs only schedule actors, they do not pin cores)."""
     import ray
 
     apply_driver_env()
@@ -69,9 +72,9 @@ def connect(cfg: ClusterConfig) -> RayConnection:
     runtime_env = {"env_vars": worker_env()}
     if cfg.address is None and "RAY_ADDRESS" not in os.environ:
         temp_dir = cfg.ray_temp_dir or tempfile.mkdtemp(prefix="tidal-ray-")
-        kwargs = {"num_cpus": cfg.num_cpus} if cfg.num_cpus is not None else {}
-        ray.init(include_dashboard=False, _temp_dir=os.path.abspath(temp_dir), runtime_env=runtime_env,
-                 log_to_driver=True, **kwargs)
+        num_cpus = cfg.num_cpus or max(math.ceil(min_cpus), os.cpu_count() or 1)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=os.path.abspath(temp_dir), runtime_env=runtime_env,
+                 log_to_driver=True)
         return RayConnection(started_here=True, embedded=True, address="local")
     # A submitted job runs with RAY_ADDRESS set; joining keeps its job runtime_env (working dir).
     address = cfg.address or os.environ["RAY_ADDRESS"]

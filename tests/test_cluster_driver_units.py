@@ -24,22 +24,22 @@ def _cfg(*overrides):
 def test_colocated_shares_one_group_and_sizes_bundles_by_what_lands_there():
     cfg = _cfg("learner.num_workers=2", "learner.mini_batch_size=8", "rollout.num_workers=3",
                "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=1")
-    counts = role_counts(cfg, critic=True, reference=True, reward_model=False)
+    counts = role_counts(cfg, reference=True, reward_model=False)
     plan = plan_placement(cfg, counts)
     assert list(plan.groups) == ["shared"]
     bundles = plan.groups["shared"]
     assert len(bundles) == 3  # max(learners, rollout workers)
-    # bundle 0: learner 0, critic 0, reference, rollout 0; bundle 1: learner 1, critic 1, rollout 1; bundle 2: rollout 2
-    assert [b["CPU"] for b in bundles] == [3.5, 2.5, 0.5]
+    # bundle 0: learner 0, reference, rollout 0; bundle 1: learner 1, rollout 1; bundle 2: rollout 2
+    assert [b["CPU"] for b in bundles] == [2.5, 1.5, 0.5]
     assert [s.bundle_index for s in plan.slots["rollout"]] == [0, 1, 2]
     assert [s.bundle_index for s in plan.slots["learner"]] == [0, 1]
-    assert plan.total_cpus == pytest.approx(2 * 1 + 2 * 1 + 1 + 3 * 0.5)
+    assert plan.total_cpus == pytest.approx(2 * 1 + 1 + 3 * 0.5)
     assert "reward" not in plan.slots
 
 
 def test_colocated_gpus_are_time_sliced_within_a_bundle():
     cfg = _cfg("learner.gpus_per_worker=1", "rollout.gpus_per_worker=1")
-    plan = plan_placement(cfg, role_counts(cfg, critic=False, reference=False, reward_model=False))
+    plan = plan_placement(cfg, role_counts(cfg, reference=False, reward_model=False))
     (bundle,) = plan.groups["shared"]
     assert bundle["GPU"] == 1.0
     assert plan.slots["learner"][0].num_gpus == 0.5 and plan.slots["rollout"][0].num_gpus == 0.5
@@ -49,7 +49,7 @@ def test_disaggregated_gives_each_rollout_worker_its_own_group_on_rollout_nodes(
     cfg = _cfg("cluster.placement=disaggregated", "rollout.num_workers=2", "learner.num_workers=2",
                "learner.mini_batch_size=8", "cluster.rollout_node_resource=rollout_node",
                "cluster.learner_node_resource=learner_node", "rollout.gpus_per_worker=1")
-    plan = plan_placement(cfg, role_counts(cfg, critic=True, reference=True, reward_model=True))
+    plan = plan_placement(cfg, role_counts(cfg, reference=True, reward_model=True))
     assert set(plan.groups) == {"learner", "rollout-0", "rollout-1"}
     for b in plan.groups["learner"]:
         assert b["learner_node"] == NODE_RESOURCE_SLIVER and "rollout_node" not in b and "GPU" not in b
@@ -57,8 +57,8 @@ def test_disaggregated_gives_each_rollout_worker_its_own_group_on_rollout_nodes(
         (b,) = plan.groups[f"rollout-{i}"]
         assert b == {"CPU": 1.0, "GPU": 1.0, "rollout_node": NODE_RESOURCE_SLIVER}
         assert plan.slots["rollout"][i].group == f"rollout-{i}"
-    # the learner group holds learner + critic ranks, reference and reward model, none of the rollout
-    assert sum(b["CPU"] for b in plan.groups["learner"]) == 2 + 2 + 1 + 1
+    # the learner group holds the learner ranks, reference and reward model, none of the rollout
+    assert sum(b["CPU"] for b in plan.groups["learner"]) == 2 + 1 + 1
     assert plan.rollout_bundle == {"CPU": 1.0, "GPU": 1.0, "rollout_node": NODE_RESOURCE_SLIVER}
 
 

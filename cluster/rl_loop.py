@@ -1,0 +1,251 @@
+"""The RL stage: generate -> score -> reference/critic forward -> advantages -> update -> sync.
+
+One step reads as timed blocks (metrics `time/<block>_s`):
+    generate  the rollout pool samples rollout.n_samples completions per prompt
+    score     the configured reward (rules, reward-model workers, HTTP) scores them
+    forward   policy (old logprobs), frozen reference and critic forward passes
+    advantages KL-penalised per-token rewards, GAE or group baselines, whitening
+    update    algorithm.ppo_epochs of minibatch updates on the DeepSpeed learners
+    sync      export the new weights (bucketed through the object store) to the pool
+Each role's idle fraction over the step (`idle/rollout`, `idle/learner`, `idle/reward`) is
+1 - busy / step wall time.
+
+Sync and async modes (algorithm.mode) share this code; `tidal.cluster.pipeline` schedules the
+rollout side. In async mode step t+1 is generated while step t trains, so a sample trained at
+step s may come from weight version s - k, k <= algorithm.max_staleness (metric
+`rl/staleness_max`). Its PPO ratio is taken against pi_old, the policy at training time (the
+trainer recomputes old logprobs), and each token's loss is weighted by the truncated importance
+weight min(pi_old / pi_rollout, IS_WEIGHT_CAP), pi_rollout being the engine's logprob of the
+sampled token: the correction for sampling from an older (or numerically different) policy.
+Sync mode skips the weights (the engine and the trainer hold the same version).
+
+Determinism: generation is seeded per step (`step_sampling`) and per prompt (the pool derives
+each prompt's seed from the step seed and the prompt index), learners reseed their shuffles
+from their step counters, and the prompt order is a function of (seed, epoch); with a
+checkpoint holding learner/optimizer state, KL controller, reward normalizer, data position,
+RNG states and any generated-but-untrained steps, a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tidal.cluster.checkpoint import DriverState, latest_checkpoint, write_checkpoint
+from tidal.cluster.pipeline import Produced, RolloutPipeline, check_staleness
+from tidal.common.config import TidalConfig
+from tidal.common.metrics import MetricsLogger, Timer
+from tidal.common.types import Experience, ScoredBatch
+from tidal.learner.experience import (assemble_experience, experience_metrics, pad_response_floats, pad_rollout,
+                                      select_rollout, valid_rows)
+from tidal.learner.kl import AdaptiveKLController, FixedKLController
+from tidal.rollout.sampling import Sampling
+
+IS_WEIGHT_CAP = 2.0  # truncation of async importance weights (V-trace style rho-bar)
+ROLLOUTS_FILE = "rollouts.jsonl"  # per step: prompt indices, weight versions, scores
+
+
+def step_sampling(cfg: TidalConfig, step: int) -> Sampling:
+    """Sampling of RL step `step`: the pool seeds each prompt from this seed and its index."""
+    return Sampling.from_config(cfg.rollout, seed=(cfg.seed * 1_000_003 + step * 7_919 + 1) & 0x7FFFFFFF)
+
+
+def make_kl_controller(cfg: TidalConfig):
+    a = cfg.algorithm
+    if a.adaptive_kl:
+        return AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
+    return FixedKLController(a.kl_coef)
+
+
+@dataclass
+class RLParts:
+    """The live pieces the RL loop drives (built by the driver)."""
+
+    learners: Any  # tidal.learner.group.LearnerGroup (policy + critic + reference)
+    pool: Any  # tidal.rollout.pool.RolloutPool
+    reward: Any  # tidal.reward_service.combine.CombinedReward
+    dataset: Any  # tidal.common.data.PromptDataset of the RL prompts
+
+
+class RLLoop:
+    """Runs RL steps [start, algorithm.steps) with checkpoints; see the module docstring."""
+
+    def __init__(self, cfg: TidalConfig, run_dir: Path, parts: RLParts, logger: MetricsLogger):
+        self.cfg, self.run_dir, self.parts, self.logger = cfg, Path(run_dir), parts, logger
+        self.kl_ctl = make_kl_controller(cfg)
+        self.async_mode = cfg.algorithm.mode == "async"
+        self.max_staleness = cfg.algorithm.max_staleness if self.async_mode else 0
+        self.step = 0
+        self.pipeline: RolloutPipeline | None = None
+        self._preloaded: list[Produced] = []
+
+    # ------------------------------------------------------------------ resume
+
+    def restore(self) -> bool:
+        """Load the newest checkpoint of the run, if any. Returns whether one was found."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return False
+        state = DriverState.load(ckpt)
+        self.parts.learners.load_checkpoint(ckpt / "learner")
+        self.kl_ctl.load_state_dict(state.kl_controller)
+        self.parts.reward.load_state_dict(state.reward_state)
+        from tidal.common.data import DataState
+
+        self.parts.dataset.state = DataState(**state.data_state)
+        self.step = state.step
+        pending = ckpt / "pending.pt"
+        self._preloaded = torch.load(pending, weights_only=False) if pending.is_file() else []
+        if self.step > 0:  # the pool starts from the initial policy: give it the checkpoint's
+            handle = self.parts.learners.export_weights(self.step)
+            self.parts.pool.load_weights(handle)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def _produce(self, step: int) -> Produced:
+        """Rollout side of one step (runs on the pipeline's thread): prompts, generate, score."""
+        timer = Timer()
+        batch = self.parts.dataset.next_batch(self.cfg.algorithm.prompts_per_step)
+        with timer("generate"):
+            rollout = self.parts.pool.generate(batch, step_sampling(self.cfg, step))
+        stats = self.parts.pool.last_stats
+        with timer("score"):
+            scored = self.parts.reward.score(rollout)
+        extra = {"rollout/requeued_chunks": float(stats.requeued_chunks),
+                 "rollout/restarted_workers": float(len(stats.restarted_workers)),
+                 **{k: float(v) for k, v in self.parts.reward.last_metrics.items()}}
+        return Produced(step, scored, list(rollout.weight_version), {**timer.totals, "_extra": extra})
+
+    def _push(self, handle: Any, version: int) -> None:
+        self.parts.pool.load_weights(handle)
+
+    def run(self) -> dict[str, float]:
+        """Train to algorithm.steps; returns the last step's metrics."""
+        a, lc = self.cfg.algorithm, self.cfg.logging
+        self.pipeline = RolloutPipeline(self._produce, self._push, self.step, a.steps, self.max_staleness,
+                                        pool_version=self.parts.pool.weight_version)
+        self.pipeline.preload(self._preloaded)
+        last: dict[str, float] = {}
+        self.logger.progress(self.step, a.steps, stage="rl")
+        try:
+            while self.step < a.steps:
+                last = self._train_step(self.step)
+                self.step += 1
+                if self.step % lc.log_every == 0 or self.step == a.steps:
+                    self.logger.log(self.step, last, stage="rl")
+                self.logger.progress(self.step, a.steps, stage="rl", reward=last["rl/score_mean"],
+                                     kl=last["rl/kl"], kl_coef=last["rl/kl_coef"])
+                if lc.checkpoint_every and self.step % lc.checkpoint_every == 0 and self.step < a.steps:
+                    self.checkpoint()
+            self.pipeline.drain()  # the last weight push lands before anyone reads the pool
+            self.checkpoint()  # the final one (logging.checkpoint_every=0: the only one)
+        finally:
+            self.pipeline.shutdown()
+        return last
+
+    def _train_step(self, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        timer = Timer()
+        with timer("wait_rollout"):
+            produced = self.pipeline.get(step, timeout_s=self.cfg.cluster.sync_timeout_s * 4)
+        scored: ScoredBatch = produced.batch
+        staleness = check_staleness(step, produced.weight_versions, self.max_staleness)
+        exp, exp_metrics = self._experience(scored, timer)
+        with timer("update"):
+            update = self.parts.learners.update_rl(exp, is_weight_cap=IS_WEIGHT_CAP if self.async_mode else None)
+        with timer("sync"):
+            handle = self.parts.learners.export_weights(step + 1)
+            self.pipeline.push(handle, step + 1)
+        if not self.async_mode:  # sync mode: the new weights are in the pool before the next step
+            with timer("sync"):
+                self.pipeline.drain()
+        self.kl_ctl.update(exp_metrics["experience/kl_per_seq"], len(exp))
+        wall = time.perf_counter() - t0
+        self._record_rollout(step, scored)
+        return self._step_metrics(produced, scored, exp_metrics, update, timer, wall, staleness)
+
+    def _experience(self, scored: ScoredBatch, timer: Timer) -> tuple[Experience, dict[str, float]]:
+        """LearnerGroup.make_experience, split into the forward and advantage blocks for timing."""
+        g, cfg = self.parts.learners, self.cfg
+        algo, n, temp = cfg.algorithm, cfg.rollout.n_samples, cfg.rollout.temperature
+        keep = valid_rows(scored, n, whole_groups=algo.name != "ppo")
+        if len(keep) == 0:
+            raise RuntimeError("every sample of the step has an invalid reward; nothing to train on "
+                               "(see reward/dropped; fix the reward or set reward.on_invalid=error to find the sample)")
+        rollout = select_rollout(scored.rollout, keep.tolist())
+        with timer("forward"):
+            ids, mask, resp_mask = pad_rollout(rollout, g.tokenizer.pad_token_id, g.tokenizer.eos_token_id)
+            R = resp_mask.shape[1]
+            old = g.compute_logprobs(ids, mask, R, temp)  # (B, R)
+            ref = g.compute_ref_logprobs(ids, mask, R, temp)  # (B, R)
+            values = g.compute_values(ids, mask, R) if algo.name == "ppo" else None  # (B, R)
+        with timer("advantages"):
+            has_lp = all(len(lp) > 0 for lp in rollout.response_logprobs)
+            exp = assemble_experience(
+                ids, mask, resp_mask, old, ref, values, scored.scores[keep].float(), algorithm=algo.name,
+                group_size=n, kl_coef=self.kl_ctl.value, kl_estimator=algo.kl_estimator, gamma=algo.gamma,
+                lam=algo.lam, whiten=algo.whiten_advantages,
+                rollout_logprobs=pad_response_floats(rollout.response_logprobs, R) if has_lp else None,
+                weight_version=torch.tensor(rollout.weight_version, dtype=torch.long))
+        metrics = experience_metrics(exp, algo.kl_estimator)
+        if exp.rollout_logprobs is not None:  # engine vs trainer logprob gap (ANCHORS complaint 5)
+            gap = (exp.old_logprobs - exp.rollout_logprobs).abs() * exp.response_mask
+            metrics["rollout/logprob_gap"] = (gap.sum() / exp.response_mask.sum().clamp(min=1)).item()
+        return exp, metrics
+
+    def _step_metrics(self, produced: Produced, scored: ScoredBatch, exp_m: dict, update: dict, timer: Timer,
+                      wall: float, staleness: int) -> dict[str, float]:
+        t = {k: v for k, v in produced.timings.items() if not k.startswith("_")}
+        t.update(timer.totals)
+        versions = torch.tensor(produced.weight_versions, dtype=torch.float32)
+        tokens = sum(len(r) for r in scored.rollout.response_ids)
+        learner_busy = t.get("forward", 0) + t.get("advantages", 0) + t.get("update", 0) + t.get("sync", 0)
+        m = {
+            "rl/score_mean": scored.scores.mean().item(),
+            "rl/kl": exp_m["experience/kl_per_seq"],
+            "rl/kl_coef": self.kl_ctl.value,
+            "rl/staleness_max": float(staleness),
+            "rl/staleness_mean": float(produced.step - versions.mean().item()),
+            "rl/weight_version": float(produced.step + 1),
+            "rl/tokens_per_s": tokens / wall if wall > 0 else 0.0,
+            "rl/samples": float(len(scored.rollout)),
+            "idle/rollout": max(0.0, 1.0 - t.get("generate", 0.0) / wall),
+            "idle/reward": max(0.0, 1.0 - t.get("score", 0.0) / wall),
+            "idle/learner": max(0.0, 1.0 - learner_busy / wall),
+            **{f"time/{k}_s": v for k, v in t.items()},
+            "time/step_s": wall,
+            **exp_m, **update, **produced.timings.get("_extra", {}),
+        }
+        return m
+
+    def _record_rollout(self, step: int, scored: ScoredBatch) -> None:
+        r = scored.rollout
+        rec = {"step": step + 1, "prompt_index": list(r.prompt_index), "weight_version": list(r.weight_version),
+               "score": [round(float(s), 6) for s in scored.scores.tolist()]}
+        with open(self.run_dir / ROLLOUTS_FILE, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> Path:
+        """Atomic checkpoint after `self.step` steps. Async: waits for the queued rollouts and
+        stores the generated-but-untrained steps, so a resume replays them exactly."""
+        pending = self.pipeline.drain() if self.pipeline is not None else []
+        state = DriverState(step=self.step, weight_version=self.step, kl_controller=self.kl_ctl.state_dict(),
+                            reward_state=self.parts.reward.state_dict(),
+                            data_state=dataclasses.asdict(self.parts.dataset.state))
+
+        def write(d: Path) -> None:
+            self.parts.learners.checkpoint(d / "learner")
+            state.save(d)
+            if pending:
+                torch.save(pending, d / "pending.pt")
+
+        return write_checkpoint(self.run_dir, self.step, write)

@@ -1,0 +1,80 @@
+"""The supervised stages of the pipeline: SFT on demonstrations and reward-model training.
+
+Each builds its batch on the driver, starts a LearnerGroup (DeepSpeed ranks as Ray actors),
+fits, logs one record per optimizer step, saves an HF folder in the run directory, and shuts
+the group down so the next stage gets the resources.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tidal.common.config import ConfigError, TidalConfig
+from tidal.common.metrics import MetricsLogger
+
+
+def _log_history(logger: MetricsLogger, stage: str, history: list[dict[str, float]]) -> None:
+    for i, h in enumerate(history):
+        # "step" is the record's own key; the rest go under the stage's namespace unless namespaced.
+        metrics = {(k if "/" in k else f"{stage}/{k}"): v for k, v in h.items() if k != "step"}
+        logger.log(i + 1, metrics, stage=stage)
+    if history:
+        logger.progress(len(history), len(history), stage=stage,
+                        loss=history[-1].get("losses/sft", history[-1].get("losses/reward", 0.0)))
+
+
+def _records(path: Path | None, kind: str, field: str):
+    from tidal.common.data import read_records
+
+    if path is None:
+        raise ConfigError(f"the {kind} stage needs data.{field} (or data.task: sentiment)")
+    return read_records(path, kind)
+
+
+def run_sft(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: str) -> str:
+    """Fine-tune `base` on the demonstrations; returns the SFT model folder."""
+    from tidal.common.models import load_tokenizer
+    from tidal.learner.group import LearnerGroup
+    from tidal.learner.sft import build_sft_batch
+
+    d = cfg.data
+    records = _records(data.demonstrations, "demonstrations", "demonstrations")
+    batch = build_sft_batch(load_tokenizer(base), records, d.max_prompt_tokens, d.max_response_tokens, d.chat_template)
+    print(f"tidal: sft on {len(batch)} demonstrations from {base}", flush=True)
+    group = LearnerGroup(cfg, base, role="policy")
+    try:
+        _log_history(logger, "sft", group.fit_sft(batch))
+        out = group.save_pretrained(run_dir / "sft")
+    finally:
+        group.shutdown()
+    return str(out)
+
+
+def run_rm(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: str) -> str:
+    """Train a reward model (backbone of `base` + a scalar head) on preferences; returns its folder."""
+    from tidal.common.models import load_tokenizer
+    from tidal.learner.group import LearnerGroup
+    from tidal.learner.reward_model import build_preference_batch
+
+    d, loss = cfg.data, cfg.stages.rm.loss
+    kind, train_path, held_path = (("comparisons", data.comparisons, data.comparisons_heldout) if loss == "pairwise"
+                                   else ("rankings", data.rankings, data.rankings_heldout))
+    tok = load_tokenizer(base)
+    build = lambda recs: build_preference_batch(tok, recs, d.max_prompt_tokens, d.max_response_tokens,  # noqa: E731
+                                                d.chat_template)
+    train = build(_records(train_path, kind, kind))
+    held = build(_records(held_path, kind, kind)) if held_path is not None else None
+    print(f"tidal: rm ({loss}) on {len(train)} prompts from {base}", flush=True)
+    group = LearnerGroup(cfg, base, role="reward")
+    try:
+        fit = group.fit_reward(train, held)
+        _log_history(logger, "rm", fit.history)
+        final = {"rm/reward_mean": fit.reward_mean, "rm/reward_std": fit.reward_std}
+        if fit.eval_accuracy is not None:
+            final["rm/eval_accuracy"] = fit.eval_accuracy
+            print(f"tidal: reward model held-out pair accuracy {fit.eval_accuracy:.3f}", flush=True)
+        logger.log(len(fit.history), final, stage="rm")
+        out = group.save_pretrained(run_dir / "reward_model")
+    finally:
+        group.shutdown()
+    return str(out)
