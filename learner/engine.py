@@ -1,0 +1,128 @@
+"""Building a learner rank's DeepSpeed engines: process group, models, ZeRO config, optimizer.
+
+Facts behind the choices (PLATFORM.md): gloo on CPU (nccl on GPU); the shared-memory comm op
+is skipped (it compiles for ~70 s); torch AdamW rather than the compiled DeepSpeedCPUAdam;
+transformers model code is imported before any ZeRO-3 partitioning.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+
+from tidal.common.config import LearnerConfig, TidalConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def ds_config(lc: LearnerConfig, world_size: int, bf16: bool) -> dict:
+    """DeepSpeed config: ZeRO stage, micro-batches and gradient accumulation from LearnerConfig."""
+    gas = lc.mini_batch_size // (lc.micro_batch_size * world_size)
+    zero: dict = {"stage": lc.zero_stage}
+    if lc.zero_stage == 3:
+        # Partition every parameter, however small: a tiny test model then takes the same
+        # gather paths as a large one; small tensors are a negligible share of the traffic.
+        zero["stage3_param_persistence_threshold"] = 0
+    if lc.offload and lc.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": lc.micro_batch_size * gas * world_size,
+        "gradient_clipping": lc.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # torch AdamW, not the compiled DeepSpeedCPUAdam
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def linear_lr(base_lr: float, step: int, total: int, schedule: str) -> float:
+    """LR of optimizer step `step` (0-based): constant, or linear decay to 0 at `total` (ANCHORS 9)."""
+    if schedule == "constant":
+        return base_lr
+    return base_lr * max(0.0, 1.0 - step / max(total, 1))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def model_dtype(cfg: TidalConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, use_gpu: bool) -> None:
+    """Join the learners' process group (a no-op when this process is already in one)."""
+    if not use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK="0")  # Ray gives each rank its own device 0
+    import deepspeed
+    import deepspeed.ops
+
+    # The shared-memory comm op compiles with g++ for ~70 s at init; gloo does not need it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if use_gpu:
+        torch.cuda.set_device(0)
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    import torch.distributed as dist
+
+    if dist.get_world_size() != world_size:
+        raise RuntimeError(f"this process already belongs to a process group of size {dist.get_world_size()}, "
+                           f"not {world_size}; run each learner rank in its own process")
+
+
+def build_policy(cfg: TidalConfig, path: str) -> torch.nn.Module:
+    """The causal LM, dropout off, optionally with gradient checkpointing and LoRA adapters."""
+    # transformers model code is imported here, before any ZeRO-3 partitioning (PLATFORM.md).
+    from tidal.common.models import load_causal_lm
+
+    lc = cfg.learner
+    model = load_causal_lm(path, model_dtype(cfg))
+    if lc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lc.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=lc.lora_rank, lora_alpha=lc.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+            task_type="CAUSAL_LM"))
+    return model.train()
+
+
+def build_value(cfg: TidalConfig, path: str) -> torch.nn.Module:
+    """Value model (critic or reward model): LM backbone + scalar head, from a reward-model
+    folder (head included, ANCHORS 9) or a plain LM folder (fresh head)."""
+    from tidal.common.models import load_value_model
+
+    model = load_value_model(path, model_dtype(cfg))
+    if cfg.learner.gradient_checkpointing:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def make_engine(cfg: TidalConfig, module: torch.nn.Module, lr: float, world_size: int):
+    """deepspeed.initialize with torch AdamW (eps from config, ANCHORS 9) over the trainable
+    parameters only (LoRA: the adapters)."""
+    import deepspeed
+
+    lc = cfg.learner
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, eps=lc.adam_eps, weight_decay=lc.weight_decay)
+    config = ds_config(lc, world_size, model_dtype(cfg) == torch.bfloat16)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    return engine
+

@@ -1,0 +1,37 @@
+"""The frozen reference policy: per-token logprobs for the KL penalty (ANCHORS 5).
+
+Plain torch, no optimizer and no process group: it never trains, so there is nothing to shard
+on CPU. A plain class; `LearnerGroup` runs it as one Ray actor next to the learner ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tidal.common.config import TidalConfig
+from tidal.common.models import load_causal_lm, sequence_logprobs
+
+
+class ReferenceWorker:
+    def __init__(self, cfg: TidalConfig, model_path: str):
+        self.use_gpu = cfg.learner.gpus_per_worker > 0
+        self.device = torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")
+        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        self.model = load_causal_lm(model_path, dtype).to(self.device).requires_grad_(False)
+        self.micro_batch_size = cfg.learner.micro_batch_size
+
+    @torch.no_grad()
+    def compute_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                         temperature: float) -> torch.Tensor:
+        """(B, P+R) inputs -> (B, R) reference logprobs of the response tokens, with the same
+        logits / temperature and mask-derived position ids as the policy (ANCHORS 2, 3)."""
+        t = temperature if temperature > 0 else 1.0
+        out = []
+        for i in range(0, len(input_ids), self.micro_batch_size):
+            ids = input_ids[i:i + self.micro_batch_size].to(self.device)
+            mask = attention_mask[i:i + self.micro_batch_size].to(self.device)
+            out.append(sequence_logprobs(self.model, ids, mask, response_len, t).float().cpu())
+        return torch.cat(out)
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,331 @@
+"""One data-parallel learner rank: a DeepSpeed ZeRO engine (plus an optional critic engine).
+
+A plain class. `LearnerGroup` turns it into Ray actors (one per rank); a unit test can use it
+in-process with world size 1. Life cycle:
+
+    w = LearnerWorker(cfg, rank, world_size)
+    addr, port = rank0.master_address()          # rank 0 picks the rendezvous port
+    w.setup(WorkerSpec("policy", path, critic_path), addr, port)   # on all ranks at once
+
+Roles: "policy" (causal LM; optional LoRA; optional critic = value model initialised from the
+reward-model folder, ANCHORS 9) and "reward" (value model trained on preferences). LoRA applies
+to the policy only; value models are always fully fine-tuned.
+
+Every rank must run the same sequence of forward passes: under ZeRO-3 each forward gathers
+parameters collectively, so the group hands every rank equally sized shards.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from tidal.common.config import TidalConfig
+from tidal.common.ops import entropy_from_logits, logprobs_from_logits, position_ids_from_mask
+from tidal.learner.engine import (build_policy, build_value, free_port, init_distributed, linear_lr, make_engine,
+                                  seed_everything)
+
+ROLES = ("policy", "reward")
+CKPT_TAG = "state"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a learner rank builds."""
+
+    role: str  # "policy" | "reward"
+    model_path: str  # HF folder: the policy (policy role) or the backbone/RM folder (reward role)
+    critic_path: str | None = None  # policy role: value-model init (RM folder or LM); None: no critic
+    rl_total_steps: int = 1  # optimizer steps of the RL stage (the linear LR decay's horizon)
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """A window [start_step, start_step + num_steps) of one supervised fit (SFT or RM)."""
+
+    lr: float
+    total_steps: int  # the whole fit's optimizer steps: the LR decays to 0 over them
+    start_step: int
+    num_steps: int
+    steps_per_epoch: int
+
+
+class LearnerWorker:
+    def __init__(self, cfg: TidalConfig, rank: int, world_size: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.seed = cfg.seed + rank  # a different stream per data-parallel rank (ANCHORS 10)
+        self.use_gpu = cfg.learner.gpus_per_worker > 0
+        self.spec: WorkerSpec | None = None
+        self.engine = None  # policy LM (policy role) or value model (reward role)
+        self.critic = None
+        self.tokenizer = None
+        self.rl_steps = 0  # optimizer steps taken by update_rl (drives the RL LR schedule)
+        self.rl_updates = 0  # update_rl calls (seeds each call's shuffling)
+        self.transports: dict = {}  # sender-side weight transports joined by name
+
+    # ------------------------------------------------------------------ setup
+
+    def master_address(self) -> tuple[str, int]:
+        """(address, free port) of this rank's node: rank 0's answer is everyone's rendezvous."""
+        try:
+            import ray
+
+            addr = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        except ImportError:  # pragma: no cover
+            addr = "127.0.0.1"
+        return addr, free_port()
+
+    def setup(self, spec: WorkerSpec, master_addr: str, master_port: int) -> dict[str, float]:
+        """Join the process group and build the engines. Returns timings in seconds."""
+        if spec.role not in ROLES:
+            raise ValueError(f"unknown learner role {spec.role!r}; expected one of {ROLES}")
+        if self.use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("learner.gpus_per_worker > 0 but this rank sees no CUDA device; set it to 0 on CPU")
+        t0 = time.perf_counter()
+        init_distributed(self.rank, self.world_size, master_addr, master_port, self.use_gpu)
+        t1 = time.perf_counter()
+        seed_everything(self.seed)
+        from tidal.common.models import load_tokenizer
+
+        self.spec = spec
+        self.tokenizer = load_tokenizer(spec.model_path)
+        cfg, lc, n = self.cfg, self.cfg.learner, self.world_size
+        if spec.role == "policy":
+            self.engine = make_engine(cfg, build_policy(cfg, spec.model_path), lc.lr, n)
+            if spec.critic_path is not None:
+                self.critic = make_engine(cfg, build_value(cfg, spec.critic_path), lc.critic_lr, n)
+        else:
+            self.engine = make_engine(cfg, build_value(cfg, spec.model_path), lc.lr, n)
+        return {"dist_init_s": t1 - t0, "engines_s": time.perf_counter() - t1}
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.use_gpu else torch.device("cpu")
+
+    # ------------------------------------------------------------------ forward passes
+
+    def policy_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                        temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, P+R) inputs -> logprobs (B, R) of the response tokens under logits / temperature
+        (ANCHORS 3), and their entropy (B, R) if asked. Position ids from the mask (ANCHORS 2)."""
+        self._need(self.spec.role == "policy", "policy_logprobs", "a policy learner")
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        out = self.engine(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                          logits_to_keep=response_len + 1)
+        logits = out.logits[:, -response_len - 1:-1]  # (B, R, V): position P+t-1 predicts token t
+        t = temperature if temperature > 0 else 1.0  # greedy rollouts: plain softmax logprobs
+        logprobs = logprobs_from_logits(logits, input_ids[:, -response_len:], t)
+        entropy = entropy_from_logits(logits, t) if with_entropy else None
+        return logprobs, entropy
+
+    def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+        """(B, P+R) -> (B, R): column t is V(state before response token t), read at position P+t-1."""
+        self._need(self.critic is not None, "critic_values", "a critic (critic_path)")
+        values = self.critic(input_ids.to(self.device), attention_mask.to(self.device))  # (B, P+R)
+        start = values.shape[1] - response_len - 1
+        return values[:, start:start + response_len]
+
+    def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, T) -> (N,) value-head output at each row's last real token (ANCHORS 1)."""
+        self._need(self.spec.role == "reward", "reward_scores", "a reward learner")
+        attention_mask = attention_mask.to(self.device)
+        values = self.engine(input_ids.to(self.device), attention_mask)  # (N, T)
+        positions = torch.arange(attention_mask.shape[1], device=self.device)
+        last = (attention_mask.long() * positions).argmax(-1)  # (N,)
+        return values.gather(1, last[:, None]).squeeze(1)
+
+    def _need(self, ok: bool, method: str, what: str) -> None:
+        if not ok:
+            role = self.spec.role if self.spec else "not set up"
+            raise RuntimeError(f"{method} needs {what}; this learner is role={role!r}, critic={self.critic is not None}")
+
+    def _micro(self, n: int) -> list[slice]:
+        m = self.cfg.learner.micro_batch_size
+        return [slice(i, min(i + m, n)) for i in range(0, n, m)]
+
+    @torch.no_grad()
+    def compute_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                         temperature: float) -> torch.Tensor:
+        """Policy logprobs (B, R) of this rank's shard, in micro-batches."""
+        return torch.cat([self.policy_logprobs(input_ids[s], attention_mask[s], response_len, temperature)[0].float().cpu()
+                          for s in self._micro(len(input_ids))])
+
+    @torch.no_grad()
+    def compute_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+        """Critic values (B, R) of this rank's shard."""
+        return torch.cat([self.critic_values(input_ids[s], attention_mask[s], response_len).float().cpu()
+                          for s in self._micro(len(input_ids))])
+
+    @torch.no_grad()
+    def compute_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reward-model scores (N,) of this rank's shard."""
+        return torch.cat([self.reward_scores(input_ids[s], attention_mask[s]).float().cpu()
+                          for s in self._micro(len(input_ids))])
+
+    # ------------------------------------------------------------------ training
+
+    @property
+    def mini_per_rank(self) -> int:
+        return self.cfg.learner.mini_batch_size // self.world_size
+
+    def set_lr(self, engine, lr: float) -> None:
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def run_step(self, micro_batches: list, loss_fn: Callable) -> dict[str, float]:
+        """One optimizer step of the main engine over `micro_batches` (DeepSpeed accumulates the
+        gradient-accumulation count of micro-batches and steps at the boundary)."""
+        sums: dict[str, float] = {}
+        for mb in micro_batches:
+            loss, metrics = loss_fn(mb)
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return {k: v / len(micro_batches) for k, v in sums.items()}
+
+    def epoch_order(self, n: int, epoch: int, salt: int = 0) -> torch.Tensor:
+        """This rank's shuffled row order for `epoch`: a pure function of (seed + rank, salt, epoch),
+        so a fit can be split over several calls or resumed and still see the same order."""
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + salt) * 1_009 + epoch)
+        return torch.randperm(n, generator=gen)
+
+    def fit(self, data, plan: FitPlan, loss_fn: Callable) -> list[dict[str, float]]:
+        """Optimizer steps plan.start_step .. +num_steps over this rank's shard `data` (anything
+        with __len__ and select(idx)). Returns per-step metrics averaged over ranks."""
+        mini, m = self.mini_per_rank, self.cfg.learner.micro_batch_size
+        if len(data) < mini:
+            raise ValueError(f"rank {self.rank} holds {len(data)} examples but one optimizer step needs "
+                             f"{mini} per rank (learner.mini_batch_size / num_workers); use more data or a smaller mini_batch_size")
+        history = []
+        for step in range(plan.start_step, plan.start_step + plan.num_steps):
+            epoch, k = divmod(step, plan.steps_per_epoch)
+            rows = self.epoch_order(len(data), epoch)[k * mini:(k + 1) * mini]
+            lr = linear_lr(plan.lr, step, plan.total_steps, self.cfg.learner.lr_schedule)
+            self.set_lr(self.engine, lr)
+            metrics = self.run_step([data.select(rows[i:i + m]) for i in range(0, mini, m)], loss_fn)
+            history.append({**self.all_reduce_mean(metrics), "lr": lr, "step": float(step + 1), "epoch": float(epoch)})
+        return history
+
+    def fit_sft(self, data, plan: FitPlan) -> list[dict[str, float]]:
+        from tidal.learner.sft import sft_micro_loss
+
+        self._need(self.spec.role == "policy", "fit_sft", "a policy learner")
+        return self.fit(data, plan, lambda mb: sft_micro_loss(self, mb))
+
+    def fit_reward(self, data, plan: FitPlan, loss: str) -> list[dict[str, float]]:
+        from tidal.learner.reward_model import reward_micro_loss
+
+        self._need(self.spec.role == "reward", "fit_reward", "a reward learner")
+        return self.fit(data, plan, lambda mb: reward_micro_loss(self, mb, loss))
+
+    def update_rl(self, experience, ptx, is_weight_cap: float | None = None) -> dict[str, float]:
+        from tidal.learner.rl import rl_update
+
+        self._need(self.spec.role == "policy", "update_rl", "a policy learner")
+        return rl_update(self, experience, ptx, is_weight_cap)
+
+    def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Average each metric over ranks (every rank must pass the same keys)."""
+        if self.world_size == 1 or not metrics:
+            return dict(metrics)
+        import torch.distributed as dist
+
+        keys = sorted(metrics)
+        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: v / self.world_size for k, v in zip(keys, t.tolist())}
+
+    # ------------------------------------------------------------------ weights out, checkpoints
+
+    def iter_named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) of the policy: LoRA merged, ZeRO-3 gathered. Rank 0 gets every
+        tensor; the other ranks get nothing but MUST exhaust the iterator too (the gathers are
+        collective)."""
+        from tidal.learner.export import iter_named_weights
+
+        self._need(self.spec.role == "policy", "iter_named_weights", "a policy learner")
+        return iter_named_weights(self.engine.module, keep=self.rank == 0)
+
+    def iter_weight_buckets(self, bucket_mb: float) -> Iterator[dict[str, torch.Tensor]]:
+        """iter_named_weights grouped into dicts of about bucket_mb MB (same rule: all ranks exhaust it)."""
+        from tidal.cluster.weights import iter_buckets
+
+        return (dict(bucket) for bucket in iter_buckets(self.iter_named_weights(), bucket_mb))
+
+    def join_weight_transport(self, transport) -> None:
+        """Keep a sender-side transport (e.g. a collective group) for later export_weights calls."""
+        self.transports[transport.name] = transport
+
+    def export_weights(self, version: int, bucket_mb: float, transport):
+        """Publish the policy weights as `version` through `transport` (a joined transport of the
+        same name wins). Rank 0 returns the WeightHandle; the other ranks only gather, return None."""
+        transport = self.transports.get(transport.name, transport)
+        if self.rank != 0:
+            for _ in self.iter_named_weights():
+                pass
+            return None
+        return transport.publish(self.iter_named_weights(), version, bucket_mb)
+
+    def save_pretrained(self, out_dir: str, extra: dict | None = None) -> str | None:
+        """HF folder with the tokenizer, written by rank 0: the merged policy, or for the reward
+        role a value-model folder (save_value_model) carrying `extra` (e.g. reward_mean/std)."""
+        from tidal.learner.export import save_policy, save_reward_model
+
+        if self.spec.role == "policy":
+            return save_policy(self.engine.module, out_dir, self.tokenizer, keep=self.rank == 0)
+        return save_reward_model(self.engine.module, out_dir, self.tokenizer, extra, keep=self.rank == 0)
+
+    def save_checkpoint(self, ckpt_dir: str) -> None:
+        """Engines (weights, optimizer, ZeRO partitions), counters and this rank's RNG states."""
+        from tidal.learner.export import save_rng_state
+
+        d = Path(ckpt_dir)
+        client = {"rl_steps": self.rl_steps, "rl_updates": self.rl_updates}
+        self.engine.save_checkpoint(str(d / "model"), tag=CKPT_TAG, client_state=client)
+        if self.critic is not None:
+            self.critic.save_checkpoint(str(d / "critic"), tag=CKPT_TAG)
+        save_rng_state(d / f"rng_rank{self.rank}.pt")
+
+    def load_checkpoint(self, ckpt_dir: str) -> None:
+        from tidal.learner.export import load_rng_state
+
+        d = Path(ckpt_dir)
+        for name, engine in (("model", self.engine), ("critic", self.critic)):
+            if engine is None:
+                continue
+            path, client = engine.load_checkpoint(str(d / name), tag=CKPT_TAG)
+            if path is None:
+                raise FileNotFoundError(f"no {name} checkpoint under {d / name} (tag {CKPT_TAG!r}); "
+                                        "was it written by LearnerGroup.checkpoint with the same roles?")
+            if name == "model":
+                self.rl_steps, self.rl_updates = client["rl_steps"], client["rl_updates"]
+        load_rng_state(d / f"rng_rank{self.rank}.pt")
+
+    def parameter_snapshot(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """Full copies of the main engine's raw parameters (trainer names, LoRA factors included)
+        on EVERY rank - under ZeRO-3 each rank gathers, so ranks can be compared (tests, debugging)."""
+        from tidal.learner.export import _gathered
+
+        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad or not trainable_only]
+        with _gathered([p for _, p in named]):
+            return {n: p.data.detach().float().cpu().clone() for n, p in named}
+
+    def describe(self) -> dict:
+        """Facts tests and logs check: seeds, dropout, parameter counts (full sizes under ZeRO-3)."""
+        module = self.engine.module
+        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+        dropout = max([m.p for m in module.modules() if isinstance(m, torch.nn.Dropout)] +
+                      [v for k, v in vars(module.config).items() if "dropout" in k and isinstance(v, float)], default=0.0)
+        with torch.random.fork_rng(devices=[]):
+            probe = torch.rand(1).item()  # differs between ranks iff their streams differ
+        return {"rank": self.rank, "world_size": self.world_size, "seed": self.seed, "rng_probe": probe,
+                "max_dropout": dropout, "training": module.training, "zero_stage": self.cfg.learner.zero_stage,
+                "params": sum(numel(p) for p in module.parameters()),
+                "trainable_params": sum(numel(p) for p in module.parameters() if p.requires_grad),
+                "has_critic": self.critic is not None}
