@@ -167,14 +167,12 @@ def smollm2_gguf() -> Path:
     return found[0]
 
 
-def load_smollm2_gguf():
-    """(model, tokenizer) dequantized from the GGUF to fp32 by transformers (20-45 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_smollm2_gguf_model():
+    """The GGUF model dequantized to fp32 by transformers (20-45 s)."""
+    from transformers import AutoModelForCausalLM
 
     gguf = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
 
 
 def _fix_smollm2_tokenizer(tokenizer) -> None:
@@ -228,7 +226,11 @@ def _save_plain(model, tokenizer, out: Path) -> None:
 
 
 def build_smollm2(out: Path) -> None:
-    model, tokenizer = load_smollm2_gguf()
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = load_smollm2_gguf_model()
     _fix_smollm2_tokenizer(tokenizer)
     _save_plain(model, tokenizer, out)
 

@@ -214,7 +214,7 @@ def test_sequence_logprobs_match_unpadded_loop(tiny_model, temperature):
 # ---------------------------------------------------------------------------- SmolLM2
 
 @needs_smollm2
-def test_smollm2_conversion_matches_gguf_and_tokenizer_is_right():
+def test_smollm2_tokenizer_is_the_instruct_chat_tokenizer():
     path = resolve_model("smollm2-135m")
     tok = load_tokenizer(path)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
@@ -225,12 +225,22 @@ def test_smollm2_conversion_matches_gguf_and_tokenizer_is_right():
     ids = tok(prompt)["input_ids"]
     assert tok.decode(ids) == prompt  # round trip, no BOS prepended by the tokenizer
     assert tok("hello")["input_ids"] == tok("hello", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(tok(" 2024")["input_ids"]) == ["Ġ", "2", "0", "2", "4"]  # smollm digits
 
+
+@needs_smollm2
+def test_smollm2_converted_logits_equal_gguf_logits():
+    """The cached safetensors folder is the GGUF model, exactly (costs a 20-45 s GGUF load)."""
+    path = resolve_model("smollm2-135m")
+    tok = load_tokenizer(path)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Say something nice."}],
+                                     add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt)["input_ids"]
     converted = load_causal_lm(path)
     assert json.loads((path / "config.json").read_text())["rope_theta"] == 100000.0
     assert converted.config.rope_parameters["rope_theta"] == 100000.0
     assert converted.config.tie_word_embeddings is True  # as SmolLM2 ships
-    reference, _ = model_builds.load_smollm2_gguf()
+    reference = model_builds.load_smollm2_gguf_model()
     x = torch.tensor([ids])
     with torch.no_grad():
         want = reference.eval()(x).logits
