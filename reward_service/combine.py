@@ -53,7 +53,7 @@ class ModelReward:
 
     def __call__(self, prompts: list[str], completions: list[str], **meta) -> list[float]:
         ids = meta.get("token_ids") if self.use_token_ids else None
-        return self.pool.score(RewardInput(prompts, completions, ids)).tolist()
+        return self.pool.score(RewardInput(prompts, completions, ids, meta.get("ended"))).tolist()
 
 
 @dataclass
@@ -127,6 +127,7 @@ class CombinedReward:
             "references": [None if r is None else clean_text(r) for r in references],
             "response_lengths": [len(r) for r in rollout.response_ids],
             "token_ids": [list(p) + list(r) for p, r in zip(rollout.prompt_ids, rollout.response_ids)],
+            "ended": [f == "stop" for f in rollout.finish_reason],
         }
         prompts = [clean_text(t) for t in rollout.prompt_text]
         completions = [clean_text(t) for t in rollout.response_text]
@@ -151,7 +152,7 @@ class CombinedReward:
             raise ValueError(f"prompts ({len(prompts)}), completions ({len(completions)}) and references "
                              f"({'-' if references is None else len(references)}) must have the same length.")
         meta = {"references": [None if r is None else clean_text(r) for r in references or [None] * len(prompts)],
-                "response_lengths": None, "token_ids": None}
+                "response_lengths": None, "token_ids": None, "ended": None}
         terms, total = self._evaluate([clean_text(p) for p in prompts], [clean_text(c) for c in completions], meta)
         self._check_finite(terms, total, list(range(len(prompts))), on_invalid="error")
         return total.tolist()
@@ -261,14 +262,16 @@ def _term_names(terms: tuple[RewardTerm, ...]) -> list[str]:
 
 def build_reward(cfg: RewardConfig, reward_model: str | Path | None = None,
                  policy_tokenizer: str | Path | None = None, num_workers: int | None = None,
-                 dtype: str = "float32", worker_timeout_s: float = 300.0) -> CombinedReward:
+                 dtype: str = "float32", worker_timeout_s: float = 300.0,
+                 gpus_per_worker: float = 0.0) -> CombinedReward:
     """The reward of `cfg` (RewardConfig).
 
     reward_model: folder of `model` terms whose target is unset (the config's model.reward).
     policy_tokenizer: the policy's folder; when its tokenizer equals the reward model's, the
         model reads the rollout's token ids instead of re-tokenizing the text.
     num_workers: reward-model workers per model term (None: cfg.num_workers; 0: in-process).
-    worker_timeout_s: timeout of every call to a reward worker (cluster.sync_timeout_s)."""
+    worker_timeout_s: timeout of every call to a reward worker (cluster.sync_timeout_s).
+    gpus_per_worker: GPUs each reward-model worker reserves (0 on CPU)."""
     from tidal.reward_service.client import RemoteReward
 
     policy_fp = None
@@ -293,7 +296,7 @@ def build_reward(cfg: RewardConfig, reward_model: str | Path | None = None,
                 raise ConfigError(f"{where}: no reward model; set its target or model.reward to a reward-model "
                                   f"folder, or run the rm stage before rl.")
             pool = RewardPool(path, cfg.num_workers if num_workers is None else num_workers,
-                              cfg.micro_batch_size, dtype, worker_timeout_s)
+                              cfg.micro_batch_size, dtype, worker_timeout_s, num_gpus_per_worker=gpus_per_worker)
             fn = ModelReward(pool, use_token_ids=policy_fp is not None and policy_fp == pool.fingerprint)
         terms.append(Term(name, term.weight, term.target, fn))
     if not terms:

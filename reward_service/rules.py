@@ -6,6 +6,8 @@
   references        list[str | None]  reference answer per sample (the `match` rule needs it)
   response_lengths  list[int] | None  response length in policy tokens (None: count words)
   target            str | None        the term's `target` setting (match mode, length target)
+  token_ids         list[list[int]] | None  prompt + response ids of the rollout (None for bare text)
+  ended             list[bool] | None  response ended with EOS (None for bare text)
 A rule ignores the meta keys it does not use, so user functions written for this signature
 (`kind: function`, target 'module:function') receive the same keys.
 """

@@ -5,12 +5,15 @@
 micro-batches, reading the head at the last real token (ANCHORS detail 1), and applies the
 reward normalization saved with the model (`reward_mean` / `reward_std` in its metadata).
 
-What the model reads (documented choice): prompt + response exactly as the policy saw them.
+What the model reads (documented choice): prompt + response exactly as the policy saw them,
+ending with EOS when the response ended with EOS, which is also how the rm stage trains it
+([prompt | response + EOS], learner/reward_model.py).
  - `RewardInput.token_ids` given (the rollout's prompt_ids + response_ids, EOS included when
    the policy emitted it): used as they are. The pool's owner passes them only when the reward
    model's tokenizer is the policy's (same `tokenizer_fingerprint`).
- - otherwise the text: tokenizer(prompt) + tokenizer(completion, no special tokens), the same
-   split the rollout uses to build prompt_ids and response_ids (no EOS appended).
+ - otherwise the text: tokenizer(prompt) + tokenizer(completion, no special tokens) + EOS for
+   rows that `ended` (finish_reason "stop"; every row when `ended` is None, as for bare text
+   sent to the reward server, which holds finished responses).
 Sequences longer than the model's context keep their LAST tokens (the score is read at the end).
 Rows are right-padded per micro-batch; the model is causal, so padding after the last real
 token cannot change its score.
@@ -42,13 +45,15 @@ class RewardInput:
     prompts: list[str]  # (B,)
     completions: list[str]  # (B,)
     token_ids: list[list[int]] | None = None  # (B, *) prompt + response ids, unpadded
+    ended: list[bool] | None = None  # (B,) response ended with EOS (None: all did); text path only
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def slice(self, start: int, stop: int) -> "RewardInput":
         ids = self.token_ids[start:stop] if self.token_ids is not None else None
-        return RewardInput(self.prompts[start:stop], self.completions[start:stop], ids)
+        ended = self.ended[start:stop] if self.ended is not None else None
+        return RewardInput(self.prompts[start:stop], self.completions[start:stop], ids, ended)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -61,7 +66,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 class RewardWorker:
     """Scores (prompt, completion) pairs with one reward model. Plain class; see module doc."""
 
-    def __init__(self, model_path: str, micro_batch_size: int = 16, dtype: str = "float32"):
+    def __init__(self, model_path: str, micro_batch_size: int = 16, dtype: str = "float32",
+                 device: str | None = None):
         from tidal.common.models import VALUE_HEAD_FILE, load_tokenizer, load_value_model, read_value_model_meta
 
         path = Path(model_path)
@@ -75,7 +81,9 @@ class RewardWorker:
             raise FileNotFoundError(
                 f"reward-model folder {path} has no usable tokenizer ({e}); save it with "
                 f"save_value_model(..., tokenizer=tokenizer).") from e
-        self.model = load_value_model(path, dtype=getattr(torch, dtype))
+        # None: the GPU when this process sees one (a Ray actor sees one only if it reserved it).
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_value_model(path, dtype=getattr(torch, dtype)).to(self.device)
         self.micro_batch_size = micro_batch_size
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         meta = read_value_model_meta(path)
@@ -98,7 +106,9 @@ class RewardWorker:
         else:
             prompt_ids = self.tokenizer(batch.prompts)["input_ids"]
             completion_ids = self.tokenizer(batch.completions, add_special_tokens=False)["input_ids"]
-            seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
+            ended = batch.ended if batch.ended is not None else [True] * len(batch)
+            eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+            seqs = [p + c + (eos if e else []) for p, c, e in zip(prompt_ids, completion_ids, ended)]
         # An empty prompt with an empty completion has no token to read a score at.
         return [s[-self.max_len:] if s else [self.fallback_id] for s in seqs]
 
@@ -117,7 +127,7 @@ class RewardWorker:
             for r, i in enumerate(rows):
                 input_ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
                 attention_mask[r, :len(seqs[i])] = 1
-            out[rows] = self.model.score(input_ids, attention_mask).float()  # (b,)
+            out[rows] = self.model.score(input_ids.to(self.device), attention_mask.to(self.device)).float().cpu()  # (b,)
         return (out - self.reward_mean) / self.reward_std
 
 
@@ -125,7 +135,8 @@ class RewardPool:
     """N reward workers as Ray actors (N = 0: one in-process worker, no Ray)."""
 
     def __init__(self, model_path: str | Path, num_workers: int = 1, micro_batch_size: int = 16,
-                 dtype: str = "float32", timeout_s: float = 300.0, num_cpus_per_worker: float = 1.0):
+                 dtype: str = "float32", timeout_s: float = 300.0, num_cpus_per_worker: float = 1.0,
+                 num_gpus_per_worker: float = 0.0):
         self.model_path = str(model_path)
         self.timeout_s = timeout_s
         self.local: RewardWorker | None = None
@@ -136,7 +147,7 @@ class RewardPool:
             return
         import ray
 
-        remote_cls = ray.remote(num_cpus=num_cpus_per_worker, max_restarts=0)(RewardWorker)
+        remote_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=0)(RewardWorker)
         self.actors = [remote_cls.remote(self.model_path, micro_batch_size, dtype) for _ in range(num_workers)]
         # Model loading errors surface here, at construction, not at the first score().
         fingerprints = self._gather([a.ready.remote() for a in self.actors], "start")

@@ -32,8 +32,10 @@ def direct(rm_dir):
         x = torch.tensor([ids])  # (1, T), no padding at all
         return ((model.score(x, torch.ones_like(x)) - MEAN) / STD).item()
 
-    def encode(prompt: str, completion: str) -> list[int]:
-        return tokenizer(prompt)["input_ids"] + tokenizer(completion, add_special_tokens=False)["input_ids"]
+    def encode(prompt: str, completion: str, ended: bool = True) -> list[int]:
+        """As the rm stage trains it: [prompt | response + EOS] (no EOS when the response was cut)."""
+        eos = [tokenizer.eos_token_id] if ended else []
+        return tokenizer(prompt)["input_ids"] + tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
 
     return score, encode, tokenizer
 
@@ -67,33 +69,36 @@ def test_saved_normalization_is_applied(tiny_model, rm_dir, tmp_path, direct):
 def test_rollout_token_ids_are_read_when_the_policy_tokenizer_is_shared(tiny_model, rm_dir, direct):
     score, encode, tokenizer = direct
     cfg = RewardConfig(terms=(RewardTerm(kind="model"),))
-    rollout = make_rollout(PROMPTS, COMPLETIONS, tokenizer=tokenizer)
-    # the policy emitted EOS: its response ids end with it, the response text does not
-    rollout = rollout.__class__(**{**rollout.__dict__,
-                                   "response_ids": [r + [tokenizer.eos_token_id] for r in rollout.response_ids]})
+    finish = ["stop", "stop", "length", "stop", "length"]
+    rollout = make_rollout(PROMPTS, COMPLETIONS, finish=finish, tokenizer=tokenizer)
+    # where the policy emitted EOS its response ids end with it; the response text never does
+    rollout = rollout.__class__(**{**rollout.__dict__, "response_ids": [
+        r + [tokenizer.eos_token_id] if f == "stop" else r for r, f in zip(rollout.response_ids, finish)]})
     shared = build_reward(cfg, reward_model=rm_dir, policy_tokenizer=tiny_model, num_workers=0)
     assert shared.terms[0].fn.use_token_ids
     ids = [p + r for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
     torch.testing.assert_close(shared.score(rollout).scores, torch.tensor([score(s) for s in ids]), atol=1e-5, rtol=1e-5)
     text_only = build_reward(cfg, reward_model=rm_dir, num_workers=0)
     assert not text_only.terms[0].fn.use_token_ids
-    texts = [encode(p, c) for p, c in zip(PROMPTS, COMPLETIONS)]
+    texts = [encode(p, c, f == "stop") for p, c, f in zip(PROMPTS, COMPLETIONS, finish)]
+    assert texts == ids  # re-tokenizing the text gives the policy's ids here: both paths agree
     torch.testing.assert_close(text_only.score(rollout).scores, torch.tensor([score(s) for s in texts]), atol=1e-5, rtol=1e-5)
 
 
 BAD_BYTES = b"nice \xff\xfe day".decode("utf-8", "surrogateescape")
 
 
-@pytest.mark.parametrize("prompt,completion,expect_ids", [
-    ("Hello", "", lambda enc, tok: enc("Hello", "")),  # empty completion: the prompt alone
-    ("", "", lambda enc, tok: [tok.eos_token_id]),  # nothing at all: read at a lone EOS
-    ("Hi", BAD_BYTES, lambda enc, tok: enc("Hi", "nice \ufffd\ufffd day")),  # undecodable bytes -> U+FFFD
-    ("Hi", "good " * 2000, lambda enc, tok: enc("Hi", "good " * 2000)[-512:]),  # over the context: last 512 tokens
-], ids=["empty-completion", "empty-both", "non-utf8", "huge"])
-def test_bad_inputs_reach_the_model_well_defined(rm_dir, direct, prompt, completion, expect_ids):
+@pytest.mark.parametrize("prompt,completion,finish,expect_ids", [
+    ("Hello", "", "stop", lambda enc, tok: enc("Hello", "")),  # empty completion: prompt + EOS
+    ("", "", "stop", lambda enc, tok: [tok.eos_token_id]),  # nothing but the EOS
+    ("", "", "length", lambda enc, tok: [tok.eos_token_id]),  # no token at all: read at a lone EOS
+    ("Hi", BAD_BYTES, "stop", lambda enc, tok: enc("Hi", "nice \ufffd\ufffd day")),  # undecodable bytes -> U+FFFD
+    ("Hi", "good " * 2000, "length", lambda enc, tok: enc("Hi", "good " * 2000, False)[-512:]),  # last 512 tokens
+], ids=["empty-completion", "empty-both", "no-tokens", "non-utf8", "huge"])
+def test_bad_inputs_reach_the_model_well_defined(rm_dir, direct, prompt, completion, finish, expect_ids):
     score, encode, tokenizer = direct
     r = build_reward(RewardConfig(terms=(RewardTerm(kind="model", target=str(rm_dir)),)), num_workers=0)
-    out = r.score(make_rollout([prompt], [completion]))
+    out = r.score(make_rollout([prompt], [completion], finish=[finish]))
     assert out.valid.all()
     assert out.scores.tolist() == pytest.approx([score(expect_ids(encode, tokenizer))], abs=1e-5)
 
