@@ -224,7 +224,7 @@ class RolloutPool:
         if len(prompts) == 0:
             return RolloutBatch.concat([])
         with self._op_lock:
-            stats = GenerateStats()
+            stats = self.last_stats = GenerateStats()  # live: readable while the call runs
             start = time.perf_counter()
             queue = deque(self._chunks(prompts))
             stats.chunks = len(queue)
@@ -233,7 +233,6 @@ class RolloutPool:
                 self._step(queue, results, sampling, stats)
             self._resize()  # finish removals whose workers went idle
             stats.seconds = time.perf_counter() - start
-            self.last_stats = stats
         self._apply_pending_scale()
         batch = RolloutBatch.concat([results[c] for c in sorted(results)])
         return _ordered(batch, prompts, sampling.n)
@@ -311,13 +310,15 @@ class RolloutPool:
         """Put weights into the transport (rollout.weight_bucket_mb buckets)."""
         return self.transport.publish(named_tensors, version, self.cfg.rollout.weight_bucket_mb)
 
-    def load_weights(self, weights: Union[WeightHandle, NamedTensors], version: Optional[int] = None) -> float:
+    def load_weights(self, weights: Union[WeightHandle, NamedTensors], version: Optional[int] = None,
+                     timeout_s: Optional[float] = None) -> float:
         """Push a new weight version to every worker; returns the sync time in seconds.
 
         weights: a WeightHandle (e.g. from LearnerGroup.export_weights) or (name, tensor)
         pairs, published here as `version` (default: current + 1). Versions must increase.
         Raises WeightSyncError naming every worker that failed or did not answer within
-        cluster.sync_timeout_s; those workers are restarted with these weights."""
+        `timeout_s` (default cluster.sync_timeout_s); those workers are restarted with these
+        weights in the background."""
         handle = weights if isinstance(weights, WeightHandle) else self.publish(
             weights, self._version + 1 if version is None else version)
         if handle.version <= self._version:
@@ -327,7 +328,7 @@ class RolloutPool:
             self._handle, self._version = handle, handle.version  # restarts load this from now on
             live = [i for i, w in self._workers.items() if w.status != "draining"]
             try:
-                self.transport.sync(self.group, handle, self.timeout_s, actor_ids=live)
+                self.transport.sync(self.group, handle, timeout_s or self.timeout_s, actor_ids=live)
             except WeightSyncError:
                 self._restart_dead()
                 raise
