@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import random
 import socket
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -85,13 +87,32 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
                            f"not {world_size}; run each learner rank in its own process")
 
 
-def build_policy(cfg: TidalConfig, path: str) -> torch.nn.Module:
+@contextmanager
+def zero3_construction(cfg: TidalConfig, world_size: int) -> Iterator[None]:
+    """Under ZeRO-3, models built inside this block are partitioned as they load: transformers
+    sees a live HfDeepSpeedConfig and loads each rank's slice under zero.Init, so no rank ever
+    holds the whole model. The config is dropped on exit so later plain loads stay plain.
+    transformers' model code must be imported before zero.Init patches module construction."""
+    if cfg.learner.zero_stage != 3:
+        yield
+        return
+    import transformers.modeling_utils  # noqa: F401 - import model code before zero.Init (PLATFORM.md)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    live = HfDeepSpeedConfig(ds_config(cfg.learner, world_size, model_dtype(cfg) == torch.bfloat16))
+    try:
+        yield
+    finally:
+        del live  # transformers holds it by weak reference only
+
+
+def build_policy(cfg: TidalConfig, path: str, world_size: int) -> torch.nn.Module:
     """The causal LM, dropout off, optionally with gradient checkpointing and LoRA adapters."""
-    # transformers model code is imported here, before any ZeRO-3 partitioning (PLATFORM.md).
     from tidal.common.models import load_causal_lm
 
     lc = cfg.learner
-    model = load_causal_lm(path, model_dtype(cfg))
+    with zero3_construction(cfg, world_size):
+        model = load_causal_lm(path, model_dtype(cfg))
     if lc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lc.lora_rank > 0:
@@ -103,12 +124,13 @@ def build_policy(cfg: TidalConfig, path: str) -> torch.nn.Module:
     return model.train()
 
 
-def build_value(cfg: TidalConfig, path: str) -> torch.nn.Module:
+def build_value(cfg: TidalConfig, path: str, world_size: int) -> torch.nn.Module:
     """Value model (critic or reward model): LM backbone + scalar head, from a reward-model
     folder (head included, ANCHORS 9) or a plain LM folder (fresh head)."""
     from tidal.common.models import load_value_model
 
-    model = load_value_model(path, model_dtype(cfg))
+    with zero3_construction(cfg, world_size):
+        model = load_value_model(path, model_dtype(cfg))
     if cfg.learner.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()

@@ -135,13 +135,17 @@ def assemble_experience(
     normalized per group, so they are never whitened again.
     `whiten`: advantages to zero mean / unit variance over real tokens only (ANCHORS 7)."""
     mask = response_mask.float()
-    kl = torch.where(mask.bool(), kl_estimate(old_logprobs, ref_logprobs, kl_estimator), 0.0)  # (B, R)
+    real = mask.bool()
+    # logprobs and values at padded positions are meaningless: zero them (ANCHORS 10)
+    old_logprobs = torch.where(real, old_logprobs.float(), 0.0)
+    ref_logprobs = torch.where(real, ref_logprobs.float(), 0.0)
+    kl = torch.where(real, kl_estimate(old_logprobs, ref_logprobs, kl_estimator), 0.0)  # (B, R)
     if algorithm == "ppo":
         if values is None:
             raise ValueError("algorithm 'ppo' needs critic values; build the LearnerGroup with a critic_path")
         rewards = token_rewards(scores, kl, mask, kl_coef)  # (B, R)
         advantages, returns = gae(rewards, values, mask, gamma, lam)
-        values = torch.where(mask.bool(), values, 0.0)
+        values = torch.where(real, values, 0.0)
     elif algorithm in CRITIC_FREE:
         seq_adv = group_advantages(scores, group_size, algorithm)  # (B,)
         advantages = seq_adv[:, None] * mask + kl_penalty_to_go(kl, mask, kl_coef)
@@ -154,7 +158,7 @@ def assemble_experience(
         advantages = masked_whiten(advantages, mask)
     return Experience(
         input_ids=input_ids, attention_mask=attention_mask, response_mask=mask,
-        old_logprobs=old_logprobs.float(), ref_logprobs=ref_logprobs.float(),
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         advantages=advantages.detach().float(), returns=returns.detach().float(),
         values=values.detach().float(), scores=scores.float(),
         rollout_logprobs=rollout_logprobs, weight_version=weight_version,

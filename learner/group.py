@@ -213,7 +213,8 @@ class LearnerGroup:
         args = (input_ids, attention_mask, response_len, temperature)
         if self.local:
             return self.reference.compute_logprobs(*args)
-        return self._get("compute_ref_logprobs", [self.reference.compute_logprobs.remote(*args)], ["reference worker"])[0]
+        out = self._get("compute_ref_logprobs", [self.reference.compute_logprobs.remote(*args)], ["reference worker"])[0]
+        return out.clone()  # a zero-copy result lives in read-only shared memory
 
     # ------------------------------------------------------------------ RL
 
@@ -289,8 +290,14 @@ class LearnerGroup:
         loss; mini/micro-batch sizes count prompts, each with all K of its responses. Afterwards
         the held-out pair accuracy, and score mean/std over all responses (kept for save_pretrained)."""
         st = self.cfg.stages.rm
+        loss = loss or st.loss
+        if loss not in ("pairwise", "ranking"):
+            raise ValueError(f"unknown reward-model loss {loss!r}; choose 'pairwise' or 'ranking' (stages.rm.loss)")
+        if loss == "pairwise" and train.group_size != 2:
+            raise ValueError(f"stages.rm.loss=pairwise needs 2 responses per prompt, the data has {train.group_size}; "
+                             "use stages.rm.loss=ranking for K-wise rankings")
         history = self._fit("fit_reward", [w.fit_reward for w in self.workers], train, epochs or st.epochs,
-                            max_steps or st.max_steps, lr or st.lr or self.cfg.learner.lr, (loss or st.loss,))
+                            max_steps or st.max_steps, lr or st.lr or self.cfg.learner.lr, (loss,))
         train_scores = self.compute_scores(train.input_ids, train.attention_mask)
         accuracy, scores = None, [train_scores]
         if held_out is not None:

@@ -95,11 +95,11 @@ class LearnerWorker:
         self.tokenizer = load_tokenizer(spec.model_path)
         cfg, lc, n = self.cfg, self.cfg.learner, self.world_size
         if spec.role == "policy":
-            self.engine = make_engine(cfg, build_policy(cfg, spec.model_path), lc.lr, n)
+            self.engine = make_engine(cfg, build_policy(cfg, spec.model_path, n), lc.lr, n)
             if spec.critic_path is not None:
-                self.critic = make_engine(cfg, build_value(cfg, spec.critic_path), lc.critic_lr, n)
+                self.critic = make_engine(cfg, build_value(cfg, spec.critic_path, n), lc.critic_lr, n)
         else:
-            self.engine = make_engine(cfg, build_value(cfg, spec.model_path), lc.lr, n)
+            self.engine = make_engine(cfg, build_value(cfg, spec.model_path, n), lc.lr, n)
         return {"dist_init_s": t1 - t0, "engines_s": time.perf_counter() - t1}
 
     @property

@@ -76,7 +76,9 @@ def test_ppo_assembly_rewards_kl_and_score_at_last_token():
     # gamma = lam = 1 and V = 0: the advantage is the reward-to-go, which at t = 0 sums every reward.
     expected_first = scores - 0.1 * ((old - ref) * rmask).sum(-1)
     assert exp.advantages[:, 0].tolist() == pytest.approx(expected_first.tolist(), abs=1e-5)
-    assert torch.equal(exp.advantages * (1 - rmask), torch.zeros(4, 4))  # padding stays 0
+    pad = 1 - rmask
+    for t in (exp.advantages, exp.old_logprobs, exp.ref_logprobs, exp.values, exp.returns):
+        assert torch.equal(t * pad, torch.zeros(4, 4))  # nothing leaks out of the padding
     assert torch.allclose(exp.returns, exp.advantages)  # returns = A + V with V = 0
     whitened = assemble_experience(ids, attn, rmask, old, ref, values, scores, algorithm="ppo", group_size=1,
                                    kl_coef=0.1, kl_estimator="k1", gamma=1.0, lam=0.95, whiten=True)
