@@ -197,9 +197,12 @@ class CombinedReward:
         std = std if std > 1e-8 else 1.0
         return torch.where(valid, (scores - mean) / std, scores)
 
-    def calibrate(self, scores: torch.Tensor) -> dict[str, float]:
-        """Set the `reference` normalization from raw scores of reference-policy samples, so
-        those samples score mean 0, std 1. Non-finite values are ignored."""
+    def calibrate(self, scores: torch.Tensor | ScoredBatch) -> dict[str, float]:
+        """Set the `reference` normalization from raw scores of reference-policy samples
+        (`score(rollout, raw=True)`), so those samples score mean 0, std 1. Given the ScoredBatch,
+        its dropped rows are left out; non-finite values are always ignored."""
+        if isinstance(scores, ScoredBatch):
+            scores = scores.scores if scores.valid is None else scores.scores[scores.valid]
         scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
         scores = scores[torch.isfinite(scores)]
         if scores.numel() < 2:

@@ -65,6 +65,12 @@ def test_reference_normalization_needs_calibration():
     assert again.mean().item() == pytest.approx(0.0, abs=1e-6)
     assert again.std().item() == pytest.approx(1.0, abs=1e-6)
     assert scores_of(r, [str(3 + std)]).tolist() == pytest.approx([1.0], abs=1e-6)
+    # given the ScoredBatch, dropped samples (score 0) stay out of the calibration
+    dropping = reward(RewardTerm(kind="function", target="reward_fixtures:nan_on_marker"),
+                      NUMBER, normalize="reference", on_invalid="drop")
+    raw = dropping.score(make_rollout(["p"] * 3, ["1", "3", "NAN"]), raw=True)
+    assert raw.valid.tolist() == [True, True, False]
+    assert dropping.calibrate(raw) == pytest.approx({"reward/ref_mean": 1 + 2.0, "reward/ref_std": math.sqrt(2)})
     with pytest.warns(UserWarning, match="no spread"):
         r.calibrate(torch.tensor([2.0, 2.0, float("nan")]))
     assert scores_of(r, ["5"]).tolist() == [3.0]  # shift only
