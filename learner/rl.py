@@ -81,7 +81,7 @@ def _minibatch_step(w: "LearnerWorker", mb: Experience, ptx: "SFTBatch | None", 
         mask = x.response_mask.to(w.device)  # (b, R)
         old = x.old_logprobs.to(w.device)
         logprobs, entropy = w.policy_logprobs(x.input_ids, x.attention_mask, R, w.cfg.rollout.temperature,
-                                              with_entropy=True)  # (b, R) each
+                                              entropy="loss" if algo.entropy_coef > 0 else "metric")  # (b, R) each
         is_weights = None
         if is_weight_cap is not None and x.rollout_logprobs is not None:
             is_weights = truncated_is_weights(old, x.rollout_logprobs.to(w.device), mask, is_weight_cap)

@@ -109,9 +109,10 @@ class LearnerWorker:
     # ------------------------------------------------------------------ forward passes
 
     def policy_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-                        temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        temperature: float, entropy: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, P+R) inputs -> logprobs (B, R) of the response tokens under logits / temperature
-        (ANCHORS 3), and their entropy (B, R) if asked. Position ids from the mask (ANCHORS 2)."""
+        (ANCHORS 3), and their entropy (B, R): entropy="loss" with gradient, "metric" without
+        (no (B, R, V) graph kept alive), None not computed. Position ids from the mask (ANCHORS 2)."""
         self._need(self.spec.role == "policy", "policy_logprobs", "a policy learner")
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         out = self.engine(input_ids=input_ids, attention_mask=attention_mask,
@@ -120,8 +121,12 @@ class LearnerWorker:
         logits = out.logits[:, -response_len - 1:-1]  # (B, R, V): position P+t-1 predicts token t
         t = temperature if temperature > 0 else 1.0  # greedy rollouts: plain softmax logprobs
         logprobs = logprobs_from_logits(logits, input_ids[:, -response_len:], t)
-        entropy = entropy_from_logits(logits, t) if with_entropy else None
-        return logprobs, entropy
+        if entropy == "loss":
+            return logprobs, entropy_from_logits(logits, t)
+        if entropy == "metric":
+            with torch.no_grad():
+                return logprobs, entropy_from_logits(logits.detach(), t)
+        return logprobs, None
 
     def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
         """(B, P+R) -> (B, R): column t is V(state before response token t), read at position P+t-1."""

@@ -146,6 +146,19 @@ def test_critic_free_updates_follow_group_advantages(tiny_model):
         g.shutdown()
 
 
+def test_entropy_bonus_raises_policy_entropy(tiny_model):
+    g = LearnerGroup(_cfg("algorithm.name=reinforce", "algorithm.entropy_coef=1.0"), tiny_model, local=True)
+    try:
+        ids, attn, rmask = _sequences(8, seed=2, pad_id=g.tokenizer.pad_token_id)
+        old = g.compute_logprobs(ids, attn, rmask.shape[1], 1.0)
+        zeros = torch.zeros_like(rmask)  # no advantage: the entropy term alone drives the update
+        exp = Experience(ids, attn, rmask, old, old, zeros, zeros, zeros, torch.zeros(8))
+        first, second = g.update_rl(exp), g.update_rl(exp)
+        assert second["policy/entropy"] > first["policy/entropy"]
+    finally:
+        g.shutdown()
+
+
 # ------------------------------------------------------------------ reward model
 
 _SUBJECTS = ["the movie", "the food", "my day", "the show", "the hotel", "the game", "the book", "our trip",
