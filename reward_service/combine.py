@@ -11,7 +11,11 @@
      calibration from reference-policy samples, ANCHORS detail 6), then clips to +-clip,
   6. gives `missing_eos_penalty` as the final score of samples that did not end with EOS
      (finish_reason != "stop", ANCHORS detail 4).
-Normalization state is in `state_dict()` so the driver can checkpoint it.
+ScoredBatch.terms keeps each term's raw values, NaN/inf included where `valid` is False (to
+inspect, never to train on); `scores` is always finite. `last_metrics` holds the metrics of the
+last `score` call (reward/mean, reward/dropped, reward/dropped_total, reward/missing_eos,
+reward/term/<name>). Normalization state is in `state_dict()` so the driver can checkpoint it.
+Not thread-safe: one caller at a time (the HTTP server serializes its requests).
 """
 
 from __future__ import annotations

@@ -104,6 +104,8 @@ def test_config_errors_name_the_term():
         reward(NUMBER, RewardTerm(kind="model"))
     with pytest.raises(ConfigError, match="URLs"):
         reward(RewardTerm(kind="remote"))
+    with pytest.raises(ConfigError, match="'ftp://host' must look like http://HOST:PORT"):
+        reward(RewardTerm(kind="remote", target="http://127.0.0.1:9, ftp://host"))
     with pytest.raises(ConfigError, match="TIDAL_NO_SUCH_TOKEN"):
         reward(RewardTerm(kind="remote", target="http://127.0.0.1:9", token_env="TIDAL_NO_SUCH_TOKEN"))
 
