@@ -27,7 +27,7 @@ from tidal.learner.experience import (assemble_experience, pad_response_floats, 
 from tidal.learner.reference import ReferenceWorker
 from tidal.learner.reward_model import PreferenceBatch, pair_accuracy
 from tidal.learner.sft import SFTBatch
-from tidal.learner.worker import FitPlan, LearnerWorker, WorkerSpec
+from tidal.learner.worker import ROLES, FitPlan, LearnerWorker, WorkerSpec
 
 STEPS_PER_CALL = 32  # optimizer steps per remote fit call: each call is bounded by the sync timeout
 
@@ -62,6 +62,10 @@ class LearnerGroup:
         self.cfg, self.role, self.local = cfg, role, local
         self.world_size = cfg.learner.num_workers
         self.timeout = cfg.cluster.sync_timeout_s
+        if role not in ROLES:
+            raise ValueError(f"unknown learner role {role!r}; expected one of {ROLES}")
+        if role == "reward" and critic_path is not None:
+            raise ValueError("a reward-model group trains no critic; pass critic_path only with role='policy'")
         if local and self.world_size != 1:
             raise ValueError(f"local mode runs one rank in-process; set learner.num_workers=1 (got {self.world_size})")
         self.tokenizer = load_tokenizer(model_path)  # the driver pads and tokenizes with it
@@ -79,7 +83,12 @@ class LearnerGroup:
                 self.reference = ReferenceWorker(cfg, str(reference_path))
             self.timings = {**setup, "total_s": time.perf_counter() - t0}
         else:
-            self._start_actors(spec, reference_path, placement)
+            self.workers = []
+            try:
+                self._start_actors(spec, reference_path, placement)
+            except BaseException:
+                self.shutdown()  # no half-built group keeps its actors or placement group
+                raise
             self.timings["total_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ actors
