@@ -114,12 +114,16 @@ def test_zero3_ppo_step_from_a_scored_rollout(zero3, tiny_model, tmp_path):
     assert torch.allclose(restored * exp.response_mask, exp.old_logprobs, atol=1e-5)
 
 
-def test_zero2_sft_trains_and_a_dead_rank_is_named(ray_cluster, tiny_model):
+def test_zero2_sft_trains_and_slow_or_dead_ranks_are_named(ray_cluster, tiny_model):
     import ray
 
     group = LearnerGroup(load_config(None, CFG + ["learner.zero_stage=2"]), tiny_model)
     try:
-        _sft_learns_and_ranks_agree(group)
+        demos = _sft_learns_and_ranks_agree(group)
+        group.timeout = 0.01  # every wait has a deadline: a slow call is an error, not a hang
+        with pytest.raises(LearnerError, match=r"fit_sft: learner rank 0/2, learner rank 1/2 did not answer"):
+            group.fit_sft(demos, epochs=1)
+        group.timeout = 120
         ray.kill(group.workers[1])
         with pytest.raises(LearnerError, match="learner rank 1/2"):
             group.describe()
