@@ -77,6 +77,13 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
 
     # The shared-memory comm op compiles with g++ for ~70 s at init; gloo does not need it.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        # Someone else (e.g. an in-process vLLM engine) may have destroyed an earlier group with
+        # torch's API; DeepSpeed would otherwise keep using its cached, dead subgroups.
+        from deepspeed.utils import groups
+
+        if hasattr(groups, "_release_process_group_references"):
+            groups._release_process_group_references(None)
     if use_gpu:
         torch.cuda.set_device(0)
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")

@@ -23,6 +23,19 @@ BASE = ["learner.num_workers=1", "learner.zero_stage=2", "learner.mini_batch_siz
         "learner.lr=1e-3", "learner.critic_lr=1e-4", "learner.lr_schedule=constant", "algorithm.ppo_epochs=2"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _leave_no_process_group():
+    """The in-process rank joins a world-1 gloo group; tear it down so later tests in this
+    pytest process (e.g. in-process vLLM engines) start clean."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+
+
 def _cfg(*overrides):
     return load_config(None, BASE + list(overrides))
 
