@@ -77,16 +77,10 @@ class FlatBucket:
 
     @staticmethod
     def pack(named: list[tuple[str, torch.Tensor]]) -> "FlatBucket":
-        offsets, total = [], 0
-        for _, t in named:
-            offsets.append(total)
-            total += t.numel() * t.element_size()
-        buffer = torch.empty(total, dtype=torch.uint8)
-        for (_, t), off in zip(named, offsets):
-            nbytes = t.numel() * t.element_size()
-            buffer[off:off + nbytes].copy_(t.detach().reshape(-1).view(torch.uint8))
-        return FlatBucket(buffer, tuple(n for n, _ in named), tuple(tuple(t.shape) for _, t in named),
-                          tuple(t.dtype for _, t in named), tuple(offsets))
+        tensors = [t for _, t in named]
+        offsets, buffer = pack_bytes(tensors, torch.device("cpu"))
+        return FlatBucket(buffer, tuple(n for n, _ in named), tuple(tuple(t.shape) for t in tensors),
+                          tuple(t.dtype for t in tensors), tuple(offsets))
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Views into the buffer (no copy)."""
@@ -100,6 +94,28 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+ALIGN = 16  # bytes; a tensor view of a byte buffer must start at a multiple of its element size
+
+
+def byte_layout(nbytes: list[int]) -> tuple[list[int], int]:
+    """Offsets of consecutive blocks of `nbytes` bytes, each aligned to ALIGN; total size."""
+    offsets, total = [], 0
+    for n in nbytes:
+        total = -(-total // ALIGN) * ALIGN
+        offsets.append(total)
+        total += n
+    return offsets, total
+
+
+def pack_bytes(tensors: list[torch.Tensor], device: torch.device) -> tuple[list[int], torch.Tensor]:
+    """All tensors copied into one aligned byte buffer on `device`: (offsets, buffer)."""
+    offsets, total = byte_layout([t.numel() * t.element_size() for t in tensors])
+    buffer = torch.empty(total, dtype=torch.uint8, device=device)
+    for t, off in zip(tensors, offsets):
+        buffer[off:off + t.numel() * t.element_size()].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+    return offsets, buffer
 
 
 def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
@@ -136,6 +152,10 @@ class WeightTransport(ABC):
     """Moves versioned weights from one sender to the actors of a group."""
 
     name: str
+
+    def join(self) -> None:
+        """Called once in each receiving process before its first pull (collective
+        transports build their process group here); nothing to do for the object store."""
 
     @abstractmethod
     def publish(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,

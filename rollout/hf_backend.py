@@ -125,6 +125,7 @@ class HFRolloutWorker:
         return self.weight_version
 
     def join_transport(self, transport: WeightTransport) -> None:
+        transport.join()
         self.transports[transport.name] = transport
 
     def info(self) -> WorkerInfo:

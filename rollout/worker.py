@@ -159,6 +159,7 @@ class RolloutWorker:
 
     def join_transport(self, transport: WeightTransport) -> None:
         """Register a receiver-side transport (e.g. a collective group) for later handles."""
+        transport.join()
         self.transports[transport.name] = transport
 
     # ------------------------------------------------------------------ probes

@@ -28,6 +28,7 @@ def _weights() -> list[tuple[str, torch.Tensor]]:
         ("layer.0.weight", torch.randn(64, 64, generator=g)),  # 16 KiB
         ("layer.0.bias", torch.randn(64, generator=g)),
         ("half.weight", torch.randn(32, 16, generator=g).to(torch.bfloat16)),
+        ("odd", torch.randn(3, generator=g).to(torch.bfloat16)),  # 6 bytes: the next view needs alignment
         ("steps", torch.arange(5)),  # int64
         ("scalar", torch.tensor(3.5)),  # 0-d
     ]
@@ -54,7 +55,9 @@ def test_flat_bucket_round_trip_keeps_dtypes_and_shapes():
     weights = _weights()
     flat = FlatBucket.pack(weights)
     assert flat.buffer.dtype == torch.uint8 and flat.buffer.is_contiguous()
-    assert flat.buffer.numel() == sum(t.numel() * t.element_size() for _, t in weights)
+    payload = sum(t.numel() * t.element_size() for _, t in weights)
+    assert payload <= flat.buffer.numel() < payload + 16 * len(weights)  # aligned, little padding
+    assert all(off % 16 == 0 for off in flat.offsets)
     assert _same(list(flat.tensors()), weights)
 
 
@@ -72,14 +75,18 @@ class Receiver:
     """A minimal weight receiver: the load_weights(handle) contract of rollout workers."""
 
     def __init__(self, hang_on_load: bool = False):
-        self.hang_on_load, self.state, self.version = hang_on_load, {}, 0
+        self.hang_on_load, self.state, self.version, self.transports = hang_on_load, {}, 0, {}
 
     def load_weights(self, handle: WeightHandle) -> int:
         if self.hang_on_load:
             time.sleep(3600)
-        self.state = {n: t.clone() for n, t in pull(handle)}
+        self.state = {n: t.clone() for n, t in pull(handle, self.transports)}
         self.version = handle.version
         return self.version
+
+    def join_transport(self, transport) -> None:
+        transport.join()
+        self.transports = {transport.name: transport}
 
     def checksum(self) -> tuple[int, list[str], float]:
         return self.version, sorted(self.state), float(sum(t.double().sum() for t in self.state.values()))
@@ -137,3 +144,84 @@ def test_sync_to_a_stuck_or_dead_worker_fails_in_time_naming_it(ray_cluster):
         assert group.call(lambda a: a.checksum.remote(), actor_ids=[0], timeout_s=30)[0].get()[0] == 2
     finally:
         group.shutdown()
+
+
+# ----------------------------------------------------------------------------- collective
+
+
+class Sender:
+    """Rank 0 of a collective group: the learner side."""
+
+    def __init__(self, spec, device: str):
+        from tidal.cluster.collective import CollectiveTransport
+
+        self.transport, self.device = CollectiveTransport(spec, rank=0), device
+
+    def join(self) -> None:
+        self.transport.join()
+
+    def publish(self, version: int) -> WeightHandle:
+        return self.transport.publish([(n, t.to(self.device)) for n, t in _weights()], version, bucket_mb=20 / 1024)
+
+    def send(self, handle: WeightHandle) -> int:
+        return self.transport.send(handle)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _collective_round_trip(backend: str, device: str, hang: bool):
+    import ray
+
+    from tidal.cluster.collective import CollectiveSpec, CollectiveTransport
+
+    n = 2
+    spec = CollectiveSpec(backend, "127.0.0.1", _free_port(), world_size=n + 1, group_name=f"t-{backend}-{hang}",
+                          timeout_s=5.0)
+    gpu = {"num_gpus": 0.1} if device == "cuda" else {}
+    sender = ray.remote(Sender).options(num_cpus=0, **gpu).remote(spec, device)
+    group = ActorGroup(Receiver, n, args=lambda i: (hang and i == 1,), options={"num_cpus": 0, **gpu}, name="receiver")
+    try:
+        joins = [sender.join.remote()] + [
+            group.submit(lambda a, i=i: a.join_transport.remote(CollectiveTransport(spec, rank=i + 1)), i)
+            for i in range(n)]
+        ray.get(joins, timeout=60)
+        handle = ray.get(sender.publish.remote(3), timeout=60)
+        assert handle.transport == "collective" and handle.bucket_refs == () and len(handle.meta) > 1
+        coordinator = CollectiveTransport(spec, start_send=lambda h: sender.send.remote(h))
+        start = time.monotonic()
+        if hang:
+            with pytest.raises(WeightSyncError) as info:
+                coordinator.sync(group, handle, timeout_s=4.0)
+            assert time.monotonic() - start < 20 and "receiver-1" in info.value.failures
+            return
+        coordinator.sync(group, handle, timeout_s=60)
+        expected = float(sum(t.double().sum() for _, t in _weights()))
+        for r in group.call(lambda a: a.checksum.remote(), timeout_s=30):
+            version, names, total = r.get()
+            assert version == 3 and names == sorted(n for n, _ in _weights()) and total == pytest.approx(expected)
+    finally:
+        group.shutdown()
+        ray.kill(sender)
+
+
+@pytest.mark.ray
+def test_collective_transport_gloo_broadcast(ray_cluster):
+    _collective_round_trip("gloo", "cpu", hang=False)
+
+
+@pytest.mark.ray
+def test_collective_transport_names_a_receiver_that_never_answers(ray_cluster):
+    _collective_round_trip("gloo", "cpu", hang=True)
+
+
+@pytest.mark.ray
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_collective_transport_nccl_broadcast(ray_cluster):
+    _collective_round_trip("nccl", "cuda", hang=False)
