@@ -129,6 +129,7 @@ class RLLoop:
     def run(self) -> dict[str, float]:
         """Train to algorithm.steps; returns the last step's metrics."""
         a, lc = self.cfg.algorithm, self.cfg.logging
+        self.start_step = self.step
         self.pipeline = RolloutPipeline(self._produce, self._push, self.step, a.steps, self.max_staleness,
                                         pool_version=self.parts.pool.weight_version)
         self.pipeline.preload(self._preloaded)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -116,7 +117,7 @@ def _calibrate(cfg: TidalConfig, parts: RLParts, prompts_path: Path) -> dict[str
                        cfg.data.max_prompt_tokens, cfg.data.chat_template, seed=cfg.seed + 1)
     rollout = parts.pool.generate(ds.next_batch(max(cfg.algorithm.prompts_per_step, 8)),
                                   Sampling.from_config(cfg.rollout, EVAL_SEED + 1))
-    return parts.reward.calibrate(parts.reward.score(rollout, raw=True).scores)
+    return parts.reward.calibrate(parts.reward.score(rollout, raw=True))
 
 
 def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy: str,
@@ -124,7 +125,10 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
     """The whole RL stage; returns the summary (before/after evaluation, last KL)."""
     if data.prompts is None:
         raise ValueError("the rl stage needs prompts: set data.prompts or data.task")
+    t0 = time.perf_counter()
     placement, parts = start_parts(cfg, policy, reward_model, data.prompts)
+    print(f"tidal: rl roles up in {time.perf_counter() - t0:.1f} s ({cfg.cluster.placement}: "
+          f"{cfg.learner.num_workers} learner(s) + reference, {cfg.rollout.num_workers} rollout worker(s))", flush=True)
     summary: dict = {}
     try:
         loop = RLLoop(cfg, run_dir, parts, logger)
@@ -137,7 +141,9 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
             (run_dir / "eval_before.json").write_text(json.dumps(summary["before"]))
         else:
             summary["before"] = json.loads((run_dir / "eval_before.json").read_text())
+        t1 = time.perf_counter()
         last = loop.run()
+        print(f"tidal: {cfg.algorithm.steps - loop.start_step} rl steps in {time.perf_counter() - t1:.1f} s", flush=True)
         summary["after"] = evaluate(cfg, parts, data.eval_prompts, run_dir / "samples_after.jsonl")
         logger.log(cfg.algorithm.steps, {f"eval/{k}_{when}": v for when in ("before", "after")
                                          for k, v in summary[when].items()}, stage="eval")
