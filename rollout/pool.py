@@ -106,10 +106,14 @@ class RolloutPool:
             args=lambda wid: (self.model_path, rc, cfg.model.dtype, cfg.seed * 1000 + wid, wid),
             options=base_options, options_fn=actor_options, local=local, name="rollout",
             call_timeout_s=self.timeout_s)
-        with self._op_lock:
-            self._resize()
-            if wait_ready:
-                self._wait_ready(self.timeout_s)
+        try:
+            with self._op_lock:
+                self._resize()
+                if wait_ready:
+                    self._wait_ready(self.timeout_s)
+        except BaseException:
+            self.group.shutdown()  # leave no half-started actors behind
+            raise
 
     # ------------------------------------------------------------------ properties
 
@@ -174,7 +178,9 @@ class RolloutPool:
                 fetch(ref, 0.0)
                 self._workers[wid].status, self._workers[wid].ready_ref = "ready", None
             except Exception as e:  # noqa: BLE001
-                if not is_actor_death(e):
+                # A constructor that raised (bad model path, out of memory) fails the same way
+                # on every restart: report it instead of retrying.
+                if not is_actor_death(e) or getattr(e, "actor_init_failed", False):
                     raise PoolError(f"{self.group.label(wid)} failed to start: {type(e).__name__}: {e}") from e
                 self.group.mark_unhealthy(wid)
 

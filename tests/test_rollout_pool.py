@@ -5,7 +5,6 @@ answers. Plus the pool in local mode (in-process, transformers backend)."""
 import os
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -196,3 +195,12 @@ def test_local_mode_pool_with_transformers_backend(tiny_model):
         pool.shutdown()
     with pytest.raises(ValueError, match="unique"):
         RolloutPool(cfg, tiny_model, local=True).generate(PromptBatch([1, 1], ["a", "b"], [[5], [6]]))
+
+
+@pytest.mark.ray
+def test_a_worker_that_cannot_start_is_reported_not_retried(ray_cluster, tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a folder vLLM cannot load
+    start = time.monotonic()
+    with pytest.raises(Exception, match="rollout-0 failed to start"):
+        RolloutPool(_cfg(**{"rollout.num_workers": 1}), tmp_path)
+    assert time.monotonic() - start < 120
