@@ -199,6 +199,8 @@ class ActorGroup(Generic[T]):
                 member = self._members.pop(i, None)
                 if member is not None and kill:
                     self._kill(member.handle)
+                if member is not None and hasattr(self.options_fn, "release"):
+                    self.options_fn.release(i)  # e.g. give its placement bundle back
 
     def _kill(self, handle: Any) -> None:
         if self.local:
@@ -311,3 +313,34 @@ class ActorGroup(Generic[T]):
 
     def shutdown(self) -> None:
         self.remove(self.actor_ids, kill=True)
+
+
+class BundlePlacement:
+    """`options_fn` that places each actor on a bundle of a placement group.
+
+    A new actor id gets the least used of `bundle_indices` (more actors than bundles share
+    them, as in colocated placement); a restarted actor keeps its bundle; `release` (called by
+    ActorGroup.remove) frees it for the next new actor."""
+
+    def __init__(self, placement_group: Any, bundle_indices: Iterable[int], num_cpus: float, num_gpus: float = 0.0):
+        self.placement_group, self.bundles = placement_group, list(bundle_indices)
+        if not self.bundles:
+            raise ValueError("BundlePlacement needs at least one bundle index")
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.assigned: dict[int, int] = {}  # actor id -> bundle index
+
+    def __call__(self, actor_id: int) -> dict:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if actor_id not in self.assigned:
+            load = {b: 0 for b in self.bundles}
+            for b in self.assigned.values():
+                load[b] += 1
+            self.assigned[actor_id] = min(self.bundles, key=lambda b: (load[b], self.bundles.index(b)))
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    placement_group=self.placement_group, placement_group_bundle_index=self.assigned[actor_id],
+                    placement_group_capture_child_tasks=True)}
+
+    def release(self, actor_id: int) -> None:
+        self.assigned.pop(actor_id, None)

@@ -76,8 +76,10 @@ class RolloutPool:
     model_path: HF folder the engines start from (weight version 0).
     worker_cls: RolloutWorker / HFRolloutWorker by rollout.backend, or any class with their
         interface (tests inject misbehaving subclasses).
-    actor_options: Ray options per worker id (placement-group bundle, resources); default
-        {num_cpus: rollout.cpus_per_worker, num_gpus: rollout.gpus_per_worker}.
+    actor_options: Ray options per worker id, e.g. `BundlePlacement(pg, bundle_indices,
+        num_cpus, num_gpus)` (tidal.cluster.actor_group) to run the workers on bundles of a
+        placement group (a restarted worker keeps its bundle, a removed one frees it); default:
+        plain actors with {num_cpus: rollout.cpus_per_worker, num_gpus: rollout.gpus_per_worker}.
     chunks_per_worker: chunks per worker per call (more: finer balancing and re-queueing;
         fewer: bigger engine batches).
     """

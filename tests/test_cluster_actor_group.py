@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tidal.cluster.actor_group import ActorCallTimeout, ActorGroup
+from tidal.cluster.actor_group import ActorCallTimeout, ActorGroup, BundlePlacement
 
 # Ray workers cannot import this test module by name: ship its classes by value.
 try:
@@ -34,6 +34,12 @@ class Counter:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def placement(self) -> tuple:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return ctx.get_placement_group_id(), ctx.get_assigned_resources()
 
     def sleep(self, seconds: float) -> float:
         time.sleep(seconds)
@@ -132,3 +138,32 @@ def test_ray_killed_actor_is_detected_and_restored(ray_cluster):
         assert group.actor_ids == [1]
     finally:
         group.shutdown()
+
+
+@pytest.mark.ray
+def test_bundle_placement_puts_actors_on_bundles(ray_cluster):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}])
+    ray.get(pg.ready(), timeout=60)
+    placement = BundlePlacement(pg, [0, 1], num_cpus=0.5)
+    group = ActorGroup(Counter, 3, args=(0,), options_fn=placement)
+    try:
+        assert sorted(placement.assigned.values()) == [0, 0, 1]  # three actors share two bundles
+        for r in group.call(lambda a: a.placement.remote(), timeout_s=60):
+            pg_id, resources = r.get()
+            assert pg_id == pg.id.hex() and resources.get("CPU") == 0.5
+        group.remove([1])
+        assert 1 not in placement.assigned
+        (new,) = group.add(1)
+        assert placement.assigned[new] == 1  # the freed bundle is reused
+        pid = group.call(lambda a: a.pid.remote(), actor_ids=[0], timeout_s=60)[0].get()
+        os.kill(pid, signal.SIGKILL)
+        group.mark_unhealthy(0)
+        group.restore()
+        assert placement.assigned[0] == 0  # a restarted actor keeps its bundle
+        assert group.call(lambda a: a.placement.remote(), actor_ids=[0], timeout_s=60)[0].get()[0] == pg.id.hex()
+    finally:
+        group.shutdown()
+        remove_placement_group(pg)
