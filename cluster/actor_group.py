@@ -265,29 +265,41 @@ class ActorGroup(Generic[T]):
              timeout_s: Optional[float] = None, mark_unhealthy: bool = True) -> list[CallResult]:
         """Run `fn(handle)` on each actor (default: all healthy ones) and wait for all of them,
         at most `timeout_s` in total. Actors that died or timed out are marked unhealthy."""
+        return self.collect(self.start(fn, actor_ids), timeout_s, mark_unhealthy)
+
+    def start(self, fn: Callable[[Any], Any], actor_ids: Optional[Iterable[int]] = None) -> dict[int, Any]:
+        """Start `fn(handle)` on each actor without waiting: {actor id: ref or the error of
+        submitting it}. `collect` waits for them."""
         ids = self.healthy_actor_ids() if actor_ids is None else list(actor_ids)
-        timeout = self.call_timeout_s if timeout_s is None else timeout_s
-        refs: dict[int, Any] = {}
-        results: dict[int, CallResult] = {}
+        started: dict[int, Any] = {}
         for i in ids:
             try:
-                refs[i] = self.submit(fn, i)
+                started[i] = self.submit(fn, i)
             except Exception as e:  # noqa: BLE001 - e.g. the handle's actor is already dead
-                results[i] = CallResult(i, self.label(i), False, error=e)
+                started[i] = e
+        return started
+
+    def collect(self, started: dict[int, Any], timeout_s: Optional[float] = None,
+                mark_unhealthy: bool = True) -> list[CallResult]:
+        """Wait (at most `timeout_s` in total) for calls begun with `start`."""
+        timeout = self.call_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
-        for i, ref in refs.items():
+        results = []
+        for i, ref in started.items():
             try:
+                if isinstance(ref, Exception):
+                    raise ref
                 value = fetch(ref, max(0.0, deadline - time.monotonic()))
-                results[i] = CallResult(i, self.label(i), True, value=value)
+                results.append(CallResult(i, self.label(i), True, value=value))
             except Exception as e:  # noqa: BLE001
                 if isinstance(e, ActorCallTimeout):
                     e = ActorCallTimeout(f"{self.label(i)}: no answer within {timeout:.1f}s")
-                results[i] = CallResult(i, self.label(i), False, error=e)
+                results.append(CallResult(i, self.label(i), False, error=e))
         if mark_unhealthy:
-            for r in results.values():
+            for r in results:
                 if not r.ok and is_actor_death(r.error):
                     self.mark_unhealthy(r.actor_id)
-        return [results[i] for i in ids]
+        return results
 
     def probe_unhealthy(self, timeout_s: float = 10.0,
                         probe: Optional[Callable[[Any], Any]] = None) -> list[int]:

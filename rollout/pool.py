@@ -327,17 +327,25 @@ class RolloutPool:
         Raises WeightSyncError naming every worker that failed or did not answer within
         `timeout_s` (default cluster.sync_timeout_s); those workers are restarted with these
         weights in the background."""
-        handle = weights if isinstance(weights, WeightHandle) else self.publish(
-            weights, self._version + 1 if version is None else version)
-        if handle.version <= self._version:
-            raise ValueError(f"weight version {handle.version} is not newer than the pool's {self._version}")
+        version = weights.version if isinstance(weights, WeightHandle) else (
+            self._version + 1 if version is None else version)
+        if version <= self._version:
+            raise ValueError(f"weight version {version} is not newer than the pool's {self._version}")
+        timeout_s = timeout_s or self.timeout_s
         with self._op_lock:
             start = time.perf_counter()
-            self._handle, self._version = handle, handle.version  # restarts load this from now on
             live = [i for i, w in self._workers.items() if w.status != "draining"]
             try:
-                self.transport.sync(self.group, handle, timeout_s or self.timeout_s, actor_ids=live)
-            except WeightSyncError:
+                if isinstance(weights, WeightHandle):
+                    self._handle, self._version = weights, version  # restarts load this from now on
+                    self.transport.sync(self.group, weights, timeout_s, actor_ids=live)
+                else:  # streamed: workers pull while later buckets are still being put
+                    self._handle = self.transport.push(self.group, weights, version,
+                                                       self.cfg.rollout.weight_bucket_mb, timeout_s, live)
+                    self._version = version
+            except WeightSyncError as e:
+                if e.handle is not None:  # the failed workers restart with this version
+                    self._handle, self._version = e.handle, version
                 self._restart_dead()
                 raise
             for i in live:  # a starting worker that loaded this handle is ready
@@ -354,6 +362,7 @@ class RolloutPool:
     def shutdown(self) -> None:
         with self._op_lock:
             self.group.shutdown()
+            self.transport.close()
             self._workers.clear()
             self._handle = None
 

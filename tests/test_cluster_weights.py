@@ -225,3 +225,25 @@ def test_collective_transport_names_a_receiver_that_never_answers(ray_cluster):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_collective_transport_nccl_broadcast(ray_cluster):
     _collective_round_trip("nccl", "cuda", hang=False)
+
+
+@pytest.mark.ray
+def test_streamed_push_loads_every_worker_and_names_a_stuck_one(ray_cluster):
+    weights = _weights()
+    transport = ObjectStoreTransport()
+    group = ActorGroup(Receiver, 2, args=lambda i: (i == 1,), options={"num_cpus": 0}, name="receiver")
+    try:
+        handle = transport.push(group, weights, version=5, bucket_mb=20 / 1024, timeout_s=60, actor_ids=[0])
+        # The returned handle is a plain one (all refs), for workers that join later.
+        assert handle.board is None and len(handle.bucket_refs) == len(list(iter_buckets(weights, 20 / 1024)))
+        assert _same(list(pull(handle)), weights)
+        version, names, total = group.call(lambda a: a.checksum.remote(), actor_ids=[0], timeout_s=30)[0].get()
+        assert version == 5 and total == pytest.approx(float(sum(t.double().sum() for _, t in weights)))
+        start = time.monotonic()
+        with pytest.raises(WeightSyncError) as info:
+            transport.push(group, weights, version=6, bucket_mb=20 / 1024, timeout_s=3.0)
+        assert time.monotonic() - start < 15 and list(info.value.failures) == ["receiver-1"]
+        assert info.value.handle is not None and info.value.handle.version == 6
+        assert group.call(lambda a: a.checksum.remote(), actor_ids=[0], timeout_s=30)[0].get()[0] == 6
+    finally:
+        group.shutdown()
