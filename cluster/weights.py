@@ -188,7 +188,11 @@ class WeightTransport(ABC):
         """publish + sync in one call (transports may overlap the two); returns the handle
         that restarted workers can load later."""
         handle = self.publish(named_tensors, version, bucket_mb)
-        self.sync(group, handle, timeout_s, actor_ids)
+        try:
+            self.sync(group, handle, timeout_s, actor_ids)
+        except WeightSyncError as e:
+            e.handle = handle  # the workers that did load it hold this version now
+            raise
         return handle
 
 

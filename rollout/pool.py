@@ -351,7 +351,9 @@ class RolloutPool:
             for i in live:  # a starting worker that loaded this handle is ready
                 if self._workers[i].status == "starting":
                     self._workers[i].status, self._workers[i].ready_ref = "ready", None
-            return time.perf_counter() - start
+            seconds = time.perf_counter() - start
+        self._apply_pending_scale()
+        return seconds
 
     sync_weights = load_weights
 

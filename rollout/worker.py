@@ -110,13 +110,21 @@ class RolloutWorker:
 
         self.worker_id, self.weight_version, self.rollout = worker_id, 0, rollout
         extra = {}
-        if not torch.cuda.is_available():  # KV cache in host memory, sized by the config
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(rollout.kv_cache_gb))))
+        # CPU: the KV cache lives in host memory, sized by rollout.kv_cache_gb. vLLM's CPU
+        # platform lets VLLM_CPU_KVCACHE_SPACE (whole GB) override the explicit size, so it is
+        # hidden while the engine is configured.
+        saved = None
+        if not torch.cuda.is_available():
             extra["kv_cache_memory_bytes"] = int(rollout.kv_cache_gb * 2**30)
-        self.llm = LLM(
-            model=str(model_path), dtype=dtype, enforce_eager=True, max_model_len=rollout.max_model_len,
-            seed=seed, worker_extension_cls=WEIGHT_LOADER_EXT, logprobs_mode="processed_logprobs",
-            **extra)
+            saved = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        try:
+            self.llm = LLM(
+                model=str(model_path), dtype=dtype, enforce_eager=True, max_model_len=rollout.max_model_len,
+                seed=seed, worker_extension_cls=WEIGHT_LOADER_EXT, logprobs_mode="processed_logprobs",
+                **extra)
+        finally:
+            if saved is not None:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
         self.tokenizer = load_tokenizer(model_path)
         self.eos_ids = eos_token_ids(model_path, self.tokenizer)
         self.transports: dict[str, WeightTransport] = {}
