@@ -136,7 +136,8 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
             elif stage == "rm":
                 from tidal.cluster.stages import run_rm
 
-                ck.mark_stage_done(run_dir, "rm", {"output": run_rm(cfg, run_dir, logger, data, policy)})
+                base = str(resolve_model(cfg.stages.rm.base)) if cfg.stages.rm.base else policy
+                ck.mark_stage_done(run_dir, "rm", {"output": run_rm(cfg, run_dir, logger, data, base)})
             else:
                 from tidal.cluster.rl_stage import run_rl
 

@@ -8,8 +8,8 @@ Two modes (`cluster.placement`), one code path:
   GPU (time-slicing); each keeps its own CPUs.
 * disaggregated: the learner-side roles (learner, reference, reward model) get one
   placement group; every rollout worker gets a placement group of its own with one bundle, so
-  the pool can grow and shrink while the job runs (`Placement.add_rollout_slot`,
-  `remove_rollout_slot`) without touching the learners. `cluster.rollout_node_resource` /
+  the pool can grow and shrink while the job runs (`Placement.rollout_actor_options` adds a
+  group for a new worker and frees it when the worker is removed) without touching the learners. `cluster.rollout_node_resource` /
   `learner_node_resource` pin the two sides to nodes that advertise those custom resources.
 
 `plan_placement` is pure (unit-tested without Ray); `Placement` turns a plan into live Ray
@@ -139,7 +139,7 @@ class Placement:
         for name, bundles in plan.groups.items():
             strategy = "STRICT_PACK" if name.startswith("rollout-") else "PACK"
             self.pgs[name] = placement_group(list(bundles), strategy=strategy, name=f"{name_prefix}-{name}")
-        self.rollout_slots: list[RoleSlot] = list(plan.slots.get("rollout", ()))
+        self.rollout_slots: dict[int, RoleSlot] = dict(enumerate(plan.slots.get("rollout", ())))
         self._wait(list(self.pgs))
 
     def _wait(self, names: list[str]) -> None:
@@ -158,10 +158,7 @@ class Placement:
         """Ray actor options placing actor `index` of `role` on its bundle."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        slots = self.rollout_slots if role == "rollout" else self.plan.slots.get(role, ())
-        if index >= len(slots):
-            raise IndexError(f"role {role!r} has {len(slots)} placement slots; no slot {index}")
-        slot = slots[index]
+        slot = self._slot(role, index)
         return {
             "num_cpus": slot.num_cpus,
             "num_gpus": slot.num_gpus,
@@ -170,43 +167,43 @@ class Placement:
                 placement_group_capture_child_tasks=True),
         }
 
-    def add_rollout_slot(self) -> int:
-        """A placement group for one more rollout worker; returns its slot index."""
+    def _slot(self, role: str, index: int) -> RoleSlot:
+        slots = self.rollout_slots if role == "rollout" else dict(enumerate(self.plan.slots.get(role, ())))
+        if index not in slots:
+            raise IndexError(f"role {role!r} has placement slots {sorted(slots)}; no slot {index}")
+        return slots[index]
+
+    @property
+    def rollout_actor_options(self) -> "RolloutOptions":
+        """RolloutPool's `actor_options`: a slot per worker id, grown and freed with the pool."""
+        return RolloutOptions(self)
+
+    def add_rollout_slot(self, worker_id: int) -> None:
+        """A one-bundle placement group for rollout worker `worker_id` (added by scaling up)."""
         from ray.util.placement_group import placement_group
 
-        i = len(self.rollout_slots)
-        name = f"rollout-{i}-x"
+        name = f"rollout-{worker_id}"
         while name in self.pgs:
             name += "x"
         self.pgs[name] = placement_group([self.plan.rollout_bundle], strategy="STRICT_PACK", name=f"{self.prefix}-{name}")
         self._wait([name])
-        self.rollout_slots.append(RoleSlot("rollout", name, 0, self.plan.rollout_bundle["CPU"],
-                                           self.plan.rollout_bundle.get("GPU", 0.0)))
-        return i
+        self.rollout_slots[worker_id] = RoleSlot("rollout", name, 0, self.plan.rollout_bundle["CPU"],
+                                                 self.plan.rollout_bundle.get("GPU", 0.0))
 
-    def rollout_options(self, worker_id: int) -> dict:
-        """Options of rollout worker `worker_id` (RolloutPool's actor_options): its planned slot,
-        or a new one-bundle group for a worker added by scaling up (ids are never reused)."""
-        while worker_id >= len(self.rollout_slots):
-            self.add_rollout_slot()
-        return self.options("rollout", worker_id)
-
-    def remove_rollout_slot(self) -> None:
-        """Free the last rollout slot (its worker must be gone). Shared bundles are kept."""
+    def release_rollout_slot(self, worker_id: int) -> None:
+        """Free a removed worker's slot: its own placement group goes; a shared bundle stays."""
         from ray.util.placement_group import remove_placement_group
 
-        slot = self.rollout_slots.pop()
-        if slot.group.startswith("rollout-"):
+        slot = self.rollout_slots.pop(worker_id, None)
+        if slot is not None and slot.group.startswith("rollout-"):
             remove_placement_group(self.pgs.pop(slot.group))
 
     def node_of(self, role: str, index: int) -> str:
         """Node id hosting the bundle of actor `index` of `role` (for tests and logs)."""
         from ray.util.placement_group import placement_group_table
 
-        slots = self.rollout_slots if role == "rollout" else self.plan.slots[role]
-        slot = slots[index]
-        table = placement_group_table(self.pgs[slot.group])
-        return table["bundles_to_node_id"][slot.bundle_index]
+        slot = self._slot(role, index)
+        return placement_group_table(self.pgs[slot.group])["bundles_to_node_id"][slot.bundle_index]
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -217,3 +214,18 @@ class Placement:
             except Exception:  # already gone with the cluster
                 pass
         self.pgs.clear()
+
+
+class RolloutOptions:
+    """Callable `actor_options` for RolloutPool (its ActorGroup calls `release` on removal)."""
+
+    def __init__(self, placement: Placement):
+        self.placement = placement
+
+    def __call__(self, worker_id: int) -> dict:
+        if worker_id not in self.placement.rollout_slots:
+            self.placement.add_rollout_slot(worker_id)
+        return self.placement.options("rollout", worker_id)
+
+    def release(self, worker_id: int) -> None:
+        self.placement.release_rollout_slot(worker_id)

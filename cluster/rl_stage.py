@@ -49,7 +49,7 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data_pr
     try:
         learners = LearnerGroup(cfg, policy, role="policy", critic_path=_critic_path(cfg, policy, reward_model),
                                 reference_path=policy, placement=placement)
-        pool = RolloutPool(cfg, policy, actor_options=placement.rollout_options)
+        pool = RolloutPool(cfg, policy, actor_options=placement.rollout_actor_options)
         reward = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=policy,
                               dtype=cfg.model.dtype, worker_timeout_s=cfg.cluster.sync_timeout_s)
     except BaseException:

@@ -12,6 +12,8 @@ from pathlib import Path
 from tidal.common.config import ConfigError, TidalConfig
 from tidal.common.metrics import MetricsLogger
 
+HELDOUT_PAIRS = 256  # held-out preference prompts whose pair accuracy the rm stage reports
+
 
 def _log_history(logger: MetricsLogger, stage: str, history: list[dict[str, float]]) -> None:
     for i, h in enumerate(history):
@@ -62,8 +64,11 @@ def run_rm(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: s
     tok = load_tokenizer(base)
     build = lambda recs: build_preference_batch(tok, recs, d.max_prompt_tokens, d.max_response_tokens,  # noqa: E731
                                                 d.chat_template)
-    train = build(_records(train_path, kind, kind))
-    held = build(_records(held_path, kind, kind)) if held_path is not None else None
+    records = _records(train_path, kind, kind)
+    if cfg.stages.rm.max_steps is not None:  # only what the fit will see: fit_reward scores all of it afterwards
+        records = records[:cfg.stages.rm.max_steps * cfg.learner.mini_batch_size * cfg.stages.rm.epochs]
+    train = build(records)
+    held = build(_records(held_path, kind, kind)[:HELDOUT_PAIRS]) if held_path is not None else None
     print(f"tidal: rm ({loss}) on {len(train)} prompts from {base}", flush=True)
     group = LearnerGroup(cfg, base, role="reward")
     try:

@@ -174,6 +174,7 @@ class RMStage:
     epochs: int = doc(1, "Passes over the preference data.", min=1)
     max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps.", min=1)
     lr: Optional[float] = doc(None, "Learning rate (None: learner.lr).", min=0.0)
+    base: Optional[str] = doc(None, "Backbone the reward model starts from: a registry name or HF folder sharing the policy's tokenizer (None: the policy after sft). A smaller reward model than the policy (as InstructGPT's 6B RM for a 175B policy) makes the rm stage, reward scoring and the critic it initialises cheaper.")
 
 
 @dataclass(frozen=True)

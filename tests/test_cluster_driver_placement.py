@@ -48,11 +48,12 @@ for mode in ("disaggregated", "colocated"):
     nodes = {"learner": [where(placement, "learner", i) for i in range(2)],
              "reference": [where(placement, "reference", 0)],
              "rollout": [where(placement, "rollout", i) for i in range(2)]}
-    opts = placement.rollout_options(2)  # the pool grows to 3 workers: a new group of its own
-    actor = Probe.options(**opts).remote()
+    options = placement.rollout_actor_options
+    actor = Probe.options(**options(2)).remote()  # the pool grows to 3 workers: a new group of its own
     nodes["rollout_added"] = [ray.get(actor.node.remote(), timeout=120)]
+    nodes["groups_grown"] = sorted(placement.pgs)
     ray.kill(actor)
-    placement.remove_rollout_slot()
+    options.release(2)  # ... and shrinks back: the group is freed
     nodes["groups"] = sorted(placement.pgs)
     placement.shutdown()
     out[mode] = nodes
@@ -81,6 +82,8 @@ def test_disaggregated_rollout_bundles_land_on_rollout_nodes():
     dis = res["disaggregated"]
     assert set(dis["learner"] + dis["reference"]) == {res["learner_node"]}
     assert set(dis["rollout"] + dis["rollout_added"]) == {res["rollout_node"]}
+    assert dis["groups_grown"] == ["learner", "rollout-0", "rollout-1", "rollout-2"]
     assert dis["groups"] == ["learner", "rollout-0", "rollout-1"]
     # colocated: one shared group; nothing asks for the node resources
     assert res["colocated"]["groups"] == ["shared"]
+    assert res["colocated"]["groups_grown"] == ["rollout-2", "shared"]  # an added worker gets its own group
