@@ -48,6 +48,7 @@ class _Chunk:
     id: int
     payload: Any  # ObjectRef of a PromptBatch (Ray) or the PromptBatch itself (local mode)
     size: int
+    first_index: int  # global index of its first prompt (for error messages)
     attempts: int = 0
 
 
@@ -98,6 +99,7 @@ class RolloutPool:
         self._handle: Optional[WeightHandle] = None
         self._version = 0
         self._workers: dict[int, _Worker] = {}
+        self._restarts_in_a_row: dict[int, int] = {}  # reset once a restarted worker is ready
         self._target = cfg.rollout.num_workers
         self._op_lock = threading.RLock()  # one generate / load_weights / resize at a time
         self.last_stats = GenerateStats()
@@ -163,10 +165,11 @@ class RolloutPool:
             if worker is None or worker.status == "draining":
                 self._workers.pop(wid, None)
                 self.group.remove([wid])
-            elif self.group.restarts(wid) >= self.max_restarts:
-                raise PoolError(f"{self.group.label(wid)} died {self.max_restarts + 1} times; giving up "
+            elif self._restarts_in_a_row.get(wid, 0) >= self.max_restarts:
+                raise PoolError(f"{self.group.label(wid)} died {self.max_restarts + 1} times in a row; giving up "
                                 f"(check its log for the cause, e.g. out of memory).")
         for wid in self.group.restore():
+            self._restarts_in_a_row[wid] = self._restarts_in_a_row.get(wid, 0) + 1
             self._start(wid)
             if stats is not None:
                 stats.restarted_workers.append(wid)
@@ -179,6 +182,7 @@ class RolloutPool:
             try:
                 fetch(ref, 0.0)
                 self._workers[wid].status, self._workers[wid].ready_ref = "ready", None
+                self._restarts_in_a_row.pop(wid, None)
             except Exception as e:  # noqa: BLE001
                 # A constructor that raised (bad model path, out of memory) fails the same way
                 # on every restart: report it instead of retrying.
@@ -219,7 +223,7 @@ class RolloutPool:
         for cid, start in enumerate(range(0, len(prompts), size)):
             part = prompts.slice(start, start + size)
             payload = part if self.group.local else _put(part)
-            chunks.append(_Chunk(cid, payload, len(part)))
+            chunks.append(_Chunk(cid, payload, len(part), part.index[0]))
         return chunks
 
     def generate(self, prompts: PromptBatch, sampling: Optional[Sampling] = None) -> RolloutBatch:
@@ -270,6 +274,10 @@ class RolloutPool:
             wid = min(ready, key=lambda i: (len(self._workers[i].in_flight), i))  # least outstanding
             chunk = queue.popleft()
             chunk.attempts += 1
+            if chunk.attempts > self.max_restarts + 1:  # the chunk itself kills workers
+                raise PoolError(f"the chunk of {chunk.size} prompts starting at prompt {chunk.first_index} was "
+                                f"lost with its worker {chunk.attempts - 1} times; giving up (check the workers' "
+                                f"logs, e.g. out of memory on these prompts).")
             ref = self.group.submit(lambda a: a.generate.remote(chunk.payload, sampling), wid)
             self._workers[wid].in_flight[ref] = (chunk, time.monotonic())
             stats.chunks_by_worker[wid] = stats.chunks_by_worker.get(wid, 0) + 1
