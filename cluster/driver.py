@@ -100,7 +100,7 @@ def _forget_unfinished(run_dir: Path) -> None:
     """Resume: drop log records of unfinished stages and of RL steps after the last checkpoint."""
     done = set(ck.read_run_state(run_dir)["stages"])
     latest = ck.latest_checkpoint(run_dir)
-    rl_step = int(latest.name.split("-")[1]) if latest is not None else 0
+    rl_step = int(latest.name.split("-")[1]) if latest is not None else -1  # -1: redo the whole stage
     ck.truncate_jsonl(run_dir / METRICS_FILE,
                       lambda r: r.get("stage") in done or (r.get("stage") == "rl" and r.get("step", 0) <= rl_step))
     ck.truncate_jsonl(run_dir / "rollouts.jsonl", lambda r: "rl" in done or r["step"] <= rl_step)

@@ -84,6 +84,7 @@ class RLLoop:
         self.step = 0
         self.pipeline: RolloutPipeline | None = None
         self._preloaded: list[Produced] = []
+        self._load_times: list[float] = []  # seconds of each weight load into the pool
 
     # ------------------------------------------------------------------ resume
 
@@ -124,7 +125,10 @@ class RLLoop:
         return Produced(step, scored, list(rollout.weight_version), {**timer.totals, "_extra": extra})
 
     def _push(self, handle: Any, version: int) -> None:
+        """Runs on the rollout thread, in order with the generations around it."""
+        t0 = time.perf_counter()
         self.parts.pool.load_weights(handle)
+        self._load_times.append(time.perf_counter() - t0)
 
     def run(self) -> dict[str, float]:
         """Train to algorithm.steps; returns the last step's metrics."""
@@ -222,6 +226,7 @@ class RLLoop:
             "idle/learner": max(0.0, 1.0 - learner_busy / wall),
             **{f"time/{k}_s": v for k, v in t.items()},
             "time/step_s": wall,
+            "time/load_weights_s": self._load_times[-1] if self._load_times else 0.0,
             **exp_m, **update, **produced.timings.get("_extra", {}),
         }
         return m

@@ -157,3 +157,35 @@ def test_run_state_records_finished_stages(tmp_path):
     ck.mark_stage_done(tmp_path, "sft", {"output": "x"})
     ck.mark_stage_done(tmp_path, "rm", {"output": "y"})
     assert ck.read_run_state(tmp_path)["stages"] == {"sft": {"output": "x"}, "rm": {"output": "y"}}
+
+
+def test_truncate_jsonl_drops_records_after_the_checkpoint_and_torn_lines(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"stage": "rl", "step": 1}\n{"stage": "rl", "step": 2}\n{"stage": "rl", "step": 3}\n{"stage": "r')
+    removed = ck.truncate_jsonl(path, lambda r: r["step"] <= 2)
+    assert removed == 2
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    assert ck.truncate_jsonl(tmp_path / "missing.jsonl", lambda r: True) == 0
+
+
+def test_resume_forgets_unfinished_stages_and_steps_after_the_checkpoint(tmp_path):
+    from tidal.cluster.driver import _forget_unfinished
+
+    lines = [{"stage": "sft", "step": 1}, {"stage": "rm", "step": 1}, {"stage": "rl", "step": 0},
+             {"stage": "rl", "step": 1}, {"stage": "rl", "step": 2}, {"stage": "rl", "step": 3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    ck.mark_stage_done(tmp_path, "sft", {"output": "s"})  # rm was interrupted
+    ck.write_checkpoint(tmp_path, 2, _writer({}))
+    _forget_unfinished(tmp_path)
+    kept = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in kept] == [("sft", 1), ("rl", 0), ("rl", 1), ("rl", 2)]
+    assert [json.loads(x)["step"] for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_summary_table_lists_before_and_after(tmp_path):
+    from tidal.cluster.driver import format_summary
+
+    text = format_summary({"before": {"rm_score": -1.0, "vader": 0.1, "kl": 0.0},
+                           "after": {"rm_score": 0.5, "vader": 0.4, "kl": 2.0}, "wall_time_s": 12.0}, tmp_path)
+    assert "reward-model score" in text and "-1.000" in text and "0.500" in text and "VADER" in text
