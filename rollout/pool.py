@@ -342,7 +342,8 @@ class RolloutPool:
         timeout_s = timeout_s or self.timeout_s
         with self._op_lock:
             start = time.perf_counter()
-            live = [i for i, w in self._workers.items() if w.status != "draining"]
+            self._probe_idle()
+            live = [i for i, w in self._workers.items() if w.status != "draining" and self.group.is_healthy(i)]
             try:
                 if isinstance(weights, WeightHandle):
                     self._handle, self._version = weights, version  # restarts load this from now on
@@ -359,9 +360,19 @@ class RolloutPool:
             for i in live:  # a starting worker that loaded this handle is ready
                 if self._workers[i].status == "starting":
                     self._workers[i].status, self._workers[i].ready_ref = "ready", None
+            self._restart_dead()  # workers found dead before the push start with this version
             seconds = time.perf_counter() - start
         self._apply_pending_scale()
         return seconds
+
+    def _probe_idle(self) -> None:
+        """Find workers that died while idle (between calls), so that a push does not count
+        them as sync failures: they are restarted with the new weights instead."""
+        self._poll_starting(0.0)  # a start that finished since the last call counts as ready
+        if self.group.local:
+            return
+        idle = [i for i, w in self._workers.items() if w.status == "ready" and not w.in_flight]
+        self.group.call(lambda a: a.__ray_ready__.remote(), actor_ids=idle, timeout_s=min(10.0, self.timeout_s))
 
     sync_weights = load_weights
 

@@ -204,3 +204,14 @@ def test_a_worker_that_cannot_start_is_reported_not_retried(ray_cluster, tmp_pat
     with pytest.raises(Exception, match="rollout-0 failed to start"):
         RolloutPool(_cfg(**{"rollout.num_workers": 1}), tmp_path)
     assert time.monotonic() - start < 120
+
+
+@pytest.mark.ray
+def test_a_worker_that_died_while_idle_is_restarted_by_the_next_push(pool, tiny_model):
+    victim = pool.worker_ids()[0]
+    os.kill(next(i.pid for i in pool.worker_infos() if i.worker_id == victim), signal.SIGKILL)
+    time.sleep(1.0)
+    model = load_causal_lm(tiny_model)
+    pool.load_weights(model.state_dict().items())  # no WeightSyncError: the dead worker is replaced
+    infos = pool.worker_infos()
+    assert len(infos) == 2 and {i.weight_version for i in infos} == {pool.weight_version}
