@@ -34,7 +34,7 @@ from tidal.cluster.weights import InProcessTransport, ObjectStoreTransport, Weig
 from tidal.common.config import TidalConfig
 from tidal.common.types import PromptBatch, RolloutBatch
 from tidal.rollout.sampling import Sampling
-from tidal.rollout.worker import check_prompts
+from tidal.rollout.worker import check_prompts, order_by_prompt
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
@@ -247,7 +247,7 @@ class RolloutPool:
             stats.seconds = time.perf_counter() - start
         self._apply_pending_scale()
         batch = RolloutBatch.concat([results[c] for c in sorted(results)])
-        return _ordered(batch, prompts, sampling.n)
+        return order_by_prompt(batch, prompts, sampling.n)
 
     def _step(self, queue: deque, results: dict, sampling: Sampling, stats: GenerateStats) -> None:
         """One round of the scheduling loop: resize, restart, dispatch, collect."""
@@ -402,20 +402,3 @@ def _put(obj: Any) -> Any:
     import ray
 
     return ray.put(obj)
-
-
-def _ordered(batch: RolloutBatch, prompts: PromptBatch, n: int) -> RolloutBatch:
-    """Rows sorted by prompt index (stable: a prompt's samples stay in order), after checking
-    that every prompt was answered exactly n times."""
-    counts: dict[int, int] = {}
-    for i in batch.prompt_index:
-        counts[i] = counts.get(i, 0) + 1
-    wrong = [i for i in prompts.index if counts.get(i) != n]
-    if wrong or len(counts) != len(prompts):
-        raise PoolError(f"prompts answered the wrong number of times (expected {n}): "
-                        f"{[(i, counts.get(i, 0)) for i in wrong[:5]]}")
-    order = sorted(range(len(batch)), key=lambda r: batch.prompt_index[r])
-    pick = lambda xs: [xs[r] for r in order] if xs else xs  # noqa: E731
-    return RolloutBatch(*(pick(getattr(batch, f)) for f in (
-        "prompt_index", "prompt_text", "prompt_ids", "response_text", "response_ids",
-        "response_logprobs", "finish_reason", "weight_version", "reference")))

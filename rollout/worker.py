@@ -82,6 +82,23 @@ def assemble(prompts: PromptBatch, sampling: Sampling, responses: list[list[list
                         rows["fr"], [weight_version] * len(rows["pi"]), rows["ref"])
 
 
+def order_by_prompt(batch: RolloutBatch, prompts: PromptBatch, n: int) -> RolloutBatch:
+    """Rows sorted by prompt index (stable: a prompt's samples stay in order), after checking
+    that every prompt was answered exactly n times."""
+    counts: dict[int, int] = {}
+    for i in batch.prompt_index:
+        counts[i] = counts.get(i, 0) + 1
+    wrong = [i for i in prompts.index if counts.get(i) != n]
+    if wrong or len(counts) != len(prompts):
+        raise RuntimeError(f"prompts answered the wrong number of times (expected {n}): "
+                           f"{[(i, counts.get(i, 0)) for i in wrong[:5]]}")
+    order = sorted(range(len(batch)), key=lambda r: batch.prompt_index[r])
+    pick = lambda xs: [xs[r] for r in order] if xs else xs  # noqa: E731
+    return RolloutBatch(*(pick(getattr(batch, f)) for f in (
+        "prompt_index", "prompt_text", "prompt_ids", "response_text", "response_ids",
+        "response_logprobs", "finish_reason", "weight_version", "reference")))
+
+
 def eos_token_ids(model_path: str | Path, tokenizer) -> set[int]:
     """The tokenizer's EOS plus any extra EOS ids of the model's generation config."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

@@ -123,3 +123,21 @@ def test_hf_backend_logprobs_match_forward_pass(tiny_model, temperature, top_k, 
         ref = filtered_logprobs(logits, ids[0, len(batch.prompt_ids[row]):], temperature, top_k, top_p)
         assert torch.allclose(torch.tensor(batch.response_logprobs[row]), ref, atol=1e-4)
     assert batch.response_ids != worker.generate(prompts, Sampling(n=2, max_new_tokens=12, seed=4)).response_ids
+
+
+def test_order_by_prompt_sorts_and_checks_counts():
+    from tidal.common.types import RolloutBatch
+    from tidal.rollout.worker import order_by_prompt
+
+    def batch(idx):
+        n = len(idx)
+        return RolloutBatch(idx, ["p"] * n, [[1]] * n, [str(i) for i in range(n)], [[i] for i in range(n)],
+                            [[-1.0]] * n, ["length"] * n, [0] * n)
+
+    prompts = PromptBatch([5, 3], ["a", "b"], [[1], [2]])
+    out = order_by_prompt(batch([5, 5, 3, 3]), prompts, 2)
+    assert out.prompt_index == [3, 3, 5, 5] and out.response_text == ["2", "3", "0", "1"]  # stable
+    with pytest.raises(RuntimeError, match="wrong number of times"):
+        order_by_prompt(batch([5, 5, 3, 3, 3]), prompts, 2)  # a duplicate answer
+    with pytest.raises(RuntimeError, match="wrong number of times"):
+        order_by_prompt(batch([5, 5]), prompts, 2)  # a lost prompt
