@@ -3,21 +3,9 @@
 import os
 import tempfile
 
-_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "DS_ACCELERATOR": "cpu",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
-    "RAY_DEDUP_LOGS": "0",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "WANDB_MODE": "offline",
-    "WANDB_SILENT": "true",
-}
+# The same environment `tidal train` gives its Ray workers (cluster/runtime.py explains each).
+from tidal.cluster.runtime import RUNTIME_ENV_VARS as _ENV  # noqa: E402  (imports no torch)
+
 for _k, _v in _ENV.items():
     os.environ.setdefault(_k, _v)
 # One model cache for the whole test session (and CI run): tiny-random builds once.
