@@ -92,16 +92,6 @@ def _resolve(arg: Any) -> Any:
     return ray.get(arg) if isinstance(arg, ray.ObjectRef) else arg
 
 
-def is_ready(ref: Any) -> bool:
-    """Whether a call's result is available without blocking."""
-    if isinstance(ref, LocalRef):
-        return True
-    import ray
-
-    ready, _ = ray.wait([ref], timeout=0)
-    return bool(ready)
-
-
 def wait_any(refs: list, timeout_s: float) -> list:
     """The refs among `refs` that finished within `timeout_s` (at least one unless timed out)."""
     local = [r for r in refs if isinstance(r, LocalRef)]

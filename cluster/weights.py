@@ -374,11 +374,3 @@ def pull(handle: WeightHandle, transports: dict[str, WeightTransport] | None = N
         return _STATELESS[handle.transport]().pull(handle)
     raise ValueError(f"no {handle.transport!r} transport on this worker: join it before pulling "
                      f"(known: {sorted(set(transports) | set(_STATELESS))})")
-
-
-def timed_sync(transport: WeightTransport, group: ActorGroup, handle: WeightHandle,
-               timeout_s: float) -> float:
-    """`transport.sync` and its wall time in seconds."""
-    start = time.perf_counter()
-    transport.sync(group, handle, timeout_s)
-    return time.perf_counter() - start
