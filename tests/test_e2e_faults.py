@@ -16,6 +16,7 @@ import pytest
 from e2e_support import REPO, read_jsonl, rl_records, subprocess_env, tiny_overrides
 from tidal.cluster import rl_stage
 from tidal.cluster.driver import prepare_data, run_pipeline
+from tidal.cluster.placement import Placement
 from tidal.common.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -48,6 +49,15 @@ def test_killed_rollout_worker_loses_and_duplicates_no_prompt(ray_cluster, tmp_p
         return placement, parts
 
     monkeypatch.setattr(rl_stage, "start_parts", capture)
+    # Slots are freed when the pool shuts down, so record the ones added while the run is live.
+    added = []
+    real_add = Placement.add_rollout_slot
+
+    def record_add(self, worker_id):
+        real_add(self, worker_id)
+        added.append((worker_id, self.rollout_slots[worker_id].group, set(self.plan.groups)))
+
+    monkeypatch.setattr(Placement, "add_rollout_slot", record_add)
     run_dir = tmp_path / "kill"
     events = {}
 
@@ -76,9 +86,10 @@ def test_killed_rollout_worker_loses_and_duplicates_no_prompt(ray_cluster, tmp_p
         assert sorted(rec["prompt_index"]) == sorted(i for i in rows for _ in range(n)), f"step {rec['step']}"
     recs = rl_records(run_dir)
     assert sum(r["rollout/restarted_workers"] for r in recs) >= 1  # the pool noticed and replaced it
-    placement = started["placement"]
-    assert sorted(placement.rollout_slots) == [0, 1, 2]  # the worker added mid-run got a slot ...
-    assert "rollout-2" in placement.pgs and "rollout-2" not in placement.plan.groups  # ... in a group of its own
+    # the worker added mid-run got a slot in a placement group of its own, outside the plan's groups
+    assert [(wid, group) for wid, group, _ in added] == [(2, "rollout-2")]
+    assert all(group not in planned for _, group, planned in added)
+    assert started["placement"].pgs == {}  # and every group was freed at the end
 
 
 def _run_driver(args, env, **kwargs):
