@@ -125,7 +125,7 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
     try:
         done = ck.read_run_state(run_dir)["stages"]
         policy = str(resolve_model(cfg.model.policy))
-        reward_model = cfg.model.reward
+        reward_model = str(resolve_model(cfg.model.reward)) if cfg.model.reward else None
         for stage in cfg.stages.run:
             if stage in done:
                 print(f"tidal: stage {stage} already finished ({done[stage]['output']})", flush=True)

@@ -32,7 +32,11 @@ EVAL_SEED = 20_231_108
 def _critic_path(cfg: TidalConfig, policy: str, reward_model: str | None) -> str | None:
     if cfg.algorithm.name != "ppo":
         return None
-    return cfg.model.critic or reward_model or policy
+    if cfg.model.critic is not None:
+        from tidal.common.models import resolve_model
+
+        return str(resolve_model(cfg.model.critic))  # a registry name or a folder
+    return reward_model or policy
 
 
 def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data_prompts: Path):
