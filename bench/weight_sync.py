@@ -53,7 +53,7 @@ class BenchReceiver:
         self.version = 0
 
     def load_weights(self, handle) -> int:
-        from tidal.cluster.weights import pull
+        from tidal.actors.weights import pull
 
         for name, tensor in pull(handle):
             self.params[name].copy_(tensor)
@@ -78,8 +78,8 @@ def summarize(copies: list[float], syncs: list[float]) -> dict:
 
 
 def bench_model(name: str, receivers_list: list[int], rounds: int, engine: bool) -> dict:
-    from tidal.cluster.actor_group import ActorGroup
-    from tidal.cluster.weights import ObjectStoreTransport
+    from tidal.actors.actor_group import ActorGroup
+    from tidal.actors.weights import ObjectStoreTransport
     from tidal.common.models import load_causal_lm, resolve_model
 
     path = resolve_model(name)

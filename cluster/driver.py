@@ -108,7 +108,7 @@ def _forget_unfinished(run_dir: Path) -> None:
 
 def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run (or continue) every stage of `cfg` in `run_dir`; returns the RL summary ({} without rl)."""
-    from tidal.cluster.placement import plan_placement, role_counts
+    from tidal.actors.placement import plan_placement, role_counts
     from tidal.common.models import resolve_model
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,8 +117,8 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
     else:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     data = prepare_data(cfg)
-    plan = plan_placement(cfg, role_counts(cfg, reference=True, reward_model=False))
-    conn = connect(cfg.cluster, min_cpus=plan.total_cpus + cfg.reward.num_workers)
+    plan = plan_placement(cfg, role_counts(cfg, reference=True))
+    conn = connect(cfg.cluster, min_cpus=plan.total_cpus)
     logger = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), total_steps=cfg.algorithm.steps, resume=resume)
     t0 = time.perf_counter()
     summary: dict = {}

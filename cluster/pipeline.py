@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from tidal.common.types import ScoredBatch
 
 
 class StalenessError(RuntimeError):
@@ -39,9 +41,10 @@ class Produced:
     """One step's rollout-side result."""
 
     step: int
-    batch: Any  # ScoredBatch (kept opaque here: the pipeline only schedules)
+    batch: ScoredBatch
     weight_versions: list[int]  # (B,) version that generated each sample
-    timings: dict[str, float]  # seconds of generate / score
+    timings: dict[str, float]  # seconds of the rollout-side blocks: generate, score
+    metrics: dict[str, float] = field(default_factory=dict)  # rollout/..., reward/... of the step
 
 
 def check_staleness(step: int, weight_versions: list[int], max_staleness: int) -> int:

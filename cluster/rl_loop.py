@@ -33,19 +33,24 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tidal.cluster.checkpoint import DriverState, latest_checkpoint, write_checkpoint
-from tidal.cluster.pipeline import Produced, RolloutPipeline, check_staleness
+from tidal.cluster.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import MetricsLogger, Timer
-from tidal.common.types import Experience, ScoredBatch
-from tidal.learner.experience import (assemble_experience, experience_metrics, pad_response_floats, pad_rollout,
-                                      select_rollout, valid_rows)
+from tidal.common.types import ScoredBatch
+from tidal.learner.experience import usable_rows
 from tidal.learner.kl import AdaptiveKLController, FixedKLController
 from tidal.rollout.sampling import Sampling
+
+if TYPE_CHECKING:
+    from tidal.common.data import PromptDataset
+    from tidal.learner.group import LearnerGroup
+    from tidal.reward_service.combine import CombinedReward
+    from tidal.rollout.pool import RolloutPool
 
 IS_WEIGHT_CAP = 2.0  # truncation of async importance weights (V-trace style rho-bar)
 ROLLOUTS_FILE = "rollouts.jsonl"  # per step: prompt indices, weight versions, scores
@@ -67,10 +72,10 @@ def make_kl_controller(cfg: TidalConfig):
 class RLParts:
     """The live pieces the RL loop drives (built by the driver)."""
 
-    learners: Any  # tidal.learner.group.LearnerGroup (policy + critic + reference)
-    pool: Any  # tidal.rollout.pool.RolloutPool
-    reward: Any  # tidal.reward_service.combine.CombinedReward
-    dataset: Any  # tidal.common.data.PromptDataset of the RL prompts
+    learners: "LearnerGroup"  # policy (+ critic) ranks and the frozen reference
+    pool: "RolloutPool"
+    reward: "CombinedReward"
+    dataset: "PromptDataset"  # the RL prompts
 
 
 class RLLoop:
@@ -119,10 +124,10 @@ class RLLoop:
         stats = self.parts.pool.last_stats
         with timer("score"):
             scored = self.parts.reward.score(rollout)
-        extra = {"rollout/requeued_chunks": float(stats.requeued_chunks),
-                 "rollout/restarted_workers": float(len(stats.restarted_workers)),
-                 **{k: float(v) for k, v in self.parts.reward.last_metrics.items()}}
-        return Produced(step, scored, list(rollout.weight_version), {**timer.totals, "_extra": extra})
+        metrics = {"rollout/requeued_chunks": float(stats.requeued_chunks),
+                   "rollout/restarted_workers": float(len(stats.restarted_workers)),
+                   **{k: float(v) for k, v in self.parts.reward.last_metrics.items()}}
+        return Produced(step, scored, list(rollout.weight_version), dict(timer.totals), metrics)
 
     def _push(self, handle: Any, version: int) -> None:
         """Runs on the rollout thread, in order with the generations around it."""
@@ -158,57 +163,31 @@ class RLLoop:
     def _train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         timer = Timer()
-        with timer("wait_rollout"):
+        with timer("wait_rollout"):  # the pipeline checks the staleness bound of what it hands out
             produced = self.pipeline.get(step, timeout_s=self.cfg.cluster.sync_timeout_s * 4)
-        scored: ScoredBatch = produced.batch
-        staleness = check_staleness(step, produced.weight_versions, self.max_staleness)
-        exp, exp_metrics = self._experience(scored, timer)
+        learners = self.parts.learners
+        rollout, scores = usable_rows(produced.batch, learners.algorithm, self.cfg.rollout.n_samples)
+        with timer("forward"):
+            fwd = learners.forward(rollout)
+        with timer("advantages"):
+            exp, exp_metrics = learners.assemble(fwd, scores, self.kl_ctl.value)
         with timer("update"):
-            update = self.parts.learners.update_rl(exp, is_weight_cap=IS_WEIGHT_CAP if self.async_mode else None)
+            update = learners.update_rl(exp, is_weight_cap=IS_WEIGHT_CAP if self.async_mode else None)
         with timer("sync"):
-            handle = self.parts.learners.export_weights(step + 1)
+            handle = learners.export_weights(step + 1)
             self.pipeline.push(handle, step + 1)
         if not self.async_mode:  # sync mode: the new weights are in the pool before the next step
             with timer("sync"):
                 self.pipeline.drain()
         self.kl_ctl.update(exp_metrics["experience/kl_per_seq"], len(exp))
         wall = time.perf_counter() - t0
-        self._record_rollout(step, scored)
-        return self._step_metrics(produced, scored, exp_metrics, update, timer, wall, staleness)
+        self._record_rollout(step, produced.batch)
+        return self._step_metrics(produced, exp_metrics, update, timer, wall)
 
-    def _experience(self, scored: ScoredBatch, timer: Timer) -> tuple[Experience, dict[str, float]]:
-        """LearnerGroup.make_experience, split into the forward and advantage blocks for timing."""
-        g, cfg = self.parts.learners, self.cfg
-        algo, n, temp = cfg.algorithm, cfg.rollout.n_samples, cfg.rollout.temperature
-        keep = valid_rows(scored, n, whole_groups=algo.name != "ppo")
-        if len(keep) == 0:
-            raise RuntimeError("every sample of the step has an invalid reward; nothing to train on "
-                               "(see reward/dropped; fix the reward or set reward.on_invalid=error to find the sample)")
-        rollout = select_rollout(scored.rollout, keep.tolist())
-        with timer("forward"):
-            ids, mask, resp_mask = pad_rollout(rollout, g.tokenizer.pad_token_id, g.tokenizer.eos_token_id)
-            R = resp_mask.shape[1]
-            old = g.compute_logprobs(ids, mask, R, temp)  # (B, R)
-            ref = g.compute_ref_logprobs(ids, mask, R, temp)  # (B, R)
-            values = g.compute_values(ids, mask, R) if algo.name == "ppo" else None  # (B, R)
-        with timer("advantages"):
-            has_lp = all(len(lp) > 0 for lp in rollout.response_logprobs)
-            exp = assemble_experience(
-                ids, mask, resp_mask, old, ref, values, scored.scores[keep].float(), algorithm=algo.name,
-                group_size=n, kl_coef=self.kl_ctl.value, kl_estimator=algo.kl_estimator, gamma=algo.gamma,
-                lam=algo.lam, whiten=algo.whiten_advantages,
-                rollout_logprobs=pad_response_floats(rollout.response_logprobs, R) if has_lp else None,
-                weight_version=torch.tensor(rollout.weight_version, dtype=torch.long))
-        metrics = experience_metrics(exp, algo.kl_estimator)
-        if exp.rollout_logprobs is not None:  # engine vs trainer logprob gap (ANCHORS complaint 5)
-            gap = (exp.old_logprobs - exp.rollout_logprobs).abs() * exp.response_mask
-            metrics["rollout/logprob_gap"] = (gap.sum() / exp.response_mask.sum().clamp(min=1)).item()
-        return exp, metrics
-
-    def _step_metrics(self, produced: Produced, scored: ScoredBatch, exp_m: dict, update: dict, timer: Timer,
-                      wall: float, staleness: int) -> dict[str, float]:
-        t = {k: v for k, v in produced.timings.items() if not k.startswith("_")}
-        t.update(timer.totals)
+    def _step_metrics(self, produced: Produced, exp_m: dict, update: dict, timer: Timer,
+                      wall: float) -> dict[str, float]:
+        scored = produced.batch
+        t = {**produced.timings, **timer.totals}
         versions = torch.tensor(produced.weight_versions, dtype=torch.float32)
         tokens = sum(len(r) for r in scored.rollout.response_ids)
         learner_busy = t.get("forward", 0) + t.get("advantages", 0) + t.get("update", 0) + t.get("sync", 0)
@@ -216,7 +195,7 @@ class RLLoop:
             "rl/score_mean": scored.scores.mean().item(),
             "rl/kl": exp_m["experience/kl_per_seq"],
             "rl/kl_coef": self.kl_ctl.value,
-            "rl/staleness_max": float(staleness),
+            "rl/staleness_max": float(produced.step - min(produced.weight_versions)),
             "rl/staleness_mean": float(produced.step - versions.mean().item()),
             "rl/weight_version": float(produced.step + 1),
             "rl/tokens_per_s": tokens / wall if wall > 0 else 0.0,
@@ -227,7 +206,7 @@ class RLLoop:
             **{f"time/{k}_s": v for k, v in t.items()},
             "time/step_s": wall,
             "time/load_weights_s": self._load_times[-1] if self._load_times else 0.0,
-            **exp_m, **update, **produced.timings.get("_extra", {}),
+            **exp_m, **update, **produced.metrics,
         }
         return m
 

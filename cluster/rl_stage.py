@@ -2,7 +2,7 @@
 after, save the final policy.
 
 Roles: the learner group (policy + critic ranks and the frozen reference) and the rollout pool
-are placed by `tidal.cluster.placement` (colocated or disaggregated); the reward runs in the
+are placed by `tidal.actors.placement` (colocated or disaggregated); the reward runs in the
 driver (rules) and on reward-model workers (RewardPool). The critic starts from the reward
 model when there is one (ANCHORS detail 9), else from the policy with a fresh value head.
 
@@ -30,7 +30,9 @@ EVAL_SEED = 20_231_108
 
 
 def _critic_path(cfg: TidalConfig, policy: str, reward_model: str | None) -> str | None:
-    if cfg.algorithm.name != "ppo":
+    from tidal.learner.algorithms import algorithm_for
+
+    if not algorithm_for(cfg).uses_critic:
         return None
     if cfg.model.critic is not None:
         from tidal.common.models import resolve_model
@@ -41,20 +43,20 @@ def _critic_path(cfg: TidalConfig, policy: str, reward_model: str | None) -> str
 
 def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data_prompts: Path):
     """Placement, learners (+reference), rollout pool, reward and prompt dataset."""
-    from tidal.cluster.placement import Placement, plan_placement, role_counts
+    from tidal.actors.placement import Placement, plan_placement, role_counts
     from tidal.common.data import PromptDataset
     from tidal.learner.group import LearnerGroup
     from tidal.reward_service.combine import build_reward
     from tidal.rollout.pool import RolloutPool
 
-    placement = Placement(plan_placement(cfg, role_counts(cfg, reference=True, reward_model=False)),
+    placement = Placement(plan_placement(cfg, role_counts(cfg, reference=True)),
                           cfg.cluster.sync_timeout_s)
     learners = pool = reward = None
     try:
         learners = LearnerGroup(cfg, policy, role="policy", critic_path=_critic_path(cfg, policy, reward_model),
                                 reference_path=policy, placement=placement)
-        pool = RolloutPool(cfg, policy, actor_options=placement.rollout_actor_options)
-        reward = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=policy,
+        pool = RolloutPool(cfg, policy, actor_options=placement.actor_options("rollout"))
+        reward = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=policy, placement=placement,
                               dtype=cfg.model.dtype, worker_timeout_s=cfg.cluster.sync_timeout_s)
     except BaseException:
         stop_parts(placement, learners, pool, reward)
@@ -79,7 +81,6 @@ def evaluate(cfg: TidalConfig, parts: RLParts, eval_path: Path | None, out_file:
     """Held-out completions of the pool's current policy, scored; written to `out_file`."""
     from tidal.common.data import PromptDataset
     from tidal.common.sentiment import vader_score
-    from tidal.learner.experience import pad_rollout
     from tidal.reward_service.combine import ModelReward
     from tidal.rollout.sampling import Sampling
 
@@ -93,10 +94,9 @@ def evaluate(cfg: TidalConfig, parts: RLParts, eval_path: Path | None, out_file:
     raw = sum(t.weight * scored.terms[t.name] for t in parts.reward.terms)  # (B,) unnormalized reward
     rm = next((scored.terms[t.name] for t in parts.reward.terms if isinstance(t.fn, ModelReward)), None)
     vader = vader_score(list(rollout.response_text))
-    g = parts.learners
-    ids, mask, resp = pad_rollout(rollout, g.tokenizer.pad_token_id, g.tokenizer.eos_token_id)
-    R, temp = resp.shape[1], cfg.rollout.temperature
-    kl = ((g.compute_logprobs(ids, mask, R, temp) - g.compute_ref_logprobs(ids, mask, R, temp)) * resp).sum(-1)  # (B,)
+    fwd = parts.learners.forward(rollout, with_values=False)  # the RL step's own forward pass
+    resp = fwd.response_mask
+    kl = ((fwd.old_logprobs - fwd.ref_logprobs) * resp).sum(-1)  # (B,) sequence KL to the reference
     with open(out_file, "w") as f:
         for i in range(len(rollout)):
             f.write(json.dumps({

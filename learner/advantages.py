@@ -8,8 +8,6 @@ position holds may reach a real position's result, so padded inputs are zeroed w
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 
@@ -126,15 +124,7 @@ def reinforce_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return s - s.mean()
 
 
-GROUP_BASELINES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "grpo": grpo_advantages,
-    "rloo": rloo_advantages,
-    "reinforce": reinforce_advantages,
-}
-
-
-def group_advantages(scores: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
-    """Sequence-level advantages (B,) from the registry above."""
-    if kind not in GROUP_BASELINES:
-        raise ValueError(f"unknown advantage kind {kind!r}; choose one of {sorted(GROUP_BASELINES)}")
-    return GROUP_BASELINES[kind](scores.detach(), group_size)
+def kl_penalty_to_go(kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Critic-free KL shaping: -kl_coef * sum_{t' >= t} kl_t' over real tokens (gamma = 1). (B, R)."""
+    per_token = torch.where(mask.bool(), -kl_coef * kl, 0.0)
+    return per_token.flip(-1).cumsum(-1).flip(-1) * mask

@@ -1,12 +1,10 @@
 """Building an RL `Experience` from a scored rollout: the pure-tensor part.
 
-No ray / deepspeed here. The driver (or `LearnerGroup.make_experience`) does
+No ray / deepspeed here. The one experience path (tidal.learner.group.LearnerGroup) is
 
-    input_ids, attention_mask, response_mask = pad_rollout(scored.rollout, pad_id)
-    old_logprobs = group.compute_logprobs(...)        # policy, logits / temperature
-    ref_logprobs = group.compute_ref_logprobs(...)    # frozen reference
-    values       = group.compute_values(...)          # critic (PPO only)
-    exp = assemble_experience(...)                    # KL-penalised rewards, advantages, whitening
+    rollout, scores = usable_rows(scored, algorithm, n)   # drop rows with invalid rewards
+    fwd = group.forward(rollout)                           # ForwardPass: pad + old/ref/critic forwards
+    exp, metrics = group.assemble(fwd, scores, kl_coef)    # assemble_experience + experience_metrics
 
 Layout (tidal.common.types): [prompt LEFT-padded to P | response RIGHT-padded to R]; per-token
 tensors are (B, R), column t belongs to response token t.
@@ -14,14 +12,14 @@ tensors are (B, R), column t belongs to response token t.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tidal.common.ops import masked_mean, masked_whiten
 from tidal.common.types import Experience, RolloutBatch, ScoredBatch
-from tidal.learner.advantages import gae, group_advantages, token_rewards
+from tidal.learner.algorithms import Algorithm, algorithm_for
 from tidal.learner.kl import kl_estimate
-
-CRITIC_FREE = ("grpo", "rloo", "reinforce")
 
 
 def pad_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[int]],
@@ -102,66 +100,53 @@ def valid_rows(scored: ScoredBatch, group_size: int, whole_groups: bool) -> torc
     return valid.nonzero().flatten()
 
 
-def kl_penalty_to_go(kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Critic-free KL shaping: -kl_coef * sum_{t' >= t} kl_t' over real tokens (gamma = 1). (B, R)."""
-    per_token = torch.where(mask.bool(), -kl_coef * kl, 0.0)
-    return per_token.flip(-1).cumsum(-1).flip(-1) * mask
+@dataclass(frozen=True)
+class ForwardPass:
+    """What `LearnerGroup.forward` computed for one padded rollout (layout of tidal.common.types)."""
+
+    input_ids: torch.Tensor  # (B, P+R) long
+    attention_mask: torch.Tensor  # (B, P+R) long
+    response_mask: torch.Tensor  # (B, R) float
+    old_logprobs: torch.Tensor  # (B, R) policy logprobs, trainer-recomputed
+    ref_logprobs: torch.Tensor  # (B, R) frozen reference logprobs
+    values: torch.Tensor | None = None  # (B, R) critic values; None without a critic
+    rollout_logprobs: torch.Tensor | None = None  # (B, R) engine logprobs of the sampled tokens
+    weight_version: torch.Tensor | None = None  # (B,) long, version that generated each row
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+    def kl(self, estimator: str) -> torch.Tensor:
+        """Per-token KL estimate policy vs reference, 0 on padding. (B, R)."""
+        real = self.response_mask.bool()
+        return torch.where(real, kl_estimate(self.old_logprobs.float(), self.ref_logprobs.float(), estimator), 0.0)
 
 
-def assemble_experience(
-    input_ids: torch.Tensor,  # (B, P+R)
-    attention_mask: torch.Tensor,  # (B, P+R)
-    response_mask: torch.Tensor,  # (B, R)
-    old_logprobs: torch.Tensor,  # (B, R) policy logprobs, trainer-recomputed
-    ref_logprobs: torch.Tensor,  # (B, R)
-    values: torch.Tensor | None,  # (B, R) critic values; None for critic-free algorithms
-    scores: torch.Tensor,  # (B,) sequence rewards
-    algorithm: str,  # "ppo" | "grpo" | "rloo" | "reinforce"
-    group_size: int,  # samples per prompt (rows [i*g, (i+1)*g) share a prompt)
-    kl_coef: float,
-    kl_estimator: str,
-    gamma: float,
-    lam: float,
-    whiten: bool,
-    rollout_logprobs: torch.Tensor | None = None,  # (B, R) engine logprobs
-    weight_version: torch.Tensor | None = None,  # (B,) long
-) -> Experience:
-    """Per-token rewards and advantages of one batch.
-
-    ppo: r_t = -kl_coef * KL_t, plus the score at the last real token (ANCHORS 5); GAE over the
-    critic's values gives advantages and returns (ANCHORS 8).
-    grpo / rloo / reinforce: the sequence advantage from the group baseline, broadcast to every
-    response token, plus the KL penalty summed from t to the end. GRPO's advantages are already
-    normalized per group, so they are never whitened again.
-    `whiten`: advantages to zero mean / unit variance over real tokens only (ANCHORS 7)."""
-    mask = response_mask.float()
+def assemble_experience(fwd: ForwardPass, scores: torch.Tensor, algorithm: "Algorithm | str", group_size: int,
+                        kl_coef: float, kl_estimator: str, gamma: float, lam: float, whiten: bool) -> Experience:
+    """Per-token rewards and advantages of one batch, by the algorithm's table entry
+    (tidal.learner.algorithms): PPO's KL-penalised token rewards and GAE over the critic's values
+    (docs/implementation.md#d5, #d8), or a group baseline plus the KL penalty to go.
+    `whiten`: advantages to zero mean / unit variance over real tokens only (#d7), where the
+    algorithm allows it (GRPO's advantages are already normalised per group). scores (B,)."""
+    algo = algorithm_for(algorithm) if isinstance(algorithm, str) else algorithm
+    mask = fwd.response_mask.float()
     real = mask.bool()
-    # logprobs and values at padded positions are meaningless: zero them (ANCHORS 10)
-    old_logprobs = torch.where(real, old_logprobs.float(), 0.0)
-    ref_logprobs = torch.where(real, ref_logprobs.float(), 0.0)
-    kl = torch.where(real, kl_estimate(old_logprobs, ref_logprobs, kl_estimator), 0.0)  # (B, R)
-    if algorithm == "ppo":
-        if values is None:
-            raise ValueError("algorithm 'ppo' needs critic values; build the LearnerGroup with a critic_path")
-        rewards = token_rewards(scores, kl, mask, kl_coef)  # (B, R)
-        advantages, returns = gae(rewards, values, mask, gamma, lam)
-        values = torch.where(real, values, 0.0)
-    elif algorithm in CRITIC_FREE:
-        seq_adv = group_advantages(scores, group_size, algorithm)  # (B,)
-        advantages = seq_adv[:, None] * mask + kl_penalty_to_go(kl, mask, kl_coef)
-        returns = torch.zeros_like(mask)
-        values = torch.zeros_like(mask)
-        whiten = whiten and algorithm != "grpo"
-    else:
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose ppo, grpo, rloo or reinforce")
-    if whiten:
+    # logprobs and values at padded positions are meaningless: zero them (#d10)
+    old_logprobs = torch.where(real, fwd.old_logprobs.float(), 0.0)
+    ref_logprobs = torch.where(real, fwd.ref_logprobs.float(), 0.0)
+    kl = fwd.kl(kl_estimator)  # (B, R)
+    values = None if fwd.values is None else torch.where(real, fwd.values.float(), 0.0)
+    advantages, returns = algo.advantages(scores, kl, mask, values, kl_coef, group_size, gamma, lam)
+    if whiten and algo.whitens:
         advantages = masked_whiten(advantages, mask)
     return Experience(
-        input_ids=input_ids, attention_mask=attention_mask, response_mask=mask,
+        input_ids=fwd.input_ids, attention_mask=fwd.attention_mask, response_mask=mask,
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         advantages=advantages.detach().float(), returns=returns.detach().float(),
-        values=values.detach().float(), scores=scores.float(),
-        rollout_logprobs=rollout_logprobs, weight_version=weight_version,
+        values=torch.zeros_like(mask) if values is None else values.detach(), scores=scores.float(),
+        rollout_logprobs=fwd.rollout_logprobs, weight_version=fwd.weight_version,
     )
 
 
@@ -176,4 +161,24 @@ def experience_metrics(exp: Experience, kl_estimator: str) -> dict[str, float]:
         "experience/response_len": mask.sum(-1).mean().item(),
         "experience/advantage_mean": masked_mean(exp.advantages, mask).item(),
         "experience/return_mean": masked_mean(exp.returns, mask).item(),
+        **logprob_gap(exp),
     }
+
+
+def logprob_gap(exp: Experience) -> dict[str, float]:
+    """Mean |trainer - engine| logprob of the sampled tokens (docs/implementation.md#c5): the
+    sampler and the trainer must agree, or the importance ratio is silently biased."""
+    if exp.rollout_logprobs is None:
+        return {}
+    gap = (exp.old_logprobs - exp.rollout_logprobs).abs() * exp.response_mask
+    return {"rollout/logprob_gap": (gap.sum() / exp.response_mask.sum().clamp(min=1)).item()}
+
+
+def usable_rows(scored: ScoredBatch, algorithm: "Algorithm", group_size: int) -> tuple[RolloutBatch, torch.Tensor]:
+    """The rollout rows to train on and their scores (B',): rows with an invalid reward are
+    dropped, whole groups when the algorithm uses a group baseline."""
+    keep = valid_rows(scored, group_size, whole_groups=algorithm.whole_groups)
+    if len(keep) == 0:
+        raise ValueError("every sample of the batch has an invalid reward; nothing to train on (see reward/dropped; "
+                         "fix the reward, or set reward.on_invalid=error to find the sample)")
+    return select_rollout(scored.rollout, keep.tolist()), scored.scores[keep].float()

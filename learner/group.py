@@ -1,10 +1,16 @@
-"""`LearnerGroup`: N DeepSpeed learner ranks as Ray actors in a placement group, plus an
-optional frozen reference worker, behind named methods.
+"""`LearnerGroup`: N DeepSpeed learner ranks plus an optional frozen reference worker, on the
+one actor layer (tidal.actors.actor_group.ActorGroup), behind named methods.
 
 Data is sliced per rank on the driver BEFORE `ray.put`, so each rank receives only its shard;
 the metrics a rank returns are already averaged over ranks. Every wait on an actor has the
-deadline cluster.sync_timeout_s, and a failed, dead or silent actor raises `LearnerError`
-naming it. `local=True` runs one rank (and the reference) in this process, without Ray.
+deadline cluster.sync_timeout_s; a failed, dead or silent rank raises `LearnerError` naming it
+as soon as it fails (fail-fast: its peers may be blocked in a collective). A process group
+cannot take back one member, so `restart()` replaces every rank (the caller reloads a
+checkpoint). `local=True` runs one rank (and the reference) in this process, without Ray.
+
+One experience path: `forward(rollout)` (old-policy, reference and critic forward passes) and
+`assemble(forward, scores, kl_coef)` (KL-penalised rewards, advantages) are two calls, so the
+RL loop times them separately and evaluation reuses `forward`.
 
 Shapes follow tidal.common.types: [left-padded prompt | right-padded response], (B, P+R)
 sequences and (B, R) per-token tensors.
@@ -13,17 +19,20 @@ sequences and (B, R) per-token tensors.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from tidal.actors.actor_group import ActorCallAborted, ActorCallTimeout, ActorGroup, is_actor_death
 from tidal.common.config import TidalConfig
 from tidal.common.models import load_tokenizer
-from tidal.common.types import Experience, ScoredBatch
-from tidal.learner.experience import (assemble_experience, pad_response_floats, pad_rollout, select_rollout,
-                                      valid_rows)
+from tidal.common.types import Experience, RolloutBatch
+from tidal.learner.algorithms import algorithm_for
+from tidal.learner.experience import (ForwardPass, assemble_experience, experience_metrics, pad_response_floats,
+                                      pad_rollout)
 from tidal.learner.reference import ReferenceWorker
 from tidal.learner.reward_model import PreferenceBatch, pair_accuracy
 from tidal.learner.sft import SFTBatch
@@ -55,13 +64,14 @@ class LearnerGroup:
                  critic_path: str | Path | None = None, reference_path: str | Path | None = None, *,
                  local: bool = False, placement: Any = None, rl_total_steps: int | None = None):
         """role "policy": causal LM (critic from `critic_path` when given: the reward-model folder,
-        ANCHORS 9); role "reward": a value model trained on preferences. `reference_path`: start a
-        frozen reference worker (the RL stage's initial policy). `placement`: a
-        tidal.cluster.placement.Placement whose "learner" and "reference" slots to use; None: the
-        group creates its own placement group of num_workers (+1) bundles."""
+        docs/implementation.md#d9); role "reward": a value model trained on preferences.
+        `reference_path`: start a frozen reference worker (the RL stage's initial policy).
+        `placement`: a tidal.actors.placement.Placement whose "learner" and "reference" slots to
+        use; None: the group places itself (its own placement group, freed by shutdown)."""
         self.cfg, self.role, self.local = cfg, role, local
         self.world_size = cfg.learner.num_workers
         self.timeout = cfg.cluster.sync_timeout_s
+        self.algorithm = algorithm_for(cfg)
         if role not in ROLES:
             raise ValueError(f"unknown learner role {role!r}; expected one of {ROLES}")
         if role == "reward" and critic_path is not None:
@@ -69,104 +79,82 @@ class LearnerGroup:
         if local and self.world_size != 1:
             raise ValueError(f"local mode runs one rank in-process; set learner.num_workers=1 (got {self.world_size})")
         self.tokenizer = load_tokenizer(model_path)  # the driver pads and tokenizes with it
-        spec = WorkerSpec(role, str(model_path), None if critic_path is None else str(critic_path),
-                          rl_total_steps or default_rl_total_steps(cfg))
-        self._pg = None
-        self.reference = None
+        self.spec = WorkerSpec(role, str(model_path), None if critic_path is None else str(critic_path),
+                               rl_total_steps or default_rl_total_steps(cfg))
         self.reward_stats: dict[str, float] = {}
+        self.ranks: ActorGroup | None = None
+        self.reference: ActorGroup | None = None
+        self._own_placement = None
         t0 = time.perf_counter()
-        if local:
-            self.workers = [LearnerWorker(cfg, 0, 1)]
-            addr, port = self.workers[0].master_address()
-            setup = self.workers[0].setup(spec, addr, port)
+        try:
+            if placement is None and not local:
+                from tidal.actors.placement import Placement, plan_placement
+
+                counts = {"learner": self.world_size, "reference": int(reference_path is not None)}
+                placement = self._own_placement = Placement(plan_placement(cfg, counts), self.timeout,
+                                                            name_prefix=f"tidal-{role}-{uuid.uuid4().hex[:8]}")
+            lc, n = cfg.learner, self.world_size
+            opts = {"num_cpus": lc.cpus_per_worker, "num_gpus": lc.gpus_per_worker}
+            self.ranks = ActorGroup(LearnerWorker, n, args=lambda r: (cfg, r, n), options=opts,
+                                    options_fn=placement.actor_options("learner") if placement else None,
+                                    local=local, name="learner", call_timeout_s=self.timeout)
             if reference_path is not None:
-                self.reference = ReferenceWorker(cfg, str(reference_path))
-            self.timings = {**setup, "total_s": time.perf_counter() - t0}
-        else:
-            self.workers = []
-            try:
-                self._start_actors(spec, reference_path, placement)
-            except BaseException:
-                self.shutdown()  # no half-built group keeps its actors or placement group
-                raise
-            self.timings["total_s"] = time.perf_counter() - t0
+                self.reference = ActorGroup(
+                    ReferenceWorker, 1, args=(cfg, str(reference_path)), options=opts,
+                    options_fn=placement.actor_options("reference") if placement else None,
+                    local=local, name="reference", call_timeout_s=self.timeout)
+            self.timings = self._setup()
+        except BaseException:
+            self.shutdown()  # no half-built group keeps its actors or placement group
+            raise
+        self.timings["total_s"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ actors
 
-    def _start_actors(self, spec: WorkerSpec, reference_path, placement) -> None:
-        import ray
-
-        lc = self.cfg.learner
+    def _setup(self) -> dict[str, float]:
+        """Rendezvous at rank 0's address, build every rank's engines, wait for the reference."""
         t0 = time.perf_counter()
-        if placement is None:
-            from ray.util.placement_group import placement_group
+        addr, port = self._call("master_address", lambda a: a.master_address.remote(), ranks=[0])[0]
+        started = self.ranks.start(lambda a: a.setup.remote(self.spec, addr, port))
+        ref_started = self.reference.start(lambda a: a.ready.remote()) if self.reference else {}
+        setup = self._collect("setup", self.ranks, started)
+        if self.reference:
+            self._collect("setup", self.reference, ref_started)
+        return {"actors_and_setup_s": time.perf_counter() - t0,
+                "dist_init_s": max(s["dist_init_s"] for s in setup), "engines_s": max(s["engines_s"] for s in setup)}
 
-            bundle = {"CPU": lc.cpus_per_worker, **({"GPU": lc.gpus_per_worker} if lc.gpus_per_worker > 0 else {})}
-            n_bundles = self.world_size + (reference_path is not None)
-            self._pg = placement_group([dict(bundle) for _ in range(n_bundles)], strategy="PACK")
-            if not ray.wait([self._pg.ready()], timeout=self.timeout)[0]:
-                raise LearnerError(f"placement group of {n_bundles} x {bundle} not scheduled within {self.timeout:.0f} s; "
-                                   "the cluster lacks the resources (lower learner.num_workers / cpus_per_worker)")
-        t1 = time.perf_counter()
-        actor = ray.remote(LearnerWorker)
-        self.workers = [actor.options(**self._options(placement, "learner", 0)).remote(self.cfg, 0, self.world_size)]
-        addr, port = self._get("master_address", [self.workers[0].master_address.remote()])[0]
-        self.workers += [actor.options(**self._options(placement, "learner", r)).remote(self.cfg, r, self.world_size)
-                         for r in range(1, self.world_size)]
-        refs = [w.setup.remote(spec, addr, port) for w in self.workers]
-        if reference_path is not None:
-            ref_opts = self._options(placement, "reference", 0 if placement else self.world_size)
-            self.reference = ray.remote(ReferenceWorker).options(**ref_opts).remote(self.cfg, str(reference_path))
-            refs.append(self.reference.ready.remote())
-        setup = self._get("setup", refs)
-        self.timings = {"placement_s": t1 - t0, "actors_and_setup_s": time.perf_counter() - t1,
-                        "dist_init_s": max(s["dist_init_s"] for s in setup[:self.world_size]),
-                        "engines_s": max(s["engines_s"] for s in setup[:self.world_size])}
+    def restart(self) -> None:
+        """Replace every rank and the reference by fresh processes on the same placement slots,
+        set up as before (initial weights: reload a checkpoint to continue)."""
+        for group in (self.ranks, self.reference):
+            if group is not None:
+                for i in group.actor_ids:
+                    group.mark_unhealthy(i)
+                group.restore()
+        self.timings = self._setup()
 
-    def _options(self, placement, role: str, index: int) -> dict:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    def _label(self, group: ActorGroup, i: int) -> str:
+        return f"learner rank {i}/{self.world_size}" if group is self.ranks else "reference worker"
 
-        if placement is not None:
-            return placement.options(role, index)
-        lc = self.cfg.learner
-        return {"num_cpus": lc.cpus_per_worker, "num_gpus": lc.gpus_per_worker,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    placement_group=self._pg, placement_group_bundle_index=index)}
+    def _collect(self, method: str, group: ActorGroup, started: dict[int, Any]) -> list:
+        """Values in rank order, or LearnerError naming the first rank that failed."""
+        results = group.collect(started, timeout_s=self.timeout, fail_fast=True)
+        bad = [r for r in results if not r.ok and not isinstance(r.error, ActorCallAborted)]
+        if not bad:
+            return [r.value for r in results]
+        late = [r for r in bad if isinstance(r.error, ActorCallTimeout)]
+        if len(late) == len(bad):
+            names = ", ".join(self._label(group, r.actor_id) for r in late)
+            raise LearnerError(f"{method}: {names} did not answer within {self.timeout:.0f} s "
+                               "(cluster.sync_timeout_s); a peer may have died or hung in a collective")
+        r = next(r for r in bad if not isinstance(r.error, ActorCallTimeout))
+        what = "died" if is_actor_death(r.error) else "failed"
+        raise LearnerError(f"{method}: {self._label(group, r.actor_id)} {what}: {r.error}") from r.error
 
-    def _label(self, i: int) -> str:
-        return f"learner rank {i}/{self.world_size}" if i < self.world_size else "reference worker"
-
-    def _get(self, method: str, refs: list, labels: list[str] | None = None) -> list:
-        """Results of `refs` in order (ref i from rank i unless `labels` names the actors).
-        Errors surface as soon as any actor fails, so a crashed rank is named even while its
-        peers are still blocked in a collective waiting for it."""
-        import ray
-        from ray.exceptions import RayActorError, RayError
-
-        labels = labels or [self._label(i) for i in range(len(refs))]
-        deadline = time.monotonic() + self.timeout
-        results: list = [None] * len(refs)
-        pending = {ref: i for i, ref in enumerate(refs)}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                late = ", ".join(labels[i] for i in sorted(pending.values()))
-                raise LearnerError(f"{method}: {late} did not answer within {self.timeout:.0f} s "
-                                   "(cluster.sync_timeout_s); a peer may have died or hung in a collective")
-            i = pending.pop(ready[0])
-            try:
-                results[i] = ray.get(ready[0])
-            except RayActorError as e:
-                raise LearnerError(f"{method}: {labels[i]} died: {e}") from e
-            except RayError as e:
-                raise LearnerError(f"{method} failed on {labels[i]}: {e}") from e
-        return results
-
-    def _run(self, method: str, calls: list[Callable], args: list[tuple]) -> list:
-        """calls[i](*args[i]) on every rank: actor methods remotely, or plain methods in local mode."""
-        if self.local:
-            return [call(*a) for call, a in zip(calls, args)]
-        return self._get(method, [call.remote(*a) for call, a in zip(calls, args)])
+    def _call(self, method: str, fn: Callable | dict[int, Callable], ranks: list[int] | None = None) -> list:
+        """fn(handle) on every rank (or a dict: one call per rank), waited for fail-fast."""
+        calls = fn if isinstance(fn, dict) else {r: fn for r in (ranks if ranks is not None else self.ranks.actor_ids)}
+        return self._collect(method, self.ranks, self.ranks.start_each(calls))
 
     def _put(self, value):
         if self.local:
@@ -184,90 +172,103 @@ class LearnerGroup:
             raise ValueError(f"{n} rows cannot feed {self.world_size} learner ranks; need at least one row per rank")
         return [torch.arange(r * k, (r + 1) * k) for r in range(self.world_size)]
 
-    def _infer_shards(self, n: int) -> list[torch.Tensor]:
-        """Equal row ranges covering all n rows; the last rows repeat to fill the last shard, because
-        under ZeRO-3 every rank must run the same number of forward passes."""
-        k = -(-n // self.world_size)
-        idx = torch.arange(k * self.world_size).clamp(max=n - 1)
-        return list(idx.view(self.world_size, k))
-
-    def _infer(self, method: str, calls: list[Callable], tensors: tuple[torch.Tensor, ...], extra: tuple) -> torch.Tensor:
+    def _start_infer(self, method_of: Callable[[Any], Any], tensors: tuple[torch.Tensor, ...], extra: tuple) -> dict:
+        """Start a forward pass over all rows: equal row ranges per rank (the last rows repeat to
+        fill the last shard: under ZeRO-3 every rank must run the same number of forwards)."""
         n = tensors[0].shape[0]
-        shards = self._infer_shards(n)
-        out = self._run(method, calls, [tuple(self._put(t[s]) for t in tensors) + extra for s in shards])
-        return torch.cat(out)[:n]
+        k = -(-n // self.world_size)
+        shards = torch.arange(k * self.world_size).clamp(max=n - 1).view(self.world_size, k)
+        calls = {}
+        for r, s in enumerate(shards):
+            args = tuple(self._put(t[s]) for t in tensors) + extra
+            calls[r] = lambda a, args=args: method_of(a).remote(*args)
+        return self.ranks.start_each(calls)
+
+    def _infer(self, method: str, method_of: Callable[[Any], Any], tensors: tuple, extra: tuple) -> torch.Tensor:
+        return self._finish_infer(method, self._start_infer(method_of, tensors, extra), tensors[0].shape[0])
+
+    def _finish_infer(self, method: str, started: dict, n: int) -> torch.Tensor:
+        return torch.cat(self._collect(method, self.ranks, started))[:n]
 
     # ------------------------------------------------------------------ inference
 
     def compute_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                          temperature: float) -> torch.Tensor:
-        """Policy logprobs (B, R) of the response tokens (logits / temperature, ANCHORS 3)."""
-        return self._infer("compute_logprobs", [w.compute_logprobs for w in self.workers],
-                           (input_ids, attention_mask), (response_len, temperature))
+        """Policy logprobs (B, R) of the response tokens (logits / temperature, docs/implementation.md#d3)."""
+        return self._infer("compute_logprobs", lambda a: a.compute_logprobs, (input_ids, attention_mask),
+                           (response_len, temperature))
 
     def compute_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
         """Critic values (B, R); column t = V(state before response token t)."""
-        return self._infer("compute_values", [w.compute_values for w in self.workers],
-                           (input_ids, attention_mask), (response_len,))
+        return self._infer("compute_values", lambda a: a.compute_values, (input_ids, attention_mask), (response_len,))
 
     def compute_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reward-model scores (N,) at each row's last real token (reward role)."""
-        return self._infer("compute_scores", [w.compute_scores for w in self.workers], (input_ids, attention_mask), ())
+        return self._infer("compute_scores", lambda a: a.compute_scores, (input_ids, attention_mask), ())
+
+    def _start_ref(self, input_ids, attention_mask, response_len: int, temperature: float) -> dict:
+        if self.reference is None:
+            raise LearnerError("compute_ref_logprobs: this group has no reference worker; pass reference_path")
+        args = (self._put(input_ids), self._put(attention_mask), response_len, temperature)
+        return self.reference.start(lambda a: a.compute_logprobs.remote(*args))
+
+    def _finish_ref(self, started: dict) -> torch.Tensor:
+        return self._collect("compute_ref_logprobs", self.reference, started)[0].clone()  # zero-copy: read-only
 
     def compute_ref_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                              temperature: float) -> torch.Tensor:
         """Frozen reference logprobs (B, R), same temperature and position ids as the policy."""
-        if self.reference is None:
-            raise LearnerError("compute_ref_logprobs: this group has no reference worker; pass reference_path")
-        args = (input_ids, attention_mask, response_len, temperature)
-        if self.local:
-            return self.reference.compute_logprobs(*args)
-        out = self._get("compute_ref_logprobs", [self.reference.compute_logprobs.remote(*args)], ["reference worker"])[0]
-        return out.clone()  # a zero-copy result lives in read-only shared memory
+        return self._finish_ref(self._start_ref(input_ids, attention_mask, response_len, temperature))
 
-    # ------------------------------------------------------------------ RL
+    # ------------------------------------------------------------------ RL: one experience path
 
-    def make_experience(self, scored: ScoredBatch, kl_coef: float) -> Experience:
-        """Pad a scored rollout and turn it into training experience: old logprobs (policy),
-        ref logprobs (reference), values (critic, PPO), KL-penalised rewards, advantages.
-        Rows whose reward was invalid are dropped (whole groups for group baselines)."""
-        algo, n = self.cfg.algorithm, self.cfg.rollout.n_samples
-        keep = valid_rows(scored, n, whole_groups=algo.name != "ppo")
-        if len(keep) == 0:
-            raise LearnerError("make_experience: every sample of the batch has an invalid reward; nothing to train on")
-        rollout = select_rollout(scored.rollout, keep.tolist())
-        input_ids, attention_mask, response_mask = pad_rollout(rollout, self.tokenizer.pad_token_id,
-                                                               self.tokenizer.eos_token_id)
-        R, temperature = response_mask.shape[1], self.cfg.rollout.temperature
-        old = self.compute_logprobs(input_ids, attention_mask, R, temperature)
-        ref = self.compute_ref_logprobs(input_ids, attention_mask, R, temperature)
-        values = self.compute_values(input_ids, attention_mask, R) if algo.name == "ppo" else None
-        has_engine_lp = all(len(lp) > 0 for lp in rollout.response_logprobs)
-        return assemble_experience(
-            input_ids, attention_mask, response_mask, old, ref, values, scored.scores[keep].float(),
-            algorithm=algo.name, group_size=n, kl_coef=kl_coef, kl_estimator=algo.kl_estimator,
-            gamma=algo.gamma, lam=algo.lam, whiten=algo.whiten_advantages,
+    def forward(self, rollout: RolloutBatch, with_values: bool | None = None) -> ForwardPass:
+        """Pad a rollout (tokens after the first EOS cut) and run the forward passes on it at
+        once: old-policy logprobs on the ranks, reference logprobs on the reference worker, and
+        critic values when the algorithm uses a critic (with_values None) or when asked."""
+        ids, mask, resp = pad_rollout(rollout, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        R, temperature, n = resp.shape[1], self.cfg.rollout.temperature, len(rollout)
+        old = self._start_infer(lambda a: a.compute_logprobs, (ids, mask), (R, temperature))
+        ref = self._start_ref(ids, mask, R, temperature)
+        want_values = self.algorithm.uses_critic if with_values is None else with_values
+        values = self._start_infer(lambda a: a.compute_values, (ids, mask), (R,)) if want_values else None
+        has_engine_lp = len(rollout) > 0 and all(len(lp) > 0 for lp in rollout.response_logprobs)
+        return ForwardPass(
+            input_ids=ids, attention_mask=mask, response_mask=resp,
+            old_logprobs=self._finish_infer("compute_logprobs", old, n), ref_logprobs=self._finish_ref(ref),
+            values=None if values is None else self._finish_infer("compute_values", values, n),
             rollout_logprobs=pad_response_floats(rollout.response_logprobs, R) if has_engine_lp else None,
             weight_version=torch.tensor(rollout.weight_version, dtype=torch.long) if rollout.weight_version else None)
 
+    def assemble(self, fwd: ForwardPass, scores: torch.Tensor, kl_coef: float) -> tuple[Experience, dict[str, float]]:
+        """KL-penalised rewards and advantages of the algorithm's table entry, and the batch's
+        experience metrics (KL per sequence, lengths, engine-vs-trainer logprob gap)."""
+        a = self.cfg.algorithm
+        exp = assemble_experience(fwd, scores.float(), algorithm=self.algorithm, group_size=self.cfg.rollout.n_samples,
+                                  kl_coef=kl_coef, kl_estimator=a.kl_estimator, gamma=a.gamma, lam=a.lam,
+                                  whiten=a.whiten_advantages)
+        return exp, experience_metrics(exp, a.kl_estimator)
+
     def update_rl(self, experience: Experience, ptx: SFTBatch | None = None,
                   is_weight_cap: float | None = None) -> dict[str, float]:
-        """algorithm.ppo_epochs passes of minibatch updates on `experience` (PPO with the critic,
-        or critic-free grpo/rloo/reinforce), plus ptx_coef x SFT loss on `ptx` (PPO-ptx). With
-        `is_weight_cap`, tokens are weighted by min(pi_old / pi_rollout, cap) (off-policy samples).
-        Returns metrics averaged over minibatches and ranks (ppo/early_stopped, ppo/minibatches...)."""
+        """algorithm.ppo_epochs passes of minibatch updates on `experience`, plus ptx_coef x SFT
+        loss on `ptx` (PPO-ptx). With `is_weight_cap`, tokens are weighted by
+        min(pi_old / pi_rollout, cap) (off-policy samples). Metrics averaged over minibatches and ranks."""
         shards = self._train_shards(len(experience))
         ptx_refs = [None] * self.world_size
         if ptx is not None:
             ptx_refs = [self._put(ptx.select(s)) for s in self._train_shards(len(ptx))]
-        args = [(self._put(experience.select(s)), p, is_weight_cap) for s, p in zip(shards, ptx_refs)]
-        metrics = self._run("update_rl", [w.update_rl for w in self.workers], args)[0]
+        calls = {}
+        for r, (s, p) in enumerate(zip(shards, ptx_refs)):
+            exp_ref = self._put(experience.select(s))
+            calls[r] = lambda a, e=exp_ref, p=p: a.update_rl.remote(e, p, is_weight_cap)
+        metrics = self._call("update_rl", calls)[0]
         metrics["learner/rows_unused"] = float(len(experience) % self.world_size)
         return metrics
 
     # ------------------------------------------------------------------ supervised fits
 
-    def _fit(self, method: str, calls: list[Callable], data, epochs: int, max_steps: int | None, lr: float,
+    def _fit(self, method: str, data, epochs: int, max_steps: int | None, lr: float,
              extra: tuple = ()) -> list[dict[str, float]]:
         """Shard `data` (SFTBatch or PreferenceBatch) once, then run the fit in windows of
         STEPS_PER_CALL optimizer steps, each window one remote call under the sync timeout."""
@@ -282,7 +283,8 @@ class LearnerGroup:
         history: list[dict[str, float]] = []
         for start in range(0, total, STEPS_PER_CALL):
             plan = FitPlan(lr, total, start, min(STEPS_PER_CALL, total - start), steps_per_epoch)
-            history += self._run(method, calls, [(r, plan) + extra for r in refs])[0]  # rank 0 holds the averages
+            calls = {r: (lambda a, ref=ref: getattr(a, method).remote(ref, plan, *extra)) for r, ref in enumerate(refs)}
+            history += self._call(method, calls)[0]  # rank 0 holds the averages
         return history
 
     def fit_sft(self, data: SFTBatch, epochs: int | None = None, max_steps: int | None = None,
@@ -290,8 +292,8 @@ class LearnerGroup:
         """Supervised fine-tuning on demonstrations (prompt tokens masked out). Defaults from
         stages.sft; lr None -> stages.sft.lr or learner.lr. Returns per-step metrics."""
         st = self.cfg.stages.sft
-        return self._fit("fit_sft", [w.fit_sft for w in self.workers], data, epochs or st.epochs,
-                         max_steps or st.max_steps, lr or st.lr or self.cfg.learner.lr)
+        return self._fit("fit_sft", data, epochs or st.epochs, max_steps or st.max_steps,
+                         lr or st.lr or self.cfg.learner.lr)
 
     def fit_reward(self, train: PreferenceBatch, held_out: PreferenceBatch | None = None, loss: str | None = None,
                    epochs: int | None = None, max_steps: int | None = None, lr: float | None = None) -> RewardFit:
@@ -305,10 +307,10 @@ class LearnerGroup:
         if loss == "pairwise" and train.group_size != 2:
             raise ValueError(f"stages.rm.loss=pairwise needs 2 responses per prompt, the data has {train.group_size}; "
                              "use stages.rm.loss=ranking for K-wise rankings")
-        history = self._fit("fit_reward", [w.fit_reward for w in self.workers], train, epochs or st.epochs,
-                            max_steps or st.max_steps, lr or st.lr or self.cfg.learner.lr, (loss,))
-        train_scores = self.compute_scores(train.input_ids, train.attention_mask)
-        accuracy, scores = None, [train_scores]
+        history = self._fit("fit_reward", train, epochs or st.epochs, max_steps or st.max_steps,
+                            lr or st.lr or self.cfg.learner.lr, (loss,))
+        scores = [self.compute_scores(train.input_ids, train.attention_mask)]
+        accuracy = None
         if held_out is not None:
             held = self.evaluate_reward(held_out)
             accuracy, scores = held["accuracy"], scores + [held["scores"]]
@@ -328,60 +330,42 @@ class LearnerGroup:
         """Publish the policy weights as `version`: HF names, LoRA merged, ZeRO-3 gathered (every
         rank takes part), sent by rank 0 through `transport` (default: the object store in
         ~bucket_mb buckets, rollout.weight_bucket_mb; no driver in the data path). Returns the
-        tidal.cluster.weights.WeightHandle that rollout workers load. Needs Ray up, also locally."""
-        from tidal.cluster.weights import ObjectStoreTransport
+        tidal.actors.weights.WeightHandle that rollout workers load. Needs Ray up, also locally."""
+        from tidal.actors.weights import ObjectStoreTransport
 
         transport = transport or ObjectStoreTransport(get_timeout_s=self.timeout)
         bucket_mb = bucket_mb or self.cfg.rollout.weight_bucket_mb
-        return self._run("export_weights", [w.export_weights for w in self.workers],
-                         [(version, bucket_mb, transport)] * self.world_size)[0]
-
-    def join_weight_transport(self, transport) -> None:
-        """Give rank 0 (the sender) a stateful transport, e.g. a collective group with the rollout pool."""
-        self._run("join_weight_transport", [self.workers[0].join_weight_transport], [(transport,)])
+        return self._call("export_weights", lambda a: a.export_weights.remote(version, bucket_mb, transport))[0]
 
     def save_pretrained(self, out_dir: str | Path, extra: dict | None = None) -> Path:
         """HF folder + tokenizer: the policy (merged LoRA), or the reward model with `extra`
         metadata (default: the reward_mean/std measured by fit_reward)."""
         extra = extra if extra is not None else (self.reward_stats or None)
-        results = self._run("save_pretrained", [w.save_pretrained for w in self.workers],
-                            [(str(out_dir), extra)] * self.world_size)
-        return Path(results[0])
+        return Path(self._call("save_pretrained", lambda a: a.save_pretrained.remote(str(out_dir), extra))[0])
 
     def checkpoint(self, ckpt_dir: str | Path) -> Path:
         """Weights, optimizer state (per-rank ZeRO partitions), counters and RNG states of every rank."""
         Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-        self._run("checkpoint", [w.save_checkpoint for w in self.workers], [(str(ckpt_dir),)] * self.world_size)
+        self._call("checkpoint", lambda a: a.save_checkpoint.remote(str(ckpt_dir)))
         return Path(ckpt_dir)
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> None:
         """Restore what `checkpoint` wrote (same num_workers and ZeRO stage)."""
-        self._run("load_checkpoint", [w.load_checkpoint for w in self.workers], [(str(ckpt_dir),)] * self.world_size)
+        self._call("load_checkpoint", lambda a: a.load_checkpoint.remote(str(ckpt_dir)))
 
     def describe(self) -> list[dict]:
-        """Per-rank facts: seed, rng probe, dropout, parameter counts."""
-        return self._run("describe", [w.describe for w in self.workers], [()] * self.world_size)
+        """Per-rank facts: seed, rng probe, dropout, parameter counts, pid."""
+        return self._call("describe", lambda a: a.describe.remote())
 
     def parameter_snapshots(self, trainable_only: bool = False) -> list[dict[str, torch.Tensor]]:
         """Every rank's full copy of its parameters (gathered under ZeRO-3); tests and debugging."""
-        return self._run("parameter_snapshot", [w.parameter_snapshot for w in self.workers],
-                         [(trainable_only,)] * self.world_size)
+        return self._call("parameter_snapshot", lambda a: a.parameter_snapshot.remote(trainable_only))
 
     def shutdown(self) -> None:
-        """Kill the actors and free the placement group (idempotent)."""
-        if not self.local:
-            import ray
-
-            for actor in self.workers + ([self.reference] if self.reference is not None else []):
-                try:
-                    ray.kill(actor)
-                except Exception:  # already dead
-                    pass
-            if self._pg is not None:
-                from ray.util.placement_group import remove_placement_group
-
-                try:
-                    remove_placement_group(self._pg)
-                except Exception:
-                    pass
-        self.workers, self.reference, self._pg = [], None, None
+        """Kill the actors and free the group's own placement (idempotent)."""
+        for group in (self.ranks, self.reference):
+            if group is not None:
+                group.shutdown()
+        if self._own_placement is not None:
+            self._own_placement.shutdown()
+        self.ranks, self.reference, self._own_placement = None, None, None

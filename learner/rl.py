@@ -15,6 +15,7 @@ import torch
 
 from tidal.common.ops import masked_mean
 from tidal.common.types import Experience
+from tidal.learner.algorithms import algorithm_for
 from tidal.learner.losses import policy_loss, sft_loss, truncated_is_weights, value_loss
 from tidal.learner.engine import linear_lr
 
@@ -27,9 +28,9 @@ def rl_update(w: "LearnerWorker", exp: Experience, ptx: "SFTBatch | None",
               is_weight_cap: float | None) -> dict[str, float]:
     """Train on this rank's shard of `exp`; returns metrics averaged over minibatches and ranks."""
     algo, lc = w.cfg.algorithm, w.cfg.learner
-    use_critic = algo.name == "ppo"
+    use_critic = algorithm_for(w.cfg).uses_critic
     if use_critic and w.critic is None:
-        raise RuntimeError("algorithm.name=ppo needs a critic: build the LearnerGroup with critic_path "
+        raise RuntimeError(f"algorithm.name={algo.name} needs a critic: build the LearnerGroup with critic_path "
                            "(the reward-model folder, ANCHORS 9, or the policy for a fresh value head)")
     if ptx is not None and algo.ptx_coef <= 0:
         raise ValueError("a PPO-ptx batch was passed but algorithm.ptx_coef is 0; set it > 0 or pass no ptx batch")

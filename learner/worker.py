@@ -17,6 +17,7 @@ parameters collectively, so the group hands every rank equally sized shards.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,6 @@ class LearnerWorker:
         self.tokenizer = None
         self.rl_steps = 0  # optimizer steps taken by update_rl (drives the RL LR schedule)
         self.rl_updates = 0  # update_rl calls (seeds each call's shuffling)
-        self.transports: dict = {}  # sender-side weight transports joined by name
 
     # ------------------------------------------------------------------ setup
 
@@ -259,18 +259,13 @@ class LearnerWorker:
 
     def iter_weight_buckets(self, bucket_mb: float) -> Iterator[dict[str, torch.Tensor]]:
         """iter_named_weights grouped into dicts of about bucket_mb MB (same rule: all ranks exhaust it)."""
-        from tidal.cluster.weights import iter_buckets
+        from tidal.actors.weights import iter_buckets
 
         return (dict(bucket) for bucket in iter_buckets(self.iter_named_weights(), bucket_mb))
 
-    def join_weight_transport(self, transport) -> None:
-        """Keep a sender-side transport (e.g. a collective group) for later export_weights calls."""
-        self.transports[transport.name] = transport
-
     def export_weights(self, version: int, bucket_mb: float, transport):
-        """Publish the policy weights as `version` through `transport` (a joined transport of the
-        same name wins). Rank 0 returns the WeightHandle; the other ranks only gather, return None."""
-        transport = self.transports.get(transport.name, transport)
+        """Publish the policy weights as `version` through `transport`. Rank 0 returns the
+        WeightHandle; the other ranks only gather, return None."""
         if self.rank != 0:
             for _ in self.iter_named_weights():
                 pass
@@ -329,7 +324,7 @@ class LearnerWorker:
                       [v for k, v in vars(module.config).items() if "dropout" in k and isinstance(v, float)], default=0.0)
         with torch.random.fork_rng(devices=[]):
             probe = torch.rand(1).item()  # differs between ranks iff their streams differ
-        return {"rank": self.rank, "world_size": self.world_size, "seed": self.seed, "rng_probe": probe,
+        return {"rank": self.rank, "world_size": self.world_size, "seed": self.seed, "rng_probe": probe, "pid": os.getpid(),
                 "max_dropout": dropout, "training": module.training, "zero_stage": self.cfg.learner.zero_stage,
                 "params": sum(numel(p) for p in module.parameters()),
                 "trainable_params": sum(numel(p) for p in module.parameters() if p.requires_grad),

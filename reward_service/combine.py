@@ -268,7 +268,7 @@ def _term_names(terms: tuple[RewardTerm, ...]) -> list[str]:
 
 
 def build_reward(cfg: RewardConfig, reward_model: str | Path | None = None,
-                 policy_tokenizer: str | Path | None = None, num_workers: int | None = None,
+                 policy_tokenizer: str | Path | None = None, *, local: bool = False, placement=None,
                  dtype: str = "float32", worker_timeout_s: float = 300.0,
                  gpus_per_worker: float = 0.0) -> CombinedReward:
     """The reward of `cfg` (RewardConfig).
@@ -276,7 +276,9 @@ def build_reward(cfg: RewardConfig, reward_model: str | Path | None = None,
     reward_model: folder of `model` terms whose target is unset (the config's model.reward).
     policy_tokenizer: the policy's folder; when its tokenizer equals the reward model's, the
         model reads the rollout's token ids instead of re-tokenizing the text.
-    num_workers: reward-model workers per model term (None: cfg.num_workers; 0: in-process).
+    local: reward-model workers run in this process (one per model term), no Ray.
+    placement: a tidal.actors.placement.Placement with "reward" slots (cfg.num_workers per
+        model term, see role_counts); None: plain actors.
     worker_timeout_s: timeout of every call to a reward worker (cluster.sync_timeout_s).
     gpus_per_worker: GPUs each reward-model worker reserves (0 on CPU)."""
     from tidal.reward_service.client import RemoteReward
@@ -302,8 +304,10 @@ def build_reward(cfg: RewardConfig, reward_model: str | Path | None = None,
             if path is None:
                 raise ConfigError(f"{where}: no reward model; set its target or model.reward to a reward-model "
                                   f"folder, or run the rm stage before rl.")
-            pool = RewardPool(path, cfg.num_workers if num_workers is None else num_workers,
-                              cfg.micro_batch_size, dtype, worker_timeout_s, num_gpus_per_worker=gpus_per_worker)
+            offset = cfg.num_workers * sum(isinstance(t.fn, ModelReward) for t in terms)
+            pool = RewardPool(path, cfg.num_workers, cfg.micro_batch_size, dtype, worker_timeout_s,
+                              num_gpus_per_worker=gpus_per_worker, local=local,
+                              options_fn=placement.actor_options("reward", offset) if placement else None)
             fn = ModelReward(pool, use_token_ids=policy_fp is not None and policy_fp == pool.fingerprint)
         terms.append(Term(name, term.weight, term.target, fn))
     if not terms:

@@ -18,9 +18,9 @@ Sequences longer than the model's context keep their LAST tokens (the score is r
 Rows are right-padded per micro-batch; the model is causal, so padding after the last real
 token cannot change its score.
 
-`RewardPool` runs N workers as Ray actors (N = 0: one worker in this process), splits a batch
-into per-worker chunks before `ray.put`, and waits with a timeout: a worker that dies or does
-not answer is an error that names it.
+`RewardPool` runs N workers on the one actor layer (`local=True`: one worker in this process),
+splits a batch into per-worker chunks before `ray.put`, waits with a timeout, and restarts a
+worker that died, scoring its chunk again.
 """
 
 from __future__ import annotations
@@ -132,71 +132,90 @@ class RewardWorker:
 
 
 class RewardPool:
-    """N reward workers as Ray actors (N = 0: one in-process worker, no Ray)."""
+    """N reward workers on the actor layer (tidal.actors.actor_group.ActorGroup); `local=True`:
+    one worker in this process, no Ray.
+
+    `options_fn`: per-worker Ray options, e.g. `Placement.actor_options("reward")` so the
+    workers take their bundles from the run's placement plan. A batch is cut into one chunk per
+    healthy worker before `ray.put`. A worker that dies (or does not answer within `timeout_s`)
+    is restarted and its chunk is scored again by the workers left, up to `max_restarts` rounds;
+    a worker whose method raised is an error naming it (the same input would fail again)."""
 
     def __init__(self, model_path: str | Path, num_workers: int = 1, micro_batch_size: int = 16,
                  dtype: str = "float32", timeout_s: float = 300.0, num_cpus_per_worker: float = 1.0,
-                 num_gpus_per_worker: float = 0.0):
-        self.model_path = str(model_path)
-        self.timeout_s = timeout_s
-        self.local: RewardWorker | None = None
-        self.actors: list = []
-        if num_workers == 0:
-            self.local = RewardWorker(self.model_path, micro_batch_size, dtype)
-            self.fingerprint = self.local.ready()
-            return
-        import ray
+                 num_gpus_per_worker: float = 0.0, *, options_fn=None, local: bool = False, max_restarts: int = 2):
+        from tidal.actors.actor_group import ActorGroup
 
-        remote_cls = ray.remote(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=0)(RewardWorker)
-        self.actors = [remote_cls.remote(self.model_path, micro_batch_size, dtype) for _ in range(num_workers)]
-        # Model loading errors surface here, at construction, not at the first score().
-        fingerprints = self._gather([a.ready.remote() for a in self.actors], "start")
-        self.fingerprint = fingerprints[0]
+        if num_workers < 1:
+            raise ValueError(f"RewardPool needs num_workers >= 1, got {num_workers} (local=True runs one in-process)")
+        self.model_path, self.timeout_s, self.max_restarts = str(model_path), timeout_s, max_restarts
+        self.group = ActorGroup(
+            RewardWorker, 1 if local else num_workers, args=(self.model_path, micro_batch_size, dtype),
+            options={"num_cpus": num_cpus_per_worker, "num_gpus": num_gpus_per_worker, "max_restarts": 0},
+            options_fn=options_fn, local=local, name="reward", call_timeout_s=timeout_s)
+        try:
+            # Model loading errors surface here, at construction, not at the first score().
+            self.fingerprint = self._gather(self.group.start(lambda a: a.ready.remote()), "start")[0]
+        except BaseException:
+            self.group.shutdown()
+            raise
 
     @property
     def num_workers(self) -> int:
-        return len(self.actors)
+        return self.group.num_actors
 
     def score(self, batch: RewardInput) -> torch.Tensor:
-        """(B,) scores; the batch is split into one contiguous chunk per worker."""
-        if self.local is not None:
-            return self.local.score(batch)
+        """(B,) scores; the batch is split into one contiguous chunk per healthy worker."""
         if len(batch) == 0:
             return torch.empty(0, dtype=torch.float32)
-        import ray
-
-        n = min(len(self.actors), len(batch))
+        self.group.restore()  # workers lost in an earlier call come back first
+        n = max(1, min(self.group.num_healthy, len(batch)))
         bounds = [len(batch) * k // n for k in range(n + 1)]
-        # Each worker receives only its own chunk (one object per worker, put once).
-        chunks = [ray.put(batch.slice(bounds[k], bounds[k + 1])) for k in range(n)]
-        refs = [self.actors[k].score.remote(chunks[k]) for k in range(n)]
-        return torch.cat(self._gather(refs, "score"))
+        # Each chunk is put once; a worker receives only its own chunk.
+        todo = {k: self._payload(batch.slice(bounds[k], bounds[k + 1])) for k in range(n)}
+        done: dict[int, torch.Tensor] = {}
+        for attempt in range(self.max_restarts + 1):
+            if attempt:
+                self.group.restore()
+            while todo and self.group.num_healthy:  # waves: one chunk per healthy worker each
+                wave = dict(zip(self.group.healthy_actor_ids(), sorted(todo)))  # worker -> chunk
+                started = self.group.start_each({w: (lambda a, c=todo[k]: a.score.remote(c)) for w, k in wave.items()})
+                for r in self.group.collect(started, timeout_s=self.timeout_s):
+                    if r.ok:
+                        done[wave[r.actor_id]] = r.value
+                        del todo[wave[r.actor_id]]
+                    elif not is_death(r.error):
+                        raise RewardWorkerError(f"reward worker {r.label} ({self.model_path}) failed during score: "
+                                                f"{r.error}") from r.error
+            if not todo:
+                return torch.cat([done[k] for k in range(n)])
+        raise RewardWorkerError(f"reward workers ({self.model_path}) died or did not answer within {self.timeout_s:.0f} s "
+                                f"in {self.max_restarts + 1} rounds of restarts; check their logs (e.g. out of memory).")
 
-    def _gather(self, refs: list, what: str) -> list:
-        """Results in order, or a RewardWorkerError naming the workers that failed or hung."""
-        import ray
+    def _payload(self, chunk: RewardInput):
+        return chunk if self.group.local else _put(chunk)
 
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        if pending:
-            late = [refs.index(r) for r in pending]
-            raise RewardWorkerError(
-                f"reward worker(s) {late} of {len(self.actors)} ({self.model_path}) did not answer {what} "
-                f"within {self.timeout_s:.0f}s; they may be overloaded or hung.")
-        results = []
-        for k, ref in enumerate(refs):
-            try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayActorError as e:
-                raise RewardWorkerError(
-                    f"reward worker {k} of {len(self.actors)} ({self.model_path}) died during {what}: {e}") from e
-            except ray.exceptions.RayTaskError as e:
-                raise RewardWorkerError(
-                    f"reward worker {k} of {len(self.actors)} ({self.model_path}) failed during {what}: {e}") from e
-        return results
+    def _gather(self, started: dict, what: str) -> list:
+        """Results in worker order, or a RewardWorkerError naming the workers that failed or hung."""
+        results = self.group.collect(started, timeout_s=self.timeout_s)
+        bad = [r for r in results if not r.ok]
+        if bad:
+            detail = "; ".join(f"{r.label}: {type(r.error).__name__}: {r.error}" for r in bad)
+            raise RewardWorkerError(f"reward worker(s) {[r.label for r in bad]} of {self.group.num_actors} "
+                                    f"({self.model_path}) failed during {what}: {detail}")
+        return [r.value for r in results]
 
     def shutdown(self) -> None:
-        import ray
+        self.group.shutdown()
 
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
+
+def is_death(error: BaseException) -> bool:
+    from tidal.actors.actor_group import is_actor_death
+
+    return is_actor_death(error)
+
+
+def _put(obj):
+    import ray
+
+    return ray.put(obj)

@@ -20,7 +20,7 @@ from typing import Iterable
 
 import torch
 
-from tidal.cluster.weights import WeightHandle, WeightTransport, pull
+from tidal.actors.weights import WeightHandle, WeightTransport, pull
 from tidal.common.config import RolloutConfig
 from tidal.common.ops import position_ids_from_mask
 from tidal.common.types import PromptBatch, RolloutBatch
@@ -130,6 +130,3 @@ class HFRolloutWorker:
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.worker_id, os.getpid(), self.weight_version, self.backend)
-
-    def weight_sum(self, name_part: str) -> float:
-        return float(sum(p.detach().float().sum() for n, p in self.model.named_parameters() if name_part in n))

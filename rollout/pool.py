@@ -4,7 +4,7 @@
 the workers meanwhile:
   * the prompts are cut into chunks BEFORE `ray.put`, so each worker receives only its chunk;
   * a free chunk goes to the live worker with the fewest chunks in flight (least outstanding
-    requests), up to `max_in_flight` per worker;
+    requests), one at a time per worker (an engine batches a chunk itself);
   * a worker that dies (or answers nothing for cluster.sync_timeout_s) has its chunks put back
     at the front of the queue for the others; results are kept per chunk, so a late duplicate
     is dropped and no prompt is answered twice;
@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from tidal.cluster.actor_group import ActorGroup, fetch, is_actor_death, wait_any
-from tidal.cluster.weights import InProcessTransport, ObjectStoreTransport, WeightHandle, WeightSyncError, WeightTransport
+from tidal.actors.actor_group import ActorGroup, fetch, is_actor_death, wait_any
+from tidal.actors.weights import InProcessTransport, ObjectStoreTransport, WeightHandle, WeightSyncError, WeightTransport
 from tidal.common.config import TidalConfig
 from tidal.common.types import PromptBatch, RolloutBatch
 from tidal.rollout.sampling import Sampling
@@ -78,7 +78,7 @@ class RolloutPool:
     worker_cls: RolloutWorker / HFRolloutWorker by rollout.backend, or any class with their
         interface (tests inject misbehaving subclasses).
     actor_options: Ray options per worker id, e.g. `BundlePlacement(pg, bundle_indices,
-        num_cpus, num_gpus)` (tidal.cluster.actor_group) to run the workers on bundles of a
+        num_cpus, num_gpus)` (tidal.actors.actor_group) to run the workers on bundles of a
         placement group (a restarted worker keeps its bundle, a removed one frees it); default:
         plain actors with {num_cpus: rollout.cpus_per_worker, num_gpus: rollout.gpus_per_worker}.
     chunks_per_worker: chunks per worker per call (more: finer balancing and re-queueing;
@@ -88,13 +88,13 @@ class RolloutPool:
     def __init__(self, cfg: TidalConfig, model_path: Union[str, Path], *, worker_cls: Optional[type] = None,
                  transport: Optional[WeightTransport] = None,
                  actor_options: Optional[Callable[[int], dict]] = None, local: bool = False,
-                 chunks_per_worker: int = 1, max_in_flight: int = 1, max_restarts: int = 3,
+                 chunks_per_worker: int = 1, max_restarts: int = 3,
                  wait_ready: bool = True):
         self.cfg, self.model_path = cfg, str(model_path)
         self.timeout_s = cfg.cluster.sync_timeout_s
         self.transport = transport or (
             InProcessTransport() if local else ObjectStoreTransport(get_timeout_s=self.timeout_s))
-        self.chunks_per_worker, self.max_in_flight, self.max_restarts = chunks_per_worker, max_in_flight, max_restarts
+        self.chunks_per_worker, self.max_restarts = chunks_per_worker, max_restarts
         self.default_sampling = Sampling.from_config(cfg.rollout, cfg.seed)
         self._handle: Optional[WeightHandle] = None
         self._version = 0
@@ -268,7 +268,7 @@ class RolloutPool:
     def _dispatch(self, queue: deque, sampling: Sampling, stats: GenerateStats) -> None:
         while queue:
             ready = [i for i, w in self._workers.items()
-                     if w.status == "ready" and self.group.is_healthy(i) and len(w.in_flight) < self.max_in_flight]
+                     if w.status == "ready" and self.group.is_healthy(i) and not w.in_flight]
             if not ready:
                 return
             wid = min(ready, key=lambda i: (len(self._workers[i].in_flight), i))  # least outstanding
@@ -373,8 +373,6 @@ class RolloutPool:
             return
         idle = [i for i, w in self._workers.items() if w.status == "ready" and not w.in_flight]
         self.group.call(lambda a: a.__ray_ready__.remote(), actor_ids=idle, timeout_s=min(10.0, self.timeout_s))
-
-    sync_weights = load_weights
 
     def worker_infos(self) -> list:
         """WorkerInfo (id, pid, weight version, backend) of every serving worker."""

@@ -41,11 +41,6 @@ class WeightLoader:
         _retie_lm_head(model, self.vllm_config.model_config.hf_text_config)
         return counted.n
 
-    def tidal_weight_sum(self, name_part: str) -> float:
-        """Sum of all parameters whose name contains `name_part` (a test probe)."""
-        model = self.model_runner.get_model()
-        return float(sum(p.detach().float().sum() for n, p in model.named_parameters() if name_part in n))
-
 
 class _Counter:
     """Iterator wrapper that counts the tensors it passes on."""

@@ -18,7 +18,7 @@ from typing import Iterable
 
 import torch
 
-from tidal.cluster.weights import WeightHandle, WeightTransport, pull
+from tidal.actors.weights import WeightHandle, WeightTransport, pull
 from tidal.common.config import RolloutConfig
 from tidal.common.types import PromptBatch, RolloutBatch
 from tidal.rollout.sampling import Sampling, truncate_at_eos
@@ -191,7 +191,3 @@ class RolloutWorker:
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.worker_id, os.getpid(), self.weight_version, self.backend)
-
-    def weight_sum(self, name_part: str) -> float:
-        """Sum of the engine's parameters whose name contains `name_part` (tests)."""
-        return self.llm.collective_rpc("tidal_weight_sum", args=(name_part,))[0]

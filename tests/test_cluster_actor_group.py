@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tidal.cluster.actor_group import ActorCallTimeout, ActorGroup, BundlePlacement
+from tidal.actors.actor_group import ActorCallTimeout, ActorGroup, BundlePlacement
 
 # Ray workers cannot import this test module by name: ship its classes by value.
 try:

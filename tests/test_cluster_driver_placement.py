@@ -16,7 +16,7 @@ SCRIPT = r'''
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
-from tidal.cluster.placement import Placement, plan_placement, role_counts
+from tidal.actors.placement import Placement, plan_placement, role_counts
 from tidal.common.config import load_config
 
 temp_dir, ports = sys.argv[1], [int(p) for p in sys.argv[2].split(",")]
@@ -48,7 +48,7 @@ for mode in ("disaggregated", "colocated"):
     nodes = {"learner": [where(placement, "learner", i) for i in range(2)],
              "reference": [where(placement, "reference", 0)],
              "rollout": [where(placement, "rollout", i) for i in range(2)]}
-    options = placement.rollout_actor_options
+    options = placement.actor_options("rollout")
     actor = Probe.options(**options(2)).remote()  # the pool grows to 3 workers: a new group of its own
     nodes["rollout_added"] = [ray.get(actor.node.remote(), timeout=120)]
     nodes["groups_grown"] = sorted(placement.pgs)

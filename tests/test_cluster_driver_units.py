@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tidal.cluster import checkpoint as ck
-from tidal.cluster.placement import NODE_RESOURCE_SLIVER, plan_placement, role_counts
+from tidal.actors.placement import NODE_RESOURCE_SLIVER, plan_placement, role_counts
 from tidal.common.config import load_config
 
 

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from tidal.cluster.actor_group import ActorGroup
-from tidal.cluster.weights import (FlatBucket, InProcessTransport, ObjectStoreTransport, WeightHandle,
+from tidal.actors.actor_group import ActorGroup
+from tidal.actors.weights import (FlatBucket, InProcessTransport, ObjectStoreTransport, WeightHandle,
                                    WeightSyncError, iter_buckets, pull)
 
 try:
@@ -153,7 +153,7 @@ class Sender:
     """Rank 0 of a collective group: the learner side."""
 
     def __init__(self, spec, device: str):
-        from tidal.cluster.collective import CollectiveTransport
+        from tidal.actors.collective import CollectiveTransport
 
         self.transport, self.device = CollectiveTransport(spec, rank=0), device
 
@@ -178,7 +178,7 @@ def _free_port() -> int:
 def _collective_round_trip(backend: str, device: str, hang: bool):
     import ray
 
-    from tidal.cluster.collective import CollectiveSpec, CollectiveTransport
+    from tidal.actors.collective import CollectiveSpec, CollectiveTransport
 
     n = 2
     spec = CollectiveSpec(backend, "127.0.0.1", _free_port(), world_size=n + 1, group_name=f"t-{backend}-{hang}",

@@ -126,6 +126,16 @@ def test_literal_misspelling_suggests(override, match):
         load_config(None, [override])
 
 
+def test_config_checks_every_algorithms_minimum_group_size():
+    from tidal.learner.algorithms import ALGORITHMS
+
+    for algo in ALGORITHMS.values():  # the config's load-time check agrees with the algorithm table
+        assert load_config(None, [f"algorithm.name={algo.name}", f"rollout.n_samples={algo.min_samples}"])
+        if algo.min_samples > 1:
+            with pytest.raises(ConfigError, match="needs a group"):
+                load_config(None, [f"algorithm.name={algo.name}", f"rollout.n_samples={algo.min_samples - 1}"])
+
+
 @pytest.mark.parametrize("name", ["grpo", "rloo"])
 def test_group_algorithms_need_several_samples(name):
     with pytest.raises(ConfigError, match=rf"algorithm\.name={name} needs a group: rollout\.n_samples must be >= 2 \(got 1\)"):

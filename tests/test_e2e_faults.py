@@ -16,7 +16,7 @@ import pytest
 from e2e_support import REPO, read_jsonl, rl_records, subprocess_env, tiny_overrides
 from tidal.cluster import rl_stage
 from tidal.cluster.driver import prepare_data, run_pipeline
-from tidal.cluster.placement import Placement
+from tidal.actors.placement import Placement
 from tidal.common.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

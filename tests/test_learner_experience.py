@@ -8,8 +8,8 @@ import torch
 from tidal.common.data import ComparisonRecord, DemonstrationRecord, RankingRecord
 from tidal.common.models import load_tokenizer
 from tidal.common.types import RolloutBatch, ScoredBatch
-from tidal.learner.advantages import grpo_advantages
-from tidal.learner.experience import (assemble_experience, kl_penalty_to_go, pad_prompt_response, pad_response_floats,
+from tidal.learner.advantages import grpo_advantages, kl_penalty_to_go
+from tidal.learner.experience import (ForwardPass, assemble_experience, pad_prompt_response, pad_response_floats,
                                       pad_rollout, select_rollout, valid_rows)
 from tidal.learner.reward_model import build_preference_batch, pair_accuracy, preference_loss
 from tidal.learner.sft import build_sft_batch
@@ -71,7 +71,7 @@ def test_ppo_assembly_rewards_kl_and_score_at_last_token():
     ids, attn, rmask, old, ref = _batch()
     scores = torch.tensor([1.0, -2.0, 0.5, 3.0])
     values = torch.zeros(4, 4)
-    exp = assemble_experience(ids, attn, rmask, old, ref, values, scores, algorithm="ppo", group_size=1,
+    exp = assemble_experience(ForwardPass(ids, attn, rmask, old, ref, values), scores, algorithm="ppo", group_size=1,
                               kl_coef=0.1, kl_estimator="k1", gamma=1.0, lam=1.0, whiten=False)
     # gamma = lam = 1 and V = 0: the advantage is the reward-to-go, which at t = 0 sums every reward.
     expected_first = scores - 0.1 * ((old - ref) * rmask).sum(-1)
@@ -80,32 +80,32 @@ def test_ppo_assembly_rewards_kl_and_score_at_last_token():
     for t in (exp.advantages, exp.old_logprobs, exp.ref_logprobs, exp.values, exp.returns):
         assert torch.equal(t * pad, torch.zeros(4, 4))  # nothing leaks out of the padding
     assert torch.allclose(exp.returns, exp.advantages)  # returns = A + V with V = 0
-    whitened = assemble_experience(ids, attn, rmask, old, ref, values, scores, algorithm="ppo", group_size=1,
+    whitened = assemble_experience(ForwardPass(ids, attn, rmask, old, ref, values), scores, algorithm="ppo", group_size=1,
                                    kl_coef=0.1, kl_estimator="k1", gamma=1.0, lam=0.95, whiten=True)
     real = rmask.bool()
     assert whitened.advantages[real].mean().abs() < 1e-5 and abs(whitened.advantages[real].std() - 1) < 1e-3
     with pytest.raises(ValueError, match="critic"):
-        assemble_experience(ids, attn, rmask, old, ref, None, scores, algorithm="ppo", group_size=1,
+        assemble_experience(ForwardPass(ids, attn, rmask, old, ref, None), scores, algorithm="ppo", group_size=1,
                             kl_coef=0.1, kl_estimator="k1", gamma=1.0, lam=1.0, whiten=False)
 
 
 def test_critic_free_assembly_broadcasts_group_advantage_plus_kl_to_go():
     ids, attn, rmask, old, ref = _batch()
     scores = torch.tensor([1.0, 0.0, 2.0, 5.0])
-    exp = assemble_experience(ids, attn, rmask, old, ref, None, scores, algorithm="grpo", group_size=2,
+    exp = assemble_experience(ForwardPass(ids, attn, rmask, old, ref, None), scores, algorithm="grpo", group_size=2,
                               kl_coef=0.0, kl_estimator="k1", gamma=1.0, lam=1.0, whiten=True)
     # GRPO advantages are already group-normalized: never whitened a second time.
     assert torch.allclose(exp.advantages, grpo_advantages(scores, 2)[:, None] * rmask)
     assert torch.equal(exp.values, torch.zeros(4, 4)) and torch.equal(exp.returns, torch.zeros(4, 4))
     kl = (old - ref) * rmask
-    shaped = assemble_experience(ids, attn, rmask, old, ref, None, scores, algorithm="rloo", group_size=2,
+    shaped = assemble_experience(ForwardPass(ids, attn, rmask, old, ref, None), scores, algorithm="rloo", group_size=2,
                                  kl_coef=0.5, kl_estimator="k1", gamma=1.0, lam=1.0, whiten=False)
     loo = torch.tensor([1.0, -1.0, -3.0, 3.0])  # r_i minus the other sample of its pair
     to_go = -0.5 * kl.flip(-1).cumsum(-1).flip(-1)
     assert torch.allclose(shaped.advantages, (loo[:, None] + to_go) * rmask, atol=1e-6)
     assert torch.allclose(kl_penalty_to_go(kl, rmask, 0.5), to_go * rmask)
     with pytest.raises(ValueError, match="unknown algorithm"):
-        assemble_experience(ids, attn, rmask, old, ref, None, scores, algorithm="a2c", group_size=2,
+        assemble_experience(ForwardPass(ids, attn, rmask, old, ref, None), scores, algorithm="a2c", group_size=2,
                             kl_coef=0.0, kl_estimator="k1", gamma=1.0, lam=1.0, whiten=False)
 
 

@@ -4,6 +4,7 @@ LoRA, padding invariance, checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from tidal.common.config import load_config
 from tidal.common.data import ComparisonRecord, DemonstrationRecord, RankingRecord
 from tidal.common.models import load_value_model, sequence_logprobs
 from tidal.common.types import Experience, RolloutBatch, ScoredBatch
-from tidal.learner.experience import assemble_experience, pad_prompt_response
+from tidal.learner.experience import assemble_experience, pad_prompt_response, usable_rows
 from tidal.learner.group import LearnerGroup
 from tidal.learner.reward_model import build_preference_batch, reward_micro_loss
 from tidal.learner.sft import build_sft_batch
@@ -138,13 +139,15 @@ def test_critic_free_updates_follow_group_advantages(tiny_model):
         rollout = RolloutBatch(list(range(8)), ["p"] * 8, prompts, ["r"] * 8, responses,
                                [[-1.0] * len(r) for r in responses], ["stop"] * 8, [0] * 8)
         scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.5, 1.0])
-        exp = g.make_experience(ScoredBatch(rollout, scores), kl_coef=0.0)  # GRPO through the group
+        kept, kept_scores = usable_rows(ScoredBatch(rollout, scores), g.algorithm, 4)
+        fwd = g.forward(kept)  # the one experience path: forward, then assemble (GRPO)
+        exp, _ = g.assemble(fwd, kept_scores, kl_coef=0.0)
         assert exp.values.abs().sum() == 0 and exp.rollout_logprobs is not None
         for algo in ("grpo", "rloo", "reinforce"):
             if algo != "grpo":
                 old = g.compute_logprobs(exp.input_ids, exp.attention_mask, exp.response_mask.shape[1], 1.0)
-                exp = assemble_experience(exp.input_ids, exp.attention_mask, exp.response_mask, old, exp.ref_logprobs,
-                                          None, scores, algorithm=algo, group_size=4, kl_coef=0.0, kl_estimator="k1",
+                fwd = dataclasses.replace(fwd, old_logprobs=old)
+                exp = assemble_experience(fwd, scores, algorithm=algo, group_size=4, kl_coef=0.0, kl_estimator="k1",
                                           gamma=1.0, lam=1.0, whiten=True)
             seq_adv = exp.advantages[:, 0]
             metrics = g.update_rl(exp)
@@ -233,14 +236,14 @@ def test_kwise_trainer_loss_is_the_mean_of_pairwise_terms(reward_group):
     rankings = [RankingRecord(f"Review {s}:", [f"It was {g}.", f"It was ok.", f"It was {b}."], [0, 1, 2])
                 for s, g, b in zip(_SUBJECTS[:4], _GOOD, _BAD)]
     batch = build_preference_batch(tok, rankings, 32, 16, False)
-    worker = reward_group.workers[0]
+    worker = reward_group.ranks.local_instance(0)
     loss, _ = reward_micro_loss(worker, batch, "ranking")
     with torch.no_grad():
         s = worker.reward_scores(batch.input_ids, batch.attention_mask).view(4, 3)
     pairs = [(0, 1), (0, 2), (1, 2)]  # (better, worse) under ranks [0, 1, 2]
     per_prompt = torch.stack([-torch.nn.functional.logsigmoid(s[:, i] - s[:, j]) for i, j in pairs], 1).mean(1)
     assert loss.item() == pytest.approx(per_prompt.mean().item(), rel=1e-5)
-    reward_group.workers[0].engine.zero_grad()  # the loss above was only inspected, never stepped
+    reward_group.ranks.local_instance(0).engine.zero_grad()  # the loss above was only inspected, never stepped
 
 
 def test_values_are_invariant_to_padding(ppo_group):
@@ -276,7 +279,7 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tiny_model, tmp_pa
         changed = {k for k in before if not torch.equal(before[k], after[k])}
         assert changed and all("lora_" in k for k in changed)
         assert {k for k in before if "lora_" in k} == changed  # every adapter matrix trained
-        merged = {n: t for b in g.workers[0].iter_weight_buckets(1.0) for n, t in b.items()}
+        merged = {n: t for b in g.ranks.local_instance(0).iter_weight_buckets(1.0) for n, t in b.items()}
         plain = AutoModelForCausalLM.from_pretrained(tiny_model)
         original = {k: v.clone() for k, v in plain.state_dict().items()}
         assert set(merged) == set(original)  # plain HF names, no lora_A/B or base_layer

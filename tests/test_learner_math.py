@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tidal.learner.advantages import (
-    GROUP_BASELINES, gae, group_advantages, last_token_index, token_rewards,
+    gae, grpo_advantages, last_token_index, reinforce_advantages, rloo_advantages, token_rewards,
 )
+from tidal.learner.algorithms import ALGORITHMS, algorithm_for
 from tidal.learner.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_estimate
 from tidal.learner.losses import (
     entropy_bonus, pairwise_reward_loss, policy_loss, ranking_reward_loss, sft_loss,
@@ -127,14 +128,14 @@ def test_token_rewards_rejects_empty_response():
 
 def test_group_baselines_hand():
     # grpo, g=3: [1, 2, 3] has mean 2, std 1 -> [-1, 0, 1]; [5, 5, 5] has std 0 -> [0, 0, 0]
-    torch.testing.assert_close(group_advantages(torch.tensor([1.0, 2, 3, 5, 5, 5]), 3, "grpo"),
+    torch.testing.assert_close(grpo_advantages(torch.tensor([1.0, 2, 3, 5, 5, 5]), 3),
                                torch.tensor([-1.0, 0, 1, 0, 0, 0]), atol=1e-5, rtol=0)
     # rloo, g=4 on [1, 2, 3, 6]: leave-one-out means 11/3, 10/3, 9/3, 6/3
     #   -> [1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2] = [-8/3, -4/3, 0, 4]
-    torch.testing.assert_close(group_advantages(torch.tensor([1.0, 2, 3, 6]), 4, "rloo"),
+    torch.testing.assert_close(rloo_advantages(torch.tensor([1.0, 2, 3, 6]), 4),
                                torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0]))
     # reinforce: batch mean of [1, 2, 3, 6] is 3 -> [-2, -1, 0, 3] (group_size does not matter)
-    torch.testing.assert_close(group_advantages(torch.tensor([1.0, 2, 3, 6]), 2, "reinforce"),
+    torch.testing.assert_close(reinforce_advantages(torch.tensor([1.0, 2, 3, 6]), 2),
                                torch.tensor([-2.0, -1, 0, 3]))
 
 
@@ -148,24 +149,26 @@ def test_group_baselines_match_loops():
         std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (g - 1))
         grpo += [(x - mean) / (std + 1e-6) for x in grp]
         rloo += [x - (sum(grp) - x) / (g - 1) for x in grp]
-    torch.testing.assert_close(group_advantages(scores, g, "grpo"), torch.tensor(grpo, dtype=torch.float64))
-    torch.testing.assert_close(group_advantages(scores, g, "rloo"), torch.tensor(rloo, dtype=torch.float64))
+    torch.testing.assert_close(grpo_advantages(scores, g), torch.tensor(grpo, dtype=torch.float64))
+    torch.testing.assert_close(rloo_advantages(scores, g), torch.tensor(rloo, dtype=torch.float64))
     reinforce = [x - sum(s) / len(s) for x in s]
-    torch.testing.assert_close(group_advantages(scores, g, "reinforce"), torch.tensor(reinforce, dtype=torch.float64))
-    grpo_t = group_advantages(scores, g, "grpo").reshape(-1, g)
+    torch.testing.assert_close(reinforce_advantages(scores, g), torch.tensor(reinforce, dtype=torch.float64))
+    grpo_t = grpo_advantages(scores, g).reshape(-1, g)
     torch.testing.assert_close(grpo_t.mean(-1), torch.zeros(3, dtype=torch.float64))  # zero-mean per group
-    for kind, fn in GROUP_BASELINES.items():  # one shared signature: (scores, group_size) -> (B,)
-        assert fn(scores, g).shape == (12,), kind
-    assert group_advantages(torch.tensor([0, 1, 1, 1]), 2, "rloo").dtype.is_floating_point
+    for algo in ALGORITHMS.values():  # one shared signature for every table entry
+        values = None if not algo.uses_critic else torch.zeros(12, 3)
+        adv, ret = algo.advantages(scores, torch.zeros(12, 3), torch.ones(12, 3), values, 0.1, g, 1.0, 0.95)
+        assert adv.shape == ret.shape == (12, 3), algo.name
+    assert rloo_advantages(torch.tensor([0, 1, 1, 1]), 2).dtype.is_floating_point
 
 
 def test_group_baselines_errors():
     with pytest.raises(ValueError, match="not a multiple of group_size=4"):
-        group_advantages(torch.zeros(6), 4, "grpo")
+        grpo_advantages(torch.zeros(6), 4)
     with pytest.raises(ValueError, match="group_size=1"):
-        group_advantages(torch.zeros(6), 1, "rloo")
-    with pytest.raises(ValueError, match="unknown advantage kind 'ppo'"):
-        group_advantages(torch.zeros(6), 2, "ppo")
+        rloo_advantages(torch.zeros(6), 1)
+    with pytest.raises(ValueError, match="unknown algorithm 'a2c'"):
+        algorithm_for("a2c")
 
 
 # ---------------------------------------------------------------------------- policy loss

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from tidal.common.config import load_config
 from tidal.common.data import DemonstrationRecord
 from tidal.common.models import load_causal_lm, sequence_logprobs
-from tidal.common.types import RolloutBatch, ScoredBatch
+from tidal.common.types import RolloutBatch
 from tidal.learner.group import LearnerError, LearnerGroup
 from tidal.learner.sft import build_sft_batch
 
@@ -95,7 +95,9 @@ def test_zero3_ppo_step_from_a_scored_rollout(zero3, tiny_model, tmp_path):
     rollout = RolloutBatch(list(range(B)), ["p"] * B, prompts, ["r"] * B, responses,
                            [[-1.0] * len(r) for r in responses], ["length"] * B, [0] * B)
     scores = torch.tensor([1.0, -1.0] * 4)
-    exp = zero3.make_experience(ScoredBatch(rollout, scores), kl_coef=0.05)
+    exp, metrics = zero3.assemble(zero3.forward(rollout), scores, kl_coef=0.05)
+    kl = ((exp.old_logprobs - exp.ref_logprobs) * exp.response_mask).sum(-1).mean()  # k1, nats per sequence
+    assert metrics["experience/kl_per_seq"] == pytest.approx(kl.item(), abs=1e-5)
     R = exp.response_mask.shape[1]
     # the reference is the frozen initial model; the critic gave values on response tokens only
     with torch.no_grad():
@@ -124,7 +126,7 @@ def test_zero2_sft_trains_and_slow_or_dead_ranks_are_named(ray_cluster, tiny_mod
         with pytest.raises(LearnerError, match=r"fit_sft: learner rank 0/2, learner rank 1/2 did not answer"):
             group.fit_sft(demos, epochs=1)
         group.timeout = 120
-        ray.kill(group.workers[1])
+        ray.kill(group.ranks.actor(1))
         with pytest.raises(LearnerError, match="learner rank 1/2"):
             group.describe()
     finally:

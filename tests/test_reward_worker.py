@@ -74,11 +74,11 @@ def test_rollout_token_ids_are_read_when_the_policy_tokenizer_is_shared(tiny_mod
     # where the policy emitted EOS its response ids end with it; the response text never does
     rollout = rollout.__class__(**{**rollout.__dict__, "response_ids": [
         r + [tokenizer.eos_token_id] if f == "stop" else r for r, f in zip(rollout.response_ids, finish)]})
-    shared = build_reward(cfg, reward_model=rm_dir, policy_tokenizer=tiny_model, num_workers=0)
+    shared = build_reward(cfg, reward_model=rm_dir, policy_tokenizer=tiny_model, local=True)
     assert shared.terms[0].fn.use_token_ids
     ids = [p + r for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
     torch.testing.assert_close(shared.score(rollout).scores, torch.tensor([score(s) for s in ids]), atol=1e-5, rtol=1e-5)
-    text_only = build_reward(cfg, reward_model=rm_dir, num_workers=0)
+    text_only = build_reward(cfg, reward_model=rm_dir, local=True)
     assert not text_only.terms[0].fn.use_token_ids
     texts = [encode(p, c, f == "stop") for p, c, f in zip(PROMPTS, COMPLETIONS, finish)]
     assert texts == ids  # re-tokenizing the text gives the policy's ids here: both paths agree
@@ -97,7 +97,7 @@ BAD_BYTES = b"nice \xff\xfe day".decode("utf-8", "surrogateescape")
 ], ids=["empty-completion", "empty-both", "no-tokens", "non-utf8", "huge"])
 def test_bad_inputs_reach_the_model_well_defined(rm_dir, direct, prompt, completion, finish, expect_ids):
     score, encode, tokenizer = direct
-    r = build_reward(RewardConfig(terms=(RewardTerm(kind="model", target=str(rm_dir)),)), num_workers=0)
+    r = build_reward(RewardConfig(terms=(RewardTerm(kind="model", target=str(rm_dir)),)), local=True)
     out = r.score(make_rollout([prompt], [completion], finish=[finish]))
     assert out.valid.all()
     assert out.scores.tolist() == pytest.approx([score(expect_ids(encode, tokenizer))], abs=1e-5)
@@ -107,8 +107,8 @@ def test_bad_inputs_reach_the_model_well_defined(rm_dir, direct, prompt, complet
 def test_pool_splits_batches_across_ray_workers(ray_cluster, rm_dir):
     local = RewardWorker(str(rm_dir), micro_batch_size=2)
     # the model term of the combined reward runs on a pool of 2 Ray workers
-    reward = build_reward(RewardConfig(terms=(RewardTerm(kind="model", weight=2.0),), micro_batch_size=2),
-                          reward_model=rm_dir, num_workers=2, worker_timeout_s=120)
+    reward = build_reward(RewardConfig(terms=(RewardTerm(kind="model", weight=2.0),), micro_batch_size=2, num_workers=2),
+                          reward_model=rm_dir, worker_timeout_s=120)
     try:
         assert isinstance(reward.terms[0].fn, ModelReward)
         pool = reward.terms[0].fn.pool
@@ -126,18 +126,12 @@ def test_pool_splits_batches_across_ray_workers(ray_cluster, rm_dir):
 
 @pytest.mark.ray
 def test_hung_or_dead_worker_is_an_error_naming_it(ray_cluster, rm_dir, tmp_path):
-    pool = RewardPool(rm_dir, num_workers=1, timeout_s=120)
+    pool = RewardPool(rm_dir, num_workers=1, timeout_s=120, max_restarts=1)
     try:
-        pool.timeout_s = 0.01  # far too short for 200 samples: the worker counts as hung
-        with pytest.raises(RewardWorkerError, match=r"reward worker\(s\) \[0\] of 1 .* did not answer score within"):
+        pool.timeout_s = 0.01  # far too short for 200 samples: the worker counts as hung, twice
+        with pytest.raises(RewardWorkerError, match=r"did not answer within 0 s in 2 rounds of restarts"):
             pool.score(RewardInput(["x " * 100] * 200, ["y"] * 200))
-        pool.timeout_s = 120
-        import ray
-
-        ray.kill(pool.actors[0])
-        with pytest.raises(RewardWorkerError, match="reward worker 0 of 1 .* died during score"):
-            pool.score(RewardInput(["a"], ["b"]))
     finally:
         pool.shutdown()
-    with pytest.raises(RewardWorkerError, match="reward worker 0 of 1 .* died during start"):
+    with pytest.raises(RewardWorkerError, match=r"reward worker\(s\) \['reward-0'\] of 1 .* failed during start"):
         RewardPool(tmp_path / "no-such-model", num_workers=1, timeout_s=120)

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tidal.cluster.weights import WeightSyncError
+from tidal.actors.weights import WeightSyncError
 from tidal.common.config import load_config
 from tidal.common.models import load_causal_lm, load_tokenizer
 from tidal.common.types import PromptBatch

@@ -8,7 +8,7 @@ Two modes (`cluster.placement`), one code path:
   GPU (time-slicing); each keeps its own CPUs.
 * disaggregated: the learner-side roles (learner, reference, reward model) get one
   placement group; every rollout worker gets a placement group of its own with one bundle, so
-  the pool can grow and shrink while the job runs (`Placement.rollout_actor_options` adds a
+  the pool can grow and shrink while the job runs (`Placement.actor_options("rollout")` adds a
   group for a new worker and frees it when the worker is removed) without touching the learners. `cluster.rollout_node_resource` /
   `learner_node_resource` pin the two sides to nodes that advertise those custom resources.
 
@@ -53,12 +53,14 @@ class PlacementPlan:
         return sum(b.get("GPU", 0.0) for bundles in self.groups.values() for b in bundles)
 
 
-def role_counts(cfg: TidalConfig, *, reference: bool, reward_model: bool) -> dict[str, int]:
-    """Actors per role for an RL stage with this config (the critic lives in the learner ranks)."""
+def role_counts(cfg: TidalConfig, *, reference: bool, reward_model: bool = True) -> dict[str, int]:
+    """Actors per role for an RL stage with this config (the critic lives in the learner ranks);
+    reward-model workers: reward.num_workers per `model` reward term (none when reward_model=False)."""
+    model_terms = sum(t.kind == "model" for t in cfg.reward.terms) if reward_model else 0
     return {
         "learner": cfg.learner.num_workers,
         "reference": 1 if reference else 0,
-        "reward": cfg.reward.num_workers if reward_model else 0,
+        "reward": cfg.reward.num_workers * model_terms,
         "rollout": cfg.rollout.num_workers,
     }
 
@@ -173,10 +175,10 @@ class Placement:
             raise IndexError(f"role {role!r} has placement slots {sorted(slots)}; no slot {index}")
         return slots[index]
 
-    @property
-    def rollout_actor_options(self) -> "RolloutOptions":
-        """RolloutPool's `actor_options`: a slot per worker id, grown and freed with the pool."""
-        return RolloutOptions(self)
+    def actor_options(self, role: str, offset: int = 0) -> "RoleOptions":
+        """An ActorGroup `options_fn` for `role`: actor id i takes slot offset + i. Rollout slots
+        are grown and freed with the pool (a new worker id gets its own slot)."""
+        return RoleOptions(self, role, offset)
 
     def add_rollout_slot(self, worker_id: int) -> None:
         """A one-bundle placement group for rollout worker `worker_id` (added by scaling up)."""
@@ -216,16 +218,19 @@ class Placement:
         self.pgs.clear()
 
 
-class RolloutOptions:
-    """Callable `actor_options` for RolloutPool (its ActorGroup calls `release` on removal)."""
+class RoleOptions:
+    """Callable `options_fn` of an ActorGroup (see Placement.actor_options). The group calls
+    `release` when it removes an actor, which frees a rollout worker's own placement group."""
 
-    def __init__(self, placement: Placement):
-        self.placement = placement
+    def __init__(self, placement: Placement, role: str, offset: int = 0):
+        self.placement, self.role, self.offset = placement, role, offset
 
-    def __call__(self, worker_id: int) -> dict:
-        if worker_id not in self.placement.rollout_slots:
-            self.placement.add_rollout_slot(worker_id)
-        return self.placement.options("rollout", worker_id)
+    def __call__(self, actor_id: int) -> dict:
+        index = actor_id + self.offset
+        if self.role == "rollout" and index not in self.placement.rollout_slots:
+            self.placement.add_rollout_slot(index)
+        return self.placement.options(self.role, index)
 
-    def release(self, worker_id: int) -> None:
-        self.placement.release_rollout_slot(worker_id)
+    def release(self, actor_id: int) -> None:
+        if self.role == "rollout":
+            self.placement.release_rollout_slot(actor_id + self.offset)

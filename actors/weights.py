@@ -17,7 +17,7 @@ A bucket is either a dict[str, Tensor] (what the learner's `export_weights` puts
 per tensor) or a `FlatBucket` (all tensors in one contiguous byte buffer plus names, shapes,
 dtypes and offsets; one buffer per object). `bench/weight_sync.py` measures both.
 
-The collective (NCCL on GPU, gloo on CPU) transport lives in `tidal.cluster.collective`.
+The collective (NCCL on GPU, gloo on CPU) transport lives in `tidal.actors.collective`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Literal, Optional
 
 import torch
 
-from tidal.cluster.actor_group import ActorGroup, CallResult
+from tidal.actors.actor_group import ActorGroup, CallResult
 
 
 class WeightSyncError(RuntimeError):

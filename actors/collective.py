@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
 import torch
 
-from tidal.cluster.actor_group import ActorGroup, CallResult, fetch
-from tidal.cluster.weights import WeightHandle, WeightSyncError, WeightTransport, byte_layout, pack_bytes
+from tidal.actors.actor_group import ActorGroup, CallResult, fetch
+from tidal.actors.weights import WeightHandle, WeightSyncError, WeightTransport, byte_layout, pack_bytes
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ class ActorCallTimeout(TimeoutError):
     """An actor did not answer within the timeout."""
 
 
+class ActorCallAborted(RuntimeError):
+    """A call that was still running when another actor of the same fail-fast call failed."""
+
+
 @dataclass(frozen=True)
 class CallResult(Generic[T]):
     """The outcome of one call on one actor: `value` when ok, else `error`."""
@@ -229,6 +233,12 @@ class ActorGroup(Generic[T]):
         with self._lock:
             return self._members[actor_id].handle
 
+    def local_instance(self, actor_id: int) -> Any:
+        """Local mode: the plain object behind an actor (tests and debugging)."""
+        if not self.local:
+            raise RuntimeError(f"{self.label(actor_id)} runs in another process; local_instance needs local=True")
+        return self.actor(actor_id)._obj
+
     def label(self, actor_id: int) -> str:
         return f"{self.name}-{actor_id}"
 
@@ -252,17 +262,22 @@ class ActorGroup(Generic[T]):
         return fn(self.actor(actor_id))
 
     def call(self, fn: Callable[[Any], Any], actor_ids: Optional[Iterable[int]] = None,
-             timeout_s: Optional[float] = None, mark_unhealthy: bool = True) -> list[CallResult]:
+             timeout_s: Optional[float] = None, mark_unhealthy: bool = True,
+             fail_fast: bool = False) -> list[CallResult]:
         """Run `fn(handle)` on each actor (default: all healthy ones) and wait for all of them,
         at most `timeout_s` in total. Actors that died or timed out are marked unhealthy."""
-        return self.collect(self.start(fn, actor_ids), timeout_s, mark_unhealthy)
+        return self.collect(self.start(fn, actor_ids), timeout_s, mark_unhealthy, fail_fast)
 
     def start(self, fn: Callable[[Any], Any], actor_ids: Optional[Iterable[int]] = None) -> dict[int, Any]:
         """Start `fn(handle)` on each actor without waiting: {actor id: ref or the error of
         submitting it}. `collect` waits for them."""
         ids = self.healthy_actor_ids() if actor_ids is None else list(actor_ids)
+        return self.start_each({i: fn for i in ids})
+
+    def start_each(self, calls: dict[int, Callable[[Any], Any]]) -> dict[int, Any]:
+        """Like `start`, with a call of its own per actor id (e.g. each rank's data shard)."""
         started: dict[int, Any] = {}
-        for i in ids:
+        for i, fn in calls.items():
             try:
                 started[i] = self.submit(fn, i)
             except Exception as e:  # noqa: BLE001 - e.g. the handle's actor is already dead
@@ -270,26 +285,47 @@ class ActorGroup(Generic[T]):
         return started
 
     def collect(self, started: dict[int, Any], timeout_s: Optional[float] = None,
-                mark_unhealthy: bool = True) -> list[CallResult]:
-        """Wait (at most `timeout_s` in total) for calls begun with `start`."""
+                mark_unhealthy: bool = True, fail_fast: bool = False) -> list[CallResult]:
+        """Wait (at most `timeout_s` in total) for calls begun with `start`; results in the
+        order of `started`. Results are taken as they finish, so with `fail_fast` the first
+        failure ends the wait: the calls still running get an `ActorCallAborted` error (they are
+        not marked unhealthy), which is what a group in one collective wants - a dead rank is
+        named at once instead of after its blocked peers time out."""
         timeout = self.call_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
-        results = []
+        results: dict[int, CallResult] = {}
+        pending: dict[Any, int] = {}
         for i, ref in started.items():
-            try:
-                if isinstance(ref, Exception):
-                    raise ref
-                value = fetch(ref, max(0.0, deadline - time.monotonic()))
-                results.append(CallResult(i, self.label(i), True, value=value))
-            except Exception as e:  # noqa: BLE001
-                if isinstance(e, ActorCallTimeout):
-                    e = ActorCallTimeout(f"{self.label(i)}: no answer within {timeout:.1f}s")
-                results.append(CallResult(i, self.label(i), False, error=e))
+            if isinstance(ref, Exception):
+                results[i] = CallResult(i, self.label(i), False, error=ref)
+            elif isinstance(ref, LocalRef):
+                results[i] = self._result(i, ref)
+            else:
+                pending[ref] = i
+        while pending and not (fail_fast and any(not r.ok for r in results.values())):
+            ready = wait_any(list(pending), max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for ref in ready:
+                i = pending.pop(ref)
+                results[i] = self._result(i, ref)
+        failed = [r.label for r in results.values() if not r.ok] if fail_fast else []
+        for ref, i in pending.items():
+            error = (ActorCallAborted(f"{self.label(i)}: not awaited after {failed[0]} failed") if failed
+                     else ActorCallTimeout(f"{self.label(i)}: no answer within {timeout:.1f}s"))
+            results[i] = CallResult(i, self.label(i), False, error=error)
+        ordered = [results[i] for i in started]
         if mark_unhealthy:
-            for r in results:
+            for r in ordered:
                 if not r.ok and is_actor_death(r.error):
                     self.mark_unhealthy(r.actor_id)
-        return results
+        return ordered
+
+    def _result(self, i: int, ref: Any) -> CallResult:
+        try:
+            return CallResult(i, self.label(i), True, value=fetch(ref, 0.0))
+        except Exception as e:  # noqa: BLE001 - returned as the actor's error
+            return CallResult(i, self.label(i), False, error=e)
 
     def probe_unhealthy(self, timeout_s: float = 10.0,
                         probe: Optional[Callable[[Any], Any]] = None) -> list[int]:

@@ -1,0 +1,1 @@
+"""The actor layer below the roles: the fault-tolerant actor group, placement, weight transport."""
