@@ -188,6 +188,7 @@ class RewardPool:
                         raise RewardWorkerError(f"reward worker {r.label} ({self.model_path}) failed during score: "
                                                 f"{r.error}") from r.error
             if not todo:
+                self.group.restore()  # a worker lost in this call restarts now (its model loads meanwhile)
                 return torch.cat([done[k] for k in range(n)])
         raise RewardWorkerError(f"reward workers ({self.model_path}) died or did not answer within {self.timeout_s:.0f} s "
                                 f"in {self.max_restarts + 1} rounds of restarts; check their logs (e.g. out of memory).")

@@ -70,8 +70,8 @@ def rm_path(tiny_model, tmp_path_factory):
 def test_reward_worker_killed_mid_call_is_restarted_and_its_chunk_rescored(ray_cluster, rm_path):
     import ray
 
-    batch = RewardInput([f"prompt {i} " * 30 for i in range(400)], [f"answer {i} " * 20 for i in range(400)])
-    expected = RewardWorker(str(rm_path), micro_batch_size=4).score(batch)
+    batch = RewardInput([f"prompt {i} " * 30 for i in range(3000)], [f"answer {i} " * 20 for i in range(3000)])
+    expected = RewardWorker(str(rm_path), micro_batch_size=16).score(batch)
     pool = RewardPool(rm_path, num_workers=2, micro_batch_size=4, timeout_s=120)
     try:
         assert pool.group.restarts(0) == 0
