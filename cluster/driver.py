@@ -38,6 +38,7 @@ class DataPaths:
     comparisons_heldout: Path | None
     rankings: Path | None
     rankings_heldout: Path | None
+    ptx: Path | None = None  # PPO-ptx demonstrations (algorithm.ptx_coef > 0)
 
 
 def train_from_cli(config_path: str | None, overrides: list[str], resume: str | None = None) -> int:
@@ -93,7 +94,8 @@ def prepare_data(cfg: TidalConfig) -> DataPaths:
 
     return DataPaths(pick(d.prompts, "prompts_train"), pick(d.eval_prompts, "prompts_heldout"),
                      pick(d.demonstrations, "demonstrations_train"), pick(d.comparisons, "comparisons_train"),
-                     task.get("comparisons_heldout"), pick(d.rankings, "rankings_train"), task.get("rankings_heldout"))
+                     task.get("comparisons_heldout"), pick(d.rankings, "rankings_train"), task.get("rankings_heldout"),
+                     pick(d.ptx or d.demonstrations, "demonstrations_train") if cfg.algorithm.ptx_coef > 0 else None)
 
 
 def _forget_unfinished(run_dir: Path) -> None:

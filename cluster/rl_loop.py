@@ -49,6 +49,7 @@ from tidal.rollout.sampling import Sampling
 if TYPE_CHECKING:
     from tidal.common.data import PromptDataset
     from tidal.learner.group import LearnerGroup
+    from tidal.learner.sft import PtxSource
     from tidal.reward_service.combine import CombinedReward
     from tidal.rollout.pool import RolloutPool
 
@@ -76,6 +77,7 @@ class RLParts:
     pool: "RolloutPool"
     reward: "CombinedReward"
     dataset: "PromptDataset"  # the RL prompts
+    ptx: "PtxSource | None" = None  # PPO-ptx demonstrations (algorithm.ptx_coef > 0)
 
 
 class RLLoop:
@@ -86,6 +88,11 @@ class RLLoop:
         self.kl_ctl = make_kl_controller(cfg)
         self.async_mode = cfg.algorithm.mode == "async"
         self.max_staleness = cfg.algorithm.max_staleness if self.async_mode else 0
+        # Off-policy samples (async), and samples of a truncated distribution (top-k / top-p:
+        # the engine's logprobs are those of the filtered distribution, the trainer's are the
+        # full softmax), are weighted by the truncated importance weight min(pi_old/pi_rollout, cap).
+        filtered = Sampling.from_config(cfg.rollout).filtered
+        self.is_weight_cap = IS_WEIGHT_CAP if self.async_mode or filtered else None
         self.step = 0
         self.pipeline: RolloutPipeline | None = None
         self._preloaded: list[Produced] = []
@@ -171,8 +178,9 @@ class RLLoop:
             fwd = learners.forward(rollout)
         with timer("advantages"):
             exp, exp_metrics = learners.assemble(fwd, scores, self.kl_ctl.value)
+        ptx = self.parts.ptx.for_step(step, len(exp)) if self.parts.ptx is not None else None
         with timer("update"):
-            update = learners.update_rl(exp, is_weight_cap=IS_WEIGHT_CAP if self.async_mode else None)
+            update = learners.update_rl(exp, ptx=ptx, is_weight_cap=self.is_weight_cap)
         with timer("sync"):
             handle = learners.export_weights(step + 1)
             self.pipeline.push(handle, step + 1)

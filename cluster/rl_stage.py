@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _critic_path(cfg: TidalConfig, policy: str, reward_model: str | None) -> str
     return reward_model or policy
 
 
-def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data_prompts: Path):
+def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data):
     """Placement, learners (+reference), rollout pool, reward and prompt dataset."""
     from tidal.actors.placement import Placement, plan_placement, role_counts
     from tidal.common.data import PromptDataset
@@ -61,9 +62,22 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data_pr
     except BaseException:
         stop_parts(placement, learners, pool, reward)
         raise
-    dataset = PromptDataset(data_prompts, learners.tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template,
+    dataset = PromptDataset(data.prompts, learners.tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template,
                             seed=cfg.seed)
-    return placement, RLParts(learners, pool, reward, dataset)
+    return placement, RLParts(learners, pool, reward, dataset, _ptx_source(cfg, data, learners.tokenizer))
+
+
+def _ptx_source(cfg: TidalConfig, data, tokenizer):
+    """PPO-ptx rows (tokenized like the SFT stage's), or None when algorithm.ptx_coef is 0."""
+    if cfg.algorithm.ptx_coef <= 0:
+        return None
+    from tidal.common.data import read_records
+    from tidal.learner.sft import PtxSource, build_sft_batch
+
+    d = cfg.data
+    records = read_records(data.ptx, "demonstrations")
+    return PtxSource(build_sft_batch(tokenizer, records, d.max_prompt_tokens, d.max_response_tokens, d.chat_template),
+                     cfg.seed)
 
 
 def stop_parts(placement, learners, pool, reward) -> None:
@@ -129,15 +143,20 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
     """The whole RL stage; returns the summary (before/after evaluation, last KL)."""
     if data.prompts is None:
         raise ValueError("the rl stage needs prompts: set data.prompts or data.task")
+    a = cfg.algorithm
+    if a.kl_estimator != "k1" and a.kl_coef > 0:
+        print(f"tidal: warning: algorithm.kl_estimator={a.kl_estimator} in the per-token reward penalty is a biased "
+              "estimate of the sequence KL (only k1 is unbiased there); use algorithm.kl_loss for a k3 KL loss term.",
+              file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    placement, parts = start_parts(cfg, policy, reward_model, data.prompts)
+    placement, parts = start_parts(cfg, policy, reward_model, data)
     print(f"tidal: rl roles up in {time.perf_counter() - t0:.1f} s ({cfg.cluster.placement}: "
           f"{cfg.learner.num_workers} learner(s) + reference, {cfg.rollout.num_workers} rollout worker(s))", flush=True)
     summary: dict = {}
     try:
         loop = RLLoop(cfg, run_dir, parts, logger)
         if not loop.restore():
-            if cfg.reward.normalize == "reference":
+            if parts.reward.normalize == "reference":
                 logger.log(0, _calibrate(cfg, parts, data.prompts), stage="rl")
         before_file = run_dir / "samples_before.jsonl"
         if not before_file.is_file():

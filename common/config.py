@@ -82,7 +82,7 @@ class RewardConfig:
     terms: tuple[RewardTerm, ...] = doc((RewardTerm(kind="model"),), "Reward terms, combined as a weighted sum.")
     num_workers: int = doc(1, "Reward-model workers (only when a 'model' term is present).", min=1)
     micro_batch_size: int = doc(16, "Sequences per reward-model forward pass.", min=1)
-    normalize: Literal["none", "running", "reference"] = doc("none", "none; running: running mean/std of all scores; reference: shift/scale so the reference policy's samples score ~N(0, 1) (measured once before RL; ANCHORS detail 6).")
+    normalize: Literal["auto", "none", "running", "reference"] = doc("auto", "auto: reference when a learned reward model is a term, else none; none; running: running mean/std of all scores; reference: shift/scale so the reference policy's samples score ~N(0, 1) (measured once before RL; ANCHORS detail 6).")
     clip: Optional[float] = doc(None, "Clip the combined reward to [-clip, clip] after normalization.", min=0.0)
     on_invalid: Literal["error", "drop"] = doc("error", "What a NaN/inf reward does: stop with an error naming the sample, or drop the sample and count it (metric reward/dropped).")
     missing_eos_penalty: Optional[float] = doc(None, "Score given to responses that end without EOS (ANCHORS detail 4). None: no penalty.")
@@ -123,7 +123,8 @@ class AlgorithmConfig:
     gamma: float = doc(1.0, "GAE discount.", min=0.0, max=1.0)
     lam: float = doc(0.95, "GAE lambda.", min=0.0, max=1.0)
     kl_coef: float = doc(0.05, "Per-token KL penalty coefficient beta (initial value when adaptive).", min=0.0)
-    kl_estimator: Literal["k1", "k2", "k3"] = doc("k1", "KL estimator in the per-token penalty.")
+    kl_estimator: Literal["k1", "k2", "k3"] = doc("k1", "KL estimator in the per-token reward penalty. Only k1 (log pi - log pi_ref) makes the summed penalty an unbiased KL of the sequence; k2/k3 are accepted with a warning.")
+    kl_loss: float = doc(0.0, "Coefficient of a k3 KL(pi || pi_ref) term added to the policy loss (the GRPO paper's form; 0: off). Independent of the reward penalty kl_coef.", min=0.0)
     adaptive_kl: bool = doc(False, "Adapt beta toward kl_target (Ziegler et al.).")
     kl_target: float = doc(6.0, "Target KL (nats per sequence) of the adaptive controller.", min=0.0)
     kl_horizon: int = doc(10000, "Horizon of the adaptive controller.", min=1)
@@ -144,6 +145,7 @@ class DataConfig:
     demonstrations: Optional[str] = doc(None, "SFT demonstrations.")
     comparisons: Optional[str] = doc(None, "Reward-model comparisons (prompt, chosen, rejected).")
     rankings: Optional[str] = doc(None, "Reward-model rankings (prompt, K responses, ranking).")
+    ptx: Optional[str] = doc(None, "PPO-ptx data (used when algorithm.ptx_coef > 0): a demonstrations file (jsonl/parquet; prompt + response: the likelihood of the response is kept up, so a plain-text corpus goes in as a short prompt + the text). None: data.demonstrations, or the built-in task's demonstrations.")
     max_prompt_tokens: int = doc(64, "Prompts longer than this are truncated from the left.", min=1)
     max_response_tokens: int = doc(64, "SFT/RM responses longer than this are truncated.", min=1)
     chat_template: bool = doc(False, "Wrap prompts with the tokenizer's chat template.")
@@ -210,6 +212,8 @@ def _check_cross_fields(c: TidalConfig) -> None:
         raise ConfigError(
             f"learner.mini_batch_size ({lc.mini_batch_size}) must be a multiple of learner.micro_batch_size x learner.num_workers "
             f"({lc.micro_batch_size} x {lc.num_workers}); e.g. set learner.mini_batch_size={lc.micro_batch_size * lc.num_workers}.")
+    if c.algorithm.ptx_coef > 0 and c.data.task is None and c.data.ptx is None and c.data.demonstrations is None:
+        raise ConfigError("algorithm.ptx_coef > 0 needs PPO-ptx data: set data.ptx (or data.demonstrations, or a data.task).")
     if c.data.task is None and "rl" in c.stages.run and c.data.prompts is None:
         raise ConfigError("data.prompts is required when data.task is null and stages.run includes rl.")
 

@@ -16,6 +16,7 @@ import torch
 from tidal.common.ops import masked_mean
 from tidal.common.types import Experience
 from tidal.learner.algorithms import algorithm_for
+from tidal.learner.kl import kl_estimate
 from tidal.learner.losses import policy_loss, sft_loss, truncated_is_weights, value_loss
 from tidal.learner.engine import linear_lr
 
@@ -89,9 +90,14 @@ def _minibatch_step(w: "LearnerWorker", mb: Experience, ptx: "SFTBatch | None", 
         pg_loss, pm = policy_loss(logprobs, old, x.advantages.to(w.device), mask, algo.clip_eps, is_weights=is_weights)
         ent = masked_mean(torch.where(mask.bool(), entropy, 0.0), mask)
         loss = pg_loss - algo.entropy_coef * ent
+        if algo.kl_loss > 0:  # k3 KL(pi_theta || pi_ref) as a loss term, with gradient (GRPO paper)
+            kl3 = masked_mean(torch.where(mask.bool(), kl_estimate(logprobs, x.ref_logprobs.to(w.device), "k3"), 0.0), mask)
+            loss = loss + algo.kl_loss * kl3
         metrics = {"losses/policy": pg_loss.item(), "policy/entropy": ent.item(),
                    "policy/approx_kl": pm["approx_kl"].item(), "policy/clipfrac": pm["clipfrac"].item(),
                    "policy/ratio_mean": pm["ratio_mean"].item()}
+        if algo.kl_loss > 0:
+            metrics["losses/kl"] = kl3.item()
         if ptx is not None:
             p = ptx.select(torch.arange(ptx_cursor[0], ptx_cursor[0] + len(idx)) % len(ptx))
             ptx_cursor[0] += len(idx)

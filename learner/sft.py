@@ -74,3 +74,19 @@ def sft_micro_loss(worker: "LearnerWorker", batch: SFTBatch) -> tuple[torch.Tens
     mask = batch.response_mask.to(logprobs.device)
     loss = sft_loss(logprobs, mask)  # (,)
     return loss, {"losses/sft": loss.item(), "sft/tokens": mask.sum().item()}
+
+
+class PtxSource:
+    """PPO-ptx data (Ouyang et al. 2022): each RL step draws rows of the demonstrations, a
+    function of (seed, step) only, so a resumed run draws the same rows as an uninterrupted one."""
+
+    def __init__(self, batch: SFTBatch, seed: int):
+        if len(batch) == 0:
+            raise ValueError("PPO-ptx data is empty; point data.ptx at a file with demonstrations")
+        self.batch, self.seed = batch, seed
+
+    def for_step(self, step: int, n: int) -> SFTBatch:
+        """n rows (with repeats when the data is smaller than n) for RL step `step`."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        rows = torch.cat([torch.randperm(len(self.batch), generator=gen) for _ in range(-(-n // len(self.batch)))])
+        return self.batch.select(rows[:n])

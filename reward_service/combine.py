@@ -187,10 +187,18 @@ class CombinedReward:
 
     # ------------------------------------------------------------------ normalization
 
+    @property
+    def normalize(self) -> str:
+        """reward.normalize with `auto` resolved: reference when a term is a learned reward model
+        (docs/implementation.md#d6), else none."""
+        if self.cfg.normalize != "auto":
+            return self.cfg.normalize
+        return "reference" if any(isinstance(t.fn, ModelReward) for t in self.terms) else "none"
+
     def _normalize(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if self.cfg.normalize == "none":
+        if self.normalize == "none":
             return scores
-        if self.cfg.normalize == "running":
+        if self.normalize == "running":
             self.running.update(scores[valid])
             mean, std = self.running.mean, self.running.std
         else:

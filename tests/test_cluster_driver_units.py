@@ -189,3 +189,31 @@ def test_summary_table_lists_before_and_after(tmp_path):
     text = format_summary({"before": {"rm_score": -1.0, "vader": 0.1, "kl": 0.0},
                            "after": {"rm_score": 0.5, "vader": 0.4, "kl": 2.0}, "wall_time_s": 12.0}, tmp_path)
     assert "reward-model score" in text and "-1.000" in text and "0.500" in text and "VADER" in text
+
+
+# ----------------------------------------------------------------------------- RL loop settings
+
+
+@pytest.mark.parametrize("overrides, weighted", [
+    ([], False),  # sync, full softmax: engine and trainer sample the same distribution
+    (["algorithm.mode=async"], True),  # off-policy samples
+    (["rollout.top_p=0.9"], True),  # truncated distribution: engine logprobs are the filtered ones
+    (["rollout.top_k=20"], True),
+])
+def test_importance_weights_apply_to_off_policy_and_filtered_sampling(tmp_path, overrides, weighted):
+    from tidal.cluster.rl_loop import IS_WEIGHT_CAP, RLLoop
+
+    loop = RLLoop(_cfg(*overrides), tmp_path, parts=None, logger=None)
+    assert loop.is_weight_cap == (IS_WEIGHT_CAP if weighted else None)
+
+
+def test_ptx_rows_are_a_function_of_the_step():
+    from tidal.learner.sft import PtxSource, SFTBatch
+
+    batch = SFTBatch(torch.arange(10)[:, None].repeat(1, 3), torch.ones(10, 3, dtype=torch.long), torch.ones(10, 2))
+    src = PtxSource(batch, seed=0)
+    assert torch.equal(src.for_step(3, 4).input_ids, PtxSource(batch, seed=0).for_step(3, 4).input_ids)
+    assert not torch.equal(src.for_step(3, 10).input_ids, src.for_step(4, 10).input_ids)
+    assert len(src.for_step(0, 25)) == 25 and sorted(src.for_step(0, 10).input_ids[:, 0].tolist()) == list(range(10))
+    with pytest.raises(Exception, match="ptx_coef > 0 needs PPO-ptx data"):
+        _cfg("algorithm.ptx_coef=0.1", "data.task=null", "data.prompts=p.jsonl")

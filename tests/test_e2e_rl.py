@@ -27,8 +27,9 @@ def _assert_learned(run_dir, margin):
 
 
 def test_ppo_colocated_sync_learns_and_leaves_a_complete_run_dir(ray_cluster, tmp_path):
-    cfg, run_dir, summary = _run(tmp_path, "ppo", "tiny_ppo.yaml")
+    cfg, run_dir, summary = _run(tmp_path, "ppo", "tiny_ppo.yaml", "algorithm.ptx_coef=0.05")
     recs = _assert_learned(run_dir, margin=0.3)
+    assert all(r["losses/ptx"] > 0 for r in recs)  # PPO-ptx: the demonstrations' likelihood is in every update
     assert [r["step"] for r in recs] == list(range(1, cfg.algorithm.steps + 1))
     assert summary["after"]["reward"] > summary["before"]["reward"] + 0.3
     assert summary["before"]["kl"] == pytest.approx(0.0, abs=1e-4)  # initial policy == reference

@@ -296,3 +296,17 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tiny_model, tmp_pa
             assert torch.allclose(sequence_logprobs(loaded.eval(), demos.input_ids, demos.attention_mask, R), ours, atol=1e-4)
     finally:
         g.shutdown()
+
+
+def test_kl_loss_term_pulls_the_policy_toward_the_reference(tiny_model):
+    g = LearnerGroup(_cfg("algorithm.kl_loss=5.0", "algorithm.ppo_epochs=4"), tiny_model, critic_path=tiny_model,
+                     reference_path=tiny_model, local=True)
+    try:
+        exp = _ppo_experience(g, torch.tensor([1.0, -1.0] * 4))
+        exp = dataclasses.replace(exp, ref_logprobs=exp.old_logprobs - 1.0)  # a reference far from the policy
+        metrics = g.update_rl(dataclasses.replace(exp, advantages=torch.zeros_like(exp.advantages)))
+        assert metrics["losses/kl"] > 0
+        delta = _row_delta(g, exp, exp.old_logprobs)
+        assert (delta < 0).all(), delta  # only the KL term pulls: toward the (lower) reference logprobs
+    finally:
+        g.shutdown()

@@ -135,3 +135,14 @@ def test_hung_or_dead_worker_is_an_error_naming_it(ray_cluster, rm_dir, tmp_path
         pool.shutdown()
     with pytest.raises(RewardWorkerError, match=r"reward worker\(s\) \['reward-0'\] of 1 .* failed during start"):
         RewardPool(tmp_path / "no-such-model", num_workers=1, timeout_s=120)
+
+
+def test_auto_normalization_is_reference_with_a_reward_model_term_else_none(rm_dir):
+    with_model = build_reward(RewardConfig(terms=(RewardTerm(kind="model", target=str(rm_dir)),)), local=True)
+    rules_only = build_reward(RewardConfig(terms=(RewardTerm(kind="sentiment"),)), local=True)
+    assert with_model.normalize == "reference" and rules_only.normalize == "none"
+    with pytest.raises(RuntimeError, match="calibrate"):  # reference normalization needs its calibration first
+        with_model.score(make_rollout(["a", "b"], ["x", "y"]))
+    explicit = build_reward(RewardConfig(terms=(RewardTerm(kind="model", target=str(rm_dir)),), normalize="none"),
+                            local=True)
+    assert explicit.normalize == "none"
