@@ -15,14 +15,22 @@ from tidal.common.metrics import MetricsLogger
 HELDOUT_PAIRS = 256  # held-out preference prompts whose pair accuracy the rm stage reports
 
 
-def _log_history(logger: MetricsLogger, stage: str, history: list[dict[str, float]]) -> None:
-    for i, h in enumerate(history):
-        # "step" is the record's own key; the rest go under the stage's namespace unless namespaced.
-        metrics = {(k if "/" in k else f"{stage}/{k}"): v for k, v in h.items() if k != "step"}
-        logger.log(i + 1, metrics, stage=stage)
-    if history:
-        logger.progress(len(history), len(history), stage=stage,
-                        loss=history[-1].get("losses/sft", history[-1].get("losses/reward", 0.0)))
+class _FitProgress:
+    """on_progress of a supervised fit: logs each new optimizer step's record and moves the
+    console bar after every window of steps, so the bar shows a real rate and ETA."""
+
+    def __init__(self, logger: MetricsLogger, stage: str):
+        self.logger, self.stage, self.logged = logger, stage, 0
+
+    def __call__(self, history: list[dict[str, float]], total: int) -> None:
+        for i in range(self.logged, len(history)):
+            h = history[i]
+            # "step" is the record's own key; the rest go under the stage's namespace unless namespaced.
+            metrics = {(k if "/" in k else f"{self.stage}/{k}"): v for k, v in h.items() if k != "step"}
+            self.logger.log(i + 1, metrics, stage=self.stage)
+        self.logged = len(history)
+        loss = history[-1].get("losses/sft", history[-1].get("losses/reward", 0.0)) if history else None
+        self.logger.progress(len(history), total, stage=self.stage, **({"loss": loss} if loss is not None else {}))
 
 
 def _records(path: Path | None, kind: str, field: str):
@@ -45,7 +53,7 @@ def run_sft(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: 
     print(f"tidal: sft on {len(batch)} demonstrations from {base}", flush=True)
     group = LearnerGroup(cfg, base, role="policy")
     try:
-        _log_history(logger, "sft", group.fit_sft(batch))
+        group.fit_sft(batch, on_progress=_FitProgress(logger, "sft"))
         out = group.save_pretrained(run_dir / "sft")
     finally:
         group.shutdown()
@@ -72,8 +80,7 @@ def run_rm(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: s
     print(f"tidal: rm ({loss}) on {len(train)} prompts from {base}", flush=True)
     group = LearnerGroup(cfg, base, role="reward")
     try:
-        fit = group.fit_reward(train, held)
-        _log_history(logger, "rm", fit.history)
+        fit = group.fit_reward(train, held, on_progress=_FitProgress(logger, "rm"))
         final = {"rm/reward_mean": fit.reward_mean, "rm/reward_std": fit.reward_std}
         if fit.eval_accuracy is not None:
             final["rm/eval_accuracy"] = fit.eval_accuracy

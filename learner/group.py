@@ -38,7 +38,8 @@ from tidal.learner.reward_model import PreferenceBatch, pair_accuracy
 from tidal.learner.sft import SFTBatch
 from tidal.learner.worker import ROLES, FitPlan, LearnerWorker, WorkerSpec
 
-STEPS_PER_CALL = 32  # optimizer steps per remote fit call: each call is bounded by the sync timeout
+STEPS_PER_CALL = 8  # optimizer steps per remote fit call: each call is bounded by the sync timeout
+Progress = Callable[[list, int], None]  # (history so far, total steps): called before and after each window
 
 
 class LearnerError(RuntimeError):
@@ -269,7 +270,7 @@ class LearnerGroup:
     # ------------------------------------------------------------------ supervised fits
 
     def _fit(self, method: str, data, epochs: int, max_steps: int | None, lr: float,
-             extra: tuple = ()) -> list[dict[str, float]]:
+             extra: tuple = (), on_progress: Progress | None = None) -> list[dict[str, float]]:
         """Shard `data` (SFTBatch or PreferenceBatch) once, then run the fit in windows of
         STEPS_PER_CALL optimizer steps, each window one remote call under the sync timeout."""
         shards = self._train_shards(len(data))
@@ -281,22 +282,27 @@ class LearnerGroup:
         total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
         refs = [self._put(data.select(s)) for s in shards]
         history: list[dict[str, float]] = []
+        if on_progress:
+            on_progress(history, total)
         for start in range(0, total, STEPS_PER_CALL):
             plan = FitPlan(lr, total, start, min(STEPS_PER_CALL, total - start), steps_per_epoch)
             calls = {r: (lambda a, ref=ref: getattr(a, method).remote(ref, plan, *extra)) for r, ref in enumerate(refs)}
             history += self._call(method, calls)[0]  # rank 0 holds the averages
+            if on_progress:
+                on_progress(history, total)
         return history
 
     def fit_sft(self, data: SFTBatch, epochs: int | None = None, max_steps: int | None = None,
-                lr: float | None = None) -> list[dict[str, float]]:
+                lr: float | None = None, on_progress: Progress | None = None) -> list[dict[str, float]]:
         """Supervised fine-tuning on demonstrations (prompt tokens masked out). Defaults from
         stages.sft; lr None -> stages.sft.lr or learner.lr. Returns per-step metrics."""
         st = self.cfg.stages.sft
         return self._fit("fit_sft", data, epochs or st.epochs, max_steps or st.max_steps,
-                         lr or st.lr or self.cfg.learner.lr)
+                         lr or st.lr or self.cfg.learner.lr, on_progress=on_progress)
 
     def fit_reward(self, train: PreferenceBatch, held_out: PreferenceBatch | None = None, loss: str | None = None,
-                   epochs: int | None = None, max_steps: int | None = None, lr: float | None = None) -> RewardFit:
+                   epochs: int | None = None, max_steps: int | None = None, lr: float | None = None,
+                   on_progress: Progress | None = None) -> RewardFit:
         """Reward-model training (stages.rm defaults): pairwise Bradley-Terry or K-wise ranking
         loss; mini/micro-batch sizes count prompts, each with all K of its responses. Afterwards
         the held-out pair accuracy, and score mean/std over all responses (kept for save_pretrained)."""
@@ -308,7 +314,7 @@ class LearnerGroup:
             raise ValueError(f"stages.rm.loss=pairwise needs 2 responses per prompt, the data has {train.group_size}; "
                              "use stages.rm.loss=ranking for K-wise rankings")
         history = self._fit("fit_reward", train, epochs or st.epochs, max_steps or st.max_steps,
-                            lr or st.lr or self.cfg.learner.lr, (loss,))
+                            lr or st.lr or self.cfg.learner.lr, (loss,), on_progress)
         scores = [self.compute_scores(train.input_ids, train.attention_mask)]
         accuracy = None
         if held_out is not None:

@@ -73,14 +73,25 @@ def rl_update(w: "LearnerWorker", exp: Experience, ptx: "SFTBatch | None",
 
 def _minibatch_step(w: "LearnerWorker", mb: Experience, ptx: "SFTBatch | None", ptx_cursor: list[int],
                     is_weight_cap: float | None, use_critic: bool) -> dict[str, float]:
-    """One optimizer step (policy, and critic for PPO) over the micro-batches of minibatch `mb`."""
+    """One optimizer step (policy, and critic for PPO) over the micro-batches of minibatch `mb`.
+
+    Every token of the minibatch weighs the same, however the minibatch is split into
+    micro-batches and ranks: a micro-batch's token-mean loss is scaled by its share of the
+    minibatch's tokens on all ranks (`w.token_scale`), which undoes DeepSpeed's averaging over
+    micro-batches and ranks. The logged losses are then the exact token means of the minibatch."""
     algo, m = w.cfg.algorithm, w.cfg.learner.micro_batch_size
     R = mb.response_mask.shape[1]
     sums: dict[str, float] = {}
     micro = [torch.arange(i, min(i + m, len(mb))) for i in range(0, len(mb), m)]
+    total_tokens = w.global_sum(mb.response_mask.sum().item())
+    if ptx is not None:  # this minibatch's ptx rows, one per experience row, in order
+        p_all = ptx.select(torch.arange(ptx_cursor[0], ptx_cursor[0] + len(mb)) % len(ptx))
+        ptx_cursor[0] += len(mb)
+        ptx_tokens = w.global_sum(p_all.response_mask.sum().item())
     for idx in micro:
         x = mb.select(idx)
         mask = x.response_mask.to(w.device)  # (b, R)
+        scale = w.token_scale(mask.sum().item(), total_tokens, len(micro))
         old = x.old_logprobs.to(w.device)
         logprobs, entropy = w.policy_logprobs(x.input_ids, x.attention_mask, R, w.cfg.rollout.temperature,
                                               entropy="loss" if algo.entropy_coef > 0 else "metric")  # (b, R) each
@@ -93,23 +104,24 @@ def _minibatch_step(w: "LearnerWorker", mb: Experience, ptx: "SFTBatch | None", 
         if algo.kl_loss > 0:  # k3 KL(pi_theta || pi_ref) as a loss term, with gradient (GRPO paper)
             kl3 = masked_mean(torch.where(mask.bool(), kl_estimate(logprobs, x.ref_logprobs.to(w.device), "k3"), 0.0), mask)
             loss = loss + algo.kl_loss * kl3
-        metrics = {"losses/policy": pg_loss.item(), "policy/entropy": ent.item(),
+        loss = loss * scale
+        metrics = {"losses/policy": pg_loss.item() * scale, "policy/entropy": ent.item(),
                    "policy/approx_kl": pm["approx_kl"].item(), "policy/clipfrac": pm["clipfrac"].item(),
                    "policy/ratio_mean": pm["ratio_mean"].item()}
         if algo.kl_loss > 0:
-            metrics["losses/kl"] = kl3.item()
+            metrics["losses/kl"] = kl3.item() * scale
         if ptx is not None:
-            p = ptx.select(torch.arange(ptx_cursor[0], ptx_cursor[0] + len(idx)) % len(ptx))
-            ptx_cursor[0] += len(idx)
+            p = p_all.select(idx)
+            p_mask = p.response_mask.to(w.device)
             ptx_lp, _ = w.policy_logprobs(p.input_ids, p.attention_mask, p.response_len, 1.0)
-            ptx_l = sft_loss(ptx_lp, p.response_mask.to(w.device))
+            ptx_l = sft_loss(ptx_lp, p_mask) * w.token_scale(p_mask.sum().item(), ptx_tokens, len(micro))
             loss = loss + algo.ptx_coef * ptx_l  # PPO-ptx: + gamma * pretraining log-likelihood
             metrics["losses/ptx"] = ptx_l.item()
         w.engine.backward(loss)
         w.engine.step()
         if use_critic:
             values = w.critic_values(x.input_ids, x.attention_mask, R)  # (b, R)
-            v_loss = value_loss(values, x.values.to(w.device), x.returns.to(w.device), mask, algo.value_clip_eps)
+            v_loss = value_loss(values, x.values.to(w.device), x.returns.to(w.device), mask, algo.value_clip_eps) * scale
             w.critic.backward(algo.value_coef * v_loss)
             w.critic.step()
             metrics["losses/value"] = v_loss.item()

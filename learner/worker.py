@@ -184,10 +184,19 @@ class LearnerWorker:
 
     def run_step(self, micro_batches: list, loss_fn: Callable) -> dict[str, float]:
         """One optimizer step of the main engine over `micro_batches` (DeepSpeed accumulates the
-        gradient-accumulation count of micro-batches and steps at the boundary)."""
+        gradient-accumulation count of micro-batches and steps at the boundary). Token-level
+        losses (batches with a response_mask: SFT) weigh every token of the step alike across
+        micro-batches and ranks (token_scale); a preference batch's loss is a mean over prompts,
+        and every micro-batch holds the same number of prompts, so it needs no scaling."""
         sums: dict[str, float] = {}
-        for mb in micro_batches:
+        counts = [mb.response_mask.sum().item() if hasattr(mb, "response_mask") else None for mb in micro_batches]
+        total = self.global_sum(sum(counts)) if counts and counts[0] is not None else None
+        for mb, count in zip(micro_batches, counts):
             loss, metrics = loss_fn(mb)
+            if total is not None:
+                scale = self.token_scale(count, total, len(micro_batches))
+                loss = loss * scale
+                metrics = {k: v * scale if k.startswith("losses/") else v for k, v in metrics.items()}
             self.engine.backward(loss)
             self.engine.step()
             for k, v in metrics.items():
@@ -234,6 +243,22 @@ class LearnerWorker:
 
         self._need(self.spec.role == "policy", "update_rl", "a policy learner")
         return rl_update(self, experience, ptx, is_weight_cap)
+
+    def global_sum(self, x: float) -> float:
+        """x summed over the ranks (one small collective; every rank must call it)."""
+        if self.world_size == 1:
+            return float(x)
+        import torch.distributed as dist
+
+        t = torch.tensor([float(x)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item()
+
+    def token_scale(self, micro_tokens: float, total_tokens: float, num_micro: int) -> float:
+        """Factor turning a micro-batch's token-mean loss into its share of the minibatch's
+        token-mean over all ranks: micro_tokens / total_tokens, times the micro-batch count and
+        the world size that DeepSpeed divides the gradients by."""
+        return micro_tokens * num_micro * self.world_size / max(total_tokens, 1.0)
 
     def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
         """Average each metric over ranks (every rank must pass the same keys)."""

@@ -217,3 +217,28 @@ def test_ptx_rows_are_a_function_of_the_step():
     assert len(src.for_step(0, 25)) == 25 and sorted(src.for_step(0, 10).input_ids[:, 0].tolist()) == list(range(10))
     with pytest.raises(Exception, match="ptx_coef > 0 needs PPO-ptx data"):
         _cfg("algorithm.ptx_coef=0.1", "data.task=null", "data.prompts=p.jsonl")
+
+
+def test_supervised_fit_progress_shows_a_real_rate(tmp_path):
+    import io
+
+    from tidal.cluster.stages import _FitProgress
+    from tidal.common.config import LoggingConfig
+    from tidal.common.metrics import MetricsLogger
+
+    times = iter([0.0, 10.0, 20.0, 30.0])
+    out = io.StringIO()
+    logger = MetricsLogger(tmp_path, LoggingConfig(wandb_mode="disabled"), stream=out, clock=lambda: next(times))
+    progress = _FitProgress(logger, "sft")
+    history: list[dict] = []
+    progress(history, 16)  # before the first window: the bar starts its clock here
+    history += [{"losses/sft": 2.0, "step": float(i + 1)} for i in range(8)]
+    progress(history, 16)
+    history += [{"losses/sft": 1.0, "step": float(i + 9)} for i in range(8)]
+    progress(history, 16)
+    logger.close()
+    lines = out.getvalue().splitlines()
+    assert "8/16" in lines[1] and "1.2 s/step" in lines[1] and "? s/step" not in lines[1], lines
+    assert "16/16" in lines[2] and "loss=1" in lines[2]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 17)) and all(r["stage"] == "sft" for r in records)
