@@ -19,11 +19,13 @@ run's. A stage that was interrupted before finishing (sft, rm) restarts from its
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.cluster import checkpoint as ck
+from tidal.cluster.interrupt import Interrupted, StopRequests
 from tidal.cluster.runtime import connect, disconnect
 from tidal.common.config import ConfigError, TidalConfig, load_config, to_dict, to_yaml
 from tidal.common.metrics import METRICS_FILE, MetricsLogger
@@ -54,7 +56,14 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
     else:
         cfg = load_config(config_path, overrides)
         run_dir = new_run_dir(cfg, config_path)
-    run_pipeline(cfg, run_dir, resume=resume is not None)
+    try:
+        run_pipeline(cfg, run_dir, resume=resume is not None)
+    except (Interrupted, KeyboardInterrupt) as e:
+        done = "; checkpoint written" if isinstance(e, Interrupted) and e.checkpointed else ""
+        where = f"after rl step {e.step} of {e.total}" if isinstance(e, Interrupted) else "before its next checkpoint"
+        print(f"tidal: interrupted ({e.signal_name if isinstance(e, Interrupted) else 'SIGINT'}) {where}{done}. "
+              f"Resume with: tidal train --resume {run_dir}", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 
@@ -124,6 +133,7 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
     logger = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), total_steps=cfg.algorithm.steps, resume=resume)
     t0 = time.perf_counter()
     summary: dict = {}
+    stops = StopRequests().__enter__()  # Ctrl-C / SIGTERM: stop at a safe point (tidal.cluster.interrupt)
     try:
         done = ck.read_run_state(run_dir)["stages"]
         policy = str(resolve_model(cfg.model.policy))
@@ -143,7 +153,7 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
             else:
                 from tidal.cluster.rl_stage import run_rl
 
-                summary = run_rl(cfg, run_dir, logger, data, policy, reward_model)
+                summary = run_rl(cfg, run_dir, logger, data, policy, reward_model, stops)
                 ck.mark_stage_done(run_dir, "rl", {"output": str(run_dir / "policy"), "summary": summary})
             done = ck.read_run_state(run_dir)["stages"]
             if stage == "sft":
@@ -154,7 +164,8 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
                 summary = done["rl"].get("summary", summary)
     finally:
         logger.close()
-        disconnect(conn)
+        disconnect(conn, logs_to=run_dir / "logs" / "ray")
+        stops.__exit__(None, None, None)
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
     _finish(run_dir, summary)
     return summary

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tidal.cluster.checkpoint import DriverState, latest_checkpoint, write_checkpoint
+from tidal.cluster.interrupt import NO_STOPS, Interrupted, StopRequests
 from tidal.cluster.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import MetricsLogger, Timer
@@ -83,8 +84,9 @@ class RLParts:
 class RLLoop:
     """Runs RL steps [start, algorithm.steps) with checkpoints; see the module docstring."""
 
-    def __init__(self, cfg: TidalConfig, run_dir: Path, parts: RLParts, logger: MetricsLogger):
-        self.cfg, self.run_dir, self.parts, self.logger = cfg, Path(run_dir), parts, logger
+    def __init__(self, cfg: TidalConfig, run_dir: Path, parts: RLParts, logger: MetricsLogger,
+                 stops: StopRequests = NO_STOPS):
+        self.cfg, self.run_dir, self.parts, self.logger, self.stops = cfg, Path(run_dir), parts, logger, stops
         self.kl_ctl = make_kl_controller(cfg)
         self.async_mode = cfg.algorithm.mode == "async"
         self.max_staleness = cfg.algorithm.max_staleness if self.async_mode else 0
@@ -149,22 +151,34 @@ class RLLoop:
         self.pipeline = RolloutPipeline(self._produce, self._push, self.step, a.steps, self.max_staleness,
                                         pool_version=self.parts.pool.weight_version)
         self.pipeline.preload(self._preloaded)
-        last: dict[str, float] = {}
         self.logger.progress(self.step, a.steps, stage="rl")
         try:
-            while self.step < a.steps:
-                last = self._train_step(self.step)
-                self.step += 1
-                if self.step % lc.log_every == 0 or self.step == a.steps:
-                    self.logger.log(self.step, last, stage="rl")
-                self.logger.progress(self.step, a.steps, stage="rl", reward=last["rl/score_mean"],
-                                     kl=last["rl/kl"], kl_coef=last["rl/kl_coef"])
-                if lc.checkpoint_every and self.step % lc.checkpoint_every == 0 and self.step < a.steps:
+            with self.stops.safe_points():
+                last = self._steps()
+            if self.stops.requested:
+                if lc.checkpoint_on_interrupt:
                     self.checkpoint()
+                raise Interrupted(self.stops.requested, self.step, a.steps, lc.checkpoint_on_interrupt)
             self.pipeline.drain()  # the last weight push lands before anyone reads the pool
             self.checkpoint()  # the final one (logging.checkpoint_every=0: the only one)
         finally:
             self.pipeline.shutdown()
+        return last
+
+    def _steps(self) -> dict[str, float]:
+        """Train steps until algorithm.steps, or until a stop was requested (checked between
+        steps); returns the last step's metrics."""
+        a, lc = self.cfg.algorithm, self.cfg.logging
+        last: dict[str, float] = {}
+        while self.step < a.steps and not self.stops.requested:
+            last = self._train_step(self.step)
+            self.step += 1
+            if self.step % lc.log_every == 0 or self.step == a.steps:
+                self.logger.log(self.step, last, stage="rl")
+            self.logger.progress(self.step, a.steps, stage="rl", reward=last["rl/score_mean"],
+                                 kl=last["rl/kl"], kl_coef=last["rl/kl_coef"])
+            if lc.checkpoint_every and self.step % lc.checkpoint_every == 0 and self.step < a.steps:
+                self.checkpoint()
         return last
 
     def _train_step(self, step: int) -> dict[str, float]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from tidal.cluster.interrupt import NO_STOPS, StopRequests
 from tidal.cluster.rl_loop import RLLoop, RLParts
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import MetricsLogger
@@ -139,7 +140,7 @@ def _calibrate(cfg: TidalConfig, parts: RLParts, prompts_path: Path) -> dict[str
 
 
 def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy: str,
-           reward_model: str | None) -> dict:
+           reward_model: str | None, stops: StopRequests = NO_STOPS) -> dict:
     """The whole RL stage; returns the summary (before/after evaluation, last KL)."""
     if data.prompts is None:
         raise ValueError("the rl stage needs prompts: set data.prompts or data.task")
@@ -154,7 +155,7 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
           f"{cfg.learner.num_workers} learner(s) + reference, {cfg.rollout.num_workers} rollout worker(s))", flush=True)
     summary: dict = {}
     try:
-        loop = RLLoop(cfg, run_dir, parts, logger)
+        loop = RLLoop(cfg, run_dir, parts, logger, stops)
         if not loop.restore():
             if parts.reward.normalize == "reference":
                 logger.log(0, _calibrate(cfg, parts, data.prompts), stage="rl")

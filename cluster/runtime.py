@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from tidal.common.config import ClusterConfig
 
@@ -58,6 +60,7 @@ class RayConnection:
     started_here: bool  # we called ray.init (False: the caller already had Ray up)
     embedded: bool  # a local cluster was started inside this process
     address: str
+    temp_dir: str | None = None  # the embedded cluster's temp folder, when tidal made it (removed at disconnect)
 
 
 def connect(cfg: ClusterConfig, min_cpus: float = 0) -> RayConnection:
@@ -75,15 +78,25 @@ def connect(cfg: ClusterConfig, min_cpus: float = 0) -> RayConnection:
         num_cpus = cfg.num_cpus or max(math.ceil(min_cpus), os.cpu_count() or 1)
         ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=os.path.abspath(temp_dir), runtime_env=runtime_env,
                  log_to_driver=True)
-        return RayConnection(started_here=True, embedded=True, address="local")
+        return RayConnection(started_here=True, embedded=True, address="local",
+                             temp_dir=None if cfg.ray_temp_dir else os.path.abspath(temp_dir))
     # A submitted job runs with RAY_ADDRESS set; joining keeps its job runtime_env (working dir).
     address = cfg.address or os.environ["RAY_ADDRESS"]
     ray.init(address=address, runtime_env=runtime_env if cfg.address is not None else None)
     return RayConnection(started_here=True, embedded=False, address=address)
 
 
-def disconnect(conn: RayConnection) -> None:
+def disconnect(conn: RayConnection, logs_to: Path | None = None) -> None:
+    """Shut down what `connect` started. An embedded cluster's worker and engine logs are copied
+    to `logs_to` (e.g. RUN/logs/ray) and the temp folder tidal made for it is removed."""
     import ray
 
     if conn.started_here and ray.is_initialized():
         ray.shutdown()
+    if conn.temp_dir is None:
+        return
+    logs = Path(conn.temp_dir) / "session_latest" / "logs"
+    if logs_to is not None and logs.is_dir():
+        shutil.copytree(logs, logs_to, dirs_exist_ok=True, ignore_dangling_symlinks=True,
+                        ignore=shutil.ignore_patterns("*.sock", "*.pid"))
+    shutil.rmtree(conn.temp_dir, ignore_errors=True)

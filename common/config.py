@@ -160,6 +160,7 @@ class LoggingConfig:
     log_every: int = doc(1, "Log metrics every N steps.", min=1)
     checkpoint_every: int = doc(0, "Checkpoint every N RL steps (0: only at the end).", min=0)
     progress: bool = doc(True, "Console progress bar.")
+    checkpoint_on_interrupt: bool = doc(True, "Ctrl-C / SIGTERM during RL: finish the current step, write a checkpoint, then stop (a second signal stops at once). `tidal train --resume RUN` continues from it.")
     eval_samples: int = doc(8, "Held-out prompts whose completions are saved before and after RL.", min=0)
 
 

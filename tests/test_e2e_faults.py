@@ -1,6 +1,7 @@
 """Faults during a run: a rollout worker killed with SIGKILL, and the driver killed and resumed."""
 
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -115,17 +116,38 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if k not in ("time", "stage") and not k.startswith(VOLATILE)} for r in records]
 
 
-@pytest.mark.parametrize("mode", ["async"])
-def test_driver_killed_after_a_checkpoint_resumes_to_the_same_metrics(ray_cluster, tmp_path, mode):
-    steps = 8
-    overrides = tiny_overrides(tmp_path, "x", f"algorithm.steps={steps}", "logging.checkpoint_every=2",
-                               f"algorithm.mode={mode}", "cluster.ray_temp_dir=" + tempfile.mkdtemp(prefix="tr-"))
-    # the reference: an uninterrupted run (in this process, on the session's cluster)
-    ref_cfg = load_config(REPO / "configs" / "tiny_ppo.yaml", overrides[:1] + ["logging.run_name=ref"] + overrides[2:])
-    run_pipeline(ref_cfg, tmp_path / "ref")
+STEPS = 8
 
+
+@pytest.fixture(scope="module")
+def reference_run(ray_cluster, tmp_path_factory):
+    """An uninterrupted async run (in this process, on the session's cluster) to compare with."""
+    tmp = tmp_path_factory.mktemp("ref")
+    overrides = _overrides(tmp, "ref")
+    run_pipeline(load_config(REPO / "configs" / "tiny_ppo.yaml", overrides), tmp / "ref")
+    return tmp / "ref"
+
+
+def _overrides(tmp, name, *extra):
+    return tiny_overrides(tmp, name, f"algorithm.steps={STEPS}", "logging.checkpoint_every=2", "algorithm.mode=async",
+                          *extra)
+
+
+def _assert_same_run(run_dir, ref_dir):
+    got, want = rl_records(run_dir), rl_records(ref_dir)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # no step lost or repeated
+    for g, w in zip(_comparable(got), _comparable(want)):
+        assert g.keys() == w.keys()
+        for k in w:
+            assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), (g["step"], k)
+    assert read_jsonl(run_dir / "rollouts.jsonl") == read_jsonl(ref_dir / "rollouts.jsonl")
+    after = [r["completion"] for r in read_jsonl(run_dir / "samples_after.jsonl")]
+    assert after == [r["completion"] for r in read_jsonl(ref_dir / "samples_after.jsonl")]
+
+
+def test_driver_killed_after_a_checkpoint_resumes_to_the_same_metrics(reference_run, tmp_path):
     run_dir = tmp_path / "crash"
-    args = ["configs/tiny_ppo.yaml", *overrides[:1], "logging.run_name=crash", *overrides[2:]]
+    args = ["configs/tiny_ppo.yaml", *_overrides(tmp_path, "crash", "cluster.ray_temp_dir=" + tempfile.mkdtemp(prefix="tr-"))]
     proc = _run_driver(args, subprocess_env())
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.monotonic() + 600
@@ -136,17 +158,41 @@ def test_driver_killed_after_a_checkpoint_resumes_to_the_same_metrics(ray_cluste
     assert proc.poll() is None, f"driver ended before its step-4 checkpoint:\n{proc.stdout.read()[-3000:]}"
     _kill_tree(proc)
     logged = [r["step"] for r in rl_records(run_dir)]
-    assert 4 <= max(logged) < steps, logged  # killed mid-run, after the checkpoint
+    assert 4 <= max(logged) < STEPS, logged  # killed mid-run, after the checkpoint
 
     resumed = _run_driver(["--resume", str(run_dir)], subprocess_env())
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
-    got, want = rl_records(run_dir), rl_records(tmp_path / "ref")
-    assert [r["step"] for r in got] == list(range(1, steps + 1))  # no step lost or repeated
-    for g, w in zip(_comparable(got), _comparable(want)):
-        assert g.keys() == w.keys()
-        for k in w:
-            assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), (g["step"], k)
-    assert read_jsonl(run_dir / "rollouts.jsonl") == read_jsonl(tmp_path / "ref" / "rollouts.jsonl")
-    after = [r["completion"] for r in read_jsonl(run_dir / "samples_after.jsonl")]
-    assert after == [r["completion"] for r in read_jsonl(tmp_path / "ref" / "samples_after.jsonl")]
+    _assert_same_run(run_dir, reference_run)
+
+
+def test_sigint_stops_at_a_safe_point_cleans_up_and_resumes_to_the_same_metrics(reference_run, tmp_path):
+    run_dir = tmp_path / "int"
+    before = set(Path(tempfile.gettempdir()).glob("tidal-ray-*"))
+    proc = _run_driver(["configs/tiny_ppo.yaml", *_overrides(tmp_path, "int")], subprocess_env())
+    stop_after = random.Random(0).choice([1, 2, 3])  # the step after which Ctrl-C comes
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and len(rl_records(run_dir)) >= stop_after:
+            break
+        time.sleep(0.05)
+    temp_dirs = set(Path(tempfile.gettempdir()).glob("tidal-ray-*")) - before
+    assert proc.poll() is None and len(temp_dirs) == 1, proc.stdout.read()[-3000:] if proc.poll() is not None else temp_dirs
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and f"Resume with: tidal train --resume {run_dir}" in out, out[-3000:]
+    stopped_at = max(r["step"] for r in rl_records(run_dir))
+    assert stop_after <= stopped_at < STEPS
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{stopped_at:06d}"  # checkpoint at the stop
+    (temp_dir,) = temp_dirs
+    time.sleep(10)
+    left = [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"Ray processes left behind: {left}"
+    assert not temp_dir.exists()  # the embedded cluster's temp folder is removed ...
+    assert list((run_dir / "logs" / "ray").glob("*"))  # ... after its worker logs were kept in the run
+
+    resumed = _run_driver(["--resume", str(run_dir)], subprocess_env())
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    _assert_same_run(run_dir, reference_run)

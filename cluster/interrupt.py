@@ -1,0 +1,63 @@
+"""Ctrl-C and SIGTERM during a run: stop at a safe point, keep what was done, say how to go on.
+
+`StopRequests` installs handlers for SIGINT and SIGTERM in the driver's main thread. While a
+loop that has safe points runs (`safe_points()`), the first signal only sets a flag the loop
+reads between steps (a step is never cut in half, so the checkpoint written then is exact); a
+second signal raises KeyboardInterrupt at once. Outside such a loop (start-up, SFT, RM) the
+first signal raises KeyboardInterrupt. Either way the driver's `finally` blocks stop the actors
+and shut Ray down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+
+class StopRequests:
+    def __init__(self) -> None:
+        self.requested: str | None = None  # name of the signal that asked to stop
+        self._safe_depth = 0
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        name = signal.Signals(signum).name
+        if self._safe_depth and self.requested is None:
+            self.requested = name
+            print(f"\ntidal: {name}: stopping after the current step (again to stop at once)", flush=True)
+            return
+        raise KeyboardInterrupt(name)
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def safe_points(self) -> Iterator["StopRequests"]:
+        """Within this block the first signal only sets `requested`."""
+        self._safe_depth += 1
+        try:
+            yield self
+        finally:
+            self._safe_depth -= 1
+
+
+class Interrupted(Exception):
+    """The run stopped at a safe point after Ctrl-C / SIGTERM (see tidal.cluster.interrupt)."""
+
+    def __init__(self, signal_name: str, step: int, total: int, checkpointed: bool):
+        self.signal_name, self.step, self.total, self.checkpointed = signal_name, step, total, checkpointed
+        super().__init__(f"{signal_name} after rl step {step} of {total}"
+                         + (" (checkpoint written)" if checkpointed else " (no checkpoint: logging.checkpoint_on_interrupt=false)"))
+
+
+NO_STOPS = StopRequests()  # never installed: `requested` stays None (library use, tests)
