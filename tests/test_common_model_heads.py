@@ -154,3 +154,24 @@ def test_fold_adds_a_bias_to_a_bias_free_head(rm_folder):
     torch.testing.assert_close(model.score(ids, mask), (raw + 0.5) / 4.0, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="scale"):
         fold_affine_into_value_head(model, 0.0, float("inf"))
+
+
+def test_folded_critic_matches_the_reward_service(rm_folder):
+    # The number the RL loop actually receives: RewardWorker's normalised score of token ids
+    # [prompt | response + EOS], then the reference calibration. The folded critic's value at
+    # the last token of the same (left-padded) sequences must equal it.
+    from tidal.reward_service.worker import RewardInput, RewardWorker
+
+    tok = load_tokenizer(rm_folder)
+    seqs = [tok("a review:")["input_ids"] + tok(" lovely film", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+            tok("rate it")["input_ids"] + tok(" bad", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    service = RewardWorker(str(rm_folder), device="cpu").score(RewardInput(["", ""], ["", ""], token_ids=seqs))
+    reference = (0.1, 0.8)
+    expected = (service - reference[0]) / reference[1]
+
+    critic = fold_affine_into_value_head(
+        load_value_model(rm_folder), *reward_head_affine(read_value_model_meta(rm_folder), reference))
+    width = max(map(len, seqs))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    torch.testing.assert_close(critic.score(ids, mask), expected, atol=1e-5, rtol=0)
