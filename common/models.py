@@ -14,6 +14,7 @@ Also here: the value model (backbone + scalar head) used for reward models and c
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -103,20 +104,53 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def _disable_dropout(config) -> None:
-    """Every dropout probability in an HF config (and its sub-configs) to 0 (ANCHORS detail 9)."""
+# Name fragments of dropout probabilities: HF's `*dropout*` (Llama, Qwen, BERT), GPT-2/Phi's
+# `*_pdrop` and stochastic layer dropping (`layerdrop`). All of them make two forward passes of
+# the same weights disagree, which turns PPO ratios and KL estimates into noise (ANCHORS detail 9).
+_DROPOUT_KEYS = ("dropout", "pdrop", "layerdrop")
+
+
+def _is_dropout_key(key: str) -> bool:
+    return any(frag in key.lower() for frag in _DROPOUT_KEYS)
+
+
+def _disable_config_dropout(config) -> None:
+    """Every float dropout probability of an HF config (and its sub-configs) to 0."""
     for key, value in list(vars(config).items()):
-        if "dropout" in key and isinstance(value, float):
+        if _is_dropout_key(key) and isinstance(value, float):
             setattr(config, key, 0.0)
         elif hasattr(value, "to_dict") and hasattr(value, "model_type"):
-            _disable_dropout(value)
+            _disable_config_dropout(value)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Turn every kind of dropout in `model` off, in place, and return it.
+
+    Three places hold a dropout probability and each is covered:
+      - dropout modules (nn.Dropout, Dropout1d/2d/3d, AlphaDropout: all `_DropoutNd`): p = 0;
+      - float attributes of any module named like a dropout (`attention_dropout` in Llama/Phi
+        attention, read at forward time for the functional/SDPA dropout): 0.0;
+      - the HF config of the model and of every submodule that carries one (`*dropout*`,
+        `*_pdrop`, `*layerdrop*` float keys): 0.0, so a re-save or a later module build agrees.
+    Config keys alone are not enough: GPT-2's `*_pdrop` modules are built before anything here
+    runs, and a key-name filter on "dropout" missed them (issue 10, item 4)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for key, value in list(vars(module).items()):
+            if isinstance(value, float) and not key.startswith("_") and _is_dropout_key(key):
+                setattr(module, key, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            _disable_config_dropout(config)
+    return model
 
 
 def _load_config(path: str | Path):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path))
-    _disable_dropout(config)
+    _disable_config_dropout(config)  # before the modules are built from it
     return config
 
 
@@ -125,7 +159,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.M
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), config=_load_config(path), dtype=dtype)
-    return model.eval()
+    return disable_dropout(model).eval()
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -198,7 +232,7 @@ def load_value_model(path: str | Path, dtype: torch.dtype = torch.float32,
     if head_file.is_file():
         state = load_file(str(head_file))
         model.value_head.load_state_dict({k: v.to(dtype) for k, v in state.items()})
-    return model.eval()
+    return disable_dropout(model).eval()
 
 
 def save_value_model(model: ValueModel, out_dir: str | Path, extra: dict | None = None,
@@ -224,3 +258,72 @@ def read_value_model_meta(path: str | Path) -> dict:
     """The metadata dict saved by save_value_model ({} for a folder without one)."""
     meta = Path(path) / VALUE_META_FILE
     return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+# ---------------------------------------------------------------------------- critic head scale
+
+def compose_affine(*maps: tuple[float, float]) -> tuple[float, float]:
+    """One (shift, scale) equal to applying the normalisations `maps` in order.
+
+    Each map is (shift, scale) meaning x -> (x - shift) / scale. Two in a row,
+    y = ((x - s1) / c1 - s2) / c2 = (x - (s1 + s2 * c1)) / (c1 * c2), so the pair folds into
+    shift = s1 + s2 * c1, scale = c1 * c2; more maps fold the same way left to right.
+    No map: the identity (0.0, 1.0). A term weight w (y = w * x) is the map (0.0, 1 / w)."""
+    shift, scale = 0.0, 1.0
+    for i, (s, c) in enumerate(maps):
+        s, c = float(s), float(c)
+        if not (math.isfinite(s) and math.isfinite(c) and c != 0.0):
+            raise ValueError(f"affine map {i} = (shift={s}, scale={c}): shift must be finite and scale finite and non-zero.")
+        shift, scale = shift + s * scale, scale * c
+    return shift, scale
+
+
+def reward_head_affine(meta: dict, reference: tuple[float, float] | None = None,
+                       weight: float = 1.0) -> tuple[float, float]:
+    """(shift, scale) that turns a reward-model folder's raw head output into the reward the RL
+    loop sees for a single model term: first the folder's own normalisation
+    (raw - reward_mean) / reward_std (`read_value_model_meta`, as the reward service applies
+    it), then the term weight, then, with `reward.normalize: reference`, the reference
+    calibration `reference` = (mean_ref, std_ref) from `CombinedReward.calibrate`.
+    Clipping (`reward.clip`) and the missing-EOS penalty are not affine and are left out; with
+    several reward terms the critic can only be pre-scaled for the model term's share."""
+    mean, std = float(meta.get("reward_mean", 0.0)), float(meta.get("reward_std", 1.0))
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise ValueError(f"reward-model metadata reward_mean={mean}, reward_std={std}: std must be finite and > 0.")
+    if weight == 0:
+        raise ValueError("reward term weight 0: the critic would predict a constant; do not fold a zero-weight term.")
+    maps = [(mean, std), (0.0, 1.0 / weight)]
+    if reference is not None:
+        maps.append((reference[0], reference[1] if reference[1] > 1e-8 else 1.0))  # CombinedReward's std floor
+    return compose_affine(*maps)
+
+
+@torch.no_grad()
+def fold_affine_into_value_head(model: ValueModel, shift: float, scale: float) -> ValueModel:
+    """Rewrite `model.value_head` in place so it outputs (raw - shift) / scale, and return model.
+
+    With head h(x) = w.x + b: w' = w / scale, b' = (b - shift) / scale. A head without bias
+    gets one (a fresh nn.Linear with bias, same weight, dtype and device): a non-zero shift
+    cannot be expressed otherwise. The arithmetic runs in float64 and is cast back, so a
+    bfloat16 head loses no more than its own rounding. Call it on a plain (not yet
+    ZeRO-3-partitioned) module, i.e. after load_value_model and before deepspeed.initialize;
+    a partitioned head is refused rather than silently left as is."""
+    scale, shift = float(scale), float(shift)
+    if not (math.isfinite(shift) and math.isfinite(scale) and scale != 0.0):
+        raise ValueError(f"fold_affine_into_value_head: shift={shift}, scale={scale}; need finite values and scale != 0.")
+    head = model.value_head
+    if any(hasattr(p, "ds_id") for p in head.parameters()):
+        raise RuntimeError("the value head is partitioned by ZeRO-3; fold the affine map before deepspeed.initialize "
+                           "(or inside deepspeed.zero.GatheredParameters(head.parameters(), modifier_rank=0)).")
+    weight = head.weight.double() / scale
+    bias = (head.bias.double() if head.bias is not None else torch.zeros(head.out_features, dtype=torch.float64,
+                                                                          device=head.weight.device))
+    bias = (bias - shift) / scale
+    if head.bias is None:
+        new = nn.Linear(head.in_features, head.out_features, bias=True,
+                        dtype=head.weight.dtype, device=head.weight.device)
+        new.weight.requires_grad_(head.weight.requires_grad)
+        model.value_head = head = new
+    head.weight.copy_(weight.to(head.weight.dtype))
+    head.bias.copy_(bias.to(head.bias.dtype))
+    return model

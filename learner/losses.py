@@ -134,3 +134,53 @@ def entropy_bonus(logits: torch.Tensor, mask: torch.Tensor, temperature: float =
     The trainer subtracts coef * this from its loss to keep exploration alive."""
     entropy = entropy_from_logits(logits, temperature)  # (B, T)
     return masked_mean(torch.where(mask.bool(), entropy, 0.0), mask)
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,  # (B,) sum of log pi_theta over the chosen response, with grad
+    policy_rejected_logps: torch.Tensor,  # (B,) same for the rejected response
+    ref_chosen_logps: torch.Tensor,  # (B,) log pi_ref of the chosen response (frozen SFT model)
+    ref_rejected_logps: torch.Tensor,  # (B,)
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct preference optimisation on sequence log-probs, mean over the B pairs.
+
+    With the log-ratios rho_c = pc - rc and rho_r = pr - rr and h = rho_c - rho_r:
+      sigmoid (DPO, Rafailov et al. 2023):  -log sigmoid(beta * h); with label_smoothing eps
+          (conservative DPO: each label is wrong with probability eps) it becomes
+          -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h);
+      ipo (IPO, Azar et al. 2023):  (h - 1 / (2 beta))^2, which regresses the margin to a finite
+          target instead of pushing it to infinity when the preferences are deterministic.
+    Reference log-probs are constants (detached). Metrics (detached): rewards/chosen and
+    rewards/rejected are the implicit rewards beta * rho averaged over pairs, rewards/margin
+    their difference, rewards/accuracy the share of pairs with chosen reward > rejected reward.
+    """
+    shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"dpo_loss takes four (B,) tensors of one shape, got shapes {sorted(shapes)}")
+    if not beta > 0:
+        raise ValueError(f"dpo beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"dpo label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps.detach()  # (B,)
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps.detach()  # (B,)
+    h = chosen_ratio - rejected_ratio  # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        if label_smoothing:
+            raise ValueError("dpo label_smoothing applies to loss_type 'sigmoid' only; set it to 0 for 'ipo'")
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown dpo loss_type {loss_type!r}; choose 'sigmoid' (DPO) or 'ipo'")
+    with torch.no_grad():
+        chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        }
+    return losses.mean(), metrics
