@@ -43,8 +43,10 @@ def _critic_path(cfg: TidalConfig, policy: str, reward_model: str | None) -> str
     return reward_model or policy
 
 
-def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data):
-    """Placement, learners (+reference), rollout pool, reward and prompt dataset."""
+def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, calibrate: bool = True):
+    """Placement, rollout pool, reward, learners (+reference) and prompt dataset. With
+    `calibrate` and reference reward normalisation, the reward is calibrated on samples of the
+    initial policy first, so the critic can start on the normalised reward's scale."""
     from tidal.actors.placement import Placement, plan_placement, role_counts
     from tidal.common.data import PromptDataset
     from tidal.learner.group import LearnerGroup
@@ -54,18 +56,40 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data):
     placement = Placement(plan_placement(cfg, role_counts(cfg, reference=True)),
                           cfg.cluster.sync_timeout_s)
     learners = pool = reward = None
+    calibration: dict[str, float] = {}
     try:
-        learners = LearnerGroup(cfg, policy, role="policy", critic_path=_critic_path(cfg, policy, reward_model),
-                                reference_path=policy, placement=placement)
         pool = RolloutPool(cfg, policy, actor_options=placement.actor_options("rollout"))
         reward = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=policy, placement=placement,
                               dtype=cfg.model.dtype, worker_timeout_s=cfg.cluster.sync_timeout_s)
+        if calibrate and reward.normalize == "reference":
+            calibration = _calibrate(cfg, pool, reward, data.prompts, policy)
+        critic = _critic_path(cfg, policy, reward_model)
+        learners = LearnerGroup(cfg, policy, role="policy", critic_path=critic, reference_path=policy,
+                                placement=placement, critic_affine=critic_affine(reward, critic))
     except BaseException:
         stop_parts(placement, learners, pool, reward)
         raise
     dataset = PromptDataset(data.prompts, learners.tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template,
                             seed=cfg.seed)
-    return placement, RLParts(learners, pool, reward, dataset, _ptx_source(cfg, data, learners.tokenizer))
+    return placement, RLParts(learners, pool, reward, dataset, _ptx_source(cfg, data, learners.tokenizer)), calibration
+
+
+def critic_affine(reward, critic_path: str | None) -> tuple[float, float] | None:
+    """(shift, scale) that puts a critic initialised from a reward-model folder on the scale of
+    the rewards it must predict: the folder's own normalisation, the model term's weight and,
+    with reference normalisation, the calibration (docs/implementation.md#d6, #d9). None when the
+    critic does not start from the reward model of a `model` term."""
+    from tidal.common.models import read_value_model_meta, reward_head_affine
+    from tidal.reward_service.combine import ModelReward
+
+    if critic_path is None:
+        return None
+    terms = [t for t in reward.terms if isinstance(t.fn, ModelReward)
+             and Path(t.fn.pool.model_path).resolve() == Path(critic_path).resolve()]
+    if len(terms) != 1:
+        return None
+    reference = reward.reference if reward.normalize == "reference" else None
+    return reward_head_affine(read_value_model_meta(critic_path), reference=reference, weight=terms[0].weight)
 
 
 def _ptx_source(cfg: TidalConfig, data, tokenizer):
@@ -126,17 +150,18 @@ def evaluate(cfg: TidalConfig, parts: RLParts, eval_path: Path | None, out_file:
     return out
 
 
-def _calibrate(cfg: TidalConfig, parts: RLParts, prompts_path: Path) -> dict[str, float]:
+def _calibrate(cfg: TidalConfig, pool, reward, prompts_path: Path, policy: str) -> dict[str, float]:
     """reward.normalize=reference: scale so the initial (reference) policy's samples score ~N(0, 1)
     (ANCHORS detail 6), from one step's worth of training prompts in a separate order."""
     from tidal.common.data import PromptDataset
+    from tidal.common.models import load_tokenizer
     from tidal.rollout.sampling import Sampling
 
-    ds = PromptDataset(prompts_path, parts.learners.tokenizer,
-                       cfg.data.max_prompt_tokens, cfg.data.chat_template, seed=cfg.seed + 1)
-    rollout = parts.pool.generate(ds.next_batch(max(cfg.algorithm.prompts_per_step, 8)),
-                                  Sampling.from_config(cfg.rollout, EVAL_SEED + 1))
-    return parts.reward.calibrate(parts.reward.score(rollout, raw=True))
+    ds = PromptDataset(prompts_path, load_tokenizer(policy), cfg.data.max_prompt_tokens, cfg.data.chat_template,
+                       seed=cfg.seed + 1)
+    rollout = pool.generate(ds.next_batch(max(cfg.algorithm.prompts_per_step, 8)),
+                            Sampling.from_config(cfg.rollout, EVAL_SEED + 1))
+    return reward.calibrate(reward.score(rollout, raw=True))
 
 
 def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy: str,
@@ -150,15 +175,17 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
               "estimate of the sequence KL (only k1 is unbiased there); use algorithm.kl_loss for a k3 KL loss term.",
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    placement, parts = start_parts(cfg, policy, reward_model, data)
+    from tidal.cluster.checkpoint import latest_checkpoint
+
+    resuming = latest_checkpoint(run_dir) is not None  # the checkpoint holds the calibration and the critic
+    placement, parts, calibration = start_parts(cfg, policy, reward_model, data, calibrate=not resuming)
     print(f"tidal: rl roles up in {time.perf_counter() - t0:.1f} s ({cfg.cluster.placement}: "
           f"{cfg.learner.num_workers} learner(s) + reference, {cfg.rollout.num_workers} rollout worker(s))", flush=True)
     summary: dict = {}
     try:
         loop = RLLoop(cfg, run_dir, parts, logger, stops)
-        if not loop.restore():
-            if parts.reward.normalize == "reference":
-                logger.log(0, _calibrate(cfg, parts, data.prompts), stage="rl")
+        if not loop.restore() and calibration:
+            logger.log(0, calibration, stage="rl")
         before_file = run_dir / "samples_before.jsonl"
         if not before_file.is_file():
             summary["before"] = evaluate(cfg, parts, data.eval_prompts, before_file)

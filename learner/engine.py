@@ -131,16 +131,40 @@ def build_policy(cfg: TidalConfig, path: str, world_size: int) -> torch.nn.Modul
     return model.train()
 
 
-def build_value(cfg: TidalConfig, path: str, world_size: int) -> torch.nn.Module:
+def build_value(cfg: TidalConfig, path: str, world_size: int,
+                affine: tuple[float, float] | None = None) -> torch.nn.Module:
     """Value model (critic or reward model): LM backbone + scalar head, from a reward-model
-    folder (head included, ANCHORS 9) or a plain LM folder (fresh head)."""
+    folder (head included, ANCHORS 9) or a plain LM folder (fresh head). `affine` = (shift,
+    scale): the head is rewritten to output (raw - shift) / scale, so a critic initialised from
+    a reward model starts on the scale of the normalised rewards it must predict."""
     from tidal.common.models import load_value_model
 
     with zero3_construction(cfg, world_size):
         model = load_value_model(path, model_dtype(cfg))
+    if affine is not None:
+        fold_head(model, *affine, partitioned=cfg.learner.zero_stage == 3)
     if cfg.learner.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
+
+
+@torch.no_grad()
+def fold_head(model: torch.nn.Module, shift: float, scale: float, partitioned: bool) -> None:
+    """value_head(x) -> (value_head(x) - shift) / scale, in place. Under ZeRO-3 the head's
+    partitions are gathered, changed on rank 0 and scattered back (every rank must call this)."""
+    from contextlib import nullcontext
+
+    from tidal.common.models import fold_affine_into_value_head
+
+    if not partitioned:
+        fold_affine_into_value_head(model, shift, scale)
+        return
+    import deepspeed
+
+    head = model.value_head
+    with deepspeed.zero.GatheredParameters([head.weight, head.bias], modifier_rank=0) if partitioned else nullcontext():
+        head.weight.data.copy_((head.weight.data.double() / scale).to(head.weight.dtype))
+        head.bias.data.copy_(((head.bias.data.double() - shift) / scale).to(head.bias.dtype))
 
 
 def make_engine(cfg: TidalConfig, module: torch.nn.Module, lr: float, world_size: int):

@@ -63,12 +63,15 @@ def default_rl_total_steps(cfg: TidalConfig) -> int:
 class LearnerGroup:
     def __init__(self, cfg: TidalConfig, model_path: str | Path, role: str = "policy",
                  critic_path: str | Path | None = None, reference_path: str | Path | None = None, *,
-                 local: bool = False, placement: Any = None, rl_total_steps: int | None = None):
+                 local: bool = False, placement: Any = None, rl_total_steps: int | None = None,
+                 critic_affine: tuple[float, float] | None = None):
         """role "policy": causal LM (critic from `critic_path` when given: the reward-model folder,
         docs/implementation.md#d9); role "reward": a value model trained on preferences.
         `reference_path`: start a frozen reference worker (the RL stage's initial policy).
         `placement`: a tidal.actors.placement.Placement whose "learner" and "reference" slots to
-        use; None: the group places itself (its own placement group, freed by shutdown)."""
+        use; None: the group places itself (its own placement group, freed by shutdown).
+        `critic_affine` (shift, scale): the critic's head outputs (raw - shift) / scale, e.g. the
+        reward normalisation of the reward model it starts from (see cluster/rl_stage.py)."""
         self.cfg, self.role, self.local = cfg, role, local
         self.world_size = cfg.learner.num_workers
         self.timeout = cfg.cluster.sync_timeout_s
@@ -81,7 +84,7 @@ class LearnerGroup:
             raise ValueError(f"local mode runs one rank in-process; set learner.num_workers=1 (got {self.world_size})")
         self.tokenizer = load_tokenizer(model_path)  # the driver pads and tokenizes with it
         self.spec = WorkerSpec(role, str(model_path), None if critic_path is None else str(critic_path),
-                               rl_total_steps or default_rl_total_steps(cfg))
+                               rl_total_steps or default_rl_total_steps(cfg), critic_affine)
         self.reward_stats: dict[str, float] = {}
         self.ranks: ActorGroup | None = None
         self.reference: ActorGroup | None = None

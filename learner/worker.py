@@ -42,6 +42,7 @@ class WorkerSpec:
     model_path: str  # HF folder: the policy (policy role) or the backbone/RM folder (reward role)
     critic_path: str | None = None  # policy role: value-model init (RM folder or LM); None: no critic
     rl_total_steps: int = 1  # optimizer steps of the RL stage (the linear LR decay's horizon)
+    critic_affine: tuple[float, float] | None = None  # (shift, scale) folded into the critic's head
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class LearnerWorker:
         if spec.role == "policy":
             self.engine = make_engine(cfg, build_policy(cfg, spec.model_path, n), lc.lr, n)
             if spec.critic_path is not None:
-                self.critic = make_engine(cfg, build_value(cfg, spec.critic_path, n), lc.critic_lr, n)
+                self.critic = make_engine(cfg, build_value(cfg, spec.critic_path, n, spec.critic_affine), lc.critic_lr, n)
         else:
             self.engine = make_engine(cfg, build_value(cfg, spec.model_path, n), lc.lr, n)
         return {"dist_init_s": t1 - t0, "engines_s": time.perf_counter() - t1}

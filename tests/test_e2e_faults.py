@@ -45,9 +45,9 @@ def test_killed_rollout_worker_loses_and_duplicates_no_prompt(ray_cluster, tmp_p
     real_start = rl_stage.start_parts
 
     def capture(*args, **kwargs):
-        placement, parts = real_start(*args, **kwargs)
+        placement, parts, calibration = real_start(*args, **kwargs)
         started.update(placement=placement, parts=parts, pids=[i.pid for i in parts.pool.worker_infos()])
-        return placement, parts
+        return placement, parts, calibration
 
     monkeypatch.setattr(rl_stage, "start_parts", capture)
     # Slots are freed when the pool shuts down, so record the ones added while the run is live.

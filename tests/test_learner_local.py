@@ -310,3 +310,31 @@ def test_kl_loss_term_pulls_the_policy_toward_the_reference(tiny_model):
         assert (delta < 0).all(), delta  # only the KL term pulls: toward the (lower) reference logprobs
     finally:
         g.shutdown()
+
+
+def test_critic_from_the_reward_model_starts_on_the_normalised_reward(tiny_model, tmp_path):
+    from reward_fixtures import make_reward_model, make_rollout
+
+    from tidal.cluster.rl_stage import critic_affine
+    from tidal.common.config import RewardConfig, RewardTerm
+    from tidal.reward_service.combine import build_reward
+
+    rm = make_reward_model(tiny_model, tmp_path / "rm", extra={"reward_mean": 0.3, "reward_std": 2.0})
+    reward = build_reward(RewardConfig(terms=(RewardTerm(kind="model", target=str(rm), weight=1.5),),
+                                       normalize="reference"), policy_tokenizer=tiny_model, local=True)
+    reward.calibrate(torch.tensor([0.1, 0.5, 0.9, -0.2]))  # the reference policy's raw scores
+    g = LearnerGroup(_cfg(), tiny_model, critic_path=rm, reference_path=tiny_model, local=True,
+                     critic_affine=critic_affine(reward, str(rm)))
+    try:
+        rollout = make_rollout(["How was it?", "Tell me:"], ["It was lovely", "bad"], tokenizer=g.tokenizer)
+        want = reward.score(rollout).scores  # (B,) what the RL loop will see at the last token
+        fwd = g.forward(rollout, with_values=False)
+        critic = g.ranks.local_instance(0).critic
+        with torch.no_grad():
+            values = critic(fwd.input_ids, fwd.attention_mask)  # (B, P+R)
+        last = fwd.input_ids.shape[1] - fwd.response_len + fwd.response_mask.sum(-1).long() - 1
+        got = values[torch.arange(len(last)), last]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, want * 0 + got.mean())  # a real, row-dependent check
+    finally:
+        g.shutdown()
