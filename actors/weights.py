@@ -11,7 +11,7 @@ about `bucket_mb` MB: one `ray.put` per bucket, so a 500-tensor model is a handf
 objects, not 500 messages. The handle holds only the bucket ObjectRefs; each worker `ray.get`s
 the buckets itself (the driver is not in the data path), and on one node that get maps the
 shared-memory copy without copying (RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1 makes torch tensors
-take that path; PLATFORM.md measured ray.put at 4x faster with it).
+take that path; docs/platform.md#p-ray-zero-copy measured ray.put at 4x faster with it).
 
 A bucket is either a dict[str, Tensor] (what the learner's `export_weights` puts; zero-copy
 per tensor) or a `FlatBucket` (all tensors in one contiguous byte buffer plus names, shapes,

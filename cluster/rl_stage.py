@@ -4,7 +4,7 @@ after, save the final policy.
 Roles: the learner group (policy + critic ranks and the frozen reference) and the rollout pool
 are placed by `tidal.actors.placement` (colocated or disaggregated); the reward runs in the
 driver (rules) and on reward-model workers (RewardPool). The critic starts from the reward
-model when there is one (ANCHORS detail 9), else from the policy with a fresh value head.
+model when there is one (docs/implementation.md#d9), else from the policy with a fresh value head.
 
 Held-out evaluation: the first logging.eval_samples held-out prompts, one sample each with a
 fixed seed, written to samples_before.jsonl (initial policy) and samples_after.jsonl (final
@@ -152,7 +152,7 @@ def evaluate(cfg: TidalConfig, parts: RLParts, eval_path: Path | None, out_file:
 
 def _calibrate(cfg: TidalConfig, pool, reward, prompts_path: Path, policy: str) -> dict[str, float]:
     """reward.normalize=reference: scale so the initial (reference) policy's samples score ~N(0, 1)
-    (ANCHORS detail 6), from one step's worth of training prompts in a separate order."""
+    (docs/implementation.md#d6), from one step's worth of training prompts in a separate order."""
     from tidal.common.data import PromptDataset
     from tidal.common.models import load_tokenizer
     from tidal.rollout.sampling import Sampling

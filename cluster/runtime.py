@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tidal.common.config import ClusterConfig
 
-# Single-threaded math, CPU DeepSpeed, in-process vLLM, offline hubs (PLATFORM.md explains each).
+# Single-threaded math, CPU DeepSpeed, in-process vLLM, offline hubs (docs/platform.md#p-runtime-env explains each).
 # A value already set in the driver's environment wins, so a GPU machine can override them.
 RUNTIME_ENV_VARS: dict[str, str] = {
     "OMP_NUM_THREADS": "1",

@@ -38,7 +38,7 @@ def doc(default: Any, text: str, **kw: Any) -> Any:
 class ModelConfig:
     policy: str = doc("tiny-random", "Initial policy: a registry name (tiny-random, smollm2-135m, smollm2-135m-2l), a local HF folder, or a hub id (only with hub access). The SFT stage fine-tunes it; its output becomes the RL policy and the frozen reference.")
     reward: Optional[str] = doc(None, "Reward-model folder (a value model saved by the rm stage). None: use the rm stage's output when the rm stage runs, else rule rewards only.")
-    critic: Optional[str] = doc(None, "Critic initialisation. None: the reward model when there is one (ANCHORS detail 9), else the policy backbone with a fresh value head.")
+    critic: Optional[str] = doc(None, "Critic initialisation. None: the reward model when there is one (docs/implementation.md#d9), else the policy backbone with a fresh value head.")
     dtype: Literal["float32", "bfloat16"] = doc("float32", "Parameter dtype of all models (bfloat16 needs hardware support; float32 on CPU).")
 
 
@@ -82,10 +82,10 @@ class RewardConfig:
     terms: tuple[RewardTerm, ...] = doc((RewardTerm(kind="model"),), "Reward terms, combined as a weighted sum.")
     num_workers: int = doc(1, "Reward-model workers (only when a 'model' term is present).", min=1)
     micro_batch_size: int = doc(16, "Sequences per reward-model forward pass.", min=1)
-    normalize: Literal["auto", "none", "running", "reference"] = doc("auto", "auto: reference when a learned reward model is a term, else none; none; running: running mean/std of all scores; reference: shift/scale so the reference policy's samples score ~N(0, 1) (measured once before RL; ANCHORS detail 6).")
+    normalize: Literal["auto", "none", "running", "reference"] = doc("auto", "auto: reference when a learned reward model is a term, else none; none; running: running mean/std of all scores; reference: shift/scale so the reference policy's samples score ~N(0, 1) (measured once before RL; docs/implementation.md#d6).")
     clip: Optional[float] = doc(None, "Clip the combined reward to [-clip, clip] after normalization.", min=0.0)
     on_invalid: Literal["error", "drop"] = doc("error", "What a NaN/inf reward does: stop with an error naming the sample, or drop the sample and count it (metric reward/dropped).")
-    missing_eos_penalty: Optional[float] = doc(None, "Score given to responses that end without EOS (ANCHORS detail 4). None: no penalty.")
+    missing_eos_penalty: Optional[float] = doc(None, "Score given to responses that end without EOS (docs/implementation.md#d4). None: no penalty.")
     timeout_s: float = doc(30.0, "Timeout of one remote reward request.", min=0.1)
     retries: int = doc(2, "Retries of a failed remote reward request.", min=0)
 
@@ -96,8 +96,8 @@ class LearnerConfig:
     zero_stage: int = doc(2, "DeepSpeed ZeRO stage 0-3.", min=0, max=3)
     lr: float = doc(1e-5, "Policy learning rate.", min=0.0)
     critic_lr: float = doc(1e-5, "Critic learning rate.", min=0.0)
-    lr_schedule: Literal["constant", "linear"] = doc("linear", "constant, or linear decay to 0 over the stage (ANCHORS detail 9).")
-    adam_eps: float = doc(1e-5, "AdamW epsilon (ANCHORS detail 9).", min=0.0)
+    lr_schedule: Literal["constant", "linear"] = doc("linear", "constant, or linear decay to 0 over the stage (docs/implementation.md#d9).")
+    adam_eps: float = doc(1e-5, "AdamW epsilon (docs/implementation.md#d9).", min=0.0)
     weight_decay: float = doc(0.0, "AdamW weight decay.", min=0.0)
     max_grad_norm: float = doc(1.0, "Gradient clipping norm (0: off).", min=0.0)
     mini_batch_size: int = doc(8, "Sequences per optimizer step, over all ranks.", min=1)

@@ -177,7 +177,7 @@ def load_smollm2_gguf_model():
 
 def _fix_smollm2_tokenizer(tokenizer) -> None:
     """The instruct model ends turns with <|im_end|>; padding uses <|endoftext|> so that pad
-    and EOS stay distinct (ANCHORS detail 2). SmolLM2 adds no BOS to plain text."""
+    and EOS stay distinct (docs/implementation.md#d2). SmolLM2 adds no BOS to plain text."""
     from tokenizers import pre_tokenizers
 
     vocab = tokenizer.get_vocab()

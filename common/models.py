@@ -88,7 +88,7 @@ def resolve_model(name_or_path: str) -> Path:
 # ---------------------------------------------------------------------------- loading
 
 def load_tokenizer(path: str | Path):
-    """Fast tokenizer with LEFT padding and a pad token distinct from EOS (ANCHORS detail 2)."""
+    """Fast tokenizer with LEFT padding and a pad token distinct from EOS (docs/implementation.md#d2)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -106,7 +106,7 @@ def load_tokenizer(path: str | Path):
 
 # Name fragments of dropout probabilities: HF's `*dropout*` (Llama, Qwen, BERT), GPT-2/Phi's
 # `*_pdrop` and stochastic layer dropping (`layerdrop`). All of them make two forward passes of
-# the same weights disagree, which turns PPO ratios and KL estimates into noise (ANCHORS detail 9).
+# the same weights disagree, which turns PPO ratios and KL estimates into noise (docs/implementation.md#d9).
 _DROPOUT_KEYS = ("dropout", "pdrop", "layerdrop")
 
 
@@ -167,7 +167,7 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     """Logprobs of the last `response_len` tokens of [left-padded prompt | right-padded response].
 
     input_ids, attention_mask (B, T) -> (B, R). Position ids come from the mask so padding does
-    not shift them; logits are divided by the sampling temperature (ANCHORS details 2, 3).
+    not shift them; logits are divided by the sampling temperature (docs/implementation.md#d2, #d3).
     Values at padded response positions are meaningless: callers mask them."""
     position_ids = position_ids_from_mask(attention_mask)  # (B, T)
     # Only the logits that predict response tokens are needed: positions T-R-1 .. T-2.
@@ -181,7 +181,7 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 
 class ValueModel(nn.Module):
     """A transformer backbone with a scalar head: one value per token (critic) or one score
-    per sequence, read at the last real token (reward model, ANCHORS detail 1)."""
+    per sequence, read at the last real token (reward model, docs/implementation.md#d1)."""
 
     def __init__(self, backbone: nn.Module, value_head: nn.Linear | None = None):
         super().__init__()
@@ -189,7 +189,7 @@ class ValueModel(nn.Module):
         hidden = backbone.config.hidden_size
         if value_head is None:
             value_head = nn.Linear(hidden, 1)
-            # N(0, 1/sqrt(d+1)) with zero bias, as in OpenAI's lm-human-preferences (ANCHORS detail 9).
+            # N(0, 1/sqrt(d+1)) with zero bias, as in OpenAI's lm-human-preferences (docs/implementation.md#d9).
             nn.init.normal_(value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
             nn.init.zeros_(value_head.bias)
         self.value_head = value_head.to(next(backbone.parameters()).dtype)

@@ -34,7 +34,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Normalize x to unit variance (and zero mean) using only masked positions; padding
-    must not leak into the statistics (ANCHORS.md, detail 7). Padded positions come back 0."""
+    must not leak into the statistics (docs/implementation.md#d7). Padded positions come back 0."""
     mask = mask.to(x.dtype)
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
@@ -47,7 +47,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     """log p(labels) under softmax(logits / temperature). logits (..., V), labels (...) -> (...).
 
     Dividing by the sampling temperature is what makes trainer logprobs match the rollout
-    engine's (ANCHORS.md, detail 3)."""
+    engine's (docs/implementation.md#d3)."""
     if temperature != 1.0:
         logits = logits / temperature
     logp = F.log_softmax(logits.float(), dim=-1)
@@ -64,6 +64,6 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on the first real token of each (left-padded) row, so a
-    forward pass does not change with the amount of padding (ANCHORS.md, detail 2). (B, T)."""
+    forward pass does not change with the amount of padding (docs/implementation.md#d2). (B, T)."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp(min=0)

@@ -66,8 +66,8 @@ def token_rewards(
     mask: torch.Tensor,  # (B, T)
     kl_coef: float,
 ) -> torch.Tensor:
-    """Per-token PPO reward (ANCHORS.md, detail 5): -kl_coef * kl at every real token, plus the
-    sequence score at the last real token (detail 1). Padding gets 0. -> (B, T)."""
+    """Per-token PPO reward (docs/implementation.md#d5): -kl_coef * kl at every real token, plus the
+    sequence score at the last real token (docs/implementation.md#d1). Padding gets 0. -> (B, T)."""
     real = mask.bool()
     rewards = torch.where(real, -kl_coef * kl.detach(), 0.0)  # (B, T)
     last = last_token_index(mask)  # (B,)

@@ -1,6 +1,6 @@
 """Building a learner rank's DeepSpeed engines: process group, models, ZeRO config, optimizer.
 
-Facts behind the choices (PLATFORM.md): gloo on CPU (nccl on GPU); the shared-memory comm op
+Facts behind the choices (docs/platform.md#p-deepspeed-cpu): gloo on CPU (nccl on GPU); the shared-memory comm op
 is skipped (it compiles for ~70 s); torch AdamW rather than the compiled DeepSpeedCPUAdam;
 transformers model code is imported before any ZeRO-3 partitioning.
 """
@@ -50,7 +50,7 @@ def ds_config(lc: LearnerConfig, world_size: int, bf16: bool) -> dict:
 
 
 def linear_lr(base_lr: float, step: int, total: int, schedule: str) -> float:
-    """LR of optimizer step `step` (0-based): constant, or linear decay to 0 at `total` (ANCHORS 9)."""
+    """LR of optimizer step `step` (0-based): constant, or linear decay to 0 at `total` (docs/implementation.md#d9)."""
     if schedule == "constant":
         return base_lr
     return base_lr * max(0.0, 1.0 - step / max(total, 1))
@@ -103,7 +103,7 @@ def zero3_construction(cfg: TidalConfig, world_size: int) -> Iterator[None]:
     if cfg.learner.zero_stage != 3:
         yield
         return
-    import transformers.modeling_utils  # noqa: F401 - import model code before zero.Init (PLATFORM.md)
+    import transformers.modeling_utils  # noqa: F401 - import model code before zero.Init (docs/platform.md#p-zero3-init)
     from transformers.integrations import HfDeepSpeedConfig
 
     live = HfDeepSpeedConfig(ds_config(cfg.learner, world_size, model_dtype(cfg) == torch.bfloat16))
@@ -134,7 +134,7 @@ def build_policy(cfg: TidalConfig, path: str, world_size: int) -> torch.nn.Modul
 def build_value(cfg: TidalConfig, path: str, world_size: int,
                 affine: tuple[float, float] | None = None) -> torch.nn.Module:
     """Value model (critic or reward model): LM backbone + scalar head, from a reward-model
-    folder (head included, ANCHORS 9) or a plain LM folder (fresh head). `affine` = (shift,
+    folder (head included, docs/implementation.md#d9) or a plain LM folder (fresh head). `affine` = (shift,
     scale): the head is rewritten to output (raw - shift) / scale, so a critic initialised from
     a reward model starts on the scale of the normalised rewards it must predict."""
     from tidal.common.models import load_value_model
@@ -168,7 +168,7 @@ def fold_head(model: torch.nn.Module, shift: float, scale: float, partitioned: b
 
 
 def make_engine(cfg: TidalConfig, module: torch.nn.Module, lr: float, world_size: int):
-    """deepspeed.initialize with torch AdamW (eps from config, ANCHORS 9) over the trainable
+    """deepspeed.initialize with torch AdamW (eps from config, docs/implementation.md#d9) over the trainable
     parameters only (LoRA: the adapters)."""
     import deepspeed
 

@@ -51,7 +51,7 @@ def pad_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[int
 
 
 def truncate_after_eos(response_ids: list[list[int]], eos_id: int) -> list[list[int]]:
-    """Drop every token after the first EOS of each response (ANCHORS detail 4)."""
+    """Drop every token after the first EOS of each response (docs/implementation.md#d4)."""
     out = []
     for r in response_ids:
         out.append(r[:r.index(eos_id) + 1] if eos_id in r else list(r))

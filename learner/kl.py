@@ -1,5 +1,5 @@
 """KL between the policy and the frozen reference: per-token estimators and the coefficient
-controllers that weight the KL penalty in the reward (ANCHORS.md, detail 5).
+controllers that weight the KL penalty in the reward (docs/implementation.md#d5).
 
 Estimators follow John Schulman, "Approximating KL Divergence" (2020). With tokens sampled from
 the policy p and the reference q, each estimates KL(p || q) per token:

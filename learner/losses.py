@@ -68,7 +68,7 @@ def truncated_is_weights(
 ) -> torch.Tensor:
     """Truncated importance sampling weights min(pi_old / pi_behaviour, cap), detached, 0 on
     padding -> (B, T). Truncation (as in IMPALA's V-trace rho-bar) trades a small bias for
-    bounded variance when the engine's sampler drifts from the trainer (ANCHORS.md, complaint 5)."""
+    bounded variance when the engine's sampler drifts from the trainer (docs/implementation.md#c5)."""
     if cap <= 0:
         raise ValueError(f"is-weight cap must be > 0, got {cap}")
     real = mask.bool()
@@ -83,7 +83,7 @@ def value_loss(
     mask: torch.Tensor,  # (B, T)
     clip_eps: float,
 ) -> torch.Tensor:
-    """Clipped value loss (ANCHORS.md, detail 8): 0.5 * token-mean of
+    """Clipped value loss (docs/implementation.md#d8): 0.5 * token-mean of
     max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2). The clip keeps the critic
     from moving further than eps from its collection-time prediction in one update."""
     real = mask.bool()
@@ -105,7 +105,7 @@ def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.
 
 
 def ranking_reward_loss(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-    """InstructGPT reward-model loss (Ouyang et al. 2022; ANCHORS.md, detail 11): K ranked
+    """InstructGPT reward-model loss (Ouyang et al. 2022; docs/implementation.md#d11): K ranked
     responses per prompt give C(K, 2) comparisons; each prompt's sum over its pairs is scaled by
     1 / C(K, 2), then averaged over prompts. scores (B, K) float, ranks (B, K) long with
     0 = best; every row of ranks must be a permutation of 0..K-1 (no ties)."""

@@ -1,4 +1,4 @@
-"""The frozen reference policy: per-token logprobs for the KL penalty (ANCHORS 5).
+"""The frozen reference policy: per-token logprobs for the KL penalty (docs/implementation.md#d5).
 
 Plain torch, no optimizer and no process group: it never trains, so there is nothing to shard
 on CPU. A plain class; `LearnerGroup` runs it as one Ray actor next to the learner ranks.
@@ -24,7 +24,7 @@ class ReferenceWorker:
     def compute_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                          temperature: float) -> torch.Tensor:
         """(B, P+R) inputs -> (B, R) reference logprobs of the response tokens, with the same
-        logits / temperature and mask-derived position ids as the policy (ANCHORS 2, 3)."""
+        logits / temperature and mask-derived position ids as the policy (docs/implementation.md#d2, #d3)."""
         t = temperature if temperature > 0 else 1.0
         out = []
         for i in range(0, len(input_ids), self.micro_batch_size):

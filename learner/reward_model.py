@@ -2,9 +2,9 @@
 
 A prompt with K ranked responses becomes K rows [left-padded prompt | right-padded response +
 EOS]; the K rows of one prompt are adjacent and always travel together (same rank, same
-micro-batch), so all C(K, 2) pairs of a prompt are in the same batch (InstructGPT; ANCHORS 11).
+micro-batch), so all C(K, 2) pairs of a prompt are in the same batch (InstructGPT; docs/implementation.md#d11).
 A comparison is the K = 2 case with ranks (0, 1). The score is the value head at the last real
-token (ANCHORS 1), which makes it independent of the amount of padding.
+token (docs/implementation.md#d1), which makes it independent of the amount of padding.
 """
 
 from __future__ import annotations

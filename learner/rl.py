@@ -32,7 +32,7 @@ def rl_update(w: "LearnerWorker", exp: Experience, ptx: "SFTBatch | None",
     use_critic = algorithm_for(w.cfg).uses_critic
     if use_critic and w.critic is None:
         raise RuntimeError(f"algorithm.name={algo.name} needs a critic: build the LearnerGroup with critic_path "
-                           "(the reward-model folder, ANCHORS 9, or the policy for a fresh value head)")
+                           "(the reward-model folder, docs/implementation.md#d9, or the policy for a fresh value head)")
     if ptx is not None and algo.ptx_coef <= 0:
         raise ValueError("a PPO-ptx batch was passed but algorithm.ptx_coef is 0; set it > 0 or pass no ptx batch")
     mini = w.mini_per_rank

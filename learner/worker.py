@@ -8,7 +8,7 @@ in-process with world size 1. Life cycle:
     w.setup(WorkerSpec("policy", path, critic_path), addr, port)   # on all ranks at once
 
 Roles: "policy" (causal LM; optional LoRA; optional critic = value model initialised from the
-reward-model folder, ANCHORS 9) and "reward" (value model trained on preferences). LoRA applies
+reward-model folder, docs/implementation.md#d9) and "reward" (value model trained on preferences). LoRA applies
 to the policy only; value models are always fully fine-tuned.
 
 Every rank must run the same sequence of forward passes: under ZeRO-3 each forward gathers
@@ -59,7 +59,7 @@ class FitPlan:
 class LearnerWorker:
     def __init__(self, cfg: TidalConfig, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.seed = cfg.seed + rank  # a different stream per data-parallel rank (ANCHORS 10)
+        self.seed = cfg.seed + rank  # a different stream per data-parallel rank (docs/implementation.md#d10)
         self.use_gpu = cfg.learner.gpus_per_worker > 0
         self.spec: WorkerSpec | None = None
         self.engine = None  # policy LM (policy role) or value model (reward role)
@@ -112,8 +112,8 @@ class LearnerWorker:
     def policy_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                         temperature: float, entropy: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, P+R) inputs -> logprobs (B, R) of the response tokens under logits / temperature
-        (ANCHORS 3), and their entropy (B, R): entropy="loss" with gradient, "metric" without
-        (no (B, R, V) graph kept alive), None not computed. Position ids from the mask (ANCHORS 2)."""
+        (docs/implementation.md#d3), and their entropy (B, R): entropy="loss" with gradient, "metric" without
+        (no (B, R, V) graph kept alive), None not computed. Position ids from the mask (docs/implementation.md#d2)."""
         self._need(self.spec.role == "policy", "policy_logprobs", "a policy learner")
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         out = self.engine(input_ids=input_ids, attention_mask=attention_mask,
@@ -137,7 +137,7 @@ class LearnerWorker:
         return values[:, start:start + response_len]
 
     def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(N, T) -> (N,) value-head output at each row's last real token (ANCHORS 1)."""
+        """(N, T) -> (N,) value-head output at each row's last real token (docs/implementation.md#d1)."""
         self._need(self.spec.role == "reward", "reward_scores", "a reward learner")
         attention_mask = attention_mask.to(self.device)
         values = self.engine(input_ids.to(self.device), attention_mask)  # (N, T)

@@ -8,9 +8,9 @@
   4. finds NaN/inf: `on_invalid=error` raises naming the sample and the term; `drop` marks
      the sample invalid (ScoredBatch.valid False, score 0) and counts it (reward/dropped),
   5. normalizes (`running` mean/std over all valid scores so far, or `reference`: the
-     calibration from reference-policy samples, ANCHORS detail 6), then clips to +-clip,
+     calibration from reference-policy samples, docs/implementation.md#d6), then clips to +-clip,
   6. gives `missing_eos_penalty` as the final score of samples that did not end with EOS
-     (finish_reason != "stop", ANCHORS detail 4).
+     (finish_reason != "stop", docs/implementation.md#d4).
 ScoredBatch.terms keeps each term's raw values, NaN/inf included where `valid` is False (to
 inspect, never to train on); `scores` is always finite. `last_metrics` holds the metrics of the
 last `score` call (reward/mean, reward/dropped, reward/dropped_total, reward/missing_eos,

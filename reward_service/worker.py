@@ -2,7 +2,7 @@
 
 `RewardWorker` is a plain class: it loads a reward-model folder (a value model saved by
 `save_value_model`: backbone + scalar head + tokenizer + metadata), scores sequences in
-micro-batches, reading the head at the last real token (ANCHORS detail 1), and applies the
+micro-batches, reading the head at the last real token (docs/implementation.md#d1), and applies the
 reward normalization saved with the model (`reward_mean` / `reward_std` in its metadata).
 
 What the model reads (documented choice): prompt + response exactly as the policy saw them,

@@ -1,6 +1,6 @@
 """Sampling parameters and what they do to logprobs.
 
-Logprob consistency (ANCHORS complaint 5). A rollout engine reports, for every sampled token,
+Logprob consistency (docs/implementation.md#c5). A rollout engine reports, for every sampled token,
 the log-probability under the distribution it actually sampled from:
 
     temperature T, no top-k/top-p:  log softmax(logits / T)[token]
@@ -21,7 +21,7 @@ Seeds: each prompt gets its own seed, derived from the pool seed and the prompt'
 index, and vLLM gives the k-th sample seed + k. So a prompt's samples do not depend on which
 worker or chunk it lands in (a re-queued prompt is sampled the same way), and samples of
 different prompts are not correlated (a shared SamplingParams(seed) makes the k-th sample of
-every prompt nearly identical, PLATFORM.md).
+every prompt nearly identical, docs/platform.md#p-vllm-seeds).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def filtered_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: f
 
 
 def truncate_at_eos(token_ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
-    """Tokens up to and including the first EOS (ANCHORS detail 4); whether one was found."""
+    """Tokens up to and including the first EOS (docs/implementation.md#d4); whether one was found."""
     for i, t in enumerate(token_ids):
         if t in eos_ids:
             return token_ids[: i + 1], True

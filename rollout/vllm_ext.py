@@ -4,7 +4,7 @@ vLLM mixes this class into its worker (`LLM(..., worker_extension_cls=
 "tidal.rollout.vllm_ext.WeightLoader")`), so `self` below is the vLLM worker. The engine calls
 the methods through `llm.collective_rpc("tidal_load_weights", args=(...))`. Run the engine
 in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): then the arguments arrive as the very objects
-passed in (an iterator of tensors), not as pickled lists (PLATFORM.md).
+passed in (an iterator of tensors), not as pickled lists (docs/platform.md#p-vllm-reload).
 
 Why not `model.load_weights` directly: on the CPU backend the linear layers are repacked
 after start-up, and a plain load fails (`'Parameter' object has no attribute
@@ -59,7 +59,7 @@ def _retie_lm_head(model: torch.nn.Module, hf_config) -> None:
 
     With tied embeddings the checkpoint has no lm_head tensor; `reload_weights` updates
     `embed_tokens` but the CPU backend keeps a separately packed copy of the head, which then
-    still holds the OLD weights (logprobs off by ~7e-2, PLATFORM.md). Re-tying and re-running
+    still holds the OLD weights (logprobs off by ~7e-2, docs/platform.md#p-vllm-tied-head). Re-tying and re-running
     the head's post-load processing rebuilds the packed copy from the new embedding."""
     if not getattr(hf_config, "tie_word_embeddings", False):
         return

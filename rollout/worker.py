@@ -2,7 +2,7 @@
 
 A plain class; `RolloutPool` runs it as a Ray actor (or in-process in local mode). The engine
 runs in the actor's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0: starts in seconds, and the
-weight iterator reaches the vLLM worker as tensors, PLATFORM.md), with an explicit dtype
+weight iterator reaches the vLLM worker as tensors, docs/platform.md#p-vllm-reload), with an explicit dtype
 (without one vLLM on CPU drops to bf16), eager mode, and the `WeightLoader` extension.
 
 Actor calls run one at a time, so a generate call never sees a weight change half-way: every
@@ -25,7 +25,7 @@ from tidal.rollout.sampling import Sampling, truncate_at_eos
 
 WEIGHT_LOADER_EXT = "tidal.rollout.vllm_ext.WeightLoader"
 
-# Engine-process settings (PLATFORM.md); set before vLLM is imported, unless already set.
+# Engine-process settings (docs/platform.md#p-runtime-env); set before vLLM is imported, unless already set.
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -61,7 +61,7 @@ def assemble(prompts: PromptBatch, sampling: Sampling, responses: list[list[list
              logprobs: list[list[list[float]]], texts: list[list[str]], eos_ids: set[int],
              weight_version: int) -> RolloutBatch:
     """Build the RolloutBatch: rows grouped by prompt (n per prompt, in prompt order), every
-    response cut after its first EOS (ANCHORS detail 4) with its logprobs cut to match.
+    response cut after its first EOS (docs/implementation.md#d4) with its logprobs cut to match.
     responses/logprobs/texts: [prompt][sample] -> tokens / per-token logprobs / text."""
     rows: dict[str, list] = {k: [] for k in ("pi", "pt", "pids", "rt", "rids", "lp", "fr", "ref")}
     for p, idx in enumerate(prompts.index):
@@ -176,7 +176,7 @@ class RolloutWorker:
 
     def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Load HF-named tensors in place (all of them in one reload, see vllm_ext), then drop
-        the prefix cache: cached KV blocks were computed by the old weights (PLATFORM.md)."""
+        the prefix cache: cached KV blocks were computed by the old weights (docs/platform.md#p-vllm-prefix-cache)."""
         self.llm.collective_rpc("tidal_load_weights", args=(named_tensors,))
         self.llm.reset_prefix_cache()
         self.weight_version = int(version)

@@ -24,7 +24,7 @@ def test_dockerfile_builds_tidal_and_runs_train():
     text = (DEPLOY / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     assert any(ln.startswith("FROM ") for ln in lines)
-    assert any("pip install" in ln and "torch==2.13.0" in ln for ln in lines)  # pinned first (PLATFORM.md)
+    assert any("pip install" in ln and "torch==2.13.0" in ln for ln in lines)  # pinned first (docs/platform.md#p-install)
     cmd = [ln for ln in lines if ln.startswith("CMD ")][-1]
     assert cmd == 'CMD ["tidal", "train", "configs/demo.yaml"]'
     assert (ROOT / "configs" / "demo.yaml").is_file()

@@ -44,6 +44,6 @@ def test_three_stages_feed_each_other_and_resume_at_the_boundary(ray_cluster, tm
     assert summary["before"]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert summary["before"]["rm_score"] is not None and summary["after"]["rm_score"] is not None
     assert all(s["rm_score"] is not None for s in read_jsonl(run_dir / "samples_after.jsonl"))
-    # reference normalization was calibrated before step 1 (ANCHORS detail 6)
+    # reference normalization was calibrated before step 1 (docs/implementation.md#d6)
     assert any("reward/ref_mean" in r for r in records if r["stage"] == "rl")
     assert (run_dir / "policy" / "config.json").is_file()

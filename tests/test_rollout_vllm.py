@@ -156,7 +156,7 @@ def test_tied_embeddings_logprobs_after_update(ray_cluster, tiny_model, tmp_path
         pool.shutdown()
     assert max_gap(model, batch, 1.0) < 1e-3
     # What an engine whose head kept the OLD embedding would report: far off, so the check above
-    # can fail (PLATFORM.md measured 7e-2 before the re-tie fix).
+    # can fail (docs/platform.md#p-vllm-tied-head measured 7e-2 before the re-tie fix).
     stale = []
     for r in range(len(batch)):
         ids = torch.tensor([batch.prompt_ids[r] + batch.response_ids[r]])  # (1, T)
