@@ -347,7 +347,7 @@ class LearnerWorker:
         module = self.engine.module
         numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
         dropout = max([m.p for m in module.modules() if isinstance(m, torch.nn.Dropout)] +
-                      [v for k, v in vars(module.config).items() if "dropout" in k and isinstance(v, float)], default=0.0)
+                      [v for k, v in vars(module.config).items() if ("dropout" in k or "pdrop" in k) and isinstance(v, float)], default=0.0)
         with torch.random.fork_rng(devices=[]):
             probe = torch.rand(1).item()  # differs between ranks iff their streams differ
         return {"rank": self.rank, "world_size": self.world_size, "seed": self.seed, "rng_probe": probe, "pid": os.getpid(),
