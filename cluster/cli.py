@@ -53,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
     from tidal.cluster.driver import train_from_cli
 
     config, overrides = _config_args(args)
-    return train_from_cli(config, overrides, resume=args.resume)
+    return train_from_cli(config, overrides, resume=args.resume, verbose=args.verbose)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", nargs="?", default=None)
     tr.add_argument("overrides", nargs="*")
     tr.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last checkpoint")
+    tr.add_argument("--verbose", action="store_true",
+                    help="show worker and engine logs on the console (by default they go to RUN/logs/ray)")
     tr.set_defaults(fn=_train)
 
     sb = sub.add_parser("submit", help="submit `tidal train` to a Ray cluster as a Ray job")

@@ -43,7 +43,8 @@ class DataPaths:
     ptx: Path | None = None  # PPO-ptx demonstrations (algorithm.ptx_coef > 0)
 
 
-def train_from_cli(config_path: str | None, overrides: list[str], resume: str | None = None) -> int:
+def train_from_cli(config_path: str | None, overrides: list[str], resume: str | None = None,
+                   verbose: bool = False) -> int:
     """Entry point of `tidal train`; returns the exit status."""
     if resume is not None:
         if config_path is not None or overrides:
@@ -57,7 +58,7 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
         cfg = load_config(config_path, overrides)
         run_dir = new_run_dir(cfg, config_path)
     try:
-        run_pipeline(cfg, run_dir, resume=resume is not None)
+        run_pipeline(cfg, run_dir, resume=resume is not None, verbose=verbose)
     except (Interrupted, KeyboardInterrupt) as e:
         done = "; checkpoint written" if isinstance(e, Interrupted) and e.checkpointed else ""
         where = f"after rl step {e.step} of {e.total}" if isinstance(e, Interrupted) else "before its next checkpoint"
@@ -117,7 +118,7 @@ def _forget_unfinished(run_dir: Path) -> None:
     ck.truncate_jsonl(run_dir / "rollouts.jsonl", lambda r: "rl" in done or r["step"] <= rl_step)
 
 
-def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
+def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> dict:
     """Run (or continue) every stage of `cfg` in `run_dir`; returns the RL summary ({} without rl)."""
     from tidal.actors.placement import plan_placement, role_counts
     from tidal.common.models import resolve_model
@@ -129,7 +130,11 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     data = prepare_data(cfg)
     plan = plan_placement(cfg, role_counts(cfg, reference=True))
-    conn = connect(cfg.cluster, min_cpus=plan.total_cpus)
+    if not verbose:
+        quiet_libraries()
+    conn = connect(cfg.cluster, min_cpus=plan.total_cpus, verbose=verbose)
+    if not verbose and conn.temp_dir is not None:
+        print(f"tidal: worker and engine logs go to {run_dir / 'logs' / 'ray'} (--verbose shows them here)", flush=True)
     logger = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), total_steps=cfg.algorithm.steps, resume=resume)
     t0 = time.perf_counter()
     summary: dict = {}
@@ -169,6 +174,22 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
     _finish(run_dir, summary)
     return summary
+
+
+def quiet_libraries() -> None:
+    """Library chatter in the driver (model load reports, progress bars of transformers) off the
+    console; tidal's own banners, progress bar, warnings and final table stay."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def _finish(run_dir: Path, summary: dict) -> None:

@@ -10,6 +10,7 @@ job submitted with `tidal submit`.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -63,10 +64,12 @@ class RayConnection:
     temp_dir: str | None = None  # the embedded cluster's temp folder, when tidal made it (removed at disconnect)
 
 
-def connect(cfg: ClusterConfig, min_cpus: float = 0) -> RayConnection:
+def connect(cfg: ClusterConfig, min_cpus: float = 0, verbose: bool = True) -> RayConnection:
     """Start or join Ray for a run. Reuses an already initialised Ray (tests, `ray job` entrypoints).
     An embedded cluster gets cluster.num_cpus logical CPUs, or else enough for `min_cpus` (what the
-    run's placement needs; logical CPUs only schedule actors, they do not pin cores)."""
+    run's placement needs; logical CPUs only schedule actors, they do not pin cores).
+    verbose=False: workers' and engines' output stays in their log files (Ray's session logs,
+    copied to the run folder by `disconnect`) instead of reaching the console."""
     import ray
 
     apply_driver_env()
@@ -77,12 +80,13 @@ def connect(cfg: ClusterConfig, min_cpus: float = 0) -> RayConnection:
         temp_dir = cfg.ray_temp_dir or tempfile.mkdtemp(prefix="tidal-ray-")
         num_cpus = cfg.num_cpus or max(math.ceil(min_cpus), os.cpu_count() or 1)
         ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=os.path.abspath(temp_dir), runtime_env=runtime_env,
-                 log_to_driver=True)
+                 log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
         return RayConnection(started_here=True, embedded=True, address="local",
                              temp_dir=None if cfg.ray_temp_dir else os.path.abspath(temp_dir))
     # A submitted job runs with RAY_ADDRESS set; joining keeps its job runtime_env (working dir).
     address = cfg.address or os.environ["RAY_ADDRESS"]
-    ray.init(address=address, runtime_env=runtime_env if cfg.address is not None else None)
+    ray.init(address=address, runtime_env=runtime_env if cfg.address is not None else None, log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.ERROR)
     return RayConnection(started_here=True, embedded=False, address=address)
 
 

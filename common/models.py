@@ -222,7 +222,16 @@ def load_value_model(path: str | Path, dtype: torch.dtype = torch.float32,
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    backbone = AutoModel.from_pretrained(str(path), config=_load_config(path), dtype=dtype)
+    # A causal-LM folder's lm_head has no place in a value model: transformers reports it as an
+    # "UNEXPECTED" key on every load, which is expected here, so its load report is silenced.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        backbone = AutoModel.from_pretrained(str(path), config=_load_config(path), dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(level)
     model = ValueModel(backbone)
     head_file = Path(head_path) if head_path is not None else Path(path) / VALUE_HEAD_FILE
     if head_file.is_dir():

@@ -18,9 +18,27 @@ The method is deliberately not called `update_weights` (the worker already has o
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Iterator
 
 import torch
+
+
+class _TiedHeadReloadFilter(logging.Filter):
+    """vLLM's layer-wise reload warns "ParallelLMHead: Failed to load weights" on every push to a
+    model with tied embeddings: the checkpoint-format iterator has no lm_head tensor (the head IS
+    the embedding), so vLLM puts the old packed head back - which `_retie_lm_head` then rebuilds
+    from the new embedding (tests/test_rollout_vllm.py checks logprobs after an update on a tied
+    model). Only that message for that layer is dropped; any other failed layer still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage() == "ParallelLMHead: Failed to load weights")
+
+
+def _quiet_tied_head_reload() -> None:
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _TiedHeadReloadFilter) for f in log.filters):
+        log.addFilter(_TiedHeadReloadFilter())
 
 
 class WeightLoader:
@@ -32,6 +50,8 @@ class WeightLoader:
 
         counted = _Counter(named_tensors)
         model = self.model_runner.get_model()
+        if getattr(self.vllm_config.model_config.hf_text_config, "tie_word_embeddings", False):
+            _quiet_tied_head_reload()
         if current_platform.is_cpu():
             self.reload_weights(weights_iterator=iter(counted), is_checkpoint_format=True)
         else:

@@ -182,6 +182,8 @@ def test_sigint_stops_at_a_safe_point_cleans_up_and_resumes_to_the_same_metrics(
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out[-3000:]
     assert "Traceback" not in out and f"Resume with: tidal train --resume {run_dir}" in out, out[-3000:]
+    engine_lines = [ln for ln in out.splitlines() if ln.startswith("(") or "\x1b[" in ln]  # Ray worker output, ANSI
+    assert not engine_lines, engine_lines[:5]  # a quiet console: worker and engine logs stay in RUN/logs/ray
     stopped_at = max(r["step"] for r in rl_records(run_dir))
     assert stop_after <= stopped_at < STEPS
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{stopped_at:06d}"  # checkpoint at the stop
