@@ -69,6 +69,45 @@ def _reward_serve(args: argparse.Namespace) -> int:
     return serve_from_cli(config, overrides, host=args.host, port=args.port, token_env=args.token_env)
 
 
+def _label(args: argparse.Namespace) -> int:
+    from tidal.feedback import cli
+
+    if args.action == "serve":
+        return cli.serve(args.dir, host=args.host, port=args.port)
+    if args.action == "add-labeler":
+        return cli.add_labeler(args.dir, args.name, args.admin)
+    if args.action == "add-tasks":
+        return cli.add_tasks(args.dir, args.file, args.overlap)
+    if args.action == "status":
+        return cli.status(args.dir)
+    return cli.export(args.dir, args.out, args.format, args.include_gold)
+
+
+def _label_parser(sub) -> None:
+    lb = sub.add_parser("label", help="human feedback: the labeling web app and its store").add_subparsers(dest="action", required=True)
+    srv = lb.add_parser("serve", help="serve the labeling app for a feedback folder")
+    srv.add_argument("dir", help="feedback folder (holds feedback.sqlite)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (localhost unless told otherwise)")
+    srv.add_argument("--port", type=int, default=8080)
+    lab = lb.add_parser("add-labeler", help="register a labeler and print its token (once)")
+    lab.add_argument("dir")
+    lab.add_argument("name")
+    lab.add_argument("--admin", action="store_true", help="may open the researcher page and export")
+    tsk = lb.add_parser("add-tasks", help="add tasks from a JSON-lines file {prompt, responses, [gold_ranking]}")
+    tsk.add_argument("dir")
+    tsk.add_argument("file")
+    tsk.add_argument("--overlap", type=float, default=None, help="share of tasks given to 2+ labelers (default: the store's, 0.1)")
+    st = lb.add_parser("status", help="queue, per-labeler counts, agreement")
+    st.add_argument("dir")
+    ex = lb.add_parser("export", help="write the labels as rankings, comparisons or ratings (JSON lines)")
+    ex.add_argument("dir")
+    ex.add_argument("out")
+    ex.add_argument("--format", choices=["rankings", "comparisons", "ratings"], default="rankings")
+    ex.add_argument("--include-gold", action="store_true", help="also export labels of gold tasks")
+    for p in (srv, lab, tsk, st, ex):
+        p.set_defaults(fn=_label)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tidal", description="Distributed RLHF on Ray: SFT, reward models, PPO/GRPO/RLOO/REINFORCE.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token-env", default="TIDAL_REWARD_TOKEN", help="env var holding the bearer token")
     serve.set_defaults(fn=_reward_serve)
+    _label_parser(sub)
     return p
 
 

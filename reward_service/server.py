@@ -1,4 +1,4 @@
-"""HTTP JSON reward server (`tidal reward serve CONFIG`), standard library only.
+"""HTTP JSON reward server (`tidal reward serve CONFIG`): a Starlette app run by uvicorn.
 
     POST /score   {"prompts": [...], "completions": [...], "references"?: [...]} -> {"scores": [...]}
     GET  /health  -> {"status": "ok"}   (no token needed; reveals nothing)
@@ -14,21 +14,23 @@ a reward that fails or gives NaN/inf 500. Errors are {"error": "..."}.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import math
 import os
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
 from tidal.common.config import ConfigError
+from tidal.common.web import BodyTooLarge, WebServer, drain, is_loopback, read_body
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
-# An error answer is sent after reading (and discarding) the body up to this size: closing a
-# socket with unread input resets the connection, and the client would never see the 401/413.
-DRAIN_BYTES = 64 * 1024 * 1024
 ScoreFn = Callable[[list[str], list[str], "list[str | None] | None"], list[float]]
 
 
@@ -63,95 +65,63 @@ def parse_request(body: bytes) -> tuple[list[str], list[str], list[str | None] |
     return prompts, completions, references
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
-    protocol_version = "HTTP/1.1"
+def _error(code: int, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if code == 401 else {}
+    return JSONResponse({"error": message}, status_code=code, headers={**headers, "Connection": "close"})
 
-    def log_message(self, format, *args):  # noqa: A002 - the stdlib's name
-        pass  # one line per request on stderr is noise for a training job's reward calls
 
-    body_read = False
+def build_app(score_fn: ScoreFn, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+    """The Starlette app: POST /score and GET /health (see module doc)."""
+    lock = threading.Lock()  # one scoring at a time: the model is not faster in parallel
 
-    def _drain_body(self) -> None:
+    def score(prompts, completions, references) -> list[float]:
+        with lock:
+            scores = [float(s) for s in score_fn(prompts, completions, references)]
+        bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+        if bad:
+            raise ValueError(f"the reward gave non-finite scores for items {bad[:10]}")
+        if len(scores) != len(prompts):
+            raise ValueError(f"the reward gave {len(scores)} scores for {len(prompts)} items")
+        return scores
+
+    async def post_score(request: Request) -> JSONResponse:
+        if token is not None:
+            sent = request.headers.get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+                await drain(request)
+                return _error(401, "missing or wrong bearer token")
+        length = request.headers.get("content-length", "")
+        if not length.isdigit():
+            await drain(request)
+            return _error(411, "Content-Length is required")
         try:
-            left = min(int(self.headers.get("Content-Length", "0")), DRAIN_BYTES)
-        except ValueError:
-            return
-        while left > 0:
-            chunk = self.rfile.read(min(left, 1 << 16))
-            if not chunk:
-                break
-            left -= len(chunk)
-
-    def _reply(self, code: int, payload: dict) -> None:
-        if code >= 400 and self.command == "POST" and not self.body_read:
-            self._drain_body()
-        data = json.dumps(payload).encode("utf-8")
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if code == 401:
-            self.send_header("WWW-Authenticate", "Bearer")
-        if code >= 400:
-            self.send_header("Connection", "close")
-            self.close_connection = True  # the body may not have been read
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        if self.path == "/health":
-            self._reply(200, {"status": "ok"})
-        else:
-            self._reply(404, {"error": f"no such endpoint {self.path}; use POST /score or GET /health"})
-
-    def do_POST(self) -> None:
-        app = self.server.app
-        self.body_read = False  # per request: one connection may carry several (keep-alive)
-        if self.path != "/score":
-            return self._reply(404, {"error": f"no such endpoint {self.path}; use POST /score"})
-        if app.token is not None:
-            sent = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {app.token}".encode()):
-                return self._reply(401, {"error": "missing or wrong bearer token"})
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            return self._reply(411, {"error": "Content-Length is required"})
-        if length > app.max_body_bytes:
-            return self._reply(413, {"error": f"body of {length} bytes is over the limit of {app.max_body_bytes}"})
-        body, self.body_read = self.rfile.read(length), True
+            body = await read_body(request, max_body_bytes)
+        except BodyTooLarge as e:
+            await drain(request)
+            return _error(413, f"body of {e.args[0]} bytes is over the limit of {max_body_bytes}")
         try:
             prompts, completions, references = parse_request(body)
         except BadRequest as e:
-            return self._reply(400, {"error": str(e)})
+            return _error(400, str(e))
         try:
-            with app.lock:  # one scoring at a time: the model is not faster in parallel
-                scores = [float(s) for s in app.score_fn(prompts, completions, references)]
-            bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
-            if bad:
-                raise ValueError(f"the reward gave non-finite scores for items {bad[:10]}")
-            if len(scores) != len(prompts):
-                raise ValueError(f"the reward gave {len(scores)} scores for {len(prompts)} items")
+            scores = await run_in_threadpool(score, prompts, completions, references)
         except Exception as e:  # a failing reward must answer the caller, not kill the server
-            return self._reply(500, {"error": f"{type(e).__name__}: {e}"})
-        self._reply(200, {"scores": scores})
+            return _error(500, f"{type(e).__name__}: {e}")
+        return JSONResponse({"scores": scores})
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def not_found(request: Request, exc) -> JSONResponse:
+        if request.method == "POST":
+            await drain(request)
+        return _error(exc.status_code, f"no such endpoint {request.url.path}; use POST /score or GET /health")
+
+    return Starlette(routes=[Route("/score", post_score, methods=["POST"]), Route("/health", health, methods=["GET"])],
+                     exception_handlers={404: not_found, 405: not_found})
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    app: "RewardServer"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class RewardServer:
+class RewardServer(WebServer):
     """Serves `score_fn(prompts, completions, references) -> scores` over HTTP (see module doc)."""
 
     def __init__(self, score_fn: ScoreFn, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
@@ -162,30 +132,7 @@ class RewardServer:
         self.score_fn = score_fn
         self.token = token
         self.max_body_bytes = max_body_bytes
-        self.lock = threading.Lock()
-        self.httpd = _Server((host, port), _Handler)
-        self.httpd.app = self
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> "RewardServer":
-        """Serve in a background thread (tests, embedding)."""
-        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), name="reward-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever()
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self.httpd.shutdown()
-            self._thread.join(timeout=10)
-        self.httpd.server_close()
+        super().__init__(build_app(score_fn, token, max_body_bytes), host, port, name="reward-server")
 
 
 def serve_from_cli(config: str | None, overrides: list[str], host: str = "127.0.0.1", port: int = 8000,
@@ -200,7 +147,7 @@ def serve_from_cli(config: str | None, overrides: list[str], host: str = "127.0.
         raise ConfigError(f"--host {host} is not a loopback address and ${token_env} is empty: set a bearer token "
                           f"in ${token_env} (or --token-env VAR), or bind 127.0.0.1.")
     # Model terms run in this process: a reward server needs no Ray cluster.
-    reward = build_reward(cfg.reward, reward_model=cfg.model.reward, num_workers=0, dtype=cfg.model.dtype)
+    reward = build_reward(cfg.reward, reward_model=cfg.model.reward, local=True, dtype=cfg.model.dtype)
     server = RewardServer(reward.score_texts, host, port, token)
     kinds = ", ".join(f"{t.kind}x{t.weight:g}" for t in cfg.reward.terms)
     auth = "bearer token required" if token else f"NO token (${token_env} unset; loopback only)"

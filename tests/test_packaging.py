@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["common", "actors", "cluster", "learner", "rollout", "reward_service"]
+SUBPACKAGES = ["common", "actors", "cluster", "learner", "rollout", "reward_service", "feedback"]
 
 
 def clean_env(**extra):

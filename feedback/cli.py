@@ -1,0 +1,130 @@
+"""`tidal label ...`: the labeling app's commands (cluster/cli.py wires them lazily).
+
+A user error (no store, a bad task row, an existing export file) is one line on stderr and
+exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tidal.feedback.store import FeedbackError, FeedbackStore, NewTask, TaskResponse, check_task
+
+
+def _fail(message: str) -> int:
+    print(f"tidal label: {message}", file=sys.stderr)
+    return 2
+
+
+def read_tasks(path: str | Path) -> list[NewTask]:
+    """Tasks from a JSON-lines file, one per row: {"prompt": str | messages, "responses": [str |
+    {"text", "source"?, "version"?}, ...] (2..9), "gold_ranking"?: [rank of each response]}."""
+    path = Path(path)
+    tasks = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FeedbackError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise FeedbackError(f"{where}: expected an object with 'prompt' and 'responses'")
+            prompt = row.get("prompt", row.get("messages"))
+            raw = row.get("responses")
+            if not isinstance(raw, list):
+                raise FeedbackError(f"{where}: field 'responses': expected a list of 2 to 9 strings or {{text, source, version}}")
+            responses = []
+            for i, r in enumerate(raw):
+                if isinstance(r, str):
+                    responses.append(TaskResponse(r))
+                elif isinstance(r, dict) and isinstance(r.get("text"), str):
+                    responses.append(TaskResponse(r["text"], str(r.get("source", "unknown")), str(r.get("version", ""))))
+                else:
+                    raise FeedbackError(f"{where}: field 'responses[{i}]': expected a string or {{text, source, version}}")
+            task = NewTask(prompt, responses, row.get("gold_ranking"))
+            check_task(task, where)
+            tasks.append(task)
+    return tasks
+
+
+def add_tasks(folder: str, file: str, overlap: float | None) -> int:
+    try:
+        tasks = read_tasks(file)
+        ids = FeedbackStore(folder, create=True).add_tasks(tasks, overlap_fraction=overlap)
+    except (FeedbackError, OSError) as e:
+        return _fail(str(e))
+    print(f"added {len(ids)} tasks to {folder}" + (f" (ids {ids[0]}..{ids[-1]})" if ids else ""))
+    return 0
+
+
+def add_labeler(folder: str, name: str, admin: bool) -> int:
+    try:
+        token = FeedbackStore(folder, create=True).add_labeler(name, admin=admin)
+    except FeedbackError as e:
+        return _fail(str(e))
+    print(f"{'admin' if admin else 'labeler'} {name}: token {token}")
+    print("(shown once; only its hash is stored)", file=sys.stderr)
+    return 0
+
+
+def status(folder: str) -> int:
+    from tidal.feedback import stats
+
+    try:
+        store = FeedbackStore(folder)
+    except FeedbackError as e:
+        return _fail(str(e))
+    s = stats.summary(store.labels(), store.tasks(), store.settings.flags, store.counts())
+    c = s["counts"]
+    print(f"{folder}: {c['tasks']} tasks ({c['gold_tasks']} gold), {c['complete']} complete, {c['open']} open, "
+          f"{c['leased']} leased; {s['rates']['last_hour']} labels in the last hour")
+    for lab in c["labelers"]:
+        print(f"  {lab['name']}{' (admin)' if lab['admin'] else ''}: {lab['labels']} labels, {lab['skips']} skips")
+    a, g = s["agreement"], s["gold"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"agreement on overlap tasks: {a['pairs']} pairs, pairwise {fmt(a['agreement'])}, tau {fmt(a['tau'])}")
+    print(f"gold agreement: {g['labels']} labels, pairwise {fmt(g['agreement'])}, tau {fmt(g['tau'])}")
+    print("likert: " + " ".join(f"{k}:{v}" for k, v in s["distributions"]["likert"].items()))
+    print("flags: " + ", ".join(f"{k}: {v}" for k, v in s["distributions"]["flags"].items()))
+    return 0
+
+
+def export(folder: str, out: str, fmt: str, include_gold: bool) -> int:
+    from tidal.feedback.export import write_export
+
+    try:
+        n = write_export(FeedbackStore(folder), out, fmt, include_gold)
+    except (FeedbackError, FileExistsError, OSError) as e:
+        return _fail(str(e))
+    print(f"{out}: {n} {fmt} rows")
+    return 0
+
+
+def serve(folder: str, host: str = "127.0.0.1", port: int = 8080) -> int:
+    from tidal.common.web import WebServer, is_loopback
+    from tidal.feedback.app import build_app
+
+    try:
+        store = FeedbackStore(folder)
+    except FeedbackError as e:
+        return _fail(str(e))
+    if store.labeler_count() == 0 and not is_loopback(host):
+        return _fail(f"--host {host} is not a loopback address and {folder} has no labeler tokens: add one with "
+                     f"`tidal label add-labeler {folder} NAME`, or bind 127.0.0.1")
+    try:
+        server = WebServer(build_app(store), host, port, name="label-server")
+    except OSError as e:
+        return _fail(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port")
+    hint = "" if store.labeler_count() else f" (no labelers yet: `tidal label add-labeler {folder} NAME`)"
+    print(f"tidal label server on {server.url} for {folder}{hint}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0

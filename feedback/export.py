@@ -1,0 +1,92 @@
+"""Exports of a feedback store in the formats tidal's stages read (tidal.common.data).
+
+rankings     one row per (task, labeler) ranking: {prompt, responses, ranking} with
+             ranking[i] = rank of responses[i], 0 = best; a task ranked by two labelers (overlap)
+             gives two rows, so disagreement stays in the data as it was collected.
+comparisons  every C(K,2) pair of each ranking: {prompt, chosen, rejected} (chosen ranked better).
+ratings      one row per labeled response: {prompt, response, likert, flags, ...} (tidal's own
+             format; no stage reads it yet).
+Ties: the page collects a strict order, so there are none to export. Skips (with their reason)
+are never exported as preferences; they show in the stats. Gold tasks are left out unless
+`include_gold` (their labels grade labelers, their answers were not collected here).
+Every row also carries task_id, labeler, sources and versions (readers ignore unknown fields).
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+from tidal.common.data import ComparisonRecord, RankingRecord
+from tidal.feedback.store import FeedbackStore, Label, Task
+
+FORMATS = ("rankings", "comparisons", "ratings")
+
+
+def _labeled(store: FeedbackStore, include_gold: bool) -> list[tuple[Label, Task]]:
+    tasks = store.tasks()
+    return [(lab, tasks[lab.task_id]) for lab in store.labels()
+            if lab.ranking is not None and (include_gold or tasks[lab.task_id].gold_ranking is None)]
+
+
+def ranking_rows(store: FeedbackStore, include_gold: bool = False) -> list[dict]:
+    return [{"prompt": task.prompt, "responses": [r.text for r in task.responses], "ranking": lab.ranking,
+             "task_id": task.id, "labeler": lab.labeler, "sources": [r.source for r in task.responses],
+             "versions": [r.version for r in task.responses]} for lab, task in _labeled(store, include_gold)]
+
+
+def comparison_rows(store: FeedbackStore, include_gold: bool = False) -> list[dict]:
+    rows = []
+    for lab, task in _labeled(store, include_gold):
+        for i, j in combinations(range(len(task.responses)), 2):
+            win, lose = (i, j) if lab.ranking[i] < lab.ranking[j] else (j, i)
+            rows.append({"prompt": task.prompt, "chosen": task.responses[win].text, "rejected": task.responses[lose].text,
+                         "task_id": task.id, "labeler": lab.labeler,
+                         "sources": [task.responses[win].source, task.responses[lose].source],
+                         "versions": [task.responses[win].version, task.responses[lose].version]})
+    return rows
+
+
+def rating_rows(store: FeedbackStore, include_gold: bool = False) -> list[dict]:
+    rows = []
+    for lab, task in _labeled(store, include_gold):
+        for i, r in enumerate(task.responses):
+            rows.append({"prompt": task.prompt, "response": r.text, "rank": lab.ranking[i],
+                         "likert": None if lab.likert is None else lab.likert[i],
+                         "flags": [] if lab.flags is None else lab.flags[i], "comment": lab.comment,
+                         "task_id": task.id, "labeler": lab.labeler, "source": r.source, "version": r.version})
+    return rows
+
+
+def ranking_records(store: FeedbackStore, include_gold: bool = False) -> list[RankingRecord]:
+    """The rankings as tidal.common.data records (what the rm stage trains on)."""
+    return [RankingRecord(r["prompt"], r["responses"], r["ranking"]) for r in ranking_rows(store, include_gold)]
+
+
+def comparison_records(store: FeedbackStore, include_gold: bool = False) -> list[ComparisonRecord]:
+    return [ComparisonRecord(r["prompt"], r["chosen"], r["rejected"]) for r in comparison_rows(store, include_gold)]
+
+
+def export_rows(store: FeedbackStore, fmt: str, include_gold: bool = False) -> list[dict]:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return {"rankings": ranking_rows, "comparisons": comparison_rows, "ratings": rating_rows}[fmt](store, include_gold)
+
+
+def to_jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def write_export(store: FeedbackStore, out: str | Path, fmt: str = "rankings", include_gold: bool = False) -> int:
+    """Writes a JSON-lines export to `out` (which must not exist: nothing a user wrote is
+    overwritten); returns the number of rows."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; export to a new file name")
+    rows = export_rows(store, fmt, include_gold)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(to_jsonl(rows), encoding="utf-8")
+    tmp.replace(out)
+    return len(rows)

@@ -1,0 +1,148 @@
+"""The labeling page in real headless Chromium (Debian's chromium + chromedriver via Selenium):
+log in with a token, rank by keyboard and by drag, set Likert scores and flags, submit, reload;
+the export holds exactly those labels; a `<script>` completion renders as text. Plus the
+HTTP-level guards: a wrong token is 401, a POST without the CSRF token is refused."""
+
+import json
+import time
+
+import pytest
+import requests
+
+from feedback_support import Labeler, chromium_or_skip, label_server, quit_browser
+from tidal.feedback.store import FeedbackStore, NewTask, TaskResponse
+
+XSS = "<script>window.__pwned = 1</script><b>bold?</b> & <img src=x onerror=\"window.__pwned=2\">"
+TASKS = [
+    NewTask("Greet the user warmly.", [TaskResponse("Hello! Lovely to see you.", "policy", "7"),
+                                       TaskResponse(XSS, "policy", "7"), TaskResponse("hi", "sft", "0")]),
+    NewTask("Say something kind.", [TaskResponse("You did great today.", "policy", "7"), TaskResponse("No.", "sft", "0")]),
+]
+
+
+@pytest.fixture
+def served(tmp_path):
+    store = FeedbackStore(tmp_path / "fb", create=True)
+    store.add_tasks(TASKS, overlap_fraction=0.0)
+    tokens = {"ann": store.add_labeler("ann"), "boss": store.add_labeler("boss", admin=True)}
+    with label_server(tmp_path / "fb") as (url, _):
+        yield url, tokens, store
+
+
+def wait_for(cond, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def order(driver) -> list[str]:
+    from selenium.webdriver.common.by import By
+    return [li.find_element(By.CSS_SELECTOR, ".text").text for li in driver.find_elements(By.CSS_SELECTOR, "#responses > li")]
+
+
+def test_label_in_the_browser_and_export(served):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, tokens, store = served
+    driver = chromium_or_skip()
+    try:
+        driver.get(url + "/label")  # not logged in: sent to the login form
+        wait_for(lambda: driver.current_url.endswith("/login"), what="redirect to /login")
+        driver.find_element(By.ID, "token").send_keys("not-a-token")
+        driver.find_element(By.ID, "login").click()
+        wait_for(lambda: "not valid" in driver.find_element(By.ID, "error").text, what="the wrong-token message")
+        driver.find_element(By.ID, "token").send_keys(tokens["ann"])
+        driver.find_element(By.ID, "login").click()
+        wait_for(lambda: driver.execute_script("return document.body.dataset.ready") == "1", what="the label page")
+        assert driver.find_element(By.ID, "prompt").text == "Greet the user warmly."
+        assert "Labeled 0" in driver.find_element(By.ID, "progress").text
+
+        # the <script> completion is text: shown verbatim, nothing ran, no element was made
+        assert XSS in order(driver)
+        assert driver.execute_script("return window.__pwned") is None
+        assert driver.find_elements(By.CSS_SELECTOR, "#responses b, #responses img, #responses script") == []
+
+        # keyboard: focus the last response, move it to the top, score it 6 with the digit key
+        items = driver.find_elements(By.CSS_SELECTOR, "#responses > li")
+        last_text = order(driver)[-1]
+        driver.execute_script("arguments[0].focus()", items[-1])
+        items[-1].send_keys(Keys.ARROW_UP, Keys.ARROW_UP, "6")
+        assert order(driver)[0] == last_text
+        # drag: the response now third goes to the top, by its handle, with the mouse
+        third = driver.find_elements(By.CSS_SELECTOR, "#responses > li")[2]
+        dragged_text = order(driver)[2]
+        first = driver.find_elements(By.CSS_SELECTOR, "#responses > li")[0]
+        ActionChains(driver).click_and_hold(third.find_element(By.CSS_SELECTOR, ".handle")) \
+            .move_to_element_with_offset(first, 0, -first.size["height"] // 2 + 3).pause(0.2).release().perform()
+        want_order = order(driver)
+        assert want_order[0] == dragged_text and want_order[1] == last_text
+        # Likert by clicking for the other two, flags on the XSS one
+        items = driver.find_elements(By.CSS_SELECTOR, "#responses > li")
+        scores = {}
+        for li, score in zip(items, (2, None, 5)):
+            text = li.find_element(By.CSS_SELECTOR, ".text").text
+            if score is not None:
+                li.find_element(By.CSS_SELECTOR, f".likert button[value='{score}']").click()
+            scores[text] = score if score is not None else 6
+        xss_li = next(li for li in items if li.find_element(By.CSS_SELECTOR, ".text").text == XSS)
+        for flag in ("harmful or toxic", "made-up facts"):
+            xss_li.find_element(By.CSS_SELECTOR, f".flags input[value='{flag}']").click()
+        driver.find_element(By.ID, "comment").send_keys("the second one is code")
+        driver.find_element(By.ID, "submit").click()
+        wait_for(lambda: driver.find_element(By.ID, "prompt").text == "Say something kind.", what="the next task")
+        assert "Labeled 1" in driver.find_element(By.ID, "progress").text
+
+        driver.refresh()  # the first task is not shown again; the second one is still ours
+        wait_for(lambda: driver.execute_script("return document.body.dataset.ready") == "1", what="reload")
+        assert driver.find_element(By.ID, "prompt").text == "Say something kind."
+        assert "Labeled 1" in driver.find_element(By.ID, "progress").text
+    finally:
+        quit_browser(driver)
+
+    admin = Labeler(url, tokens["boss"])
+    rankings = [json.loads(x) for x in admin.http.get(url + "/export/rankings", timeout=10).text.splitlines()]
+    assert len(rankings) == 1
+    row = rankings[0]
+    assert row["prompt"] == "Greet the user warmly." and row["labeler"] == "ann"
+    assert [row["responses"][row["ranking"].index(r)] for r in range(3)] == want_order
+    ratings = {r["response"]: r for r in (json.loads(x) for x in admin.http.get(url + "/export/ratings", timeout=10).text.splitlines())}
+    assert {t: r["likert"] for t, r in ratings.items()} == scores
+    assert {t: sorted(r["flags"]) for t, r in ratings.items()} == {
+        XSS: ["harmful or toxic", "made-up facts"], "hi": [], "Hello! Lovely to see you.": []}
+    assert ratings["hi"]["source"] == "sft" and ratings[XSS]["comment"] == "the second one is code"
+    assert len(store.labels()) == 1
+
+
+def test_wrong_token_is_401_and_csrf_is_required(served):
+    url, tokens, store = served
+    assert Labeler(url, "wrong-token").login_status == 401
+    ann = Labeler(url, tokens["ann"])
+    assert ann.login_status == 303
+    task = ann.next()
+    body = {"submission_id": "sub-00000001", "task_id": task["id"], "order": [0, 1, 2], "likert": [4, 4, 4], "flags": [[], [], []]}
+    r = ann.submit(body, csrf=False)
+    assert r.status_code == 403 and "CSRF" in r.json()["error"]
+    bad = ann.http.post(url + "/api/submit", json=body, headers={"X-CSRF-Token": "forged"}, timeout=10)
+    assert bad.status_code == 403
+    # the login form itself needs its CSRF cookie + field pair
+    fresh = requests.post(url + "/login", data={"token": tokens["ann"]}, allow_redirects=False, timeout=10)
+    assert fresh.status_code == 403
+    # the API without a session is 401; the researcher API is admin-only
+    assert requests.get(url + "/api/next", timeout=10).status_code == 401
+    assert ann.http.get(url + "/api/stats", timeout=10).status_code == 403
+    assert ann.http.get(url + "/export/rankings", timeout=10).status_code == 403
+    assert store.labels() == []
+    ok = ann.submit(body)
+    assert ok.status_code == 200 and len(store.labels()) == 1
+    # over the request-size limit: 413
+    big = ann.submit({**body, "comment": "x" * 300_000})
+    assert big.status_code == 413
+    # a cookie-less page gets the security headers that forbid inline script
+    csp = requests.get(url + "/login", timeout=10).headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp
