@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.cluster import checkpoint as ck
+from tidal.cluster.collect import WaitingForLabels
 from tidal.cluster.interrupt import Interrupted, StopRequests
 from tidal.cluster.runtime import connect, disconnect
 from tidal.common.config import ConfigError, TidalConfig, load_config, to_dict, to_yaml
@@ -59,6 +60,9 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
         run_dir = new_run_dir(cfg, config_path)
     try:
         run_pipeline(cfg, run_dir, resume=resume is not None, verbose=verbose)
+    except WaitingForLabels as e:  # not an error: the run goes on once people have labeled
+        print(f"tidal: {e}", flush=True)
+        return 0
     except (Interrupted, KeyboardInterrupt) as e:
         done = "; checkpoint written" if isinstance(e, Interrupted) and e.checkpointed else ""
         where = f"after rl step {e.step} of {e.total}" if isinstance(e, Interrupted) else "before its next checkpoint"
@@ -108,14 +112,43 @@ def prepare_data(cfg: TidalConfig) -> DataPaths:
                      pick(d.ptx or d.demonstrations, "demonstrations_train") if cfg.algorithm.ptx_coef > 0 else None)
 
 
-def _forget_unfinished(run_dir: Path) -> None:
+def stage_keys(run: tuple[str, ...]) -> list[tuple[str, str, int]]:
+    """(stage, key, round) of each entry of stages.run: the k-th occurrence of a stage is its
+    round k, recorded under key 'rm', 'rm2', 'rm3', ... (run_state.json, metrics' stage field)."""
+    seen: dict[str, int] = {}
+    out = []
+    for stage in run:
+        seen[stage] = seen.get(stage, 0) + 1
+        out.append((stage, stage if seen[stage] == 1 else f"{stage}{seen[stage]}", seen[stage]))
+    return out
+
+
+def rl_dir(run_dir: Path, round_: int) -> Path:
+    """Where an rl round keeps its checkpoints, rollouts, samples and policy."""
+    return run_dir if round_ == 1 else run_dir / f"round-{round_}"
+
+
+def _forget_unfinished(cfg: TidalConfig, run_dir: Path) -> None:
     """Resume: drop log records of unfinished stages and of RL steps after the last checkpoint."""
     done = set(ck.read_run_state(run_dir)["stages"])
-    latest = ck.latest_checkpoint(run_dir)
-    rl_step = int(latest.name.split("-")[1]) if latest is not None else -1  # -1: redo the whole stage
-    ck.truncate_jsonl(run_dir / METRICS_FILE,
-                      lambda r: r.get("stage") in done or (r.get("stage") == "rl" and r.get("step", 0) <= rl_step))
-    ck.truncate_jsonl(run_dir / "rollouts.jsonl", lambda r: "rl" in done or r["step"] <= rl_step)
+    rl_steps = {}  # unfinished rl key -> its newest checkpoint's step (-1: redo the whole stage)
+    for stage, key, round_ in stage_keys(cfg.stages.run):
+        if stage == "rl" and key not in done:
+            latest = ck.latest_checkpoint(rl_dir(run_dir, round_))
+            rl_steps[key] = int(latest.name.split("-")[1]) if latest is not None else -1
+            ck.truncate_jsonl(rl_dir(run_dir, round_) / "rollouts.jsonl", lambda r, k=key: r["step"] <= rl_steps[k])
+    ck.truncate_jsonl(run_dir / METRICS_FILE, lambda r: r.get("stage") in done or (
+        r.get("stage") in rl_steps and r.get("step", 0) <= rl_steps[r["stage"]]))
+
+
+@dataclass
+class _Models:
+    """What the stages so far produced: each stage starts from these."""
+
+    policy: str  # the current policy (initial, after sft, after each rl round)
+    reference: str  # the frozen reference and KL anchor (the initial policy after sft)
+    reward_model: str | None
+    feedback: dict | None = None  # the last collect round's record (its exports)
 
 
 def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> dict:
@@ -125,7 +158,7 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, verbose:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        _forget_unfinished(run_dir)
+        _forget_unfinished(cfg, run_dir)
     else:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     data = prepare_data(cfg)
@@ -140,33 +173,24 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, verbose:
     summary: dict = {}
     stops = StopRequests().__enter__()  # Ctrl-C / SIGTERM: stop at a safe point (tidal.cluster.interrupt)
     try:
-        done = ck.read_run_state(run_dir)["stages"]
         policy = str(resolve_model(cfg.model.policy))
-        reward_model = str(resolve_model(cfg.model.reward)) if cfg.model.reward else None
-        for stage in cfg.stages.run:
-            if stage in done:
-                print(f"tidal: stage {stage} already finished ({done[stage]['output']})", flush=True)
-            elif stage == "sft":
-                from tidal.cluster.stages import run_sft
-
-                ck.mark_stage_done(run_dir, "sft", {"output": run_sft(cfg, run_dir, logger, data, policy)})
-            elif stage == "rm":
-                from tidal.cluster.stages import run_rm
-
-                base = str(resolve_model(cfg.stages.rm.base)) if cfg.stages.rm.base else policy
-                ck.mark_stage_done(run_dir, "rm", {"output": run_rm(cfg, run_dir, logger, data, base)})
-            else:
-                from tidal.cluster.rl_stage import run_rl
-
-                summary = run_rl(cfg, run_dir, logger, data, policy, reward_model, stops)
-                ck.mark_stage_done(run_dir, "rl", {"output": str(run_dir / "policy"), "summary": summary})
+        models = _Models(policy, policy, str(resolve_model(cfg.model.reward)) if cfg.model.reward else None)
+        for stage, key, round_ in stage_keys(cfg.stages.run):
             done = ck.read_run_state(run_dir)["stages"]
+            if key in done:
+                print(f"tidal: stage {key} already finished ({done[key]['output']})", flush=True)
+            else:
+                ck.mark_stage_done(run_dir, key, _run_stage(cfg, run_dir, logger, data, models, stage, key, round_, stops))
+            record = ck.read_run_state(run_dir)["stages"][key]
             if stage == "sft":
-                policy = done["sft"]["output"]
+                models.policy = models.reference = record["output"]
             elif stage == "rm":
-                reward_model = done["rm"]["output"]
-            elif stage == "rl":
-                summary = done["rl"].get("summary", summary)
+                models.reward_model = record["output"]
+            elif stage == "collect":
+                models.feedback = record
+            else:
+                models.policy = record["output"]
+                summary = {**record.get("summary", {}), "rounds": {**summary.get("rounds", {}), key: record.get("summary", {})}}
     finally:
         logger.close()
         disconnect(conn, logs_to=run_dir / "logs" / "ray")
@@ -174,6 +198,36 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, verbose:
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
     _finish(run_dir, summary)
     return summary
+
+
+def _run_stage(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, models: _Models, stage: str, key: str,
+               round_: int, stops: StopRequests) -> dict:
+    """Run one stage; returns its run_state record ({"output": ..., ...})."""
+    from tidal.common.models import resolve_model
+
+    if stage == "sft":
+        from tidal.cluster.stages import run_sft
+
+        return {"output": run_sft(cfg, run_dir, logger, data, models.policy)}
+    if stage == "rm":
+        from tidal.cluster.stages import run_rm
+
+        if round_ > 1 and models.reward_model:  # refresh the previous reward model on the new labels
+            base = models.reward_model
+        else:
+            base = str(resolve_model(cfg.stages.rm.base)) if cfg.stages.rm.base else models.policy
+        out = "reward_model" if round_ == 1 else f"reward_model-{round_}"
+        return {"output": run_rm(cfg, run_dir, logger, data, base, out_name=out, stage=key, feedback=models.feedback)}
+    if stage == "collect":
+        from tidal.cluster.collect import run_collect
+
+        return run_collect(cfg, run_dir, logger, data, models.policy, round_, key)
+    from tidal.cluster.rl_stage import run_rl
+
+    where = rl_dir(run_dir, round_)
+    summary = run_rl(cfg, where, logger, data, models.policy, models.reward_model, stops, reference=models.reference,
+                     stage=key)
+    return {"output": str(where / "policy"), "summary": summary}
 
 
 def quiet_libraries() -> None:

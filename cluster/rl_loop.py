@@ -85,8 +85,9 @@ class RLLoop:
     """Runs RL steps [start, algorithm.steps) with checkpoints; see the module docstring."""
 
     def __init__(self, cfg: TidalConfig, run_dir: Path, parts: RLParts, logger: MetricsLogger,
-                 stops: StopRequests = NO_STOPS):
+                 stops: StopRequests = NO_STOPS, stage: str = "rl"):
         self.cfg, self.run_dir, self.parts, self.logger, self.stops = cfg, Path(run_dir), parts, logger, stops
+        self.stage = stage  # the records' stage field: 'rl', or 'rl2' for a second round
         self.kl_ctl = make_kl_controller(cfg)
         self.async_mode = cfg.algorithm.mode == "async"
         self.max_staleness = cfg.algorithm.max_staleness if self.async_mode else 0
@@ -151,7 +152,7 @@ class RLLoop:
         self.pipeline = RolloutPipeline(self._produce, self._push, self.step, a.steps, self.max_staleness,
                                         pool_version=self.parts.pool.weight_version)
         self.pipeline.preload(self._preloaded)
-        self.logger.progress(self.step, a.steps, stage="rl")
+        self.logger.progress(self.step, a.steps, stage=self.stage)
         try:
             with self.stops.safe_points():
                 last = self._steps()
@@ -174,8 +175,8 @@ class RLLoop:
             last = self._train_step(self.step)
             self.step += 1
             if self.step % lc.log_every == 0 or self.step == a.steps:
-                self.logger.log(self.step, last, stage="rl")
-            self.logger.progress(self.step, a.steps, stage="rl", reward=last["rl/score_mean"],
+                self.logger.log(self.step, last, stage=self.stage)
+            self.logger.progress(self.step, a.steps, stage=self.stage, reward=last["rl/score_mean"],
                                  kl=last["rl/kl"], kl_coef=last["rl/kl_coef"])
             if lc.checkpoint_every and self.step % lc.checkpoint_every == 0 and self.step < a.steps:
                 self.checkpoint()

@@ -43,7 +43,8 @@ def _critic_path(cfg: TidalConfig, policy: str, reward_model: str | None) -> str
     return reward_model or policy
 
 
-def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, calibrate: bool = True):
+def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, calibrate: bool = True,
+                reference: str | None = None):
     """Placement, rollout pool, reward, learners (+reference) and prompt dataset. With
     `calibrate` and reference reward normalisation, the reward is calibrated on samples of the
     initial policy first, so the critic can start on the normalised reward's scale."""
@@ -64,7 +65,7 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
         if calibrate and reward.normalize == "reference":
             calibration = _calibrate(cfg, pool, reward, data.prompts, policy)
         critic = _critic_path(cfg, policy, reward_model)
-        learners = LearnerGroup(cfg, policy, role="policy", critic_path=critic, reference_path=policy,
+        learners = LearnerGroup(cfg, policy, role="policy", critic_path=critic, reference_path=reference or policy,
                                 placement=placement, critic_affine=critic_affine(reward, critic))
     except BaseException:
         stop_parts(placement, learners, pool, reward)
@@ -165,7 +166,8 @@ def _calibrate(cfg: TidalConfig, pool, reward, prompts_path: Path, policy: str) 
 
 
 def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy: str,
-           reward_model: str | None, stops: StopRequests = NO_STOPS) -> dict:
+           reward_model: str | None, stops: StopRequests = NO_STOPS, reference: str | None = None,
+           stage: str = "rl") -> dict:
     """The whole RL stage; returns the summary (before/after evaluation, last KL)."""
     if data.prompts is None:
         raise ValueError("the rl stage needs prompts: set data.prompts or data.task")
@@ -178,14 +180,16 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
     from tidal.cluster.checkpoint import latest_checkpoint
 
     resuming = latest_checkpoint(run_dir) is not None  # the checkpoint holds the calibration and the critic
-    placement, parts, calibration = start_parts(cfg, policy, reward_model, data, calibrate=not resuming)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    placement, parts, calibration = start_parts(cfg, policy, reward_model, data, calibrate=not resuming,
+                                                reference=reference)
     print(f"tidal: rl roles up in {time.perf_counter() - t0:.1f} s ({cfg.cluster.placement}: "
           f"{cfg.learner.num_workers} learner(s) + reference, {cfg.rollout.num_workers} rollout worker(s))", flush=True)
     summary: dict = {}
     try:
-        loop = RLLoop(cfg, run_dir, parts, logger, stops)
+        loop = RLLoop(cfg, run_dir, parts, logger, stops, stage=stage)
         if not loop.restore() and calibration:
-            logger.log(0, calibration, stage="rl")
+            logger.log(0, calibration, stage=stage)
         before_file = run_dir / "samples_before.jsonl"
         if not before_file.is_file():
             summary["before"] = evaluate(cfg, parts, data.eval_prompts, before_file)
@@ -197,7 +201,7 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
         print(f"tidal: {cfg.algorithm.steps - loop.start_step} rl steps in {time.perf_counter() - t1:.1f} s", flush=True)
         summary["after"] = evaluate(cfg, parts, data.eval_prompts, run_dir / "samples_after.jsonl")
         logger.log(cfg.algorithm.steps, {f"eval/{k}_{when}": v for when in ("before", "after")
-                                         for k, v in summary[when].items()}, stage="eval")
+                                         for k, v in summary[when].items()}, stage="eval" if stage == "rl" else f"eval-{stage}")
         summary["train_kl_last"] = round(last.get("rl/kl", float("nan")), 4)
         summary["kl_coef_last"] = round(loop.kl_ctl.value, 4)
         parts.learners.save_pretrained(run_dir / "policy")

@@ -19,18 +19,19 @@ class _FitProgress:
     """on_progress of a supervised fit: logs each new optimizer step's record and moves the
     console bar after every window of steps, so the bar shows a real rate and ETA."""
 
-    def __init__(self, logger: MetricsLogger, stage: str):
+    def __init__(self, logger: MetricsLogger, stage: str, key: str | None = None):
         self.logger, self.stage, self.logged = logger, stage, 0
+        self.key = key or stage  # the record's stage field: 'rm2' for the second rm round
 
     def __call__(self, history: list[dict[str, float]], total: int) -> None:
         for i in range(self.logged, len(history)):
             h = history[i]
             # "step" is the record's own key; the rest go under the stage's namespace unless namespaced.
             metrics = {(k if "/" in k else f"{self.stage}/{k}"): v for k, v in h.items() if k != "step"}
-            self.logger.log(i + 1, metrics, stage=self.stage)
+            self.logger.log(i + 1, metrics, stage=self.key)
         self.logged = len(history)
         loss = history[-1].get("losses/sft", history[-1].get("losses/reward", 0.0)) if history else None
-        self.logger.progress(len(history), total, stage=self.stage, **({"loss": loss} if loss is not None else {}))
+        self.logger.progress(len(history), total, stage=self.key, **({"loss": loss} if loss is not None else {}))
 
 
 def _records(path: Path | None, kind: str, field: str):
@@ -60,8 +61,11 @@ def run_sft(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: 
     return str(out)
 
 
-def run_rm(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: str) -> str:
-    """Train a reward model (backbone of `base` + a scalar head) on preferences; returns its folder."""
+def run_rm(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: str, out_name: str = "reward_model",
+           stage: str = "rm", feedback: dict | None = None) -> str:
+    """Train a reward model (backbone of `base` + a scalar head, or a reward-model folder to
+    continue) on preferences; returns its folder. After a collect round (`feedback`: its stage
+    record), the new labels come first, then feedback.old_data of the earlier preference data."""
     from tidal.common.models import load_tokenizer
     from tidal.learner.group import LearnerGroup
     from tidal.learner.reward_model import build_preference_batch
@@ -73,20 +77,29 @@ def run_rm(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: s
     build = lambda recs: build_preference_batch(tok, recs, d.max_prompt_tokens, d.max_response_tokens,  # noqa: E731
                                                 d.chat_template)
     records = _records(train_path, kind, kind)
+    new: list = []
+    if feedback is not None:
+        from tidal.common.data import read_records
+
+        new = read_records(feedback[kind], kind)
+        records = records[:int(len(records) * cfg.feedback.old_data)]
+        print(f"tidal: {stage} refreshes {base} on {len(new)} new {kind} from {feedback['output']} "
+              f"+ {len(records)} earlier ones", flush=True)
+    records = new + records
     if cfg.stages.rm.max_steps is not None:  # only what the fit will see: fit_reward scores all of it afterwards
         records = records[:cfg.stages.rm.max_steps * cfg.learner.mini_batch_size * cfg.stages.rm.epochs]
     train = build(records)
     held = build(_records(held_path, kind, kind)[:HELDOUT_PAIRS]) if held_path is not None else None
-    print(f"tidal: rm ({loss}) on {len(train)} prompts from {base}", flush=True)
+    print(f"tidal: {stage} ({loss}) on {len(train)} prompts from {base}", flush=True)
     group = LearnerGroup(cfg, base, role="reward")
     try:
-        fit = group.fit_reward(train, held, on_progress=_FitProgress(logger, "rm"))
-        final = {"rm/reward_mean": fit.reward_mean, "rm/reward_std": fit.reward_std}
+        fit = group.fit_reward(train, held, on_progress=_FitProgress(logger, "rm", stage))
+        final = {"rm/reward_mean": fit.reward_mean, "rm/reward_std": fit.reward_std, "rm/new_labels": float(len(new))}
         if fit.eval_accuracy is not None:
             final["rm/eval_accuracy"] = fit.eval_accuracy
             print(f"tidal: reward model held-out pair accuracy {fit.eval_accuracy:.3f}", flush=True)
-        logger.log(len(fit.history), final, stage="rm")
-        out = group.save_pretrained(run_dir / "reward_model")
+        logger.log(len(fit.history), final, stage=stage)
+        out = group.save_pretrained(run_dir / out_name)
     finally:
         group.shutdown()
     return str(out)

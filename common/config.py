@@ -165,6 +165,19 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class FeedbackConfig:
+    labeler: Literal["simulated", "human"] = doc("simulated", "Who labels a collect round: simulated (a gold judge with Bradley-Terry noise, at once) or human (the run stops until `tidal label serve` has collected feedback.min_labels labels, then `tidal train --resume` goes on).")
+    prompts: int = doc(64, "Training prompts sampled per collect round.", min=1)
+    responses: int = doc(4, "Responses of the current policy per prompt (K, ranked best to worst).", min=2, max=9)
+    gold: str = doc("sentiment", "Simulated labeler: its gold judge, a rule reward kind (sentiment, length, match) or 'module:function'; the policy never trains on it.")
+    gold_target: Optional[str] = doc(None, "Simulated labeler: the gold rule's target setting (e.g. a length).")
+    temperature: float = doc(0.1, "Simulated labeler: noise of its rankings, Plackett-Luce draws with utilities gold / temperature (0: always the gold order).", min=0.0)
+    error_rate: float = doc(0.0, "Simulated labeler: share of tasks it ranks at random.", min=0.0, max=1.0)
+    min_labels: int = doc(1, "Labeled tasks a collect round needs before the run goes on.", min=1)
+    old_data: float = doc(1.0, "The rm stage after a collect round: share of the earlier preference data mixed with the new labels (1: all of it; 0: the new labels only).", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
 class SFTStage:
     epochs: int = doc(1, "Passes over the demonstrations.", min=1)
     max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps.", min=1)
@@ -182,7 +195,7 @@ class RMStage:
 
 @dataclass(frozen=True)
 class StagesConfig:
-    run: tuple[Literal["sft", "rm", "rl"], ...] = doc(("rl",), "Stages to run, in order; each feeds the next (SFT model -> reference and initial policy; reward model -> reward worker and critic init).")
+    run: tuple[Literal["sft", "rm", "rl", "collect"], ...] = doc(("rl",), "Stages to run, in order; each feeds the next (SFT model -> reference and initial policy; reward model -> reward worker and critic init; collect -> new labels of the current policy's samples for the next rm). Stages may repeat: [sft, rm, rl, collect, rm, rl] is two rounds of iterative RLHF.")
     sft: SFTStage = doc(SFTStage(), "Supervised fine-tuning stage.")
     rm: RMStage = doc(RMStage(), "Reward-model stage.")
 
@@ -199,6 +212,7 @@ class TidalConfig:
     data: DataConfig = doc(DataConfig(), "Datasets.")
     logging: LoggingConfig = doc(LoggingConfig(), "Metrics, checkpoints, run directory.")
     stages: StagesConfig = doc(StagesConfig(), "Pipeline stages.")
+    feedback: FeedbackConfig = doc(FeedbackConfig(), "Collect stages: labels of the current policy's samples (iterative RLHF).")
 
     def __post_init__(self) -> None:
         _check_cross_fields(self)

@@ -100,6 +100,13 @@ class _Row:
             raise self.fail(field, f"expected a non-empty string, got {_describe(value)}")
         return value
 
+    def response(self, field: str, value) -> str:
+        """A model response to rank: any string, the empty one included (an empty completion is
+        a real sample a reward model must learn to rank, e.g. from a collect round)."""
+        if not isinstance(value, str):
+            raise self.fail(field, f"expected a string (an empty one is allowed), got {_describe(value)}")
+        return value
+
     def messages(self, field: str, value) -> list[Message]:
         if not isinstance(value, list) or not value:
             raise self.fail(field, f"expected a non-empty list of {{role, content}} messages, got {_describe(value)}")
@@ -150,7 +157,11 @@ def _parse_demonstration(row: _Row) -> DemonstrationRecord:
 
 
 def _parse_comparison(row: _Row) -> ComparisonRecord:
-    return ComparisonRecord(row.prompt(), row.text("chosen"), row.text("rejected"))
+    for field in ("chosen", "rejected"):
+        if field not in row.data:
+            raise row.fail(field, "missing")
+    return ComparisonRecord(row.prompt(), row.response("chosen", row.data["chosen"]),
+                            row.response("rejected", row.data["rejected"]))
 
 
 def _parse_ranking(row: _Row) -> RankingRecord:
@@ -159,7 +170,7 @@ def _parse_ranking(row: _Row) -> RankingRecord:
     if not isinstance(responses, list) or len(responses) < 2:
         raise row.fail("responses", f"expected a list of at least 2 strings, got {_describe(responses)}"
                        + (f" of length {len(responses)}" if isinstance(responses, list) else ""))
-    responses = [row.check_text(f"responses[{i}]", r) for i, r in enumerate(responses)]
+    responses = [row.response(f"responses[{i}]", r) for i, r in enumerate(responses)]
     ok = isinstance(ranking, list) and all(type(r) is int for r in ranking)
     if not ok or sorted(ranking) != list(range(len(responses))):
         raise row.fail("ranking", f"expected a permutation of 0..{len(responses) - 1} (one rank per response), "

@@ -181,6 +181,12 @@ class FeedbackStore:
                        (name, _hash(token), int(admin), time.time()))
         return token
 
+    def labeler_id(self, name: str) -> int | None:
+        """The id of the labeler called `name`, or None."""
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT id FROM labelers WHERE name=?", (name,)).fetchone()
+        return None if row is None else row[0]
+
     def labeler_count(self) -> int:
         with closing(self._connect()) as db:
             return db.execute("SELECT count(*) FROM labelers").fetchone()[0]

@@ -132,7 +132,7 @@ BAD = [  # kind, bad row (JSON text), field named in the error
     ("comparisons", '{"prompt": "p", "chosen": "c"}', "rejected"),
     ("comparisons", '{"prompt": "p", "chosen": null, "rejected": "r"}', "chosen"),
     ("comparisons", '{"prompt": "p", "chosen": 3, "rejected": "r"}', "chosen"),
-    ("comparisons", '{"prompt": "p", "chosen": "  ", "rejected": "r"}', "chosen"),
+    ("comparisons", '{"prompt": "p", "chosen": ["c"], "rejected": "r"}', "chosen"),
     ("comparisons", '{"chosen": "c", "rejected": "r"}', "prompt"),
     ("rankings", '{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 0]}', "ranking"),
     ("rankings", '{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1, 2]}', "ranking"),
@@ -168,7 +168,7 @@ def test_bad_json_line_names_file_and_row(tmp_path, bad, problem):
 def test_parquet_errors_name_row_and_field(tmp_path):
     path = tmp_path / "prefs.parquet"
     pq.write_table(pa.table({"prompt": ["a", "b", "c"], "chosen": ["x", "y", None], "rejected": ["r"] * 3}), path)
-    with pytest.raises(DataError, match=r"^prefs.parquet:3: field 'chosen': expected a non-empty string, got null"):
+    with pytest.raises(DataError, match=r"^prefs.parquet:3: field 'chosen': expected a string \(an empty one is allowed\), got null"):
         read_records(path, "comparisons")
     pq.write_table(pa.table({"prompt": ["a"], "chosen": ["x"]}), path)
     with pytest.raises(DataError, match=r"^prefs.parquet:1: field 'rejected': missing"):
@@ -341,3 +341,14 @@ def test_clean_tweet_and_vader():
     assert clean_tweet("caf\xe9 is nice and the staff were great today") is None
     pos, neg, neutral = vader_score(["I love this, great!", "I hate this, awful.", "The plane is blue."])
     assert -1 <= neg < 0 == neutral < pos <= 1
+
+
+def test_empty_responses_are_real_samples_to_rank(tmp_path):
+    """A collect round's empty completion is what a reward model must learn to rank low."""
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "fine, thanks", "rejected": ""}\n'
+                    '{"prompt": "q", "responses": ["", "ok", "good"], "ranking": [2, 1, 0]}\n'.split("\n")[0] + "\n")
+    assert read_records(path, "comparisons")[0].rejected == ""
+    rk = tmp_path / "r.jsonl"
+    rk.write_text('{"prompt": "q", "responses": ["", "ok", "good"], "ranking": [2, 1, 0]}\n')
+    assert read_records(rk, "rankings")[0].responses[0] == ""

@@ -1,0 +1,106 @@
+"""The `collect` stage: sample the current policy for new human (or simulated) labels, so the
+next `rm` stage refreshes the reward model on what the policy now produces.
+
+    stages.run: [sft, rm, rl, collect, rm, rl]
+
+One collect round writes a feedback folder RUN/feedback-<round>/ (tidal.feedback.store): for
+feedback.prompts training prompts (an order of their own per round), feedback.responses samples
+of the current policy each, drawn by a rollout pool, every response recorded with its source
+(the stage and policy folder) and weight version. Then:
+  * feedback.labeler: simulated - a simulated labeler ranks them at once from a gold judge the
+    policy never trains on (feedback.gold: a rule reward, e.g. VADER sentiment), with
+    Bradley-Terry noise (feedback.temperature) and a share of random labels (feedback.error_rate);
+  * feedback.labeler: human - the run stops with the command that serves the labeling app;
+    `tidal train --resume RUN` goes on once feedback.min_labels tasks are labeled.
+The labels are exported next to the store (comparisons.jsonl, rankings.jsonl) in the formats the
+rm stage reads; the next rm stage continues from the previous reward model on them plus
+feedback.old_data of the earlier preference data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from pathlib import Path
+
+from tidal.common.config import TidalConfig
+from tidal.common.metrics import MetricsLogger
+
+
+class WaitingForLabels(Exception):
+    """A human-labeled collect round has fewer labels than feedback.min_labels (not an error)."""
+
+    def __init__(self, folder: Path, labeled: int, needed: int, run_dir: Path):
+        self.folder, self.labeled, self.needed = folder, labeled, needed
+        super().__init__(
+            f"collect: {labeled} of {needed} needed tasks are labeled in {folder}. Serve the labeling app with "
+            f"`tidal label serve {folder}` (add labelers with `tidal label add-labeler {folder} NAME`), then continue "
+            f"with `tidal train --resume {run_dir}`.")
+
+
+def gold_judge(cfg: TidalConfig):
+    """(prompts, completions) -> scores of feedback.gold: a rule reward kind or 'module:function'."""
+    from tidal.reward_service.rules import RULES, load_function
+
+    fb = cfg.feedback
+    fn = RULES[fb.gold] if fb.gold in RULES else load_function(fb.gold)
+    return lambda prompts, completions: fn(prompts, completions, target=fb.gold_target, references=[None] * len(prompts),
+                                           response_lengths=None)
+
+
+def sample_tasks(cfg: TidalConfig, policy: str, prompts_path: Path, round_: int, source: str):
+    """feedback.prompts prompts x feedback.responses samples of `policy`, as feedback tasks."""
+    from tidal.common.data import PromptDataset
+    from tidal.common.models import load_tokenizer
+    from tidal.feedback.store import NewTask, TaskResponse
+    from tidal.rollout.pool import RolloutPool
+    from tidal.rollout.sampling import Sampling
+
+    fb = cfg.feedback
+    ds = PromptDataset(prompts_path, load_tokenizer(policy), cfg.data.max_prompt_tokens, cfg.data.chat_template,
+                       seed=cfg.seed + 7_919 * round_)
+    batch = ds.next_batch(min(fb.prompts, len(ds)))
+    sampling = dataclasses.replace(Sampling.from_config(cfg.rollout, seed=cfg.seed + round_), n=fb.responses)
+    pool = RolloutPool(cfg, policy)
+    try:
+        rollout = pool.generate(batch, sampling)
+    finally:
+        pool.shutdown()
+    tasks = []
+    for p, idx in enumerate(batch.index):
+        rows = range(p * fb.responses, (p + 1) * fb.responses)
+        tasks.append(NewTask(ds.records[idx].prompt, [
+            TaskResponse(rollout.response_text[r], source=source, version=str(rollout.weight_version[r])) for r in rows]))
+    return tasks
+
+
+def run_collect(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy: str, round_: int,
+                stage: str) -> dict:
+    """One collect round (see the module doc); returns the stage record {output, comparisons, rankings, ...}."""
+    from tidal.cluster.checkpoint import atomic_write_text
+    from tidal.feedback.export import export_rows, to_jsonl
+    from tidal.feedback.simulated import SimulatedLabeler
+    from tidal.feedback.store import FeedbackStore
+
+    fb = cfg.feedback
+    folder = run_dir / f"feedback-{round_}"
+    store = FeedbackStore(folder, create=True)
+    if not store.tasks():  # a resumed round keeps the tasks (and labels) it already has
+        tasks = sample_tasks(cfg, policy, data.prompts, round_, source=f"{stage}:{policy}")
+        store.add_tasks(tasks, overlap_fraction=0.0 if fb.labeler == "simulated" else None, seed=cfg.seed + round_)
+        print(f"tidal: collect round {round_}: {len(tasks)} prompts x {fb.responses} responses of {policy} in {folder}",
+              flush=True)
+    if fb.labeler == "simulated":
+        SimulatedLabeler(gold_judge(cfg), fb.temperature, fb.error_rate, seed=cfg.seed + round_).label(store)
+    labeled = len({lab.task_id for lab in store.labels() if lab.ranking is not None})
+    if labeled < fb.min_labels:
+        raise WaitingForLabels(folder, labeled, fb.min_labels, run_dir)
+    out = {"output": str(folder), "labels": labeled}
+    for fmt in ("comparisons", "rankings"):  # tidal's own files in its own folder: rewritten when the round reruns
+        out[fmt] = str(folder / f"{fmt}.jsonl")
+        atomic_write_text(Path(out[fmt]), to_jsonl(export_rows(store, fmt)))
+    gold = gold_judge(cfg)
+    scores = [s for t in store.tasks().values() for s in gold([""] * len(t.responses), [r.text for r in t.responses])]
+    logger.log(round_, {f"{stage}/tasks": float(len(store.tasks())), f"{stage}/labels": float(labeled),
+                        f"{stage}/gold_mean": statistics.fmean(scores) if scores else 0.0}, stage=stage)
+    return out
