@@ -269,6 +269,14 @@ def format_summary(summary: dict, run_dir: Path) -> str:
                 b, a = before.get(key), after.get(key)
                 fmt = lambda v: f"{v:12.3f}" if isinstance(v, (int, float)) else f"{'-':>12}"  # noqa: E731
                 lines.append(f"{label:<22}{fmt(b)}{fmt(a)}")
+    rounds = summary.get("rounds", {})
+    if len(rounds) > 1:  # iterative RLHF: the proxy (reward model) and the gold judge, round by round
+        lines.append(f"{'rl round':<10}{'RM before':>11}{'RM after':>10}{'VADER before':>14}{'VADER after':>13}{'KL':>8}")
+        for name, r in rounds.items():
+            b, a = r.get("before", {}), r.get("after", {})
+            cell = lambda d, k, w: f"{d[k]:{w}.3f}" if isinstance(d.get(k), (int, float)) else f"{'-':>{w}}"  # noqa: E731
+            lines.append(f"{name:<10}{cell(b, 'rm_score', 11)}{cell(a, 'rm_score', 10)}{cell(b, 'vader', 14)}"
+                         f"{cell(a, 'vader', 13)}{cell(a, 'kl', 8)}")
     for key in ("train_kl_last", "kl_coef_last", "wall_time_s"):
         if key in summary:
             lines.append(f"{key:<22}{summary[key]:>12}")

@@ -177,7 +177,7 @@ def test_resume_forgets_unfinished_stages_and_steps_after_the_checkpoint(tmp_pat
     (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
     ck.mark_stage_done(tmp_path, "sft", {"output": "s"})  # rm was interrupted
     ck.write_checkpoint(tmp_path, 2, _writer({}))
-    _forget_unfinished(tmp_path)
+    _forget_unfinished(_cfg("stages.run=[sft,rm,rl]"), tmp_path)
     kept = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in kept] == [("sft", 1), ("rl", 0), ("rl", 1), ("rl", 2)]
     assert [json.loads(x)["step"] for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()] == [1, 2]
@@ -242,3 +242,19 @@ def test_supervised_fit_progress_shows_a_real_rate(tmp_path):
     assert "16/16" in lines[2] and "loss=1" in lines[2]
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 17)) and all(r["stage"] == "sft" for r in records)
+
+
+def test_stage_keys_number_repeated_stages_as_rounds():
+    from tidal.cluster.driver import stage_keys
+
+    assert stage_keys(("sft", "rm", "rl", "collect", "rm", "rl")) == [
+        ("sft", "sft", 1), ("rm", "rm", 1), ("rl", "rl", 1), ("collect", "collect", 1), ("rm", "rm2", 2), ("rl", "rl2", 2)]
+
+
+def test_final_table_shows_each_rl_round(tmp_path):
+    from tidal.cluster.driver import format_summary
+
+    r1 = {"before": {"rm_score": -0.2, "vader": 0.05}, "after": {"rm_score": 0.6, "vader": 0.1, "kl": 3.0}}
+    r2 = {"before": {"rm_score": -0.1, "vader": 0.1}, "after": {"rm_score": 0.3, "vader": 0.2, "kl": 4.0}}
+    text = format_summary({**r2, "rounds": {"rl": r1, "rl2": r2}}, tmp_path)
+    assert "rl round" in text and "rl2" in text and "0.600" in text and "0.200" in text
