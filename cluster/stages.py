@@ -66,7 +66,7 @@ def run_rm(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: s
     """Train a reward model (backbone of `base` + a scalar head, or a reward-model folder to
     continue) on preferences; returns its folder. After a collect round (`feedback`: its stage
     record), the new labels come first, then feedback.old_data of the earlier preference data."""
-    from tidal.common.models import load_tokenizer
+    from tidal.common.models import load_tokenizer, read_value_model_meta
     from tidal.learner.group import LearnerGroup
     from tidal.learner.reward_model import build_preference_batch
 
@@ -93,8 +93,16 @@ def run_rm(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: s
     print(f"tidal: {stage} ({loss}) on {len(train)} prompts from {base}", flush=True)
     group = LearnerGroup(cfg, base, role="reward")
     try:
+        probes = _exploit_batch(tok, new, d) if new else None
+        before = _exploit_scores(group, probes, read_value_model_meta(base)) if probes is not None else {}
         fit = group.fit_reward(train, held, on_progress=_FitProgress(logger, "rm", stage))
         final = {"rm/reward_mean": fit.reward_mean, "rm/reward_std": fit.reward_std, "rm/new_labels": float(len(new))}
+        if probes is not None:  # how the refreshed model scores what the policy learned to exploit
+            after = _exploit_scores(group, probes, {"reward_mean": fit.reward_mean, "reward_std": fit.reward_std})
+            final.update({f"rm/exploit_before/{k}": v for k, v in before.items()})
+            final.update({f"rm/exploit_after/{k}": v for k, v in after.items()})
+            print("tidal: normalised reward-model score (before -> after the new labels): "
+                  + ", ".join(f"{k} {before[k]:+.2f} -> {after[k]:+.2f}" for k in EXPLOITS), flush=True)
         if fit.eval_accuracy is not None:
             final["rm/eval_accuracy"] = fit.eval_accuracy
             print(f"tidal: reward model held-out pair accuracy {fit.eval_accuracy:.3f}", flush=True)
@@ -103,3 +111,25 @@ def run_rm(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: s
     finally:
         group.shutdown()
     return str(out)
+
+
+# Completions a policy learns to exploit a reward model with, and one plain good answer; after a
+# collect round the refreshed reward model should rank the exploits below the plain answer.
+EXPLOITS = {"empty": "", "punctuation": "!!!!!!!!", "emoticons": ":) :) :) :)",
+            "plain": "What a lovely day, I really enjoyed it."}
+
+
+def _exploit_batch(tok, records: list, d):
+    """Every probe completion after the prompts of (up to) 8 new preference records."""
+    from tidal.common.data import RankingRecord
+    from tidal.learner.reward_model import build_preference_batch
+
+    recs = [RankingRecord(r.prompt, list(EXPLOITS.values()), list(range(len(EXPLOITS)))) for r in records[:8]]
+    return build_preference_batch(tok, recs, d.max_prompt_tokens, d.max_response_tokens, d.chat_template)
+
+
+def _exploit_scores(group, batch, meta: dict) -> dict[str, float]:
+    """Mean normalised score (by the model's own reward_mean/std) of each probe completion."""
+    scores = group.compute_scores(batch.input_ids, batch.attention_mask).view(-1, len(EXPLOITS)).mean(0)
+    mean, std = float(meta.get("reward_mean", 0.0)), float(meta.get("reward_std", 1.0)) or 1.0
+    return {k: (float(v) - mean) / std for k, v in zip(EXPLOITS, scores)}
