@@ -102,6 +102,9 @@ def test_label_in_the_browser_and_export(served):
         wait_for(lambda: driver.execute_script("return document.body.dataset.ready") == "1", what="reload")
         assert driver.find_element(By.ID, "prompt").text == "Say something kind."
         assert "Labeled 1" in driver.find_element(By.ID, "progress").text
+        driver.set_window_size(375, 800)  # phone width: nothing wider than the screen
+        wait_for(lambda: driver.execute_script("return window.innerWidth") <= 400, what="the narrow window")
+        assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     finally:
         quit_browser(driver)
 

@@ -129,7 +129,8 @@ def test_label_cli_errors_are_one_line(tmp_path, capsys):
     assert "no feedback store" in capsys.readouterr().err
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "p", "responses": ["a", {"text": "b", "source": "sft", "version": "3"}]}\n')
-    assert main(["label", "add-tasks", str(tmp_path / "fb"), str(good)]) == 0
+    assert main(["label", "add-tasks", str(tmp_path / "fb"), str(good), "--flags", "too long; off topic"]) == 0
+    assert FeedbackStore(tmp_path / "fb").settings.flags == ("too long", "off topic")
     assert main(["label", "add-labeler", str(tmp_path / "fb"), "ann"]) == 0
     assert "token " in capsys.readouterr().out
     assert main(["label", "add-labeler", str(tmp_path / "fb"), "ann"]) == 2
@@ -137,7 +138,12 @@ def test_label_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["label", "serve", str(tmp_path / "none")]) == 2
     assert main(["label", "export", str(tmp_path / "fb"), str(good)]) == 2  # never overwrites
     assert "already exists" in capsys.readouterr().err
-    assert FeedbackStore(tmp_path / "fb").tasks()[1].responses[1] == TaskResponse("b", "sft", "3")
+    store = FeedbackStore(tmp_path / "fb")
+    assert store.tasks()[1].responses[1] == TaskResponse("b", "sft", "3")
+    ann = store.session(store.login(store.add_labeler("bob"))[0])["labeler_id"]
+    store.submit(ann, "submission-1", 1, [1, 0], flags=[["off topic"], []])
+    with pytest.raises(FeedbackError, match="before labeling starts"):
+        store.set_flags(["something else"])
 
 
 def test_serve_refuses_a_public_host_without_tokens(tmp_path, capsys):
