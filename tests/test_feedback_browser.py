@@ -163,6 +163,11 @@ def test_wrong_token_is_401_and_csrf_is_required(served):
     assert ann.http.get(url + "/api/stats", timeout=10).status_code == 403
     assert ann.http.get(url + "/export/rankings", timeout=10).status_code == 403
     assert store.labels() == []
+    for broken, field in (({**body, "order": [0, 0, 1]}, "'order'"), ({**body, "likert": [9, 4, 4]}, "'likert'"),
+                          ({**body, "submission_id": None}, "'submission_id'"), ({**body, "task_id": "1"}, "'task_id'")):
+        r = ann.submit(broken)
+        assert r.status_code == 400 and field in r.json()["error"], r.text
+    assert ann.http.post(url + "/api/submit", data=b"{not json", headers={"X-CSRF-Token": ann.csrf}, timeout=10).status_code == 400
     ok = ann.submit(body)
     assert ok.status_code == 200 and len(store.labels()) == 1
     # over the request-size limit: 413
