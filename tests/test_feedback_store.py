@@ -150,3 +150,19 @@ def test_serve_refuses_a_public_host_without_tokens(tmp_path, capsys):
     FeedbackStore(tmp_path / "fb", create=True)
     assert main(["label", "serve", str(tmp_path / "fb"), "--host", "0.0.0.0", "--port", "0"]) == 2
     assert "not a loopback address" in capsys.readouterr().err
+
+
+def test_an_expired_lease_frees_the_task(tmp_path):
+    import time
+
+    store = FeedbackStore(tmp_path / "fb", create=True, settings=Settings(lease_s=0.3))
+    (task,) = store.add_tasks([_task(0)], overlap_fraction=0.0)
+    ann, bob = (store.session(store.login(store.add_labeler(n))[0])["labeler_id"] for n in ("ann", "bob"))
+    assert store.next_task(ann).id == task
+    assert store.next_task(bob) is None  # leased to ann
+    assert store.counts()["leased"] == 1
+    time.sleep(0.4)
+    assert store.next_task(bob).id == task  # ann walked away; the task goes on
+    # ann's late submission still counts (nobody's work is thrown away); bob's lease then sees it done
+    assert store.submit(ann, "late-label-1", task, [0, 1, 2])[1] is True
+    assert store.progress(bob) == {"done": 0, "open": 0}
