@@ -20,7 +20,7 @@ import secrets
 import sqlite3
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.common.data import Prompt
@@ -103,7 +103,6 @@ class Task:
     responses: list[TaskResponse]
     want_labels: int
     gold_ranking: list[int] | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _hash(secret: str) -> str:

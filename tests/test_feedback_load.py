@@ -7,7 +7,6 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import requests
 
 from feedback_support import Labeler, label_server, start_server
