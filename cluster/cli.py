@@ -77,7 +77,7 @@ def _label(args: argparse.Namespace) -> int:
     if args.action == "add-labeler":
         return cli.add_labeler(args.dir, args.name, args.admin)
     if args.action == "add-tasks":
-        return cli.add_tasks(args.dir, args.file, args.overlap)
+        return cli.add_tasks(args.dir, args.file, args.overlap, args.flags)
     if args.action == "status":
         return cli.status(args.dir)
     return cli.export(args.dir, args.out, args.format, args.include_gold)
@@ -97,6 +97,7 @@ def _label_parser(sub) -> None:
     tsk.add_argument("dir")
     tsk.add_argument("file")
     tsk.add_argument("--overlap", type=float, default=None, help="share of tasks given to 2+ labelers (default: the store's, 0.1)")
+    tsk.add_argument("--flags", default=None, help="the per-response flags the page offers, ';'-separated (before labeling starts)")
     st = lb.add_parser("status", help="queue, per-labeler counts, agreement")
     st.add_argument("dir")
     ex = lb.add_parser("export", help="write the labels as rankings, comparisons or ratings (JSON lines)")

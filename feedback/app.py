@@ -153,10 +153,11 @@ def build_app(store: FeedbackStore, max_body_bytes: int = MAX_BODY_BYTES) -> Sta
         body = await body_or_error(request)
         if isinstance(body, Response):
             return body
+        def store_label(req) -> tuple[int, bool]:  # in a worker thread: SQLite blocks
+            return store.submit(sess["labeler_id"], **_to_stored(req, sess["labeler_id"], store))
+
         try:
-            req = json.loads(body)
-            kwargs = _to_stored(req, sess["labeler_id"], store)
-            label_id, new = await run_in_threadpool(store.submit, sess["labeler_id"], **kwargs)
+            label_id, new = await run_in_threadpool(store_label, json.loads(body))
         except (ValueError, TypeError, KeyError) as e:  # FeedbackError is a ValueError
             status = 409 if isinstance(e, FeedbackError) and "already" in str(e) else 400
             return _json({"error": str(e) if isinstance(e, FeedbackError) else f"malformed submission: {e}"}, status)

@@ -51,10 +51,13 @@ def read_tasks(path: str | Path) -> list[NewTask]:
     return tasks
 
 
-def add_tasks(folder: str, file: str, overlap: float | None) -> int:
+def add_tasks(folder: str, file: str, overlap: float | None, flags: str | None = None) -> int:
     try:
         tasks = read_tasks(file)
-        ids = FeedbackStore(folder, create=True).add_tasks(tasks, overlap_fraction=overlap)
+        store = FeedbackStore(folder, create=True)
+        if flags is not None:
+            store.set_flags(flags.split(";"))
+        ids = store.add_tasks(tasks, overlap_fraction=overlap)
     except (FeedbackError, OSError) as e:
         return _fail(str(e))
     print(f"added {len(ids)} tasks to {folder}" + (f" (ids {ids[0]}..{ids[-1]})" if ids else ""))

@@ -20,7 +20,7 @@ import secrets
 import sqlite3
 import time
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.common.data import Prompt
@@ -103,7 +103,6 @@ class Task:
     responses: list[TaskResponse]
     want_labels: int
     gold_ranking: list[int] | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _hash(secret: str) -> str:
@@ -166,6 +165,18 @@ class FeedbackStore:
             raw = json.loads(db.execute("SELECT value FROM meta WHERE key='settings'").fetchone()[0])
         raw["flags"] = tuple(raw["flags"])
         return Settings(**raw)
+
+    def set_flags(self, flags: list[str]) -> None:
+        """Replaces the flag names the page offers; refused once labels exist (their flags
+        would no longer match the list the stats count)."""
+        flags = [f.strip() for f in flags if f.strip()]
+        if not flags or len(set(flags)) != len(flags):
+            raise FeedbackError(f"flags {flags} must be a non-empty list of distinct names")
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM labels LIMIT 1").fetchone() and tuple(flags) != self.settings.flags:
+                raise FeedbackError(f"{self.path} already holds labels; flags can only be set before labeling starts")
+            raw = json.loads(db.execute("SELECT value FROM meta WHERE key='settings'").fetchone()[0])
+            db.execute("UPDATE meta SET value=? WHERE key='settings'", (json.dumps({**raw, "flags": flags}),))
 
     # ------------------------------------------------------------------ labelers and sessions
 

@@ -30,9 +30,15 @@ def served(tmp_path):
 
 
 def wait_for(cond, timeout=15.0, what="condition"):
+    """Polls `cond`; an element of the page being replaced (navigation) just means: not yet."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = cond()
+        try:
+            value = cond()
+        except (StaleElementReferenceException, NoSuchElementException):
+            value = None
         if value:
             return value
         time.sleep(0.05)
@@ -102,6 +108,25 @@ def test_label_in_the_browser_and_export(served):
         wait_for(lambda: driver.execute_script("return document.body.dataset.ready") == "1", what="reload")
         assert driver.find_element(By.ID, "prompt").text == "Say something kind."
         assert "Labeled 1" in driver.find_element(By.ID, "progress").text
+        driver.set_window_size(375, 800)  # phone width: nothing wider than the screen
+        wait_for(lambda: driver.execute_script("return window.innerWidth") <= 400, what="the narrow window")
+        assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+
+        # the researcher page, as the admin: counts, Likert histogram and flags of that label
+        driver.set_window_size(900, 1200)
+        driver.delete_all_cookies()
+        driver.get(url + "/login")
+        driver.find_element(By.ID, "token").send_keys(tokens["boss"])
+        driver.find_element(By.ID, "login").click()
+        wait_for(lambda: driver.current_url.endswith("/admin")
+                 and driver.execute_script("return document.body.dataset.ready") == "1", what="the researcher page")
+        cells = lambda table: [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]  # noqa: E731
+                               for tr in driver.find_elements(By.CSS_SELECTOR, f"#{table} tr")][1:]
+        assert ["ann", "1", "0"] == cells("labelers")[0][:3]
+        assert cells("queue")[0][:4] == ["2", "0", "1", "1"]
+        assert {score: n for score, n in cells("likert")} == {"1": "0", "2": "1", "3": "0", "4": "0", "5": "1", "6": "1", "7": "0"}
+        assert dict(cells("flags"))["harmful or toxic"] == "1"
+        assert len(driver.find_elements(By.CSS_SELECTOR, "a[href='/export/rankings']")) == 1
     finally:
         quit_browser(driver)
 
@@ -138,6 +163,11 @@ def test_wrong_token_is_401_and_csrf_is_required(served):
     assert ann.http.get(url + "/api/stats", timeout=10).status_code == 403
     assert ann.http.get(url + "/export/rankings", timeout=10).status_code == 403
     assert store.labels() == []
+    for broken, field in (({**body, "order": [0, 0, 1]}, "'order'"), ({**body, "likert": [9, 4, 4]}, "'likert'"),
+                          ({**body, "submission_id": None}, "'submission_id'"), ({**body, "task_id": "1"}, "'task_id'")):
+        r = ann.submit(broken)
+        assert r.status_code == 400 and field in r.json()["error"], r.text
+    assert ann.http.post(url + "/api/submit", data=b"{not json", headers={"X-CSRF-Token": ann.csrf}, timeout=10).status_code == 400
     ok = ann.submit(body)
     assert ok.status_code == 200 and len(store.labels()) == 1
     # over the request-size limit: 413

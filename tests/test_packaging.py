@@ -68,6 +68,9 @@ def test_wheel_holds_only_the_tidal_package(wheel):
         for py in (REPO / sub).rglob("*.py"):
             rel = py.relative_to(REPO).as_posix()
             assert "__pycache__" in rel or f"tidal/{rel}" in names, f"{rel} missing from the wheel"
+    # the labeling app's pages, script and stylesheet ship in the package (no CDN)
+    for asset in (REPO / "feedback" / "static").iterdir():
+        assert f"tidal/feedback/static/{asset.name}" in names, f"{asset.name} missing from the wheel"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "tidal = tidal.cluster.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
