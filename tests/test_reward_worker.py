@@ -68,7 +68,7 @@ def test_saved_normalization_is_applied(tiny_model, rm_dir, tmp_path, direct):
 
 def test_rollout_token_ids_are_read_when_the_policy_tokenizer_is_shared(tiny_model, rm_dir, direct):
     score, encode, tokenizer = direct
-    cfg = RewardConfig(terms=(RewardTerm(kind="model"),))
+    cfg = RewardConfig(terms=(RewardTerm(kind="model"),), normalize="none")
     finish = ["stop", "stop", "length", "stop", "length"]
     rollout = make_rollout(PROMPTS, COMPLETIONS, finish=finish, tokenizer=tokenizer)
     # where the policy emitted EOS its response ids end with it; the response text never does
@@ -97,7 +97,7 @@ BAD_BYTES = b"nice \xff\xfe day".decode("utf-8", "surrogateescape")
 ], ids=["empty-completion", "empty-both", "no-tokens", "non-utf8", "huge"])
 def test_bad_inputs_reach_the_model_well_defined(rm_dir, direct, prompt, completion, finish, expect_ids):
     score, encode, tokenizer = direct
-    r = build_reward(RewardConfig(terms=(RewardTerm(kind="model", target=str(rm_dir)),)), local=True)
+    r = build_reward(RewardConfig(terms=(RewardTerm(kind="model", target=str(rm_dir)),), normalize="none"), local=True)
     out = r.score(make_rollout([prompt], [completion], finish=[finish]))
     assert out.valid.all()
     assert out.scores.tolist() == pytest.approx([score(expect_ids(encode, tokenizer))], abs=1e-5)
