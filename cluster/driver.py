@@ -10,8 +10,12 @@ run_state.json (finished stages), checkpoints/, rollouts.jsonl (prompt indices p
 samples_before.jsonl / samples_after.jsonl (held-out completions with reward-model and VADER
 scores), summary.json, plots/.
 
-`tidal train --resume RUN` re-reads RUN/config.yaml, skips finished stages (their outputs are
-on disk), and continues the RL stage from its newest complete checkpoint; log records written
+Before Ray starts, `cluster.preflight` checks the config, every data row the stages read, the
+models, user reward functions and (on resume) the checkpoint files; a user error stops there.
+
+`tidal train --resume RUN [algorithm.steps=N logging.*=...]` re-reads RUN/config.yaml (a resume
+may extend the steps or change logging; any other changed key is refused), says so and changes
+nothing when every stage already finished, skips finished stages (their outputs are on disk), and continues the RL stage from its newest complete checkpoint; log records written
 after that checkpoint are dropped first, so the resumed run's records equal an uninterrupted
 run's. A stage that was interrupted before finishing (sft, rm) restarts from its beginning.
 """
@@ -20,41 +24,67 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.cluster import checkpoint as ck
+from tidal.cluster.preflight import (TASK_MARKER, DataPaths, PreflightError, check_data, data_paths, preflight,
+                                    task_folder_state, task_marker)
 from tidal.cluster.runtime import connect, disconnect
 from tidal.common.config import ConfigError, TidalConfig, load_config, to_dict, to_yaml
 from tidal.common.metrics import METRICS_FILE, MetricsLogger
 
 
-@dataclass(frozen=True)
-class DataPaths:
-    prompts: Path | None
-    eval_prompts: Path | None
-    demonstrations: Path | None
-    comparisons: Path | None
-    comparisons_heldout: Path | None
-    rankings: Path | None
-    rankings_heldout: Path | None
+RESUMABLE_KEYS = ("algorithm.steps", "logging.")  # what a resume may change without breaking exactness
 
 
 def train_from_cli(config_path: str | None, overrides: list[str], resume: str | None = None) -> int:
-    """Entry point of `tidal train`; returns the exit status."""
+    """Entry point of `tidal train`; returns the exit status. Every check that needs no cluster
+    (config, data rows, models, reward functions, the checkpoint to resume) runs before Ray starts."""
     if resume is not None:
-        if config_path is not None or overrides:
-            raise ConfigError(f"--resume {resume} continues with {resume}/config.yaml; drop CONFIG and overrides "
-                              f"(got {config_path!r} {overrides}).")
+        if config_path is not None:
+            raise ConfigError(f"--resume {resume} continues with {resume}/config.yaml; drop {config_path} "
+                              f"(overrides of algorithm.steps and logging.* are allowed).")
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {resume}: no config.yaml there; pass the run directory of an earlier `tidal train`.")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = resume_config(run_dir, overrides)
+        done = ck.read_run_state(run_dir)["stages"]
+        if all(stage in done for stage in cfg.stages.run):
+            if "rl" in done and cfg.algorithm.steps != load_config(run_dir / "config.yaml").algorithm.steps:
+                raise PreflightError(f"--resume {run_dir}: the run finished its rl stage, whose learning-rate schedule has "
+                                     f"ended; extend a run before it finishes, or start a new one from it with "
+                                     f"model.policy={run_dir / 'policy'}.")
+            print(f"tidal: run {run_dir} already finished (stages {', '.join(done)}); nothing to do. "
+                  f"Its results: {run_dir / 'summary.json'}", flush=True)
+            return 0
     else:
         cfg = load_config(config_path, overrides)
         run_dir = new_run_dir(cfg, config_path)
-    run_pipeline(cfg, run_dir, resume=resume is not None)
+    preflight(cfg, resume_dir=run_dir if resume is not None else None, files=False)  # before anything is written
+    data = prepare_data(cfg)  # writes task files only where none exist
+    check_data(cfg, data)  # every row the stages will read, still before Ray starts
+    if resume is not None and overrides:
+        ck.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # a later resume continues with these
+    run_pipeline(cfg, run_dir, resume=resume is not None, data=data)
     return 0
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> TidalConfig:
+    """RUN/config.yaml with the overrides a resume allows; any other changed key is refused by name."""
+    old = load_config(run_dir / "config.yaml")
+    new = load_config(run_dir / "config.yaml", overrides)
+    changed = [k for k, v in _leaves(to_dict(new)).items() if _leaves(to_dict(old)).get(k) != v]
+    refused = [k for k in changed if not k.startswith(RESUMABLE_KEYS)]
+    if refused:
+        raise ConfigError(f"--resume {run_dir}: {refused[0]} cannot change on resume (the resumed run must continue "
+                          f"the same way); only algorithm.steps and logging.* can. Start a new run to change it.")
+    return new
+
+
+def _leaves(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
 
 
 def new_run_dir(cfg: TidalConfig, config_path: str | None) -> Path:
@@ -67,33 +97,29 @@ def new_run_dir(cfg: TidalConfig, config_path: str | None) -> Path:
 
 
 def prepare_data(cfg: TidalConfig) -> DataPaths:
-    """Paths of every dataset; the built-in task's files are written to data.data_dir on first use."""
-    d = cfg.data
-    task: dict[str, Path] = {}
-    if d.task == "sentiment":
-        from tidal.common.sentiment import sentiment_paths, write_sentiment_task
+    """Paths of every dataset. The built-in task is written only where that overwrites nothing:
+    into a missing or empty data.data_dir, or (in a folder with tidal's task.json marker) as the
+    files that are missing. A folder with files but no marker is the user's: used as it is."""
+    state = task_folder_state(cfg)
+    if state in ("generate", "owned"):
+        from tidal.common.data import write_records
+        from tidal.common.sentiment import build_sentiment_task, sentiment_paths
 
-        task = sentiment_paths(d.data_dir)
-        marker = Path(d.data_dir) / "task.json"
-        want = {"task": "sentiment", "seed": 0, "max_rows": d.max_rows}
-        if all(p.is_file() for p in task.values()) and marker.is_file():
-            if json.loads(marker.read_text()) != want:
-                raise ConfigError(f"data.data_dir={d.data_dir} holds the task built with {marker.read_text().strip()}, "
-                                  f"not {want}; point data.data_dir at another folder for this data.max_rows.")
-        else:
-            write_sentiment_task(d.data_dir, seed=0, max_per_split=d.max_rows)
-            ck.atomic_write_text(marker, json.dumps(want))
-
-    def pick(explicit: str | None, name: str) -> Path | None:
-        if explicit is not None:
-            if not Path(explicit).is_file():
-                raise ConfigError(f"data file {explicit} does not exist (check the data.* paths).")
-            return Path(explicit)
-        return task.get(name)
-
-    return DataPaths(pick(d.prompts, "prompts_train"), pick(d.eval_prompts, "prompts_heldout"),
-                     pick(d.demonstrations, "demonstrations_train"), pick(d.comparisons, "comparisons_train"),
-                     task.get("comparisons_heldout"), pick(d.rankings, "rankings_train"), task.get("rankings_heldout"))
+        paths = sentiment_paths(cfg.data.data_dir)
+        missing = {name: p for name, p in paths.items() if not p.exists()}
+        if missing:
+            for name, records in build_sentiment_task(0).items():
+                if name in missing:
+                    write_records(missing[name], records[:cfg.data.max_rows])
+        marker = Path(cfg.data.data_dir) / TASK_MARKER
+        if not marker.exists():
+            ck.atomic_write_text(marker, json.dumps(task_marker(cfg)))
+    data = data_paths(cfg)
+    for name in ("prompts", "eval_prompts", "demonstrations", "comparisons", "rankings"):
+        explicit = getattr(cfg.data, name)
+        if explicit is not None and not Path(explicit).is_file():
+            raise ConfigError(f"data.{name}={explicit}: no such file (check the data.* paths).")
+    return data
 
 
 def _forget_unfinished(run_dir: Path) -> None:
@@ -106,7 +132,7 @@ def _forget_unfinished(run_dir: Path) -> None:
     ck.truncate_jsonl(run_dir / "rollouts.jsonl", lambda r: "rl" in done or r["step"] <= rl_step)
 
 
-def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
+def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, data: DataPaths | None = None) -> dict:
     """Run (or continue) every stage of `cfg` in `run_dir`; returns the RL summary ({} without rl)."""
     from tidal.cluster.placement import plan_placement, role_counts
     from tidal.common.models import resolve_model
@@ -116,7 +142,7 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
         _forget_unfinished(run_dir)
     else:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    data = prepare_data(cfg)
+    data = data or prepare_data(cfg)
     plan = plan_placement(cfg, role_counts(cfg, reference=True, reward_model=False))
     conn = connect(cfg.cluster, min_cpus=plan.total_cpus + cfg.reward.num_workers)
     logger = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), total_steps=cfg.algorithm.steps, resume=resume)
