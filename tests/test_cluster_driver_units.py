@@ -189,3 +189,53 @@ def test_summary_table_lists_before_and_after(tmp_path):
     text = format_summary({"before": {"rm_score": -1.0, "vader": 0.1, "kl": 0.0},
                            "after": {"rm_score": 0.5, "vader": 0.4, "kl": 2.0}, "wall_time_s": 12.0}, tmp_path)
     assert "reward-model score" in text and "-1.000" in text and "0.500" in text and "VADER" in text
+
+
+# ----------------------------------------------------------------------------- data folders
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_prepare_data_writes_the_task_only_into_an_empty_folder_and_fills_only_missing_files(tmp_path):
+    from tidal.cluster.driver import prepare_data
+
+    folder = tmp_path / "task"
+    cfg = load_config(None, [f"data.data_dir={folder}", "data.max_rows=5"])
+    data = prepare_data(cfg)  # missing folder: written, with tidal's marker
+    assert data.prompts == folder / "prompts_train.jsonl" and (folder / "task.json").is_file()
+    (folder / "prompts_train.jsonl").write_text('{"prompt": "edited"}\n')  # the user edits one file ...
+    (folder / "rankings_train.jsonl").unlink()  # ... and deletes another
+    prepare_data(cfg)
+    assert (folder / "prompts_train.jsonl").read_text() == '{"prompt": "edited"}\n'  # kept
+    assert len((folder / "rankings_train.jsonl").read_text().splitlines()) == 5  # only the missing one filled
+
+
+def test_prepare_data_uses_a_folder_without_marker_as_it_is(tmp_path):
+    from tidal.cluster.driver import prepare_data
+    from tidal.cluster.preflight import PreflightError, check_data
+
+    folder = tmp_path / "mine"  # e.g. made by `tidal data sentiment` and edited by hand
+    folder.mkdir()
+    (folder / "prompts_train.jsonl").write_text('{"prompt": "one row"}\n')
+    before = _files(folder)
+    cfg = load_config(None, [f"data.data_dir={folder}"])
+    data = prepare_data(cfg)
+    assert _files(folder) == before and data.prompts == folder / "prompts_train.jsonl" and data.demonstrations is None
+    check_data(cfg, data)  # rl only: its prompts are there
+    sft = load_config(None, [f"data.data_dir={folder}", "stages.run=[sft,rl]"])
+    with pytest.raises(PreflightError, match="no demonstrations file of the task.*data.demonstrations=FILE"):
+        check_data(sft, prepare_data(sft))
+    assert _files(folder) == before
+
+
+def test_resume_accepts_steps_and_logging_overrides_only(tmp_path):
+    from tidal.cluster.driver import resume_config
+    from tidal.common.config import ConfigError, to_yaml
+
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, ["algorithm.steps=4"])))
+    cfg = resume_config(tmp_path, ["algorithm.steps=8", "logging.checkpoint_every=2"])
+    assert cfg.algorithm.steps == 8 and cfg.logging.checkpoint_every == 2
+    with pytest.raises(ConfigError, match="reward.terms.*cannot change on resume"):
+        resume_config(tmp_path, ["reward.terms[0].weight=2"])

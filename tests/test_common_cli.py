@@ -57,8 +57,57 @@ def test_config_show_doc():
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert any(line.startswith("learner.lr = 1e-05  # Policy learning rate") for line in lines)
-    assert any(line.startswith("reward.terms[].kind = ") for line in lines)
+    assert any(line.startswith("reward.terms[0].kind = ") for line in lines)
     assert all("  # " in line and line.split("  # ", 1)[1].strip() for line in lines)
+
+
+def test_config_show_doc_shows_the_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algorithm: {name: grpo}\nrollout: {n_samples: 4}\n")
+    res = tidal("config", "show", path, "--doc", "learner.lr=1e-6", "reward.terms[0].weight=0.5")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "learner.lr = 1e-06  (default 1e-05)  # Policy learning rate." in lines
+    assert any(line.startswith("algorithm.name = 'grpo'  (default 'ppo')") for line in lines)
+    assert any(line.startswith("reward.terms[0].weight = 0.5") for line in lines)
+
+
+def test_output_piped_to_a_reader_that_leaves_is_quiet():
+    # `tidal config show --doc | head -1`, with the pipe closed before tidal writes
+    proc = subprocess.Popen([TIDAL, "config", "show", "--doc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_help_shows_defaults():
+    res = tidal("data", "sentiment", "--help")
+    assert res.returncode == 0 and "(default: jsonl)" in res.stdout and "(default: 0)" in res.stdout
+
+
+def test_data_sentiment_never_overwrites(tmp_path):
+    (tmp_path / "prompts_train.jsonl").write_text('{"prompt": "mine"}\n')
+    res = tidal("data", "sentiment", tmp_path)
+    assert res.returncode == 2 and "prompts_train.jsonl exists" in res.stderr
+    assert (tmp_path / "prompts_train.jsonl").read_text() == '{"prompt": "mine"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts_train.jsonl"]
+
+
+def test_reward_template_is_a_valid_reward_module(tmp_path):
+    res = tidal("reward", "template")
+    assert res.returncode == 0, res.stderr
+    (tmp_path / "my_rewards.py").write_text(res.stdout)
+    from tidal.cluster.preflight import check_reward_function
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        check_reward_function("reward.terms[0].target", "my_rewards:score")  # raises if the signature is wrong
+        import my_rewards
+
+        scores = my_rewards.score(["p", "q"], ["a b a", "c"], references=[None, None], target=None)
+        assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+    finally:
+        sys.path.remove(str(tmp_path))
 
 
 def test_report_writes_pngs(tmp_path):
