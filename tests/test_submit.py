@@ -78,7 +78,8 @@ def ray_head():
     (home / ".ray" / "auth_token").write_text(token)
     gcs, dash, client, agent, agent_grpc, metrics, renv = _free_ports(7)
     env = _user_env(home)
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--temp-dir={temp_dir}", f"--port={gcs}",
+    # `python -m` rather than the `ray` script: a copied venv keeps the shebang of its original
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--temp-dir={temp_dir}", f"--port={gcs}",
            "--include-dashboard=true", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
            f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
