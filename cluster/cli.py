@@ -45,10 +45,11 @@ def _data_sentiment(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from tidal.common.dashboard import plot_dashboard
     from tidal.common.metrics import plot_run
 
     try:
-        paths = plot_run(args.run_dir)
+        paths = [plot_dashboard(args.run_dir), *plot_run(args.run_dir)]
     except (FileNotFoundError, ValueError) as e:  # no metrics.jsonl, or nothing in it to plot
         print(f"tidal report: {e}", file=sys.stderr)
         return 2
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sent.add_argument("--max-rows", type=int, default=None, help="cap rows per file")
     sent.set_defaults(fn=_data_sentiment)
 
-    rep = sub.add_parser("report", help="plot a run's metrics to PNG files")
+    rep = sub.add_parser("report", help="plot a run's metrics: RUN/dashboard.png and RUN/plots/*.png")
     rep.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
     rep.set_defaults(fn=_report)
 

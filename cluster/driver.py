@@ -8,7 +8,7 @@
 Run directory (logging.output_dir / logging.run_name): config.yaml, metrics.jsonl, wandb files,
 run_state.json (finished stages), checkpoints/, rollouts.jsonl (prompt indices per step),
 samples_before.jsonl / samples_after.jsonl (held-out completions with reward-model and VADER
-scores), summary.json, plots/.
+scores), summary.json, dashboard.png (the first look), plots/ (every metric group).
 
 Before Ray starts, `cluster.preflight` checks the config, every data row the stages read, the
 models, user reward functions and (on resume) the checkpoint files; a user error stops there.
@@ -185,11 +185,13 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, data: Da
 
 
 def _finish(run_dir: Path, summary: dict) -> None:
+    from tidal.common.dashboard import plot_dashboard
     from tidal.common.metrics import plot_run
 
     ck.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     try:
-        plot_run(run_dir)
+        plot_run(run_dir)  # every metric group, in plots/
+        plot_dashboard(run_dir)  # the first look, dashboard.png
     except (FileNotFoundError, ValueError) as e:  # nothing to plot is not a failure of the run
         print(f"tidal: no plots: {e}", flush=True)
     print(format_summary(summary, run_dir), flush=True)

@@ -118,8 +118,9 @@ def test_report_writes_pngs(tmp_path):
     res = tidal("report", run_dir)
     assert res.returncode == 0, res.stderr
     printed = [Path(p) for p in res.stdout.split()]
-    assert sorted(p.name for p in printed) == ["rl_kl.png", "rl_reward.png", "rl_time.png"]
-    for p in printed:
+    assert printed[0] == run_dir / "dashboard.png" and printed[0].read_bytes()[:4] == b"\x89PNG"  # the first look
+    assert sorted(p.name for p in printed[1:]) == ["rl_kl.png", "rl_reward.png", "rl_time.png"]
+    for p in printed[1:]:
         assert p.is_file() and p.parent == run_dir / "plots" and p.read_bytes()[:4] == b"\x89PNG"
 
 
