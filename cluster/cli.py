@@ -159,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extras; the ones shaped like overrides join the list, anything else is an error."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
+    if "--debug" in extras:  # also accepted after the subcommand: `tidal train ... --debug`
+        args.debug, extras = True, [e for e in extras if e != "--debug"]
     if extras and hasattr(args, "overrides"):
         if getattr(args, "config", "x") is None and "=" not in extras[0] and not extras[0].startswith("-"):
             args.config, extras = extras[0], extras[1:]

@@ -129,3 +129,11 @@ def test_report_on_empty_dir_is_a_clear_error(tmp_path):
     assert res.returncode == 2
     assert f"{tmp_path / 'metrics.jsonl'} not found" in res.stderr and "tidal train" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_debug_shows_the_traceback_of_a_user_error():
+    plain = tidal("config", "show", "learner.lrr=1")
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr and len(plain.stderr.splitlines()) == 1
+    for args in (["--debug", "config", "show", "learner.lrr=1"], ["config", "show", "learner.lrr=1", "--debug"]):
+        res = tidal(*args)
+        assert res.returncode != 0 and "Traceback" in res.stderr and "ConfigError: unknown key 'learner.lrr'" in res.stderr
