@@ -10,6 +10,7 @@ Every field carries its documentation as `field(metadata={"doc": ...})`; `descri
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -277,37 +278,29 @@ def _apply_override(raw: dict, override: str) -> None:
     node: Any = raw
     defaults: Any = to_dict(TidalConfig())  # a list indexed but not in the file starts as its default
     for i, part in enumerate(parts):
-        where = ".".join(parts[:i + 1])
-        last = i == len(parts) - 1
+        where, last = ".".join(parts[:i]), i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) > len(node):
-                raise ConfigError(f"override {override!r}: {'.'.join(parts[:i])} is a list of {len(node)} entries; "
-                                  f"index it with 0..{len(node) - 1} (or {len(node)} to add one), e.g. {'.'.join(parts[:i])}.0")
-            idx = int(part)
-            if idx == len(node):
+                raise ConfigError(f"override {override!r}: {where} is a list of {len(node)} entries; index it with "
+                                  f"0..{len(node) - 1} (or {len(node)} to add one), e.g. {where}.0")
+            part = int(part)
+            if part == len(node):
                 node.append({})
-            defaults = defaults[idx] if isinstance(defaults, list) and idx < len(defaults) else {}
-            if last:
-                node[idx] = _override_value(value)
-            elif node[idx] is None:
-                node[idx] = {}
-            node = node[idx]
+            defaults = defaults[part] if isinstance(defaults, list) and part < len(defaults) else {}
         elif isinstance(node, dict):
             defaults = defaults.get(part) if isinstance(defaults, dict) else None
-            if last:
-                node[part] = _override_value(value)
-            elif node.get(part) is None:  # absent, or an empty section (`stages:` in YAML reads as null)
-                node[part] = [dict(d) for d in defaults] if isinstance(defaults, list) else {}
-            node = node[part]
         else:
-            raise ConfigError(f"override {override!r}: {'.'.join(parts[:i])} is not a section")
-
-
-def _override_value(value: str) -> Any:
-    try:
-        return yaml.load(value, Loader=_Loader) if value.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override value {value!r} is not valid YAML: {e}") from None
+            raise ConfigError(f"override {override!r}: {where} is not a section")
+        if last:
+            try:
+                node[part] = yaml.load(value, Loader=_Loader) if value.strip() else None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override value {value!r} is not valid YAML: {e}") from None
+            return
+        if (node[part] if isinstance(node, list) else node.get(part)) is None:
+            # absent, or an empty section (`stages:` in YAML reads as null)
+            node[part] = copy.deepcopy(defaults) if isinstance(defaults, list) else {}
+        node = node[part]
 
 
 def from_dict(cls: type, raw: Any, path: str) -> Any:

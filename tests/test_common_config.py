@@ -235,3 +235,7 @@ def test_duplicate_yaml_key_names_key_and_lines(tmp_path):
         load_config(write(tmp_path, "learner:\n  lr: 1.0e-5\n  zero_stage: 2\n  lr: 2.0e-5\n"))
     with pytest.raises(ConfigError, match="duplicate key 'learner'"):
         load_config(write(tmp_path, "learner: {lr: 1.0e-5}\nlearner: {zero_stage: 1}\n"))
+
+
+def test_list_index_override_of_a_plain_list_starts_from_its_default():
+    assert load_config(None, ["stages.run[1]=rl", "stages.run[0]=sft"]).stages.run == ("sft", "rl")
