@@ -20,6 +20,7 @@ error saying what to set.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import os
 import shlex
 import sys
@@ -69,6 +70,27 @@ def _relative_config(config: str, working_dir: Path) -> str:
             f"cluster; copy it under {working_dir} (e.g. configs/) or run `tidal submit` from its folder.") from None
 
 
+def check_uploaded(cfg, working_dir: Path) -> None:
+    """Data the job reads from the working dir must be in what is uploaded: a file under runs/
+    (or another excluded folder) exists here but not in the job, which would fail there or,
+    for the built-in task's folder, silently rebuild the task instead of reading the user's."""
+    from tidal.cluster.preflight import task_folder_state
+
+    d = cfg.data
+    paths = [(f"data.{n}", getattr(d, n)) for n in ("prompts", "eval_prompts", "demonstrations", "comparisons", "rankings")]
+    if task_folder_state(cfg) == "user":
+        paths.append(("data.data_dir", d.data_dir))
+    for key, value in paths:
+        if value is None or Path(value).is_absolute():
+            continue  # an absolute path is the cluster's business (a shared filesystem)
+        parts = Path(value).parts
+        hit = next((pat for pat in UPLOAD_EXCLUDES for i in range(1, len(parts) + 1)
+                    if fnmatch.fnmatch(str(Path(*parts[:i])), pat)), None)
+        if hit is not None:
+            raise ConfigError(f"{key}={value} is under {hit}, which `tidal submit` does not upload (excluded: "
+                              f"{', '.join(UPLOAD_EXCLUDES)}); move it to a folder that is uploaded, e.g. data/.")
+
+
 def submit(config: str, overrides: list[str], address: str, follow: bool = True,
            working_dir: str | None = None) -> int:
     """Submit `tidal train config overrides` to the Ray cluster at `address`; see module doc."""
@@ -81,6 +103,7 @@ def submit(config: str, overrides: list[str], address: str, follow: bool = True,
     cfg = load_config(config, overrides)  # fail fast, locally
     entrypoint = build_entrypoint(_relative_config(config, wd), list(overrides))
     preflight(cfg)
+    check_uploaded(cfg, wd)
     _enable_token_auth_if_available()
     try:
         client = JobSubmissionClient(address)

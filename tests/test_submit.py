@@ -127,19 +127,27 @@ def test_submit_runs_tidal_train_as_a_job_and_reports_success(ray_head, tmp_path
 @pytest.mark.slow
 @pytest.mark.ray
 def test_submit_reports_a_failing_job(ray_head, tmp_path):
-    # A prompts file under runs/ exists here but is not uploaded (runs/ is excluded): local
-    # preflight passes, the job's own preflight fails in seconds.
+    # A hub id passes the local preflight when this machine may download; the job runs with hub
+    # downloads off (the worker environment), so it fails there, in seconds, naming the model.
     address, env = ray_head
+    env = {k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    res = _submit(env, "configs/tiny_grpo.yaml", "--address", address,
+                  *_overrides(tmp_path, "bad", "model.policy=nobody/no-such-model"))
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "FAILED" in res.stdout and "nobody/no-such-model" in res.stdout + res.stderr
+
+
+def test_submit_refuses_data_that_would_not_be_uploaded(tmp_path):
     local = REPO / "runs" / f"not-uploaded-{uuid.uuid4().hex[:8]}.jsonl"
     local.parent.mkdir(exist_ok=True)
     local.write_text('{"prompt": "hi"}\n')
     try:
-        res = _submit(env, "configs/tiny_grpo.yaml", "--address", address,
-                      *_overrides(tmp_path, "bad", "data.task=null", f"data.prompts={local.relative_to(REPO)}"))
+        with pytest.raises(ConfigError, match=r"data.prompts=runs/not-uploaded-.* is under runs, which `tidal submit` "
+                                              r"does not upload"):
+            submit("configs/tiny_grpo.yaml", ["data.task=null", f"data.prompts={local.relative_to(REPO)}"],
+                   address="http://127.0.0.1:9", working_dir=str(REPO))
     finally:
         local.unlink()
-    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "FAILED" in res.stdout and local.name in res.stdout + res.stderr
 
 
 def test_submit_without_a_token_says_what_to_set(tmp_path):
