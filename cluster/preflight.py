@@ -197,6 +197,10 @@ def check_rewards(cfg: TidalConfig) -> None:
     for i, term in enumerate(cfg.reward.terms):
         if term.kind == "function":
             check_reward_function(f"reward.terms[{i}].target", term.target)
+        no_model = not term.target and not cfg.model.reward and "rm" not in cfg.stages.run
+        if term.kind == "model" and "rl" in cfg.stages.run and no_model:
+            raise PreflightError(f"reward.terms[{i}] (kind model): no reward model; set reward.terms[{i}].target or "
+                                 f"model.reward to a reward-model folder, or add rm to stages.run before rl.")
 
 
 def _check_file(path: Path) -> str | None:

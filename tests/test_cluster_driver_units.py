@@ -239,3 +239,11 @@ def test_resume_accepts_steps_and_logging_overrides_only(tmp_path):
     assert cfg.algorithm.steps == 8 and cfg.logging.checkpoint_every == 2
     with pytest.raises(ConfigError, match="reward.terms.*cannot change on resume"):
         resume_config(tmp_path, ["reward.terms[0].weight=2"])
+
+
+def test_preflight_wants_a_reward_model_for_a_model_term():
+    from tidal.cluster.preflight import PreflightError, check_rewards
+
+    with pytest.raises(PreflightError, match=r"reward.terms\[0\] \(kind model\): no reward model"):
+        check_rewards(load_config(None, ["stages.run=[rl]"]))
+    check_rewards(load_config(None, ["stages.run=[rm,rl]"]))  # the rm stage provides it
