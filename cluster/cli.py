@@ -172,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tidal.cluster.preflight import PreflightError
     from tidal.common.config import ConfigError
     from tidal.common.data import DataError
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:  # the user's input: one line, exit 2 (tidal's own bugs keep their traceback)
         if args.debug:
             raise
-        kind = "data error" if isinstance(e, DataError) else "preflight" if type(e).__name__ == "PreflightError" else "config error"
+        kind = "data error" if isinstance(e, DataError) else "preflight" if isinstance(e, PreflightError) else "config error"
         print(f"tidal: {kind}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
