@@ -7,6 +7,7 @@ not start Ray, vLLM or DeepSpeed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -20,16 +21,23 @@ def _config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 def _config_show(args: argparse.Namespace) -> int:
     from tidal.common.config import describe, load_config, to_yaml
 
-    if args.doc:
-        print("\n".join(describe()))
-        return 0
-    print(to_yaml(load_config(*_config_args(args))), end="")
+    cfg = load_config(*_config_args(args))
+    if args.check:
+        from tidal.cluster.preflight import preflight
+
+        preflight(cfg)  # data, models, reward functions; the built-in task's files may not exist yet
+    print("\n".join(describe(cfg)) if args.doc else to_yaml(cfg), end="\n" if args.doc else "")
     return 0
 
 
 def _data_sentiment(args: argparse.Namespace) -> int:
-    from tidal.common.sentiment import write_sentiment_task
+    from tidal.common.config import ConfigError
+    from tidal.common.sentiment import sentiment_paths, write_sentiment_task
 
+    existing = [str(p) for p in sentiment_paths(args.outdir, args.format).values() if p.exists()]
+    if existing:  # never overwrite a file a user may have edited
+        raise ConfigError(f"{existing[0]} exists ({len(existing)} of the task's files are there); choose an empty "
+                          f"folder, or delete the files to rebuild them.")
     paths = write_sentiment_task(args.outdir, seed=args.seed, fmt=args.format, max_per_split=args.max_rows)
     for name, path in paths.items():
         print(f"{name}: {path}")
@@ -37,10 +45,11 @@ def _data_sentiment(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from tidal.common.dashboard import plot_dashboard
     from tidal.common.metrics import plot_run
 
     try:
-        paths = plot_run(args.run_dir)
+        paths = [plot_dashboard(args.run_dir), *plot_run(args.run_dir)]
     except (FileNotFoundError, ValueError) as e:  # no metrics.jsonl, or nothing in it to plot
         print(f"tidal report: {e}", file=sys.stderr)
         return 2
@@ -54,6 +63,13 @@ def _train(args: argparse.Namespace) -> int:
 
     config, overrides = _config_args(args)
     return train_from_cli(config, overrides, resume=args.resume, verbose=args.verbose)
+
+
+def _reward_template(args: argparse.Namespace) -> int:
+    from tidal.reward_service.rules import TEMPLATE
+
+    print(TEMPLATE, end="")
+    return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -109,67 +125,117 @@ def _label_parser(sub) -> None:
         p.set_defaults(fn=_label)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tidal", description="Distributed RLHF on Ray: SFT, reward models, PPO/GRPO/RLOO/REINFORCE.")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default."""
 
-    cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
+
+def _subparsers(parser: argparse.ArgumentParser, dest: str):
+    sub = parser.add_subparsers(dest=dest, required=True)
+    add = sub.add_parser
+    sub.add_parser = lambda *a, **kw: add(*a, formatter_class=_Help, **kw)  # type: ignore[method-assign]
+    return sub
+
+
+OVERRIDES_HELP = "dotted overrides, e.g. learner.lr=1e-6 or reward.terms[0].weight=0.5 (also after options)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tidal", formatter_class=_Help,
+                                description="Distributed RLHF on Ray: SFT, reward models, PPO/GRPO/RLOO/REINFORCE.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
+    sub = _subparsers(p, "command")
+
+    cfg = _subparsers(sub.add_parser("config", help="inspect configs"), "action")
     show = cfg.add_parser("show", help="print the resolved config (file + overrides), validated")
     show.add_argument("config", nargs="?", default=None, help="YAML config (omit for the defaults)")
-    show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-6")
-    show.add_argument("--doc", action="store_true", help="list every field with its default and documentation")
+    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    show.add_argument("--doc", action="store_true", help="list every field with its resolved value and documentation")
+    show.add_argument("--check", action="store_true",
+                      help="also run the preflight checks of `tidal train` (data rows, models, reward functions)")
     show.set_defaults(fn=_config_show)
 
-    data = sub.add_parser("data", help="build datasets").add_subparsers(dest="action", required=True)
+    data = _subparsers(sub.add_parser("data", help="build datasets"), "action")
     sent = data.add_parser("sentiment", help="write the built-in sentiment task (prompts, demonstrations, comparisons, rankings)")
-    sent.add_argument("outdir")
-    sent.add_argument("--seed", type=int, default=0)
-    sent.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    sent.add_argument("outdir", help="an empty or new folder (existing files are never overwritten)")
+    sent.add_argument("--seed", type=int, default=0, help="seed of the split and the row order")
+    sent.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="file format")
     sent.add_argument("--max-rows", type=int, default=None, help="cap rows per file")
     sent.set_defaults(fn=_data_sentiment)
 
-    rep = sub.add_parser("report", help="plot a run's metrics to PNG files")
-    rep.add_argument("run_dir")
+    rep = sub.add_parser("report", help="plot a run's metrics: RUN/dashboard.png and RUN/plots/*.png")
+    rep.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
     rep.set_defaults(fn=_report)
 
-    tr = sub.add_parser("train", help="run the stages a config lists (sft, rm, rl)")
-    tr.add_argument("config", nargs="?", default=None)
-    tr.add_argument("overrides", nargs="*")
-    tr.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last checkpoint")
+    tr = sub.add_parser("train", help="run the stages a config lists (sft, rm, rl, collect)")
+    tr.add_argument("config", nargs="?", default=None, help="YAML config (omit for the defaults)")
+    tr.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    tr.add_argument("--resume", metavar="RUN_DIR", default=None,
+                    help="continue a run from its last checkpoint (overrides: algorithm.steps, logging.*)")
     tr.add_argument("--verbose", action="store_true",
                     help="show worker and engine logs on the console (by default they go to RUN/logs/ray)")
     tr.set_defaults(fn=_train)
 
     sb = sub.add_parser("submit", help="submit `tidal train` to a Ray cluster as a Ray job")
-    sb.add_argument("config")
-    sb.add_argument("overrides", nargs="*")
+    sb.add_argument("config", help="YAML config, inside the current folder (it is uploaded)")
+    sb.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     sb.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HOST:8265")
     sb.add_argument("--no-wait", action="store_true", help="return after submission instead of following logs")
     sb.set_defaults(fn=_submit)
 
-    rw = sub.add_parser("reward", help="reward service").add_subparsers(dest="action", required=True)
+    rw = _subparsers(sub.add_parser("reward", help="reward service"), "action")
     serve = rw.add_parser("serve", help="serve the configured reward over HTTP (JSON)")
     serve.add_argument("config", nargs="?", default=None)
-    serve.add_argument("overrides", nargs="*")
+    serve.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (localhost unless told otherwise)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument("--token-env", default="TIDAL_REWARD_TOKEN", help="env var holding the bearer token")
     serve.set_defaults(fn=_reward_serve)
+    tpl = rw.add_parser("template", help="print a user reward function module to start from (docs/rewards.md)")
+    tpl.set_defaults(fn=_reward_template)
     _label_parser(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tidal.common.config import ConfigError
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Overrides may follow options (`--resume RUN algorithm.steps=80`, `--address URL a.b=1`):
+    argparse stops filling a positional list at the first option, so the rest come back as
+    extras; the ones shaped like overrides join the list, anything else is an error."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if "--debug" in extras:  # also accepted after the subcommand: `tidal train ... --debug`
+        args.debug, extras = True, [e for e in extras if e != "--debug"]
+    if extras and hasattr(args, "overrides"):
+        if getattr(args, "config", "x") is None and "=" not in extras[0] and not extras[0].startswith("-"):
+            args.config, extras = extras[0], extras[1:]
+        args.overrides = list(args.overrides) + [e for e in extras if "=" in e and not e.startswith("-")]
+        extras = [e for e in extras if "=" not in e or e.startswith("-")]
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
 
-    args = build_parser().parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    from tidal.cluster.preflight import PreflightError
+    from tidal.common.config import ConfigError
+    from tidal.common.data import DataError
+
+    args = parse_args(argv)
     try:
-        return int(args.fn(args) or 0)
-    except ConfigError as e:
-        print(f"tidal: config error: {e}", file=sys.stderr)
+        code = int(args.fn(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader that left (`| head`) shows up here, not at exit
+        return code
+    except (ConfigError, DataError) as e:  # the user's input: one line, exit 2 (tidal's own bugs keep their traceback)
+        if args.debug:
+            raise
+        kind = "data error" if isinstance(e, DataError) else "preflight" if isinstance(e, PreflightError) else "config error"
+        print(f"tidal: {kind}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tidal config show --doc | head`: the reader left; that is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python would otherwise complain again flushing stdout at exit
+        return 0
 
 
 if __name__ == "__main__":

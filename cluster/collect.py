@@ -98,9 +98,16 @@ def run_collect(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, po
     out = {"output": str(folder), "labels": labeled}
     for fmt in ("comparisons", "rankings"):  # tidal's own files in its own folder: rewritten when the round reruns
         out[fmt] = str(folder / f"{fmt}.jsonl")
-        atomic_write_text(Path(out[fmt]), to_jsonl(export_rows(store, fmt)))
+        rows = [r for r in export_rows(store, fmt) if _distinct(r)]  # equal samples teach the reward model nothing
+        atomic_write_text(Path(out[fmt]), to_jsonl(rows))
     gold = gold_judge(cfg)
     scores = [s for t in store.tasks().values() for s in gold([""] * len(t.responses), [r.text for r in t.responses])]
     logger.log(round_, {f"{stage}/tasks": float(len(store.tasks())), f"{stage}/labels": float(labeled),
                         f"{stage}/gold_mean": statistics.fmean(scores) if scores else 0.0}, stage=stage)
     return out
+
+
+def _distinct(row: dict) -> bool:
+    """An exported row without two equal responses (a policy may sample the same text twice)."""
+    texts = [row["chosen"], row["rejected"]] if "chosen" in row else row["responses"]
+    return len({t.strip() for t in texts}) == len(texts)

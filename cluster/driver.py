@@ -4,14 +4,22 @@
     rm   trains a reward model (policy backbone + head)  -> RUN/reward_model/
     rl   PPO / GRPO / RLOO / REINFORCE from the policy   -> RUN/policy/ (HF folder, vLLM-loadable)
          (SFT model = reference and initial policy; reward model = reward worker and critic init)
+    collect  samples of the current policy, labeled      -> RUN/feedback-<k>/ (tidal.cluster.collect)
+Stages may repeat (iterative RLHF: [sft, rm, rl, collect, rm, rl]); the k-th round of a stage is
+recorded as 'rm2', 'rl2', ... and writes RUN/reward_model-<k>/, RUN/round-<k>/.
 
 Run directory (logging.output_dir / logging.run_name): config.yaml, metrics.jsonl, wandb files,
 run_state.json (finished stages), checkpoints/, rollouts.jsonl (prompt indices per step),
 samples_before.jsonl / samples_after.jsonl (held-out completions with reward-model and VADER
-scores), summary.json, plots/.
+scores), summary.json, dashboard.png (the first look), plots/ (every metric group).
 
-`tidal train --resume RUN` re-reads RUN/config.yaml, skips finished stages (their outputs are
-on disk), and continues the RL stage from its newest complete checkpoint; log records written
+Before Ray starts, `cluster.preflight` checks the config, every data row the stages read, the
+models, user reward functions and (on resume) the checkpoint files; a user error stops there.
+
+`tidal train --resume RUN [algorithm.steps=N logging.*=...]` re-reads RUN/config.yaml (a resume
+may extend the steps or change logging; any other changed key is refused), says so and changes
+nothing when every stage already finished, skips finished stages (their outputs are on disk),
+and continues the RL stage from its newest complete checkpoint; log records written
 after that checkpoint are dropped first, so the resumed run's records equal an uninterrupted
 run's. A stage that was interrupted before finishing (sft, rm) restarts from its beginning.
 """
@@ -27,39 +35,47 @@ from pathlib import Path
 from tidal.cluster import checkpoint as ck
 from tidal.cluster.collect import WaitingForLabels
 from tidal.cluster.interrupt import Interrupted, StopRequests
+from tidal.cluster.preflight import (TASK_MARKER, DataPaths, PreflightError, check_data, data_paths, preflight,
+                                    task_folder_state, task_marker)
 from tidal.cluster.runtime import connect, disconnect
 from tidal.common.config import ConfigError, TidalConfig, load_config, to_dict, to_yaml
 from tidal.common.metrics import METRICS_FILE, MetricsLogger
 
 
-@dataclass(frozen=True)
-class DataPaths:
-    prompts: Path | None
-    eval_prompts: Path | None
-    demonstrations: Path | None
-    comparisons: Path | None
-    comparisons_heldout: Path | None
-    rankings: Path | None
-    rankings_heldout: Path | None
-    ptx: Path | None = None  # PPO-ptx demonstrations (algorithm.ptx_coef > 0)
+RESUMABLE_KEYS = ("algorithm.steps", "logging.")  # what a resume may change without breaking exactness
 
 
 def train_from_cli(config_path: str | None, overrides: list[str], resume: str | None = None,
                    verbose: bool = False) -> int:
-    """Entry point of `tidal train`; returns the exit status."""
+    """Entry point of `tidal train`; returns the exit status. Every check that needs no cluster
+    (config, data rows, models, reward functions, the checkpoint to resume) runs before Ray starts."""
     if resume is not None:
-        if config_path is not None or overrides:
-            raise ConfigError(f"--resume {resume} continues with {resume}/config.yaml; drop CONFIG and overrides "
-                              f"(got {config_path!r} {overrides}).")
+        if config_path is not None:
+            raise ConfigError(f"--resume {resume} continues with {resume}/config.yaml; drop {config_path} "
+                              f"(overrides of algorithm.steps and logging.* are allowed).")
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {resume}: no config.yaml there; pass the run directory of an earlier `tidal train`.")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = resume_config(run_dir, overrides)
+        done = ck.read_run_state(run_dir)["stages"]
+        if all(key in done for _, key, _ in stage_keys(cfg.stages.run)):
+            if "rl" in done and cfg.algorithm.steps != load_config(run_dir / "config.yaml").algorithm.steps:
+                raise PreflightError(f"--resume {run_dir}: the run finished its rl stage, whose learning-rate schedule has "
+                                     f"ended; extend a run before it finishes, or start a new one from it with "
+                                     f"model.policy={run_dir / 'policy'}.")
+            print(f"tidal: run {run_dir} already finished (stages {', '.join(done)}); nothing to do. "
+                  f"Its results: {run_dir / 'summary.json'}", flush=True)
+            return 0
     else:
         cfg = load_config(config_path, overrides)
         run_dir = new_run_dir(cfg, config_path)
+    preflight(cfg, resume_dir=run_dir if resume is not None else None, files=False)  # before anything is written
+    data = prepare_data(cfg)  # writes task files only where none exist
+    check_data(cfg, data)  # every row the stages will read, still before Ray starts
+    if resume is not None and overrides:
+        ck.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # a later resume continues with these
     try:
-        run_pipeline(cfg, run_dir, resume=resume is not None, verbose=verbose)
+        run_pipeline(cfg, run_dir, resume=resume is not None, data=data, verbose=verbose)
     except WaitingForLabels as e:  # not an error: the run goes on once people have labeled
         print(f"tidal: {e}", flush=True)
         return 0
@@ -72,6 +88,24 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
     return 0
 
 
+def resume_config(run_dir: Path, overrides: list[str]) -> TidalConfig:
+    """RUN/config.yaml with the overrides a resume allows; any other changed key is refused by name."""
+    old = load_config(run_dir / "config.yaml")
+    new = load_config(run_dir / "config.yaml", overrides)
+    changed = [k for k, v in _leaves(to_dict(new)).items() if _leaves(to_dict(old)).get(k) != v]
+    refused = [k for k in changed if not k.startswith(RESUMABLE_KEYS)]
+    if refused:
+        raise ConfigError(f"--resume {run_dir}: {refused[0]} cannot change on resume (the resumed run must continue "
+                          f"the same way); only algorithm.steps and logging.* can. Start a new run to change it.")
+    return new
+
+
+def _leaves(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
 def new_run_dir(cfg: TidalConfig, config_path: str | None) -> Path:
     name = cfg.logging.run_name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.logging.output_dir) / name
@@ -82,34 +116,29 @@ def new_run_dir(cfg: TidalConfig, config_path: str | None) -> Path:
 
 
 def prepare_data(cfg: TidalConfig) -> DataPaths:
-    """Paths of every dataset; the built-in task's files are written to data.data_dir on first use."""
-    d = cfg.data
-    task: dict[str, Path] = {}
-    if d.task == "sentiment":
-        from tidal.common.sentiment import sentiment_paths, write_sentiment_task
+    """Paths of every dataset. The built-in task is written only where that overwrites nothing:
+    into a missing or empty data.data_dir, or (in a folder with tidal's task.json marker) as the
+    files that are missing. A folder with files but no marker is the user's: used as it is."""
+    state = task_folder_state(cfg)
+    if state in ("generate", "owned"):
+        from tidal.common.data import write_records
+        from tidal.common.sentiment import build_sentiment_task, sentiment_paths
 
-        task = sentiment_paths(d.data_dir)
-        marker = Path(d.data_dir) / "task.json"
-        want = {"task": "sentiment", "seed": 0, "max_rows": d.max_rows}
-        if all(p.is_file() for p in task.values()) and marker.is_file():
-            if json.loads(marker.read_text()) != want:
-                raise ConfigError(f"data.data_dir={d.data_dir} holds the task built with {marker.read_text().strip()}, "
-                                  f"not {want}; point data.data_dir at another folder for this data.max_rows.")
-        else:
-            write_sentiment_task(d.data_dir, seed=0, max_per_split=d.max_rows)
-            ck.atomic_write_text(marker, json.dumps(want))
-
-    def pick(explicit: str | None, name: str) -> Path | None:
-        if explicit is not None:
-            if not Path(explicit).is_file():
-                raise ConfigError(f"data file {explicit} does not exist (check the data.* paths).")
-            return Path(explicit)
-        return task.get(name)
-
-    return DataPaths(pick(d.prompts, "prompts_train"), pick(d.eval_prompts, "prompts_heldout"),
-                     pick(d.demonstrations, "demonstrations_train"), pick(d.comparisons, "comparisons_train"),
-                     task.get("comparisons_heldout"), pick(d.rankings, "rankings_train"), task.get("rankings_heldout"),
-                     pick(d.ptx or d.demonstrations, "demonstrations_train") if cfg.algorithm.ptx_coef > 0 else None)
+        paths = sentiment_paths(cfg.data.data_dir)
+        missing = {name: p for name, p in paths.items() if not p.exists()}
+        if missing:
+            for name, records in build_sentiment_task(0).items():
+                if name in missing:
+                    write_records(missing[name], records[:cfg.data.max_rows])
+        marker = Path(cfg.data.data_dir) / TASK_MARKER
+        if not marker.exists():
+            ck.atomic_write_text(marker, json.dumps(task_marker(cfg)))
+    data = data_paths(cfg)
+    for name in ("prompts", "eval_prompts", "demonstrations", "comparisons", "rankings"):
+        explicit = getattr(cfg.data, name)
+        if explicit is not None and not Path(explicit).is_file():
+            raise ConfigError(f"data.{name}={explicit}: no such file (check the data.* paths).")
+    return data
 
 
 def stage_keys(run: tuple[str, ...]) -> list[tuple[str, str, int]]:
@@ -151,7 +180,8 @@ class _Models:
     feedback: dict | None = None  # the last collect round's record (its exports)
 
 
-def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, verbose: bool = True) -> dict:
+def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, data: DataPaths | None = None,
+                 verbose: bool = True) -> dict:
     """Run (or continue) every stage of `cfg` in `run_dir`; returns the RL summary ({} without rl)."""
     from tidal.actors.placement import plan_placement, role_counts
     from tidal.common.models import resolve_model
@@ -161,7 +191,7 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, verbose:
         _forget_unfinished(cfg, run_dir)
     else:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    data = prepare_data(cfg)
+    data = data or prepare_data(cfg)
     plan = plan_placement(cfg, role_counts(cfg, reference=True))
     if not verbose:
         quiet_libraries()
@@ -247,11 +277,13 @@ def quiet_libraries() -> None:
 
 
 def _finish(run_dir: Path, summary: dict) -> None:
+    from tidal.common.dashboard import plot_dashboard
     from tidal.common.metrics import plot_run
 
     ck.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     try:
-        plot_run(run_dir)
+        plot_run(run_dir)  # every metric group, in plots/
+        plot_dashboard(run_dir)  # the first look, dashboard.png
     except (FileNotFoundError, ValueError) as e:  # nothing to plot is not a failure of the run
         print(f"tidal: no plots: {e}", flush=True)
     print(format_summary(summary, run_dir), flush=True)

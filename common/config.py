@@ -10,6 +10,7 @@ Every field carries its documentation as `field(metadata={"doc": ...})`; `descri
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -248,6 +249,21 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode) -> dict:
+    """YAML keeps the last of two equal keys; a config that says one thing twice is a mistake."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key '{key}' (first at line {seen[key]}); "
+                              f"keep one of them.")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TidalConfig:
     """Read YAML (or start from defaults when path is None), apply `a.b=value` overrides, validate."""
     raw: dict = {}
@@ -256,9 +272,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.load(p.read_text(), Loader=_Loader) or {}
+            raw = yaml.load(p.read_text(), Loader=_Loader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+        if raw is None:  # an empty file is more likely a wrong path or an unsaved editor than a wish for defaults
+            raise ConfigError(f"{p}: the file is empty; write the sections to change (e.g. 'algorithm: {{steps: 5}}'), "
+                              f"or omit the file to use the defaults.")
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for ov in overrides:
@@ -267,18 +288,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def _apply_override(raw: dict, override: str) -> None:
+    """`a.b=v`; list entries by index in either notation: `reward.terms.0.weight=0.5` or
+    `reward.terms[0].weight=0.5` (the one error messages use). Index len(list) appends an entry."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key.path=value (e.g. learner.lr=1e-6)")
     key, value = override.split("=", 1)
-    parts = key.strip().split(".")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        if node.get(part) is None:  # absent, or an empty section (`stages:` in YAML reads as null)
-            node[part] = {}
+    parts = re.sub(r"\[(\d+)\]", r".\1", key.strip()).split(".")
+    node: Any = raw
+    defaults: Any = to_dict(TidalConfig())  # a list indexed but not in the file starts as its default
+    for i, part in enumerate(parts):
+        where, last = ".".join(parts[:i]), i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > len(node):
+                raise ConfigError(f"override {override!r}: {where} is a list of {len(node)} entries; index it with "
+                                  f"0..{len(node) - 1} (or {len(node)} to add one), e.g. {where}.0")
+            part = int(part)
+            if part == len(node):
+                node.append({})
+            defaults = defaults[part] if isinstance(defaults, list) and part < len(defaults) else {}
+        elif isinstance(node, dict):
+            defaults = defaults.get(part) if isinstance(defaults, dict) else None
+        else:
+            raise ConfigError(f"override {override!r}: {where} is not a section")
+        if last:
+            try:
+                node[part] = yaml.load(value, Loader=_Loader) if value.strip() else None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override value {value!r} is not valid YAML: {e}") from None
+            return
+        if (node[part] if isinstance(node, list) else node.get(part)) is None:
+            # absent, or an empty section (`stages:` in YAML reads as null)
+            node[part] = copy.deepcopy(defaults) if isinstance(defaults, list) else {}
         node = node[part]
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {'.'.join(parts[:i + 1])} is not a section")
-    node[parts[-1]] = yaml.load(value, Loader=_Loader) if value.strip() else None
 
 
 def from_dict(cls: type, raw: Any, path: str) -> Any:
@@ -364,18 +405,21 @@ def to_yaml(cfg: TidalConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def describe(cls: type = TidalConfig, prefix: str = "") -> list[str]:
-    """One line per leaf field: key path, default and documentation."""
+def describe(cfg: Any = None, prefix: str = "") -> list[str]:
+    """One line per leaf field of a resolved config (default: all defaults): key path, value,
+    the default when the value differs from it, and the documentation."""
+    cfg = TidalConfig() if cfg is None else cfg
     lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = _join(prefix, f.name)
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, value = _join(prefix, f.name), getattr(cfg, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            lines += describe(hints[f.name], key)
+            lines += describe(value, key)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else to_dict(f.default_factory())
-        lines.append(f"{key} = {default!r}  # {f.metadata.get('doc', '')}")
-        item = typing.get_args(hints[f.name])[:1]
-        if typing.get_origin(hints[f.name]) is tuple and dataclasses.is_dataclass(item[0] if item else None):
-            lines += describe(item[0], f"{key}[]")  # fields of each list entry (e.g. reward.terms[].kind)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        changed = "" if to_dict(value) == to_dict(default) else f"  (default {to_dict(default)!r})"
+        lines.append(f"{key} = {to_dict(value)!r}{changed}  # {f.metadata.get('doc', '')}")
+        if isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for i, entry in enumerate(value):  # fields of each list entry (e.g. reward.terms[0].kind)
+                lines += describe(entry, f"{key}[{i}]")
     return lines

@@ -160,8 +160,11 @@ def _parse_comparison(row: _Row) -> ComparisonRecord:
     for field in ("chosen", "rejected"):
         if field not in row.data:
             raise row.fail(field, "missing")
-    return ComparisonRecord(row.prompt(), row.response("chosen", row.data["chosen"]),
-                            row.response("rejected", row.data["rejected"]))
+    record = ComparisonRecord(row.prompt(), row.response("chosen", row.data["chosen"]),
+                              row.response("rejected", row.data["rejected"]))
+    if record.chosen.strip() == record.rejected.strip():  # a pair that teaches nothing, most likely a copy slip
+        raise row.fail("rejected", "the same text as 'chosen'; a comparison needs two different responses (fix or drop the row)")
+    return record
 
 
 def _parse_ranking(row: _Row) -> RankingRecord:
@@ -171,6 +174,12 @@ def _parse_ranking(row: _Row) -> RankingRecord:
         raise row.fail("responses", f"expected a list of at least 2 strings, got {_describe(responses)}"
                        + (f" of length {len(responses)}" if isinstance(responses, list) else ""))
     responses = [row.response(f"responses[{i}]", r) for i, r in enumerate(responses)]
+    first: dict[str, int] = {}
+    for i, r in enumerate(responses):  # two equal responses cannot have different ranks
+        if r.strip() in first:
+            raise row.fail(f"responses[{i}]", f"the same text as responses[{first[r.strip()]}]; "
+                                              f"each ranked response must be different (drop the duplicate and its rank)")
+        first[r.strip()] = i
     ok = isinstance(ranking, list) and all(type(r) is int for r in ranking)
     if not ok or sorted(ranking) != list(range(len(responses))):
         raise row.fail("ranking", f"expected a permutation of 0..{len(responses) - 1} (one rank per response), "

@@ -120,3 +120,32 @@ def load_function(import_path: str) -> RuleFn:
     if not callable(fn):
         raise ValueError(f"reward function {import_path!r}: {attr!r} is a {type(fn).__name__}, not a callable.")
     return fn
+
+
+# What `tidal reward template` prints: a module a user saves, edits and names in the config.
+TEMPLATE = '''"""My reward for tidal. Save as my_rewards.py in the folder you run `tidal train` from (or
+anywhere on PYTHONPATH) and add to the config:
+
+    reward:
+      terms:
+        - {kind: function, target: "my_rewards:score", weight: 1.0}
+
+Check it before a run: `tidal config show CONFIG --check` imports it and checks the signature.
+"""
+
+
+def score(prompts: list[str], completions: list[str], **meta) -> list[float]:
+    """One finite float per completion (higher is better). tidal calls it with a batch:
+
+    prompts[i]          the prompt text of sample i (after the chat template, if one is used)
+    completions[i]      the policy's response to it (without the prompt)
+    meta["references"]  reference answer per sample (a prompts row's `reference`), or None each
+    meta["response_lengths"]  response length in policy tokens, or None
+    meta["ended"]       whether each response ended with EOS, or None
+    meta["token_ids"]   prompt + response token ids per sample, or None
+    meta["target"]      the term's `target` string
+    Keep **meta: tidal may pass more keys later. A NaN or inf score stops the run (or drops
+    the sample with reward.on_invalid=drop).
+    """
+    return [float(len(set(c.split()))) / (1 + len(c.split())) for c in completions]  # e.g. word variety
+'''

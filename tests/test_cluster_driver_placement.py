@@ -5,6 +5,7 @@ collide with the test session's own Ray."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,9 +74,17 @@ def _free_port():
 @pytest.mark.slow
 def test_disaggregated_rollout_bundles_land_on_rollout_nodes():
     temp_dir = tempfile.mkdtemp(prefix="tpl-")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, temp_dir, str(_free_port())], env=env,
-                          capture_output=True, text=True, timeout=600)
+    # Cluster() writes RAY_TMPDIR/ray/ray_current_cluster (default /tmp/ray, which exists only where
+    # Ray ran before, and is shared with other clusters): a private folder, made here, works on a
+    # fresh machine and leaves the machine's /tmp/ray alone.
+    ray_tmp = tempfile.mkdtemp(prefix="tpl-raytmp-")
+    os.makedirs(os.path.join(ray_tmp, "ray"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
+    try:
+        proc = subprocess.run([sys.executable, "-c", SCRIPT, temp_dir, str(_free_port())], env=env,
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(lines[0][len("RESULT "):])

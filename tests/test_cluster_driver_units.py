@@ -258,3 +258,61 @@ def test_final_table_shows_each_rl_round(tmp_path):
     r2 = {"before": {"rm_score": -0.1, "vader": 0.1}, "after": {"rm_score": 0.3, "vader": 0.2, "kl": 4.0}}
     text = format_summary({**r2, "rounds": {"rl": r1, "rl2": r2}}, tmp_path)
     assert "rl round" in text and "rl2" in text and "0.600" in text and "0.200" in text
+
+
+# ----------------------------------------------------------------------------- data folders
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_prepare_data_writes_the_task_only_into_an_empty_folder_and_fills_only_missing_files(tmp_path):
+    from tidal.cluster.driver import prepare_data
+
+    folder = tmp_path / "task"
+    cfg = load_config(None, [f"data.data_dir={folder}", "data.max_rows=5"])
+    data = prepare_data(cfg)  # missing folder: written, with tidal's marker
+    assert data.prompts == folder / "prompts_train.jsonl" and (folder / "task.json").is_file()
+    (folder / "prompts_train.jsonl").write_text('{"prompt": "edited"}\n')  # the user edits one file ...
+    (folder / "rankings_train.jsonl").unlink()  # ... and deletes another
+    prepare_data(cfg)
+    assert (folder / "prompts_train.jsonl").read_text() == '{"prompt": "edited"}\n'  # kept
+    assert len((folder / "rankings_train.jsonl").read_text().splitlines()) == 5  # only the missing one filled
+
+
+def test_prepare_data_uses_a_folder_without_marker_as_it_is(tmp_path):
+    from tidal.cluster.driver import prepare_data
+    from tidal.cluster.preflight import PreflightError, check_data
+
+    folder = tmp_path / "mine"  # e.g. made by `tidal data sentiment` and edited by hand
+    folder.mkdir()
+    (folder / "prompts_train.jsonl").write_text('{"prompt": "one row"}\n')
+    before = _files(folder)
+    cfg = load_config(None, [f"data.data_dir={folder}"])
+    data = prepare_data(cfg)
+    assert _files(folder) == before and data.prompts == folder / "prompts_train.jsonl" and data.demonstrations is None
+    check_data(cfg, data)  # rl only: its prompts are there
+    sft = load_config(None, [f"data.data_dir={folder}", "stages.run=[sft,rl]"])
+    with pytest.raises(PreflightError, match="no demonstrations file of the task.*data.demonstrations=FILE"):
+        check_data(sft, prepare_data(sft))
+    assert _files(folder) == before
+
+
+def test_resume_accepts_steps_and_logging_overrides_only(tmp_path):
+    from tidal.cluster.driver import resume_config
+    from tidal.common.config import ConfigError, to_yaml
+
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, ["algorithm.steps=4"])))
+    cfg = resume_config(tmp_path, ["algorithm.steps=8", "logging.checkpoint_every=2"])
+    assert cfg.algorithm.steps == 8 and cfg.logging.checkpoint_every == 2
+    with pytest.raises(ConfigError, match="reward.terms.*cannot change on resume"):
+        resume_config(tmp_path, ["reward.terms[0].weight=2"])
+
+
+def test_preflight_wants_a_reward_model_for_a_model_term():
+    from tidal.cluster.preflight import PreflightError, check_rewards
+
+    with pytest.raises(PreflightError, match=r"reward.terms\[0\] \(kind model\): no reward model"):
+        check_rewards(load_config(None, ["stages.run=[rl]"]))
+    check_rewards(load_config(None, ["stages.run=[rm,rl]"]))  # the rm stage provides it

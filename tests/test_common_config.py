@@ -196,8 +196,8 @@ def test_describe_documents_every_leaf():
     assert len(keys) == len(set(keys))
     for line in lines:
         assert "  # " in line and line.split("  # ", 1)[1].strip(), f"no documentation: {line}"
-    assert {"learner.lr", "stages.rm.loss", "reward.terms", "reward.terms[].kind", "reward.terms[].weight"} <= set(keys)
-    # one line per leaf of the default tree (list entries documented once under `[]`)
+    assert {"learner.lr", "stages.rm.loss", "reward.terms", "reward.terms[0].kind", "reward.terms[0].weight"} <= set(keys)
+    # one line per leaf of the default tree (list entries under their index)
     leaves = _leaf_keys(TidalConfig)
     assert leaves <= set(keys)
 
@@ -217,3 +217,35 @@ def _leaf_keys(cls, prefix=""):
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[str(p.relative_to(REPO)) for p in CONFIG_FILES])
 def test_every_shipped_config_loads(path):
     assert isinstance(load_config(path), TidalConfig)
+
+
+def test_describe_shows_resolved_values_and_the_default_they_replace():
+    lines = describe(load_config(None, ["learner.lr=1e-6", "reward.terms=[{kind: sentiment}, {kind: length, target: '8'}]"]))
+    assert "learner.lr = 1e-06  (default 1e-05)  # Policy learning rate." in lines
+    assert any(line.startswith("learner.critic_lr = 1e-05  # ") for line in lines)  # unchanged: no default note
+    assert any(line.startswith("reward.terms[1].kind = 'length'") for line in lines)
+
+
+def test_list_index_overrides_in_both_notations(tmp_path):
+    cfg = load_config(None, ["reward.terms.0.weight=0.5", "reward.terms[1].kind=length", "reward.terms[1].target='8'"])
+    assert [(t.kind, t.weight, t.target) for t in cfg.reward.terms] == [("model", 0.5, None), ("length", 1.0, "8")]
+    path = write(tmp_path, "reward:\n  terms:\n    - {kind: sentiment}\n    - {kind: match, target: exact}\n")
+    assert load_config(path, ["reward.terms[1].weight=2"]).reward.terms[1].weight == 2.0
+    with pytest.raises(ConfigError, match=r"reward.terms is a list of 2 entries; index it with 0..1"):
+        load_config(path, ["reward.terms.5.weight=1"])
+
+
+def test_empty_yaml_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_config(write(tmp_path, "# only a comment\n"))
+
+
+def test_duplicate_yaml_key_names_key_and_lines(tmp_path):
+    with pytest.raises(ConfigError, match=r"line 4: duplicate key 'lr' \(first at line 2\)"):
+        load_config(write(tmp_path, "learner:\n  lr: 1.0e-5\n  zero_stage: 2\n  lr: 2.0e-5\n"))
+    with pytest.raises(ConfigError, match="duplicate key 'learner'"):
+        load_config(write(tmp_path, "learner: {lr: 1.0e-5}\nlearner: {zero_stage: 1}\n"))
+
+
+def test_list_index_override_of_a_plain_list_starts_from_its_default():
+    assert load_config(None, ["stages.run[1]=rl", "stages.run[0]=sft"]).stages.run == ("sft", "rl")

@@ -142,6 +142,8 @@ BAD = [  # kind, bad row (JSON text), field named in the error
     ("demonstrations", '{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', "messages[0]"),
     ("prompts", '{"prompt": "p", "reference": 5}', "reference"),
     ("prompts", '{"prompt": ["not", "messages"]}', "prompt[0]"),
+    ("comparisons", '{"prompt": "p", "chosen": "same", "rejected": "same "}', "rejected"),  # teaches nothing
+    ("rankings", '{"prompt": "p", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}', "responses[2]"),
 ]
 
 

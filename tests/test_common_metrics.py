@@ -217,3 +217,25 @@ def test_plot_run_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="no numeric metrics"):
         plot_run(tmp_path)
+
+
+def test_dashboard_is_one_png_with_the_first_panels(tmp_path):
+    from tidal.common.dashboard import PANELS, plot_dashboard
+
+    with MetricsLogger(tmp_path, LoggingConfig(wandb_mode="disabled")) as logger:
+        for step in range(1, 5):
+            logger.log(step, {"rl/score_mean": 0.1 * step, "rl/kl": 0.01 * step, "experience/response_len": 9.0,
+                              "losses/policy": -0.1, "time/generate_s": 1.0, "time/update_s": 0.5,
+                              "time/step_s": 1.6, "idle/rollout": 0.4, "idle/learner": 0.6}, stage="rl")
+        logger.log(4, {"eval/reward_before": 0.0, "eval/reward_after": 0.5, "eval/vader_before": 0.1,
+                       "eval/vader_after": 0.3}, stage="eval")
+    path = plot_dashboard(tmp_path)
+    assert path == tmp_path / "dashboard.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "plots").exists()  # the detailed plots are plot_run's, in plots/
+    assert [title for title, _ in PANELS][:3] == ["reward (training batch)", "KL to the reference (nats / sequence)",
+                                                  "response length (tokens)"]
+    # a run that logged none of them (an sft-only run) still gets the same page, panels saying so
+    other = tmp_path / "sft"
+    with MetricsLogger(other, LoggingConfig(wandb_mode="disabled")) as logger:
+        logger.log(1, {"sft/loss": 2.0}, stage="sft")
+    assert plot_dashboard(other).stat().st_size > 5000

@@ -1,0 +1,258 @@
+"""Preflight: everything `tidal train` can check without a cluster, checked before Ray starts.
+
+A user mistake found after Ray, vLLM and the learners are up costs a minute and arrives as a
+traceback; found here it costs a second and arrives as one line naming the file, row, field or
+key and the fix (`PreflightError`, a `ConfigError`, so the CLI prints it and exits 2). Checked:
+
+  data     every file the configured stages read, every row against its schema
+  models   model.policy / model.reward / model.critic / stages.rm.base / model reward terms:
+           a registry name, or a folder with config.json (and a tokenizer where one is loaded)
+  rewards  `kind: function` terms import and accept (prompts, completions, **meta)
+  resume   the run's newest checkpoint has readable files (a truncated torch/safetensors file
+           is named, with the earlier checkpoint to fall back to)
+
+Nothing here writes; the built-in task folder is judged by `task_folder_state` (see
+`tidal.cluster.driver.prepare_data`, which is the one place that writes task files).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tidal.common.config import ConfigError, TidalConfig
+
+TASK_MARKER = "task.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class PreflightError(ConfigError):
+    """A user input that would fail the run later; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    prompts: Path | None
+    eval_prompts: Path | None
+    demonstrations: Path | None
+    comparisons: Path | None
+    comparisons_heldout: Path | None
+    rankings: Path | None
+    rankings_heldout: Path | None
+    ptx: Path | None = None  # PPO-ptx demonstrations (algorithm.ptx_coef > 0)
+
+
+def task_marker(cfg: TidalConfig) -> dict:
+    return {"task": cfg.data.task, "seed": 0, "max_rows": cfg.data.max_rows}
+
+
+def task_folder_state(cfg: TidalConfig) -> str:
+    """What data.data_dir is for the built-in task: 'none' (no task), 'generate' (missing or
+    empty: tidal writes it), 'owned' (tidal's marker: missing files are filled in, existing ones
+    kept), 'user' (files without the marker: used exactly as they are, never written)."""
+    if cfg.data.task is None:
+        return "none"
+    folder = Path(cfg.data.data_dir)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return "generate"
+    marker = folder / TASK_MARKER
+    if not marker.is_file():
+        return "user"
+    try:
+        found = json.loads(marker.read_text())
+    except ValueError:
+        found = None
+    if found != task_marker(cfg):
+        raise PreflightError(f"data.data_dir={folder} holds the task built with {marker.read_text().strip()}, not "
+                             f"{task_marker(cfg)}; point data.data_dir at another folder for this data.max_rows.")
+    return "owned"
+
+
+def data_paths(cfg: TidalConfig) -> DataPaths:
+    """Every dataset path of the config: data.* files as given, the task's files where they exist."""
+    task: dict[str, Path] = {}
+    if cfg.data.task == "sentiment":
+        from tidal.common.sentiment import sentiment_paths
+
+        task = {k: p for k, p in sentiment_paths(cfg.data.data_dir).items() if p.is_file()}
+    d = cfg.data
+
+    def pick(explicit: str | None, name: str) -> Path | None:
+        return Path(explicit) if explicit is not None else task.get(name)
+
+    return DataPaths(pick(d.prompts, "prompts_train"), pick(d.eval_prompts, "prompts_heldout"),
+                     pick(d.demonstrations, "demonstrations_train"), pick(d.comparisons, "comparisons_train"),
+                     task.get("comparisons_heldout"), pick(d.rankings, "rankings_train"), task.get("rankings_heldout"),
+                     pick(d.ptx or d.demonstrations, "demonstrations_train") if cfg.algorithm.ptx_coef > 0 else None)
+
+
+def _stage_files(cfg: TidalConfig, data: DataPaths) -> list[tuple[str, str, str, Path | None, bool]]:
+    """(stage, config key, record kind, path, required) of each file the configured stages read."""
+    out = []
+    if "sft" in cfg.stages.run:
+        out.append(("sft", "data.demonstrations", "demonstrations", data.demonstrations, True))
+    if "rl" in cfg.stages.run and cfg.algorithm.ptx_coef > 0:
+        out.append(("rl", "data.ptx", "demonstrations", data.ptx, True))
+    if "rm" in cfg.stages.run:
+        kind = "comparisons" if cfg.stages.rm.loss == "pairwise" else "rankings"
+        out.append(("rm", f"data.{kind}", kind, getattr(data, kind), True))
+        out.append(("rm", f"data.data_dir ({kind}_heldout)", kind, getattr(data, f"{kind}_heldout"), False))
+    if "rl" in cfg.stages.run:
+        out.append(("rl", "data.prompts", "prompts", data.prompts, True))
+        out.append(("rl", "data.eval_prompts", "prompts", data.eval_prompts, False))
+    return out
+
+
+def check_data(cfg: TidalConfig, data: DataPaths | None = None) -> None:
+    """Every row of every file the stages read. Task files still to be generated are skipped."""
+    from tidal.common.data import DataError, iter_records
+
+    state = task_folder_state(cfg)
+    data = data or data_paths(cfg)
+    for stage, key, kind, path, required in _stage_files(cfg, data):
+        if path is None:
+            if required and state not in ("generate", "owned"):  # those two get the file written
+                where = (f"data.data_dir={cfg.data.data_dir} has no {kind} file of the task (it holds files tidal did not "
+                         f"write, so it is used as is)" if state == "user" else f"{key} is not set")
+                raise PreflightError(f"{where}; the {stage} stage input is missing: set {key}=FILE, "
+                                     f"or point data.data_dir at an empty folder to have the built-in task written there.")
+            continue
+        if not path.is_file():
+            raise PreflightError(f"{key}={path}: no such file (check the data.* paths).")
+        try:
+            count = sum(1 for _ in iter_records(path, kind))
+        except DataError as e:
+            raise PreflightError(f"{key}: {path.parent}/{e}") from None  # DataError names the file only
+        if count == 0 and required:
+            raise PreflightError(f"{key}={path}: no rows; the stage needs at least one {kind} row.")
+
+
+def check_model(key: str, name: str, tokenizer: bool = True) -> None:
+    """A registry name (not built here: that can take a minute), or a local HF folder."""
+    from tidal.common import model_builds
+    from tidal.common.models import REGISTRY_NAMES, _hub_offline, _parse_tiny
+
+    try:
+        if _parse_tiny(name) is not None:
+            return
+        if name in ("smollm2-135m", "smollm2-135m-2l"):
+            model_builds.smollm2_gguf()
+            return
+    except (ValueError, RuntimeError) as e:
+        raise PreflightError(f"{key}: {e}") from None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PreflightError(f"{key}={name}: the folder has no config.json; point it at a HF model folder "
+                                 f"(save_pretrained output) or a registry name ({', '.join(REGISTRY_NAMES)}).")
+        if tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise PreflightError(f"{key}={name}: the folder has no tokenizer ({' / '.join(TOKENIZER_FILES)}); "
+                                 f"save the tokenizer into it (tokenizer.save_pretrained).")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or _hub_offline():
+        raise PreflightError(f"{key}={name}: no such model folder, and not a registry name ({', '.join(REGISTRY_NAMES)}).")
+    # Otherwise a hub id (name or org/name): only the download can tell whether it exists.
+
+
+def check_models(cfg: TidalConfig) -> None:
+    check_model("model.policy", cfg.model.policy)
+    if cfg.model.reward:
+        check_model("model.reward", cfg.model.reward)
+    if cfg.model.critic:
+        check_model("model.critic", cfg.model.critic, tokenizer=False)
+    if cfg.stages.rm.base and "rm" in cfg.stages.run:
+        check_model("stages.rm.base", cfg.stages.rm.base)
+    for i, term in enumerate(cfg.reward.terms):
+        if term.kind == "model" and term.target:
+            check_model(f"reward.terms[{i}].target", term.target)
+
+
+def check_reward_function(key: str, target: str | None) -> None:
+    """Importable, and callable as fn(prompts, completions, **meta) (meta keys: docs/rewards.md)."""
+    from tidal.reward_service.rules import load_function
+
+    if not target:
+        raise PreflightError(f"{key}: set it to the function's import path 'module:function' (`tidal reward template`).")
+    try:
+        fn = load_function(target)
+    except ValueError as e:
+        raise PreflightError(f"{key}: {e}") from None
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable without a signature: trust it
+    kinds = [p.kind for p in sig.parameters.values()]
+    try:
+        sig.bind(["p"], ["c"], references=[None], target=None)
+    except TypeError as e:
+        raise PreflightError(f"{key}={target}: cannot be called as {fn.__name__}(prompts, completions, **meta) ({e}); "
+                             f"write it as `def {fn.__name__}(prompts, completions, **meta) -> list[float]` "
+                             f"(see docs/rewards.md or `tidal reward template`).") from None
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        raise PreflightError(f"{key}={target}: {fn.__name__} has no **meta parameter, but tidal passes keyword "
+                             f"arguments (references, response_lengths, target, token_ids, ended); add **meta to it.")
+
+
+def check_rewards(cfg: TidalConfig) -> None:
+    for i, term in enumerate(cfg.reward.terms):
+        if term.kind == "function":
+            check_reward_function(f"reward.terms[{i}].target", term.target)
+        no_model = not term.target and not cfg.model.reward and "rm" not in cfg.stages.run
+        if term.kind == "model" and "rl" in cfg.stages.run and no_model:
+            raise PreflightError(f"reward.terms[{i}] (kind model): no reward model; set reward.terms[{i}].target or "
+                                 f"model.reward to a reward-model folder, or add rm to stages.run before rl.")
+
+
+def _check_file(path: Path) -> str | None:
+    """Why a checkpoint file cannot be read, or None. Cheap structural checks: a torch zip's
+    central directory and CRCs, a safetensors header and length, JSON parsing."""
+    try:
+        if path.suffix in (".pt", ".pth", ".bin") and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            return f"entry {bad} is corrupt" if bad else None
+        if path.suffix in (".pt", ".pth", ".bin"):
+            return "not a torch archive (truncated or overwritten)" if path.stat().st_size > 0 else "empty file"
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            return "truncated" if path.stat().st_size < 8 + n + end else None
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+    except (OSError, ValueError, struct.error, zipfile.BadZipFile, KeyError, TypeError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def check_resume(run_dir: Path) -> None:
+    """The checkpoint a resume would load is complete and readable."""
+    from tidal.cluster import checkpoint as ck
+
+    latest = ck.latest_checkpoint(run_dir)
+    if latest is None:
+        return  # nothing to load: unfinished stages restart from their beginning
+    for path in sorted(p for p in latest.rglob("*") if p.is_file()):
+        problem = _check_file(path)
+        if problem:
+            earlier = [d for d in ck._complete_steps(latest.parent) if d != latest]
+            fallback = (f"the earlier checkpoint {earlier[-1]} is complete: move {latest} aside to resume from it"
+                        if earlier else "there is no earlier checkpoint; start a new run")
+            raise PreflightError(f"checkpoint file {path}: {problem}; {fallback}.")
+
+
+def preflight(cfg: TidalConfig, data: DataPaths | None = None, resume_dir: Path | None = None,
+              files: bool = True) -> None:
+    """Every check above, cheapest first; raises PreflightError on the first problem.
+    files=False leaves the data rows out (the driver checks them after writing the task)."""
+    check_rewards(cfg)
+    check_models(cfg)
+    if resume_dir is not None:
+        check_resume(resume_dir)
+    if files:
+        check_data(cfg, data)
