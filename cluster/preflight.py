@@ -205,6 +205,11 @@ def check_rewards(cfg: TidalConfig) -> None:
         if term.kind == "model" and "rl" in cfg.stages.run and no_model:
             raise PreflightError(f"reward.terms[{i}] (kind model): no reward model; set reward.terms[{i}].target or "
                                  f"model.reward to a reward-model folder, or add rm to stages.run before rl.")
+    if "collect" in cfg.stages.run and cfg.feedback.labeler == "simulated":
+        from tidal.reward_service.rules import RULES
+
+        if cfg.feedback.gold not in RULES:  # the simulated labeler's gold judge: a rule kind or a user function
+            check_reward_function("feedback.gold", cfg.feedback.gold)
 
 
 def _check_file(path: Path) -> str | None:
