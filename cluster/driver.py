@@ -264,7 +264,11 @@ def quiet_libraries() -> None:
     """Library chatter in the driver (model load reports, progress bars of transformers) off the
     console; tidal's own banners, progress bar, warnings and final table stay."""
     import os
+    import warnings
 
+    # Tensors fetched zero-copy from Ray's object store are read-only views; tidal copies the ones
+    # it writes to, so torch's one-time warning about non-writable arrays is noise on the console.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
