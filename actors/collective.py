@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 import torch
 
 from tidal.actors.actor_group import ActorGroup, CallResult, fetch
-from tidal.actors.weights import WeightHandle, WeightSyncError, WeightTransport, byte_layout, pack_bytes
+from tidal.actors.weights import (WeightHandle, WeightSyncError, WeightTransport, byte_layout, iter_buckets,
+                                  pack_bytes)
 
 
 @dataclass(frozen=True)
@@ -42,21 +43,6 @@ class CollectiveSpec:
     world_size: int  # sender + number of receivers
     group_name: str = "tidal-weights"
     timeout_s: float = 300.0
-
-
-def _device_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_mb: float, device: torch.device):
-    """Consecutive tensors in buckets of at most bucket_mb MB, on `device`."""
-    limit, bucket, size = bucket_mb * 2**20, [], 0
-    for name, t in named_tensors:
-        t = t.detach().to(device).contiguous()
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > limit:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += nbytes
-    if bucket:
-        yield bucket
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -115,7 +101,7 @@ class CollectiveTransport(WeightTransport):
         """Stage the tensors for `send`; the handle carries each bucket's names, shapes, dtypes."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 (the sender) publishes")
-        buckets = list(_device_buckets(named_tensors, bucket_mb, self.device))
+        buckets = list(iter_buckets(named_tensors, bucket_mb, self.device))
         self._pending = {version: buckets}  # only the newest version is kept
         meta = tuple(tuple((n, tuple(t.shape), t.dtype) for n, t in b) for b in buckets)
         num_bytes = sum(t.numel() * t.element_size() for b in buckets for _, t in b)

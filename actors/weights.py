@@ -123,17 +123,17 @@ def pack_bytes(tensors: list[torch.Tensor], device: torch.device) -> tuple[list[
     return offsets, buffer
 
 
-def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
-                 bucket_mb: float) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_mb: float,
+                 device: torch.device | str = "cpu") -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Consecutive tensors grouped into buckets of at most `bucket_mb` MB (a larger tensor
-    gets a bucket of its own). Tensors come out detached, contiguous and on the CPU."""
+    gets a bucket of its own). Tensors come out detached, contiguous and on `device`."""
     if bucket_mb <= 0:
         raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
     limit = bucket_mb * 2**20
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, t in named_tensors:
-        t = t.detach().to("cpu").contiguous()
+        t = t.detach().to(device).contiguous()
         nbytes = t.numel() * t.element_size()
         if bucket and size + nbytes > limit:
             yield bucket

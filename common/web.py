@@ -90,6 +90,15 @@ class WebServer:
         KeyboardInterrupt in this thread, which the caller handles)."""
         self.server.run(sockets=[self.sock])
 
+    def run(self) -> None:
+        """`tidal ... serve`: serve until Ctrl-C / SIGTERM, then close."""
+        try:
+            self.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.close()
+
     def close(self) -> None:
         if self._thread is not None:
             self.server.should_exit = True

@@ -124,10 +124,5 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8080) -> int:
         return _fail(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port")
     hint = "" if store.labeler_count() else f" (no labelers yet: `tidal label add-labeler {folder} NAME`)"
     print(f"tidal label server on {server.url} for {folder}{hint}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
+    server.run()
     return 0

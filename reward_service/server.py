@@ -153,11 +153,8 @@ def serve_from_cli(config: str | None, overrides: list[str], host: str = "127.0.
     auth = "bearer token required" if token else f"NO token (${token_env} unset; loopback only)"
     print(f"tidal reward server on {server.url} (POST /score, GET /health); terms: {kinds}; {auth}", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.run()
     finally:
-        server.close()
         reward.close()
     return 0
 
