@@ -107,7 +107,8 @@ def test_bad_inputs_reach_the_model_well_defined(rm_dir, direct, prompt, complet
 def test_pool_splits_batches_across_ray_workers(ray_cluster, rm_dir):
     local = RewardWorker(str(rm_dir), micro_batch_size=2)
     # the model term of the combined reward runs on a pool of 2 Ray workers
-    reward = build_reward(RewardConfig(terms=(RewardTerm(kind="model", weight=2.0),), micro_batch_size=2, num_workers=2),
+    reward = build_reward(RewardConfig(terms=(RewardTerm(kind="model", weight=2.0),), micro_batch_size=2, num_workers=2,
+                                       normalize="none"),
                           reward_model=rm_dir, worker_timeout_s=120)
     try:
         assert isinstance(reward.terms[0].fn, ModelReward)
