@@ -2,6 +2,7 @@
 
     sft  fine-tunes model.policy on demonstrations      -> RUN/sft/   (HF folder)
     rm   trains a reward model (policy backbone + head)  -> RUN/reward_model/
+    dpo  DPO/IPO on preference pairs from the policy     -> RUN/policy_dpo/ (reference = the policy it starts from)
     rl   PPO / GRPO / RLOO / REINFORCE from the policy   -> RUN/policy/ (HF folder, vLLM-loadable)
          (SFT model = reference and initial policy; reward model = reward worker and critic init)
 
@@ -150,6 +151,10 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
 
                 base = str(resolve_model(cfg.stages.rm.base)) if cfg.stages.rm.base else policy
                 ck.mark_stage_done(run_dir, "rm", {"output": run_rm(cfg, run_dir, logger, data, base)})
+            elif stage == "dpo":
+                from tidal.cluster.stages import run_dpo
+
+                ck.mark_stage_done(run_dir, "dpo", {"output": run_dpo(cfg, run_dir, logger, data, policy)})
             else:
                 from tidal.cluster.rl_stage import run_rl
 
@@ -160,6 +165,8 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False) -> dict:
                 policy = done["sft"]["output"]
             elif stage == "rm":
                 reward_model = done["rm"]["output"]
+            elif stage == "dpo":  # a later rl stage starts from (and is anchored to) the DPO policy
+                policy = done["dpo"]["output"]
             elif stage == "rl":
                 summary = done["rl"].get("summary", summary)
     finally:

@@ -181,10 +181,22 @@ class RMStage:
 
 
 @dataclass(frozen=True)
+class DPOStage:
+    beta: float = doc(0.1, "DPO temperature: the implicit reward is beta x log(pi / pi_ref); larger keeps the policy closer to the SFT reference.", min=1e-6)
+    loss: Literal["sigmoid", "ipo"] = doc("sigmoid", "sigmoid: DPO's -log sigmoid(beta h) (Rafailov et al. 2023); ipo: (h - 1/(2 beta))^2 (Azar et al. 2023), which does not push the margin to infinity on deterministic preferences.")
+    label_smoothing: float = doc(0.0, "sigmoid loss only: the chance each preference label is wrong (conservative DPO); 0 = plain DPO.", min=0.0, max=0.49)
+    data: Literal["comparisons", "rankings"] = doc("comparisons", "Preference file DPO reads: data.comparisons (pairs) or data.rankings (each K-wise ranking gives its C(K,2) pairs).")
+    epochs: int = doc(1, "Passes over the preference pairs.", min=1)
+    max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps.", min=1)
+    lr: Optional[float] = doc(None, "Learning rate (None: learner.lr).", min=0.0)
+
+
+@dataclass(frozen=True)
 class StagesConfig:
-    run: tuple[Literal["sft", "rm", "rl"], ...] = doc(("rl",), "Stages to run, in order; each feeds the next (SFT model -> reference and initial policy; reward model -> reward worker and critic init).")
+    run: tuple[Literal["sft", "rm", "rl", "dpo"], ...] = doc(("rl",), "Stages to run, in order; each feeds the next (SFT model -> reference and initial policy; reward model -> reward worker and critic init). dpo trains the policy offline on preference pairs (RUN/policy_dpo) against the frozen model it starts from.")
     sft: SFTStage = doc(SFTStage(), "Supervised fine-tuning stage.")
     rm: RMStage = doc(RMStage(), "Reward-model stage.")
+    dpo: DPOStage = doc(DPOStage(), "Direct preference optimisation stage (offline, from the comparisons/rankings the rm stage reads).")
 
 
 @dataclass(frozen=True)

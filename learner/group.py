@@ -31,6 +31,7 @@ from tidal.common.config import TidalConfig
 from tidal.common.models import load_tokenizer
 from tidal.common.types import Experience, RolloutBatch
 from tidal.learner.algorithms import algorithm_for
+from tidal.learner.dpo import DPOBatch, sequence_logps
 from tidal.learner.experience import (ForwardPass, assemble_experience, experience_metrics, pad_response_floats,
                                       pad_rollout)
 from tidal.learner.reference import ReferenceWorker
@@ -302,6 +303,24 @@ class LearnerGroup:
         st = self.cfg.stages.sft
         return self._fit("fit_sft", data, epochs or st.epochs, max_steps or st.max_steps,
                          lr or st.lr or self.cfg.learner.lr, on_progress=on_progress)
+
+    def dpo_reference(self, data: DPOBatch) -> DPOBatch:
+        """`data` with the reference sequence log-probs attached, computed by this group's policy
+        as it is now (call before any update: a freshly built group IS the frozen model it
+        loaded, dropout off, LoRA adapters still zero), so no second model is held for DPO."""
+        token_lp = self.compute_logprobs(data.input_ids, data.attention_mask, data.response_len, 1.0)  # (2N, R)
+        return data.with_reference(sequence_logps(token_lp, data.response_mask))
+
+    def fit_dpo(self, data: DPOBatch, epochs: int | None = None, max_steps: int | None = None,
+                lr: float | None = None, on_progress: Progress | None = None) -> list[dict[str, float]]:
+        """Direct preference optimisation (stages.dpo defaults): reference log-probs once
+        (`dpo_reference`, unless `data` carries them), then DPO/IPO steps; mini/micro-batch sizes
+        count pairs. Returns per-step metrics (losses/dpo, dpo/rewards/*)."""
+        st = self.cfg.stages.dpo
+        if data.ref_logps is None:
+            data = self.dpo_reference(data)
+        return self._fit("fit_dpo", data, epochs or st.epochs, max_steps or st.max_steps,
+                         lr or st.lr or self.cfg.learner.lr, (st.beta, st.loss, st.label_smoothing), on_progress)
 
     def fit_reward(self, train: PreferenceBatch, held_out: PreferenceBatch | None = None, loss: str | None = None,
                    epochs: int | None = None, max_steps: int | None = None, lr: float | None = None,
