@@ -1,0 +1,65 @@
+"""End-to-end alternatives to RL on the tiny random model (real Ray actors, DeepSpeed learners):
+DPO as a pipeline stage raises the toy letter_rate reward of sampled completions."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from e2e_support import REPO, letter_rate, read_jsonl, tiny_overrides
+from tidal.cluster.driver import run_pipeline
+from tidal.common.config import load_config
+from tidal.common.data import ComparisonRecord, write_records
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+TOPICS = ("the film", "the book", "dinner", "the trip", "the show", "the game", "the song", "the park")
+
+
+def write_letter_comparisons(path, n: int = 64):
+    """Chosen completions are full of 'e', rejected ones have none: letter_rate's preference."""
+    write_records(path, [ComparisonRecord(f"Tell me about {TOPICS[i % 8]} ({i}).", "eee see the eerie tree, ee",
+                                          "a dull grey cat sat, calm") for i in range(n)])
+    return path
+
+
+def sampled_letter_rate(model_dir, prompts: list[str], seed: int = 0) -> float:
+    """Mean letter_rate of 4 sampled completions per prompt (HF generate, fixed seed)."""
+    from transformers import AutoModelForCausalLM
+
+    from tidal.common.models import load_tokenizer
+
+    tok, model = load_tokenizer(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rates = []
+    for i, p in enumerate(prompts):
+        torch.manual_seed(seed + i)
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=True, max_new_tokens=16, num_return_sequences=4,
+                                 pad_token_id=tok.pad_token_id)
+        rates += letter_rate([p] * 4, tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True))
+    return statistics.mean(rates)
+
+
+def test_dpo_stage_raises_the_letter_rate_of_samples(ray_cluster, tmp_path):
+    data = write_letter_comparisons(tmp_path / "comparisons.jsonl")
+    cfg = load_config(REPO / "configs" / "tiny_ppo.yaml", tiny_overrides(
+        tmp_path, "dpo", "stages.run=[dpo]", f"data.comparisons={data}", "stages.dpo.beta=0.1",
+        "stages.dpo.epochs=4", "stages.dpo.lr=2e-3", "learner.mini_batch_size=8", "learner.micro_batch_size=4"))
+    run_pipeline(cfg, tmp_path / "dpo")
+    run_dir = tmp_path / "dpo"
+    recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == "dpo"]
+    assert len(recs) == 4 * 64 // 8
+    assert recs[-1]["losses/dpo"] < recs[0]["losses/dpo"] - 0.3
+    assert (run_dir / "policy_dpo" / "config.json").is_file()
+    import json
+
+    assert json.loads((run_dir / "run_state.json").read_text())["stages"]["dpo"]["output"].endswith("policy_dpo")
+    prompts = [f"Tell me about {t} (held out)." for t in TOPICS]
+    from tidal.common.models import resolve_model
+
+    before = sampled_letter_rate(resolve_model("tiny-random"), prompts)
+    after = sampled_letter_rate(run_dir / "policy_dpo", prompts)
+    print(f"letter_rate of samples: before DPO {before:.3f}, after {after:.3f}")
+    assert after > before + 0.5, f"letter_rate of samples: before DPO {before:.3f}, after {after:.3f}"
