@@ -161,7 +161,8 @@ class LoggingConfig:
     checkpoint_every: int = doc(0, "Checkpoint every N RL steps (0: only at the end).", min=0)
     progress: bool = doc(True, "Console progress bar.")
     checkpoint_on_interrupt: bool = doc(True, "Ctrl-C / SIGTERM during RL: finish the current step, write a checkpoint, then stop (a second signal stops at once). `tidal train --resume RUN` continues from it.")
-    eval_samples: int = doc(8, "Held-out prompts whose completions are saved before and after RL.", min=0)
+    eval_samples: int = doc(8, "Held-out prompts whose completions are saved before and after RL (and that `tidal eval` compares policies on).", min=0)
+    gold_term: str = doc("sentiment", "Gold judge of `tidal eval` and of the over-optimisation monitor: a reward term the policy never trains on, 'KIND' or 'KIND:TARGET' (sentiment = VADER, length:8, function:module:fn, model:FOLDER).")
 
 
 @dataclass(frozen=True)

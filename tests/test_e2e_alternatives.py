@@ -42,19 +42,30 @@ def sampled_letter_rate(model_dir, prompts: list[str], seed: int = 0) -> float:
     return statistics.mean(rates)
 
 
-def test_dpo_stage_raises_the_letter_rate_of_samples(ray_cluster, tmp_path):
-    data = write_letter_comparisons(tmp_path / "comparisons.jsonl")
+def _dpo_run(tmp, name, *extra):
+    data = write_letter_comparisons(tmp / "comparisons.jsonl")
     cfg = load_config(REPO / "configs" / "tiny_ppo.yaml", tiny_overrides(
-        tmp_path, "dpo", "stages.run=[dpo]", f"data.comparisons={data}", "stages.dpo.beta=0.1",
-        "stages.dpo.epochs=4", "stages.dpo.lr=2e-3", "learner.mini_batch_size=8", "learner.micro_batch_size=4"))
-    run_pipeline(cfg, tmp_path / "dpo")
-    run_dir = tmp_path / "dpo"
+        tmp, name, "stages.run=[dpo]", f"data.comparisons={data}", "stages.dpo.beta=0.1",
+        "stages.dpo.epochs=4", "stages.dpo.lr=2e-3", "learner.mini_batch_size=8", "learner.micro_batch_size=4", *extra))
+    run_pipeline(cfg, tmp / name)
+    return tmp / name
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(ray_cluster, tmp_path_factory):
+    """Two finished DPO runs (sigmoid, ipo) on the letter comparisons."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    return {"dpo": _dpo_run(tmp, "dpo"), "ipo": _dpo_run(tmp, "ipo", "stages.dpo.loss=ipo", "stages.dpo.lr=3e-5")}
+
+
+def test_dpo_stage_raises_the_letter_rate_of_samples(dpo_runs):
+    import json
+
+    run_dir = dpo_runs["dpo"]
     recs = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["stage"] == "dpo"]
     assert len(recs) == 4 * 64 // 8
     assert recs[-1]["losses/dpo"] < recs[0]["losses/dpo"] - 0.3
     assert (run_dir / "policy_dpo" / "config.json").is_file()
-    import json
-
     assert json.loads((run_dir / "run_state.json").read_text())["stages"]["dpo"]["output"].endswith("policy_dpo")
     prompts = [f"Tell me about {t} (held out)." for t in TOPICS]
     from tidal.common.models import resolve_model
@@ -63,3 +74,35 @@ def test_dpo_stage_raises_the_letter_rate_of_samples(ray_cluster, tmp_path):
     after = sampled_letter_rate(run_dir / "policy_dpo", prompts)
     print(f"letter_rate of samples: before DPO {before:.3f}, after {after:.3f}")
     assert after > before + 0.5, f"letter_rate of samples: before DPO {before:.3f}, after {after:.3f}"
+
+
+def test_tidal_eval_on_two_runs_fills_every_column(dpo_runs, tmp_path, capsys):
+    import json
+    import math
+
+    from e2e_support import LETTER_REWARD
+    from tidal.cluster.cli import main
+    from tidal.cluster.evaluate import COLUMNS
+
+    overrides = [o for o in tiny_overrides(tmp_path, "eval") if not o.startswith("reward.terms")]
+    rc = main(["eval", str(REPO / "configs" / "tiny_ppo.yaml"), *overrides, f"reward.terms={LETTER_REWARD}",
+               "logging.eval_samples=8", "--run", f"dpo={dpo_runs['dpo']}", "--run", f"ipo={dpo_runs['ipo']}",
+               "--best-of", "4", "--out", str(tmp_path / "board")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert all(c in printed for c in COLUMNS)
+    board = json.loads((tmp_path / "board" / "eval.json").read_text())
+    rows = {r["method"]: r for r in board["rows"]}
+    assert list(rows) == ["sft", "dpo", "ipo", "best-of-4"]
+    for r in rows.values():
+        for key in ("win_rate", "win_low", "win_high", "gold", "proxy", "kl", "length", "degenerate"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (r["method"], key, r[key])
+        assert r["win_low"] <= r["win_rate"] <= r["win_high"] and r["n"] == 8
+    assert rows["sft"]["win_rate"] == 0.5 and rows["sft"]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert rows["dpo"]["proxy"] > rows["sft"]["proxy"]  # the letter_rate proxy DPO's data prefers
+    assert rows["dpo"]["kl"] > 0.1
+    assert rows["best-of-4"]["proxy"] >= rows["sft"]["proxy"]  # argmax of 4 samples incl. the seed's first
+    assert rows["best-of-4"]["kl"] == pytest.approx(math.log(4) - 3 / 4)
+    assert (tmp_path / "board" / "eval.png").stat().st_size > 0
+    assert main(["eval", str(REPO / "configs" / "tiny_ppo.yaml"), *overrides, "--run", f"dpo={dpo_runs['dpo']}",
+                 "--out", str(tmp_path / "board")]) == 2  # an existing scoreboard is never overwritten
