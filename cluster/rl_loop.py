@@ -190,21 +190,45 @@ class RLLoop:
         rollout, scores = usable_rows(produced.batch, learners.algorithm, self.cfg.rollout.n_samples)
         with timer("forward"):
             fwd = learners.forward(rollout)
-        with timer("advantages"):
-            exp, exp_metrics = learners.assemble(fwd, scores, self.kl_ctl.value)
-        ptx = self.parts.ptx.for_step(step, len(exp)) if self.parts.ptx is not None else None
-        with timer("update"):
-            update = learners.update_rl(exp, ptx=ptx, is_weight_cap=self.is_weight_cap)
+        if learners.algorithm.update == "sft":  # expert iteration: no advantages, SFT on the kept samples
+            with timer("update"):
+                exp_metrics, update = self._expert_update(step, produced.batch, fwd)
+        else:
+            with timer("advantages"):
+                exp, exp_metrics = learners.assemble(fwd, scores, self.kl_ctl.value)
+            ptx = self.parts.ptx.for_step(step, len(exp)) if self.parts.ptx is not None else None
+            with timer("update"):
+                update = learners.update_rl(exp, ptx=ptx, is_weight_cap=self.is_weight_cap)
         with timer("sync"):
             handle = learners.export_weights(step + 1)
             self.pipeline.push(handle, step + 1)
         if not self.async_mode:  # sync mode: the new weights are in the pool before the next step
             with timer("sync"):
                 self.pipeline.drain()
-        self.kl_ctl.update(exp_metrics["experience/kl_per_seq"], len(exp))
+        self.kl_ctl.update(exp_metrics["experience/kl_per_seq"], len(rollout))
         wall = time.perf_counter() - t0
         self._record_rollout(step, produced.batch)
         return self._step_metrics(produced, exp_metrics, update, timer, wall)
+
+    def _expert_update(self, step: int, scored: ScoredBatch, fwd) -> tuple[dict, dict]:
+        """Expert iteration's update (tidal.learner.expert_iteration): keep the selected samples,
+        fine-tune on them (algorithm.ppo_epochs passes at this step's lr). The forward pass is
+        only for the KL to the reference, logged as for the other algorithms."""
+        from tidal.learner.engine import linear_lr
+        from tidal.learner.expert_iteration import expert_batch, expert_rows, fill_to_multiple
+
+        a, lc, learners = self.cfg.algorithm, self.cfg.learner, self.parts.learners
+        kl = ((fwd.old_logprobs - fwd.ref_logprobs) * fwd.response_mask).sum(-1)  # (B,) k1 sequence KL
+        exp_metrics = {"experience/kl_per_seq": kl.mean().item(),
+                       "experience/response_len": fwd.response_mask.sum(-1).mean().item()}
+        rows = expert_rows(scored, self.cfg.rollout.n_samples, a.ei_top_k, a.ei_threshold)
+        update = {"ei/kept": float(len(rows))}
+        if len(rows):  # a round where nothing passes the threshold trains on nothing
+            update["ei/kept_score_mean"] = scored.scores[rows].float().mean().item()
+            tok = learners.tokenizer
+            batch = fill_to_multiple(expert_batch(scored, rows, tok.pad_token_id, tok.eos_token_id), lc.mini_batch_size)
+            update.update(learners.update_sft(batch, a.ppo_epochs, linear_lr(lc.lr, step, a.steps, lc.lr_schedule)))
+        return exp_metrics, update
 
     def _step_metrics(self, produced: Produced, exp_m: dict, update: dict, timer: Timer,
                       wall: float) -> dict[str, float]:

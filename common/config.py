@@ -112,7 +112,7 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: Literal["ppo", "grpo", "rloo", "reinforce"] = doc("ppo", "RL algorithm: ppo (GAE critic), or critic-free grpo / rloo / reinforce (REINFORCE with a batch-mean baseline).")
+    name: Literal["ppo", "grpo", "rloo", "reinforce", "expert_iteration"] = doc("ppo", "RL algorithm: ppo (GAE critic), or critic-free grpo / rloo / reinforce (REINFORCE with a batch-mean baseline), or expert_iteration (SFT on each step's best samples; ppo_epochs = SFT passes over them).")
     steps: int = doc(20, "RL steps (generate -> score -> update -> sync).", min=1)
     prompts_per_step: int = doc(16, "Prompts per RL step (each sampled rollout.n_samples times).", min=1)
     ppo_epochs: int = doc(1, "Passes (K) over each step's experience, in shuffled minibatches.", min=1)
@@ -131,6 +131,8 @@ class AlgorithmConfig:
     early_stop_kl: Optional[float] = doc(None, "Stop the PPO epochs of a step once the approximate KL exceeds this.", min=0.0)
     whiten_advantages: bool = doc(True, "Whiten advantages over real tokens.")
     ptx_coef: float = doc(0.0, "PPO-ptx: weight gamma of the SFT log-likelihood added to the RL loss (0: off).", min=0.0)
+    ei_top_k: Optional[int] = doc(1, "expert_iteration: keep each prompt's k best samples (1 = best-of-n; None: no per-prompt cap, use ei_threshold).", min=1)
+    ei_threshold: Optional[float] = doc(None, "expert_iteration: keep only samples whose reward (after reward normalisation/clipping) is >= this; with ei_top_k both must hold. None: no bar.")
     mode: Literal["sync", "async"] = doc("sync", "sync: generate, then train; async: generate step t+1 while step t trains.")
     max_staleness: int = doc(1, "Async: most weight versions a sample may lag the policy it trains.", min=0)
 
@@ -221,6 +223,13 @@ def _check_cross_fields(c: TidalConfig) -> None:
     """Constraints between fields, each naming the keys and the fix."""
     if c.algorithm.name in ("grpo", "rloo") and c.rollout.n_samples < 2:
         raise ConfigError(f"algorithm.name={c.algorithm.name} needs a group: rollout.n_samples must be >= 2 (got {c.rollout.n_samples}).")
+    a = c.algorithm
+    if a.ei_top_k is not None and a.ei_top_k > c.rollout.n_samples:
+        raise ConfigError(f"algorithm.ei_top_k={a.ei_top_k} keeps more samples per prompt than rollout.n_samples="
+                          f"{c.rollout.n_samples} gives; lower ei_top_k or raise n_samples.")
+    if a.ei_top_k is None and a.ei_threshold is None:
+        raise ConfigError("algorithm.ei_top_k and algorithm.ei_threshold are both null: expert iteration would keep "
+                          "every sample; set at least one.")
     lc = c.learner
     if lc.mini_batch_size % (lc.micro_batch_size * lc.num_workers) != 0:
         raise ConfigError(

@@ -274,7 +274,8 @@ class LearnerGroup:
     # ------------------------------------------------------------------ supervised fits
 
     def _fit(self, method: str, data, epochs: int, max_steps: int | None, lr: float,
-             extra: tuple = (), on_progress: Progress | None = None) -> list[dict[str, float]]:
+             extra: tuple = (), on_progress: Progress | None = None,
+             schedule: str | None = None) -> list[dict[str, float]]:
         """Shard `data` (SFTBatch or PreferenceBatch) once, then run the fit in windows of
         STEPS_PER_CALL optimizer steps, each window one remote call under the sync timeout."""
         shards = self._train_shards(len(data))
@@ -289,7 +290,7 @@ class LearnerGroup:
         if on_progress:
             on_progress(history, total)
         for start in range(0, total, STEPS_PER_CALL):
-            plan = FitPlan(lr, total, start, min(STEPS_PER_CALL, total - start), steps_per_epoch)
+            plan = FitPlan(lr, total, start, min(STEPS_PER_CALL, total - start), steps_per_epoch, schedule)
             calls = {r: (lambda a, ref=ref: getattr(a, method).remote(ref, plan, *extra)) for r, ref in enumerate(refs)}
             history += self._call(method, calls)[0]  # rank 0 holds the averages
             if on_progress:
@@ -303,6 +304,13 @@ class LearnerGroup:
         st = self.cfg.stages.sft
         return self._fit("fit_sft", data, epochs or st.epochs, max_steps or st.max_steps,
                          lr or st.lr or self.cfg.learner.lr, on_progress=on_progress)
+
+    def update_sft(self, data: SFTBatch, epochs: int, lr: float) -> dict[str, float]:
+        """One expert-iteration round: `epochs` passes of SFT over `data` at a constant `lr`
+        (the RL stage's schedule sets it per round); `data` must fill whole minibatches on every
+        rank. Returns the round's metrics averaged over its optimizer steps."""
+        history = self._fit("fit_sft", data, epochs, None, lr, schedule="constant")
+        return {k: sum(h[k] for h in history) / len(history) for k in history[0] if k not in ("step", "epoch", "lr")}
 
     def dpo_reference(self, data: DPOBatch) -> DPOBatch:
         """`data` with the reference sequence log-probs attached, computed by this group's policy

@@ -54,6 +54,7 @@ class FitPlan:
     start_step: int
     num_steps: int
     steps_per_epoch: int
+    schedule: str | None = None  # "constant" | "linear"; None: learner.lr_schedule
 
 
 class LearnerWorker:
@@ -223,7 +224,7 @@ class LearnerWorker:
         for step in range(plan.start_step, plan.start_step + plan.num_steps):
             epoch, k = divmod(step, plan.steps_per_epoch)
             rows = self.epoch_order(len(data), epoch)[k * mini:(k + 1) * mini]
-            lr = linear_lr(plan.lr, step, plan.total_steps, self.cfg.learner.lr_schedule)
+            lr = linear_lr(plan.lr, step, plan.total_steps, plan.schedule or self.cfg.learner.lr_schedule)
             self.set_lr(self.engine, lr)
             metrics = self.run_step([data.select(rows[i:i + m]) for i in range(0, mini, m)], loss_fn)
             history.append({**self.all_reduce_mean(metrics), "lr": lr, "step": float(step + 1), "epoch": float(epoch)})

@@ -106,3 +106,18 @@ def test_tidal_eval_on_two_runs_fills_every_column(dpo_runs, tmp_path, capsys):
     assert (tmp_path / "board" / "eval.png").stat().st_size > 0
     assert main(["eval", str(REPO / "configs" / "tiny_ppo.yaml"), *overrides, "--run", f"dpo={dpo_runs['dpo']}",
                  "--out", str(tmp_path / "board")]) == 2  # an existing scoreboard is never overwritten
+
+
+def test_expert_iteration_raises_the_letter_rate(ray_cluster, tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny_ppo.yaml", tiny_overrides(
+        tmp_path, "ei", "algorithm.name=expert_iteration", "rollout.n_samples=8", "algorithm.ei_top_k=1",
+        "algorithm.steps=12", "algorithm.ppo_epochs=4"))
+    run_pipeline(cfg, tmp_path / "ei")
+    recs = [r for r in read_jsonl(tmp_path / "ei" / "metrics.jsonl") if r["stage"] == "rl" and r["step"] > 0]
+    assert [r["ei/kept"] for r in recs] == [16.0] * 12  # best-of-8: one sample per prompt, every step
+    assert all("losses/sft" in r and "rl/kl" in r for r in recs)
+    first = statistics.mean(r["reward/term/function"] for r in recs[:3])
+    last = statistics.mean(r["reward/term/function"] for r in recs[-3:])
+    print(f"expert iteration letter_rate: first steps {first:.3f}, last steps {last:.3f}")
+    assert last > first + 0.25, f"reward did not rise: first steps {first:.3f}, last steps {last:.3f}"
+    assert recs[-1]["rl/kl"] > 0  # the policy moved away from the reference
