@@ -85,8 +85,15 @@ class RLLoop:
     """Runs RL steps [start, algorithm.steps) with checkpoints; see the module docstring."""
 
     def __init__(self, cfg: TidalConfig, run_dir: Path, parts: RLParts, logger: MetricsLogger,
-                 stops: StopRequests = NO_STOPS):
+                 stops: StopRequests = NO_STOPS, judge=None):
+        """`judge`: a tidal.cluster.monitor.HeldOutJudge for the over-optimisation monitor
+        (logging.gold_every > 0), or None."""
+        from tidal.cluster.monitor import GoldMonitor
+
         self.cfg, self.run_dir, self.parts, self.logger, self.stops = cfg, Path(run_dir), parts, logger, stops
+        self.judge = judge
+        self.monitor = GoldMonitor(cfg.logging.gold_window, cfg.algorithm.early_stop, cfg.algorithm.stop_at_kl)
+        self.stopped_early: str | None = None
         self.kl_ctl = make_kl_controller(cfg)
         self.async_mode = cfg.algorithm.mode == "async"
         self.max_staleness = cfg.algorithm.max_staleness if self.async_mode else 0
@@ -170,9 +177,10 @@ class RLLoop:
         steps); returns the last step's metrics."""
         a, lc = self.cfg.algorithm, self.cfg.logging
         last: dict[str, float] = {}
-        while self.step < a.steps and not self.stops.requested:
+        while self.step < a.steps and not self.stops.requested and self.stopped_early is None:
             last = self._train_step(self.step)
             self.step += 1
+            last.update(self._watch(last))
             if self.step % lc.log_every == 0 or self.step == a.steps:
                 self.logger.log(self.step, last, stage="rl")
             self.logger.progress(self.step, a.steps, stage="rl", reward=last["rl/score_mean"],
@@ -209,6 +217,30 @@ class RLLoop:
         wall = time.perf_counter() - t0
         self._record_rollout(step, produced.batch)
         return self._step_metrics(produced, exp_metrics, update, timer, wall)
+
+    def _watch(self, last: dict[str, float]) -> dict[str, float]:
+        """The over-optimisation monitor after a step: the KL bound every step, the held-out
+        proxy/gold evaluation every logging.gold_every steps. Returns metrics to log."""
+        from tidal.cluster.monitor import print_warning
+
+        verdicts = [self.monitor.observe_kl(last["rl/kl"])]
+        metrics: dict[str, float] = {}
+        every = self.cfg.logging.gold_every
+        if self.judge is not None and every and (self.step % every == 0 or self.step == self.cfg.algorithm.steps):
+            if self.pipeline is not None:
+                self.pipeline.drain()  # the pool is idle (and holds the newest weights) while we sample
+            metrics = self.judge(self.parts.pool, self.parts.reward, self.parts.learners)
+            v = self.monitor.observe_eval(self.step, metrics["eval/proxy"], metrics["eval/gold"], metrics["eval/kl"])
+            if v.warn:
+                print_warning(self.monitor.warning(self.step, v.check, self.cfg.logging.gold_term))
+            metrics["eval/overoptimisation"] = float(v.check.alarm)
+            verdicts.append(v)
+        why = next((v.stop for v in verdicts if v.stop), None)
+        if why is not None:
+            self.stopped_early = why
+            metrics["rl/early_stop"] = float(self.step)
+            print(f"tidal: early stop ({why}, algorithm.early_stop) after rl step {self.step}", flush=True)
+        return metrics
 
     def _expert_update(self, step: int, scored: ScoredBatch, fwd) -> tuple[dict, dict]:
         """Expert iteration's update (tidal.learner.expert_iteration): keep the selected samples,

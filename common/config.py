@@ -133,6 +133,8 @@ class AlgorithmConfig:
     ptx_coef: float = doc(0.0, "PPO-ptx: weight gamma of the SFT log-likelihood added to the RL loss (0: off).", min=0.0)
     ei_top_k: Optional[int] = doc(1, "expert_iteration: keep each prompt's k best samples (1 = best-of-n; None: no per-prompt cap, use ei_threshold).", min=1)
     ei_threshold: Optional[float] = doc(None, "expert_iteration: keep only samples whose reward (after reward normalisation/clipping) is >= this; with ei_top_k both must hold. None: no bar.")
+    early_stop: Literal["none", "kl", "gold_drop"] = doc("none", "Stop the RL stage early: kl once a step's KL to the reference (rl/kl) exceeds stop_at_kl; gold_drop when the over-optimisation monitor (logging.gold_every) sees gold fall while the proxy rises; none: run all steps (the monitor still warns).")
+    stop_at_kl: Optional[float] = doc(None, "early_stop=kl: the KL bound (nats per sequence). Not early_stop_kl, which ends a step's PPO epochs.", min=0.0)
     mode: Literal["sync", "async"] = doc("sync", "sync: generate, then train; async: generate step t+1 while step t trains.")
     max_staleness: int = doc(1, "Async: most weight versions a sample may lag the policy it trains.", min=0)
 
@@ -164,6 +166,8 @@ class LoggingConfig:
     progress: bool = doc(True, "Console progress bar.")
     checkpoint_on_interrupt: bool = doc(True, "Ctrl-C / SIGTERM during RL: finish the current step, write a checkpoint, then stop (a second signal stops at once). `tidal train --resume RUN` continues from it.")
     eval_samples: int = doc(8, "Held-out prompts whose completions are saved before and after RL (and that `tidal eval` compares policies on).", min=0)
+    gold_every: int = doc(0, "Over-optimisation monitor: every N RL steps score the held-out prompts (eval_samples of them) with the proxy and the gold judge (gold_term), log eval/proxy, eval/gold, eval/kl (0: off).", min=0)
+    gold_window: int = doc(4, "Monitor evaluations whose proxy and gold slopes the over-optimisation warning compares.", min=3)
     gold_term: str = doc("sentiment", "Gold judge of `tidal eval` and of the over-optimisation monitor: a reward term the policy never trains on, 'KIND' or 'KIND:TARGET' (sentiment = VADER, length:8, function:module:fn, model:FOLDER).")
 
 
@@ -230,6 +234,10 @@ def _check_cross_fields(c: TidalConfig) -> None:
     if a.ei_top_k is None and a.ei_threshold is None:
         raise ConfigError("algorithm.ei_top_k and algorithm.ei_threshold are both null: expert iteration would keep "
                           "every sample; set at least one.")
+    if a.early_stop == "kl" and a.stop_at_kl is None:
+        raise ConfigError("algorithm.early_stop=kl needs the bound: set algorithm.stop_at_kl (nats per sequence).")
+    if a.early_stop == "gold_drop" and c.logging.gold_every == 0:
+        raise ConfigError("algorithm.early_stop=gold_drop needs the gold monitor: set logging.gold_every > 0.")
     lc = c.learner
     if lc.mini_batch_size % (lc.micro_batch_size * lc.num_workers) != 0:
         raise ConfigError(
