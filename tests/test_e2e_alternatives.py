@@ -121,3 +121,24 @@ def test_expert_iteration_raises_the_letter_rate(ray_cluster, tmp_path):
     print(f"expert iteration letter_rate: first steps {first:.3f}, last steps {last:.3f}")
     assert last > first + 0.25, f"reward did not rise: first steps {first:.3f}, last steps {last:.3f}"
     assert recs[-1]["rl/kl"] > 0  # the policy moved away from the reference
+
+
+def test_overoptimisation_monitor_warns_and_stops_a_run_that_games_its_proxy(ray_cluster, tmp_path, capfd):
+    """letter_rate is the proxy PPO climbs; the gold judge is its negation, so gold falls as
+    the proxy rises: the monitor must warn once and, with early_stop=gold_drop, end the run."""
+    import json
+
+    cfg = load_config(REPO / "configs" / "tiny_ppo.yaml", tiny_overrides(
+        tmp_path, "gamed", "algorithm.steps=16", "logging.gold_every=2", "logging.gold_window=3",
+        "logging.gold_term=function:e2e_support:letter_penalty", "algorithm.early_stop=gold_drop",
+        "logging.eval_samples=16"))
+    summary = run_pipeline(cfg, tmp_path / "gamed")
+    err = capfd.readouterr().err
+    assert err.count("warning: over-optimisation") == 1, err[-2000:]
+    assert summary["overoptimisation_warned"] is True
+    assert summary["early_stop"]["reason"] == "gold_drop" and summary["early_stop"]["step"] < 16
+    recs = [r for r in read_jsonl(tmp_path / "gamed" / "metrics.jsonl") if r["stage"] == "rl" and "eval/gold" in r]
+    assert [r["step"] for r in recs] == list(range(2, summary["early_stop"]["step"] + 1, 2))
+    assert all(r["eval/gold"] == pytest.approx(-r["eval/proxy"]) for r in recs)  # gold = -proxy by construction
+    assert (tmp_path / "gamed" / "plots" / "overoptimisation.png").is_file()
+    assert json.loads((tmp_path / "gamed" / "run_state.json").read_text())["stages"]["rl"]
