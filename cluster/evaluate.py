@@ -127,12 +127,6 @@ def sample(cfg: TidalConfig, path: str, prompts, n: int):
         pool.shutdown()
 
 
-def rows_of(rollout, rows: list[int]):
-    """The rollout restricted to `rows` (every per-row field, same order)."""
-    fields = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)}
-    return type(rollout)(**{k: [v[i] for i in rows] if len(v) == len(rollout) else v for k, v in fields.items()})
-
-
 def token_stats(path: str, sft_model, rollout, temperature: float, tokenizer) -> tuple[list[float], list[int]]:
     """(sequence KL to SFT, response length) per completion; KL is the k1 sum over tokens."""
     from transformers import AutoModelForCausalLM
@@ -159,6 +153,7 @@ def evaluate_policies(cfg: TidalConfig, policies: dict[str, str], sft: str, best
 
     from tidal.common.data import PromptDataset
     from tidal.common.models import load_tokenizer
+    from tidal.learner.experience import select_rollout
     from tidal.learner.selection import best_of_n
 
     tok = load_tokenizer(sft)
@@ -181,7 +176,7 @@ def evaluate_policies(cfg: TidalConfig, policies: dict[str, str], sft: str, best
             print(f"tidal eval: best-of-{best_of} over sft ({best_of * count} samples)", flush=True)
             rollout = sample(cfg, sft, prompts, best_of)
             keep = best_of_n(torch.tensor(raw_scores(proxy, rollout)), best_of).tolist()
-            chosen = rows_of(rollout, keep)
+            chosen = select_rollout(rollout, keep)
             texts = list(chosen.response_text)
             _, lengths = token_stats(sft, sft_model, chosen, cfg.rollout.temperature, tok)
             bound = math.log(best_of) - (best_of - 1) / best_of
