@@ -9,7 +9,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export TIDAL_CACHE ?= $(HOME)/.cache/tidal
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench compare clean
 
 install: $(STAMP)
 
@@ -37,6 +37,26 @@ test-slow: install
 
 bench: install
 	$(BIN)/python bench/rollout.py && $(BIN)/python bench/weight_sync.py && $(BIN)/python bench/reward.py
+
+# SFT -> RM once, then PPO, GRPO, expert iteration and DPO from the same SFT model and reward
+# model, then the scoreboard (with best-of-4 over SFT) on the demo's held-out prompts
+# (docs/alternatives.md). Each run gets COMPARE_STEPS RL steps.
+COMPARE_STAMP := $(shell date +%Y%m%d-%H%M%S)
+COMPARE_DIR ?= runs/compare-$(COMPARE_STAMP)
+COMPARE_STEPS ?= 20
+COMPARE_FROM = logging.output_dir=$(COMPARE_DIR) model.policy=$(COMPARE_DIR)/base/sft model.reward=$(COMPARE_DIR)/base/reward_model
+
+compare: install
+	$(BIN)/tidal train configs/demo.yaml logging.output_dir=$(COMPARE_DIR) logging.run_name=base "stages.run=[sft,rm]"
+	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=ppo "stages.run=[rl]" algorithm.steps=$(COMPARE_STEPS)
+	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=grpo "stages.run=[rl]" algorithm.steps=$(COMPARE_STEPS) \
+	    algorithm.name=grpo rollout.n_samples=4 algorithm.prompts_per_step=8
+	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=ei "stages.run=[rl]" algorithm.steps=$(COMPARE_STEPS) \
+	    algorithm.name=expert_iteration rollout.n_samples=4 algorithm.prompts_per_step=16 algorithm.ei_top_k=1 \
+	    algorithm.ppo_epochs=2 learner.mini_batch_size=16 learner.micro_batch_size=8
+	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=dpo "stages.run=[dpo]" stages.dpo.max_steps=$(COMPARE_STEPS)
+	$(BIN)/tidal eval configs/demo.yaml $(COMPARE_FROM) --sft $(COMPARE_DIR)/base/sft --best-of 4 --out $(COMPARE_DIR)/eval \
+	    --run ppo=$(COMPARE_DIR)/ppo --run grpo=$(COMPARE_DIR)/grpo --run expert_iteration=$(COMPARE_DIR)/ei --run dpo=$(COMPARE_DIR)/dpo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -85,6 +85,13 @@ def _reward_serve(args: argparse.Namespace) -> int:
     return serve_from_cli(config, overrides, host=args.host, port=args.port, token_env=args.token_env)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from tidal.cluster.evaluate import eval_from_cli
+
+    config, overrides = _config_args(args)
+    return eval_from_cli(config, overrides, args.run, args.sft, args.best_of, args.out)
+
+
 def _label(args: argparse.Namespace) -> int:
     from tidal.feedback import cli
 
@@ -181,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HOST:8265")
     sb.add_argument("--no-wait", action="store_true", help="return after submission instead of following logs")
     sb.set_defaults(fn=_submit)
+
+    ev = sub.add_parser("eval", help="compare finished policies against SFT on held-out prompts (gold win-rate, "
+                                     "proxy, KL, length, degenerate share); writes eval.json and eval.png")
+    ev.add_argument("config", nargs="?", default=None)
+    ev.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    ev.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
+                    help="a policy to compare: a run directory (its policy/ or policy_dpo/) or an HF folder; repeatable")
+    ev.add_argument("--sft", default=None, help="the baseline (default: a run's sft stage output, else model.policy)")
+    ev.add_argument("--best-of", type=int, default=1, metavar="N", help="also score best-of-N over SFT by the proxy")
+    ev.add_argument("--out", default=None, help="output folder (default: logging.output_dir/eval)")
+    ev.set_defaults(fn=_eval)
 
     rw = _subparsers(sub.add_parser("reward", help="reward service"), "action")
     serve = rw.add_parser("serve", help="serve the configured reward over HTTP (JSON)")

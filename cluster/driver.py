@@ -2,6 +2,7 @@
 
     sft  fine-tunes model.policy on demonstrations      -> RUN/sft/   (HF folder)
     rm   trains a reward model (policy backbone + head)  -> RUN/reward_model/
+    dpo  DPO/IPO on preference pairs from the policy     -> RUN/policy_dpo/ (reference = the policy it starts from)
     rl   PPO / GRPO / RLOO / REINFORCE from the policy   -> RUN/policy/ (HF folder, vLLM-loadable)
          (SFT model = reference and initial policy; reward model = reward worker and critic init)
     collect  samples of the current policy, labeled      -> RUN/feedback-<k>/ (tidal.cluster.collect)
@@ -218,6 +219,8 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, data: Da
                 models.reward_model = record["output"]
             elif stage == "collect":
                 models.feedback = record
+            elif stage == "dpo":  # a later rl stage starts from (and is anchored to) the DPO policy
+                models.policy = models.reference = record["output"]
             else:
                 models.policy = record["output"]
                 summary = {**record.get("summary", {}), "rounds": {**summary.get("rounds", {}), key: record.get("summary", {})}}
@@ -248,6 +251,10 @@ def _run_stage(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, mod
             base = str(resolve_model(cfg.stages.rm.base)) if cfg.stages.rm.base else models.policy
         out = "reward_model" if round_ == 1 else f"reward_model-{round_}"
         return {"output": run_rm(cfg, run_dir, logger, data, base, out_name=out, stage=key, feedback=models.feedback)}
+    if stage == "dpo":
+        from tidal.cluster.stages import run_dpo
+
+        return {"output": run_dpo(cfg, run_dir, logger, data, models.policy)}
     if stage == "collect":
         from tidal.cluster.collect import run_collect
 

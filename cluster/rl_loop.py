@@ -85,9 +85,16 @@ class RLLoop:
     """Runs RL steps [start, algorithm.steps) with checkpoints; see the module docstring."""
 
     def __init__(self, cfg: TidalConfig, run_dir: Path, parts: RLParts, logger: MetricsLogger,
-                 stops: StopRequests = NO_STOPS, stage: str = "rl"):
+                 stops: StopRequests = NO_STOPS, judge=None, stage: str = "rl"):
+        """`judge`: a tidal.cluster.monitor.HeldOutJudge for the over-optimisation monitor
+        (logging.gold_every > 0), or None."""
+        from tidal.cluster.monitor import GoldMonitor
+
         self.cfg, self.run_dir, self.parts, self.logger, self.stops = cfg, Path(run_dir), parts, logger, stops
         self.stage = stage  # the records' stage field: 'rl', or 'rl2' for a second round
+        self.judge = judge
+        self.monitor = GoldMonitor(cfg.logging.gold_window, cfg.algorithm.early_stop, cfg.algorithm.stop_at_kl)
+        self.stopped_early: str | None = None
         self.kl_ctl = make_kl_controller(cfg)
         self.async_mode = cfg.algorithm.mode == "async"
         self.max_staleness = cfg.algorithm.max_staleness if self.async_mode else 0
@@ -171,9 +178,10 @@ class RLLoop:
         steps); returns the last step's metrics."""
         a, lc = self.cfg.algorithm, self.cfg.logging
         last: dict[str, float] = {}
-        while self.step < a.steps and not self.stops.requested:
+        while self.step < a.steps and not self.stops.requested and self.stopped_early is None:
             last = self._train_step(self.step)
             self.step += 1
+            last.update(self._watch(last))
             if self.step % lc.log_every == 0 or self.step == a.steps:
                 self.logger.log(self.step, last, stage=self.stage)
             self.logger.progress(self.step, a.steps, stage=self.stage, reward=last["rl/score_mean"],
@@ -191,21 +199,69 @@ class RLLoop:
         rollout, scores = usable_rows(produced.batch, learners.algorithm, self.cfg.rollout.n_samples)
         with timer("forward"):
             fwd = learners.forward(rollout)
-        with timer("advantages"):
-            exp, exp_metrics = learners.assemble(fwd, scores, self.kl_ctl.value)
-        ptx = self.parts.ptx.for_step(step, len(exp)) if self.parts.ptx is not None else None
-        with timer("update"):
-            update = learners.update_rl(exp, ptx=ptx, is_weight_cap=self.is_weight_cap)
+        if learners.algorithm.update == "sft":  # expert iteration: no advantages, SFT on the kept samples
+            with timer("update"):
+                exp_metrics, update = self._expert_update(step, produced.batch, fwd)
+        else:
+            with timer("advantages"):
+                exp, exp_metrics = learners.assemble(fwd, scores, self.kl_ctl.value)
+            ptx = self.parts.ptx.for_step(step, len(exp)) if self.parts.ptx is not None else None
+            with timer("update"):
+                update = learners.update_rl(exp, ptx=ptx, is_weight_cap=self.is_weight_cap)
         with timer("sync"):
             handle = learners.export_weights(step + 1)
             self.pipeline.push(handle, step + 1)
         if not self.async_mode:  # sync mode: the new weights are in the pool before the next step
             with timer("sync"):
                 self.pipeline.drain()
-        self.kl_ctl.update(exp_metrics["experience/kl_per_seq"], len(exp))
+        self.kl_ctl.update(exp_metrics["experience/kl_per_seq"], len(rollout))
         wall = time.perf_counter() - t0
         self._record_rollout(step, produced.batch)
         return self._step_metrics(produced, exp_metrics, update, timer, wall)
+
+    def _watch(self, last: dict[str, float]) -> dict[str, float]:
+        """The over-optimisation monitor after a step: the KL bound every step, the held-out
+        proxy/gold evaluation every logging.gold_every steps. Returns metrics to log."""
+        from tidal.cluster.monitor import print_warning
+
+        verdicts = [self.monitor.observe_kl(last["rl/kl"])]
+        metrics: dict[str, float] = {}
+        every = self.cfg.logging.gold_every
+        if self.judge is not None and every and (self.step % every == 0 or self.step == self.cfg.algorithm.steps):
+            if self.pipeline is not None:
+                self.pipeline.drain()  # the pool is idle (and holds the newest weights) while we sample
+            metrics = self.judge(self.parts.pool, self.parts.reward, self.parts.learners)
+            v = self.monitor.observe_eval(self.step, metrics["eval/proxy"], metrics["eval/gold"], metrics["eval/kl"])
+            if v.warn:
+                print_warning(self.monitor.warning(self.step, v.check, self.cfg.logging.gold_term))
+            metrics["eval/overoptimisation"] = float(v.check.alarm)
+            verdicts.append(v)
+        why = next((v.stop for v in verdicts if v.stop), None)
+        if why is not None:
+            self.stopped_early = why
+            metrics["rl/early_stop"] = float(self.step)
+            print(f"tidal: early stop ({why}, algorithm.early_stop) after rl step {self.step}", flush=True)
+        return metrics
+
+    def _expert_update(self, step: int, scored: ScoredBatch, fwd) -> tuple[dict, dict]:
+        """Expert iteration's update (tidal.learner.expert_iteration): keep the selected samples,
+        fine-tune on them (algorithm.ppo_epochs passes at this step's lr). The forward pass is
+        only for the KL to the reference, logged as for the other algorithms."""
+        from tidal.learner.engine import linear_lr
+        from tidal.learner.expert_iteration import expert_batch, expert_rows, fill_to_multiple
+
+        a, lc, learners = self.cfg.algorithm, self.cfg.learner, self.parts.learners
+        kl = ((fwd.old_logprobs - fwd.ref_logprobs) * fwd.response_mask).sum(-1)  # (B,) k1 sequence KL
+        exp_metrics = {"experience/kl_per_seq": kl.mean().item(),
+                       "experience/response_len": fwd.response_mask.sum(-1).mean().item()}
+        rows = expert_rows(scored, self.cfg.rollout.n_samples, a.ei_top_k, a.ei_threshold)
+        update = {"ei/kept": float(len(rows))}
+        if len(rows):  # a round where nothing passes the threshold trains on nothing
+            update["ei/kept_score_mean"] = scored.scores[rows].float().mean().item()
+            tok = learners.tokenizer
+            batch = fill_to_multiple(expert_batch(scored, rows, tok.pad_token_id, tok.eos_token_id), lc.mini_batch_size)
+            update.update(learners.update_sft(batch, a.ppo_epochs, linear_lr(lc.lr, step, a.steps, lc.lr_schedule)))
+        return exp_metrics, update
 
     def _step_metrics(self, produced: Produced, exp_m: dict, update: dict, timer: Timer,
                       wall: float) -> dict[str, float]:

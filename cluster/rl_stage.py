@@ -25,7 +25,7 @@ import torch
 
 from tidal.cluster.interrupt import NO_STOPS, StopRequests
 from tidal.cluster.rl_loop import RLLoop, RLParts
-from tidal.common.config import TidalConfig
+from tidal.common.config import ConfigError, TidalConfig
 from tidal.common.metrics import MetricsLogger
 
 EVAL_SEED = 20_231_108
@@ -186,8 +186,16 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
     print(f"tidal: rl roles up in {time.perf_counter() - t0:.1f} s ({cfg.cluster.placement}: "
           f"{cfg.learner.num_workers} learner(s) + reference, {cfg.rollout.num_workers} rollout worker(s))", flush=True)
     summary: dict = {}
+    judge = None
     try:
-        loop = RLLoop(cfg, run_dir, parts, logger, stops, stage=stage)
+        if cfg.logging.gold_every:
+            from tidal.cluster.monitor import HeldOutJudge
+
+            if data.eval_prompts is None:
+                raise ConfigError("logging.gold_every > 0 scores held-out prompts: set data.eval_prompts "
+                                  "(or data.task: sentiment), or logging.gold_every=0.")
+            judge = HeldOutJudge(cfg, data.eval_prompts, parts.learners.tokenizer, policy)
+        loop = RLLoop(cfg, run_dir, parts, logger, stops, judge=judge, stage=stage)
         if not loop.restore() and calibration:
             logger.log(0, calibration, stage=stage)
         before_file = run_dir / "samples_before.jsonl"
@@ -198,13 +206,20 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
             summary["before"] = json.loads((run_dir / "eval_before.json").read_text())
         t1 = time.perf_counter()
         last = loop.run()
-        print(f"tidal: {cfg.algorithm.steps - loop.start_step} rl steps in {time.perf_counter() - t1:.1f} s", flush=True)
+        print(f"tidal: {loop.step - loop.start_step} rl steps in {time.perf_counter() - t1:.1f} s", flush=True)
         summary["after"] = evaluate(cfg, parts, data.eval_prompts, run_dir / "samples_after.jsonl")
         logger.log(cfg.algorithm.steps, {f"eval/{k}_{when}": v for when in ("before", "after")
                                          for k, v in summary[when].items()}, stage="eval" if stage == "rl" else f"eval-{stage}")
         summary["train_kl_last"] = round(last.get("rl/kl", float("nan")), 4)
         summary["kl_coef_last"] = round(loop.kl_ctl.value, 4)
+        if judge is not None:
+            summary["overoptimisation_warned"] = loop.monitor.warned
+            loop.monitor.plot(run_dir / "plots" / "overoptimisation.png")
+        if loop.stopped_early:
+            summary["early_stop"] = {"reason": loop.stopped_early, "step": loop.step}
         parts.learners.save_pretrained(run_dir / "policy")
     finally:
+        if judge is not None:
+            judge.close()
         stop_parts(placement, parts.learners, parts.pool, parts.reward)
     return summary

@@ -1,4 +1,5 @@
-"""The supervised stages of the pipeline: SFT on demonstrations and reward-model training.
+"""The supervised stages of the pipeline: SFT on demonstrations, reward-model training, and
+DPO (offline preference optimisation of the policy, an alternative to rm + rl).
 
 Each builds its batch on the driver, starts a LearnerGroup (DeepSpeed ranks as Ray actors),
 fits, logs one record per optimizer step, saves an HF folder in the run directory, and shuts
@@ -30,7 +31,8 @@ class _FitProgress:
             metrics = {(k if "/" in k else f"{self.stage}/{k}"): v for k, v in h.items() if k != "step"}
             self.logger.log(i + 1, metrics, stage=self.key)
         self.logged = len(history)
-        loss = history[-1].get("losses/sft", history[-1].get("losses/reward", 0.0)) if history else None
+        last = history[-1] if history else {}
+        loss = next((last[k] for k in ("losses/sft", "losses/reward", "losses/dpo") if k in last), 0.0) if history else None
         self.logger.progress(len(history), total, stage=self.key, **({"loss": loss} if loss is not None else {}))
 
 
@@ -108,6 +110,39 @@ def run_rm(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: s
             print(f"tidal: reward model held-out pair accuracy {fit.eval_accuracy:.3f}", flush=True)
         logger.log(len(fit.history), final, stage=stage)
         out = group.save_pretrained(run_dir / out_name)
+    finally:
+        group.shutdown()
+    return str(out)
+
+
+def run_dpo(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, base: str) -> str:
+    """DPO on the comparisons (or rankings, stages.dpo.data) starting from `base` (the SFT model
+    when sft ran), which is also the frozen reference; returns RUN/policy_dpo (an HF folder)."""
+    from tidal.common.models import load_tokenizer
+    from tidal.learner.dpo import build_dpo_batch, pairs_per_record
+    from tidal.learner.group import LearnerGroup
+
+    d, st = cfg.data, cfg.stages.dpo
+    path = data.comparisons if st.data == "comparisons" else data.rankings
+    records = _records(path, st.data, st.data)
+    if st.max_steps is not None:  # tokenize only what the fit can see (and the reference pass scores)
+        need, kept = st.max_steps * cfg.learner.mini_batch_size * st.epochs, []
+        for rec in records:
+            if need <= 0:
+                break
+            kept.append(rec)
+            need -= pairs_per_record(rec)
+        records = kept
+    batch = build_dpo_batch(load_tokenizer(base), records, d.max_prompt_tokens, d.max_response_tokens, d.chat_template)
+    print(f"tidal: dpo ({st.loss}, beta={st.beta}) on {len(batch)} pairs from {base}", flush=True)
+    group = LearnerGroup(cfg, base, role="policy")
+    try:
+        history = group.fit_dpo(batch, on_progress=_FitProgress(logger, "dpo"))
+        if history:
+            last = history[-1]
+            print(f"tidal: dpo done: loss {last['losses/dpo']:.4f}, "
+                  f"pair accuracy {last.get('dpo/rewards/accuracy', float('nan')):.3f}", flush=True)
+        out = group.save_pretrained(run_dir / "policy_dpo")
     finally:
         group.shutdown()
     return str(out)

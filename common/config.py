@@ -113,7 +113,7 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: Literal["ppo", "grpo", "rloo", "reinforce"] = doc("ppo", "RL algorithm: ppo (GAE critic), or critic-free grpo / rloo / reinforce (REINFORCE with a batch-mean baseline).")
+    name: Literal["ppo", "grpo", "rloo", "reinforce", "expert_iteration"] = doc("ppo", "RL algorithm: ppo (GAE critic), or critic-free grpo / rloo / reinforce (REINFORCE with a batch-mean baseline), or expert_iteration (SFT on each step's best samples; ppo_epochs = SFT passes over them).")
     steps: int = doc(20, "RL steps (generate -> score -> update -> sync).", min=1)
     prompts_per_step: int = doc(16, "Prompts per RL step (each sampled rollout.n_samples times).", min=1)
     ppo_epochs: int = doc(1, "Passes (K) over each step's experience, in shuffled minibatches.", min=1)
@@ -132,6 +132,10 @@ class AlgorithmConfig:
     early_stop_kl: Optional[float] = doc(None, "Stop the PPO epochs of a step once the approximate KL exceeds this.", min=0.0)
     whiten_advantages: bool = doc(True, "Whiten advantages over real tokens.")
     ptx_coef: float = doc(0.0, "PPO-ptx: weight gamma of the SFT log-likelihood added to the RL loss (0: off).", min=0.0)
+    ei_top_k: Optional[int] = doc(1, "expert_iteration: keep each prompt's k best samples (1 = best-of-n; None: no per-prompt cap, use ei_threshold).", min=1)
+    ei_threshold: Optional[float] = doc(None, "expert_iteration: keep only samples whose reward (after reward normalisation/clipping) is >= this; with ei_top_k both must hold. None: no bar.")
+    early_stop: Literal["none", "kl", "gold_drop"] = doc("none", "Stop the RL stage early: kl once a step's KL to the reference (rl/kl) exceeds stop_at_kl; gold_drop when the over-optimisation monitor (logging.gold_every) sees gold fall while the proxy rises; none: run all steps (the monitor still warns).")
+    stop_at_kl: Optional[float] = doc(None, "early_stop=kl: the KL bound (nats per sequence). Not early_stop_kl, which ends a step's PPO epochs.", min=0.0)
     mode: Literal["sync", "async"] = doc("sync", "sync: generate, then train; async: generate step t+1 while step t trains.")
     max_staleness: int = doc(1, "Async: most weight versions a sample may lag the policy it trains.", min=0)
 
@@ -162,7 +166,10 @@ class LoggingConfig:
     checkpoint_every: int = doc(0, "Checkpoint every N RL steps (0: only at the end).", min=0)
     progress: bool = doc(True, "Console progress bar.")
     checkpoint_on_interrupt: bool = doc(True, "Ctrl-C / SIGTERM during RL: finish the current step, write a checkpoint, then stop (a second signal stops at once). `tidal train --resume RUN` continues from it.")
-    eval_samples: int = doc(8, "Held-out prompts whose completions are saved before and after RL.", min=0)
+    eval_samples: int = doc(8, "Held-out prompts whose completions are saved before and after RL (and that `tidal eval` compares policies on).", min=0)
+    gold_every: int = doc(0, "Over-optimisation monitor: every N RL steps score the held-out prompts (eval_samples of them) with the proxy and the gold judge (gold_term), log eval/proxy, eval/gold, eval/kl (0: off).", min=0)
+    gold_window: int = doc(4, "Monitor evaluations whose proxy and gold slopes the over-optimisation warning compares.", min=3)
+    gold_term: str = doc("sentiment", "Gold judge of `tidal eval` and of the over-optimisation monitor: a reward term the policy never trains on, 'KIND' or 'KIND:TARGET' (sentiment = VADER, length:8, function:module:fn, model:FOLDER).")
 
 
 @dataclass(frozen=True)
@@ -195,10 +202,22 @@ class RMStage:
 
 
 @dataclass(frozen=True)
+class DPOStage:
+    beta: float = doc(0.1, "DPO temperature: the implicit reward is beta x log(pi / pi_ref); larger keeps the policy closer to the SFT reference.", min=1e-6)
+    loss: Literal["sigmoid", "ipo"] = doc("sigmoid", "sigmoid: DPO's -log sigmoid(beta h) (Rafailov et al. 2023); ipo: (h - 1/(2 beta))^2 (Azar et al. 2023), which does not push the margin to infinity on deterministic preferences.")
+    label_smoothing: float = doc(0.0, "sigmoid loss only: the chance each preference label is wrong (conservative DPO); 0 = plain DPO.", min=0.0, max=0.49)
+    data: Literal["comparisons", "rankings"] = doc("comparisons", "Preference file DPO reads: data.comparisons (pairs) or data.rankings (each K-wise ranking gives its C(K,2) pairs).")
+    epochs: int = doc(1, "Passes over the preference pairs.", min=1)
+    max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps.", min=1)
+    lr: Optional[float] = doc(None, "Learning rate (None: learner.lr).", min=0.0)
+
+
+@dataclass(frozen=True)
 class StagesConfig:
-    run: tuple[Literal["sft", "rm", "rl", "collect"], ...] = doc(("rl",), "Stages to run, in order; each feeds the next (SFT model -> reference and initial policy; reward model -> reward worker and critic init; collect -> new labels of the current policy's samples for the next rm). Stages may repeat: [sft, rm, rl, collect, rm, rl] is two rounds of iterative RLHF.")
+    run: tuple[Literal["sft", "rm", "rl", "collect", "dpo"], ...] = doc(("rl",), "Stages to run, in order; each feeds the next (SFT model -> reference and initial policy; reward model -> reward worker and critic init; collect -> new labels of the current policy's samples for the next rm; dpo trains the policy offline on preference pairs (RUN/policy_dpo) against the frozen model it starts from). Stages may repeat: [sft, rm, rl, collect, rm, rl] is two rounds of iterative RLHF.")
     sft: SFTStage = doc(SFTStage(), "Supervised fine-tuning stage.")
     rm: RMStage = doc(RMStage(), "Reward-model stage.")
+    dpo: DPOStage = doc(DPOStage(), "Direct preference optimisation stage (offline, from the comparisons/rankings the rm stage reads).")
 
 
 @dataclass(frozen=True)
@@ -223,6 +242,17 @@ def _check_cross_fields(c: TidalConfig) -> None:
     """Constraints between fields, each naming the keys and the fix."""
     if c.algorithm.name in ("grpo", "rloo") and c.rollout.n_samples < 2:
         raise ConfigError(f"algorithm.name={c.algorithm.name} needs a group: rollout.n_samples must be >= 2 (got {c.rollout.n_samples}).")
+    a = c.algorithm
+    if a.ei_top_k is not None and a.ei_top_k > c.rollout.n_samples:
+        raise ConfigError(f"algorithm.ei_top_k={a.ei_top_k} keeps more samples per prompt than rollout.n_samples="
+                          f"{c.rollout.n_samples} gives; lower ei_top_k or raise n_samples.")
+    if a.ei_top_k is None and a.ei_threshold is None:
+        raise ConfigError("algorithm.ei_top_k and algorithm.ei_threshold are both null: expert iteration would keep "
+                          "every sample; set at least one.")
+    if a.early_stop == "kl" and a.stop_at_kl is None:
+        raise ConfigError("algorithm.early_stop=kl needs the bound: set algorithm.stop_at_kl (nats per sequence).")
+    if a.early_stop == "gold_drop" and c.logging.gold_every == 0:
+        raise ConfigError("algorithm.early_stop=gold_drop needs the gold monitor: set logging.gold_every > 0.")
     lc = c.learner
     if lc.mini_batch_size % (lc.micro_batch_size * lc.num_workers) != 0:
         raise ConfigError(

@@ -13,7 +13,7 @@ Rows [i*g, (i+1)*g) of a batch are the g = group_size samples of prompt i (Rollo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
@@ -51,8 +51,11 @@ class Algorithm:
     whole_groups: bool  # a group baseline: an invalid row drops its whole prompt group
     min_samples: int  # rollout.n_samples needed (a group baseline needs >= 2); the config checks it at load
     whitens: bool  # algorithm.whiten_advantages applies (GRPO's advantages are already normalised)
-    advantages: AdvantageFn
+    advantages: AdvantageFn | None  # None: the update needs no advantages (update="sft")
     doc: str
+    # policy_gradient: forward -> advantages -> clipped policy-gradient epochs (learner/rl.py);
+    # sft: keep the selected samples of each step and fine-tune on them (expert iteration)
+    update: Literal["policy_gradient", "sft"] = "policy_gradient"
 
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
@@ -68,6 +71,10 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("reinforce", uses_critic=False, whole_groups=True, min_samples=1, whitens=True,
               advantages=_group_baseline(reinforce_advantages),
               doc="REINFORCE with a batch-mean baseline."),
+    Algorithm("expert_iteration", uses_critic=False, whole_groups=True, min_samples=1, whitens=False,
+              advantages=None, update="sft",
+              doc="Expert iteration: each step keeps the best samples per prompt (algorithm.ei_top_k / ei_threshold) "
+                  "and runs SFT updates on them (Anthony et al. 2017; best-of-n distillation)."),
 )}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
@@ -60,6 +61,7 @@ class DPOBatch:
     response_mask: torch.Tensor  # (2N, R) float, 1 on response tokens (EOS included)
     source: torch.Tensor  # (N,) long, index of the input record each pair came from
     ref_logps: torch.Tensor | None = None  # (2N,) float, reference sequence log-probs, once known
+    token_mean_loss: ClassVar[bool] = False  # the loss is a mean over pairs: run_step must not token-scale it
 
     def __len__(self) -> int:
         return self.source.shape[0]

@@ -31,6 +31,7 @@ from tidal.common.config import TidalConfig
 from tidal.common.models import load_tokenizer
 from tidal.common.types import Experience, RolloutBatch
 from tidal.learner.algorithms import algorithm_for
+from tidal.learner.dpo import DPOBatch, sequence_logps
 from tidal.learner.experience import (ForwardPass, assemble_experience, experience_metrics, pad_response_floats,
                                       pad_rollout)
 from tidal.learner.reference import ReferenceWorker
@@ -273,7 +274,8 @@ class LearnerGroup:
     # ------------------------------------------------------------------ supervised fits
 
     def _fit(self, method: str, data, epochs: int, max_steps: int | None, lr: float,
-             extra: tuple = (), on_progress: Progress | None = None) -> list[dict[str, float]]:
+             extra: tuple = (), on_progress: Progress | None = None,
+             schedule: str | None = None) -> list[dict[str, float]]:
         """Shard `data` (SFTBatch or PreferenceBatch) once, then run the fit in windows of
         STEPS_PER_CALL optimizer steps, each window one remote call under the sync timeout."""
         shards = self._train_shards(len(data))
@@ -288,7 +290,7 @@ class LearnerGroup:
         if on_progress:
             on_progress(history, total)
         for start in range(0, total, STEPS_PER_CALL):
-            plan = FitPlan(lr, total, start, min(STEPS_PER_CALL, total - start), steps_per_epoch)
+            plan = FitPlan(lr, total, start, min(STEPS_PER_CALL, total - start), steps_per_epoch, schedule)
             calls = {r: (lambda a, ref=ref: getattr(a, method).remote(ref, plan, *extra)) for r, ref in enumerate(refs)}
             history += self._call(method, calls)[0]  # rank 0 holds the averages
             if on_progress:
@@ -302,6 +304,31 @@ class LearnerGroup:
         st = self.cfg.stages.sft
         return self._fit("fit_sft", data, epochs or st.epochs, max_steps or st.max_steps,
                          lr or st.lr or self.cfg.learner.lr, on_progress=on_progress)
+
+    def update_sft(self, data: SFTBatch, epochs: int, lr: float) -> dict[str, float]:
+        """One expert-iteration round: `epochs` passes of SFT over `data` at a constant `lr`
+        (the RL stage's schedule sets it per round); `data` must fill whole minibatches on every
+        rank. Returns the round's metrics averaged over its optimizer steps."""
+        history = self._fit("fit_sft", data, epochs, None, lr, schedule="constant")
+        return {k: sum(h[k] for h in history) / len(history) for k in history[0] if k not in ("step", "epoch", "lr")}
+
+    def dpo_reference(self, data: DPOBatch) -> DPOBatch:
+        """`data` with the reference sequence log-probs attached, computed by this group's policy
+        as it is now (call before any update: a freshly built group IS the frozen model it
+        loaded, dropout off, LoRA adapters still zero), so no second model is held for DPO."""
+        token_lp = self.compute_logprobs(data.input_ids, data.attention_mask, data.response_len, 1.0)  # (2N, R)
+        return data.with_reference(sequence_logps(token_lp, data.response_mask))
+
+    def fit_dpo(self, data: DPOBatch, epochs: int | None = None, max_steps: int | None = None,
+                lr: float | None = None, on_progress: Progress | None = None) -> list[dict[str, float]]:
+        """Direct preference optimisation (stages.dpo defaults): reference log-probs once
+        (`dpo_reference`, unless `data` carries them), then DPO/IPO steps; mini/micro-batch sizes
+        count pairs. Returns per-step metrics (losses/dpo, dpo/rewards/*)."""
+        st = self.cfg.stages.dpo
+        if data.ref_logps is None:
+            data = self.dpo_reference(data)
+        return self._fit("fit_dpo", data, epochs or st.epochs, max_steps or st.max_steps,
+                         lr or st.lr or self.cfg.learner.lr, (st.beta, st.loss, st.label_smoothing), on_progress)
 
     def fit_reward(self, train: PreferenceBatch, held_out: PreferenceBatch | None = None, loss: str | None = None,
                    epochs: int | None = None, max_steps: int | None = None, lr: float | None = None,

@@ -54,6 +54,7 @@ class FitPlan:
     start_step: int
     num_steps: int
     steps_per_epoch: int
+    schedule: str | None = None  # "constant" | "linear"; None: learner.lr_schedule
 
 
 class LearnerWorker:
@@ -190,7 +191,9 @@ class LearnerWorker:
         micro-batches and ranks (token_scale); a preference batch's loss is a mean over prompts,
         and every micro-batch holds the same number of prompts, so it needs no scaling."""
         sums: dict[str, float] = {}
-        counts = [mb.response_mask.sum().item() if hasattr(mb, "response_mask") else None for mb in micro_batches]
+        # A batch says whether its loss is a token mean (SFT) or a mean over prompts/pairs (DPO).
+        counts = [mb.response_mask.sum().item() if getattr(mb, "token_mean_loss", hasattr(mb, "response_mask")) else None
+                  for mb in micro_batches]
         total = self.global_sum(sum(counts)) if counts and counts[0] is not None else None
         for mb, count in zip(micro_batches, counts):
             loss, metrics = loss_fn(mb)
@@ -221,7 +224,7 @@ class LearnerWorker:
         for step in range(plan.start_step, plan.start_step + plan.num_steps):
             epoch, k = divmod(step, plan.steps_per_epoch)
             rows = self.epoch_order(len(data), epoch)[k * mini:(k + 1) * mini]
-            lr = linear_lr(plan.lr, step, plan.total_steps, self.cfg.learner.lr_schedule)
+            lr = linear_lr(plan.lr, step, plan.total_steps, plan.schedule or self.cfg.learner.lr_schedule)
             self.set_lr(self.engine, lr)
             metrics = self.run_step([data.select(rows[i:i + m]) for i in range(0, mini, m)], loss_fn)
             history.append({**self.all_reduce_mean(metrics), "lr": lr, "step": float(step + 1), "epoch": float(epoch)})
@@ -238,6 +241,19 @@ class LearnerWorker:
 
         self._need(self.spec.role == "reward", "fit_reward", "a reward learner")
         return self.fit(data, plan, lambda mb: reward_micro_loss(self, mb, loss))
+
+    def fit_dpo(self, data, plan: FitPlan, beta: float, loss: str, label_smoothing: float) -> list[dict[str, float]]:
+        """DPO/IPO steps on this rank's shard of a DPOBatch carrying reference log-probs;
+        mini/micro-batch sizes count pairs (each pair = its chosen and its rejected row)."""
+        from tidal.learner.dpo import dpo_batch_loss
+
+        self._need(self.spec.role == "policy", "fit_dpo", "a policy learner")
+
+        def micro_loss(mb):
+            logprobs, _ = self.policy_logprobs(mb.input_ids, mb.attention_mask, mb.response_len, 1.0)
+            return dpo_batch_loss(logprobs, mb, beta, loss, label_smoothing)
+
+        return self.fit(data, plan, micro_loss)
 
     def update_rl(self, experience, ptx, is_weight_cap: float | None = None) -> dict[str, float]:
         from tidal.learner.rl import rl_update

@@ -24,6 +24,11 @@ def letter_rate(prompts: list[str], completions: list[str], **meta) -> list[floa
     return [10.0 * sum(ch == letter for ch in c) / max(len(c), 1) for c in completions]
 
 
+def letter_penalty(prompts: list[str], completions: list[str], **meta) -> list[float]:
+    """A gold judge that disagrees with letter_rate: minus it (the proxy is gameable by design)."""
+    return [-r for r in letter_rate(prompts, completions, **meta)]
+
+
 def tiny_overrides(tmp: Path, name: str, *extra: str) -> list[str]:
     """Overrides of configs/tiny_*.yaml for a test run under `tmp` (shared data dir per session)."""
     data_dir = Path(os.environ.get("TIDAL_TEST_DATA", DATA_DIR))

@@ -131,3 +131,24 @@ def test_zero2_sft_trains_and_slow_or_dead_ranks_are_named(ray_cluster, tiny_mod
             group.describe()
     finally:
         group.shutdown()
+
+
+def test_zero2_dpo_on_two_ranks_raises_the_chosen_margin_and_ranks_agree(ray_cluster, tiny_model):
+    from tidal.common.data import ComparisonRecord
+    from tidal.learner.dpo import build_dpo_batch, sequence_logps
+
+    group = LearnerGroup(load_config(None, CFG + ["learner.zero_stage=2", "stages.dpo.beta=0.5"]), tiny_model)
+    try:
+        recs = [ComparisonRecord(f"Tell me about day {i}.", "eee see the eerie tree", "a dull grey cat sat")
+                for i in range(16)]
+        data = group.dpo_reference(build_dpo_batch(group.tokenizer, recs, 32, 16, False))
+        history = group.fit_dpo(data, epochs=2)
+        assert len(history) == 8  # 16 pairs / 2 ranks / 2 pairs per rank per step = 4 steps per epoch
+        assert history[-1]["losses/dpo"] < history[0]["losses/dpo"]
+        rank0, rank1 = group.parameter_snapshots(trainable_only=True)
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "ranks diverged"
+        lp = sequence_logps(group.compute_logprobs(data.input_ids, data.attention_mask, data.response_len, 1.0),
+                            data.response_mask) - data.ref_logps
+        assert (lp[:16] - lp[16:]).min() > 0.5  # every pair's chosen log-ratio now beats its rejected one
+    finally:
+        group.shutdown()
