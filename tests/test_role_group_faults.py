@@ -50,7 +50,8 @@ def test_learner_rank_killed_mid_call_is_named_at_once_and_restart_recovers(ray_
         recs = [DemonstrationRecord(f"Review {i}:", "It was lovely, thanks!") for i in range(64)]
         demos = build_sft_batch(group.tokenizer, recs, 32, 16, use_chat_template=False)
         pids = [d["pid"] for d in group.describe()]
-        out = _kill_during(lambda: group.fit_sft(demos, epochs=8), lambda: ray.kill(group.ranks.actor(1)), 3.0)
+        # enough epochs that the fit cannot end before the kill on a fast machine (8 epochs took 2.7 s)
+        out = _kill_during(lambda: group.fit_sft(demos, epochs=400), lambda: ray.kill(group.ranks.actor(1)), 3.0)
         assert isinstance(out.get("error"), LearnerError) and "learner rank 1/2 died" in str(out["error"])
         assert out["seconds"] < 60  # fail-fast: not after rank 0 times out in the collective (120 s)
         group.restart()  # a process group cannot take back one member: every rank is replaced
