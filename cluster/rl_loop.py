@@ -17,7 +17,11 @@ step s may come from weight version s - k, k <= algorithm.max_staleness (metric
 trainer recomputes old logprobs), and each token's loss is weighted by the truncated importance
 weight min(pi_old / pi_rollout, IS_WEIGHT_CAP), pi_rollout being the engine's logprob of the
 sampled token: the correction for sampling from an older (or numerically different) policy.
-Sync mode skips the weights (the engine and the trainer hold the same version).
+Sync mode skips the weights (the engine and the trainer hold the same version), and there
+pi_old can be the engine's own logprobs of the sampled tokens, which saves the forward pass of
+the learner ranks (algorithm.old_logprobs; with `auto` the trainer's are computed as well at the
+first step and every logprob_check_every steps, and a gap above ENGINE_LOGPROB_TOL switches the
+run to the trainer's; metric `rl/old_logprobs_engine`).
 
 Determinism: generation is seeded per step (`step_sampling`) and per prompt (the pool derives
 each prompt's seed from the step seed and the prompt index), learners reseed their shuffles
@@ -43,7 +47,7 @@ from tidal.cluster.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import MetricsLogger, Timer
 from tidal.common.types import ScoredBatch
-from tidal.learner.experience import usable_rows
+from tidal.learner.experience import engine_old_logprobs, usable_rows
 from tidal.learner.kl import AdaptiveKLController, FixedKLController
 from tidal.rollout.sampling import Sampling
 
@@ -55,6 +59,10 @@ if TYPE_CHECKING:
     from tidal.rollout.pool import RolloutPool
 
 IS_WEIGHT_CAP = 2.0  # truncation of async importance weights (V-trace style rho-bar)
+# algorithm.old_logprobs=auto: the largest mean |engine - trainer| logprob gap (nats per token) at
+# which the engine's logprobs stand for pi_old. fp32 engine and trainer agree to ~2e-5 on CPU; a
+# bf16 engine, a mismatched kernel or a weight-sync bug is off by 1e-2 or more.
+ENGINE_LOGPROB_TOL = 1e-3
 ROLLOUTS_FILE = "rollouts.jsonl"  # per step: prompt indices, weight versions, scores
 
 
@@ -103,7 +111,9 @@ class RLLoop:
         # full softmax), are weighted by the truncated importance weight min(pi_old/pi_rollout, cap).
         filtered = Sampling.from_config(cfg.rollout).filtered
         self.is_weight_cap = IS_WEIGHT_CAP if self.async_mode or filtered else None
-        self.step = 0
+        # pi_old from the engine where it is the same policy (sync, unfiltered; tidal.learner.experience)
+        self.engine_old = engine_old_logprobs(cfg)
+        self.step = self.start_step = 0
         self.pipeline: RolloutPipeline | None = None
         self._preloaded: list[Produced] = []
         self._load_times: list[float] = []  # seconds of each weight load into the pool
@@ -197,8 +207,11 @@ class RLLoop:
             produced = self.pipeline.get(step, timeout_s=self.cfg.cluster.sync_timeout_s * 4)
         learners = self.parts.learners
         rollout, scores = usable_rows(produced.batch, learners.algorithm, self.cfg.rollout.n_samples)
+        check = self._check_logprobs(step)
         with timer("forward"):
-            fwd = learners.forward(rollout)
+            fwd = learners.forward(rollout, old_from_engine=self.engine_old and not check)
+        if check:
+            self._judge_gap(step, fwd.logprob_gap())
         if learners.algorithm.update == "sft":  # expert iteration: no advantages, SFT on the kept samples
             with timer("update"):
                 exp_metrics, update = self._expert_update(step, produced.batch, fwd)
@@ -217,7 +230,28 @@ class RLLoop:
         self.kl_ctl.update(exp_metrics["experience/kl_per_seq"], len(rollout))
         wall = time.perf_counter() - t0
         self._record_rollout(step, produced.batch)
+        exp_metrics["rl/old_logprobs_engine"] = float(fwd.old_from_engine)
+        gap = fwd.logprob_gap()
+        if gap is not None:
+            exp_metrics["rollout/logprob_gap"] = gap
         return self._step_metrics(produced, exp_metrics, update, timer, wall)
+
+    def _check_logprobs(self, step: int) -> bool:
+        """algorithm.old_logprobs=auto: whether this step computes the trainer's old logprobs too,
+        to compare them with the engine's (the first step of a run and every logprob_check_every)."""
+        a = self.cfg.algorithm
+        return self.engine_old and a.old_logprobs == "auto" and (
+            step == self.start_step or step % a.logprob_check_every == 0)
+
+    def _judge_gap(self, step: int, gap: float | None) -> None:
+        """After a check: keep the engine's logprobs, or fall back to the trainer's for good."""
+        from tidal.cluster.monitor import print_warning
+
+        if gap is None or gap > ENGINE_LOGPROB_TOL:
+            self.engine_old = False
+            what = "no engine logprobs" if gap is None else f"mean |engine - trainer| logprob gap {gap:.2e} nats/token"
+            print_warning(f"tidal: warning: rl step {step + 1}: {what} (bound {ENGINE_LOGPROB_TOL:g}); pi_old comes "
+                          "from the learners' forward pass from now on (algorithm.old_logprobs)")
 
     def _watch(self, last: dict[str, float]) -> dict[str, float]:
         """The over-optimisation monitor after a step: the KL bound every step, the held-out

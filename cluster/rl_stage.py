@@ -49,6 +49,7 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
     `calibrate` and reference reward normalisation, the reward is calibrated on samples of the
     initial policy first, so the critic can start on the normalised reward's scale."""
     from tidal.actors.placement import Placement, plan_placement, role_counts
+    from tidal.actors.threads import run_threads
     from tidal.common.data import PromptDataset
     from tidal.learner.group import LearnerGroup
     from tidal.reward_service.combine import build_reward
@@ -61,7 +62,8 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
     try:
         pool = RolloutPool(cfg, policy, actor_options=placement.actor_options("rollout"))
         reward = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=policy, placement=placement,
-                              dtype=cfg.model.dtype, worker_timeout_s=cfg.cluster.sync_timeout_s)
+                              dtype=cfg.model.dtype, worker_timeout_s=cfg.cluster.sync_timeout_s,
+                              num_threads=run_threads(cfg).reward)
         if calibrate and reward.normalize == "reference":
             calibration = _calibrate(cfg, pool, reward, data.prompts, policy)
         critic = _critic_path(cfg, policy, reward_model)

@@ -68,6 +68,7 @@ class RolloutConfig:
     weight_bucket_mb: int = doc(64, "Bucket size of a weight push through the object store (MB).", min=1)
     cpus_per_worker: float = doc(1.0, "Logical CPUs reserved per rollout worker.", min=0.0)
     gpus_per_worker: float = doc(0.0, "GPUs per rollout worker (0 on CPU).", min=0.0)
+    num_threads: int = doc(0, "Math threads of each rollout worker (0: auto - on an embedded cluster the machine's cores split among the processes that run at the same time, docs/performance.md; on a joined cluster cpus_per_worker).", min=0)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class RewardConfig:
     missing_eos_penalty: Optional[float] = doc(None, "Score given to responses that end without EOS (docs/implementation.md#d4). None: no penalty.")
     timeout_s: float = doc(30.0, "Timeout of one remote reward request.", min=0.1)
     retries: int = doc(2, "Retries of a failed remote reward request.", min=0)
+    num_threads: int = doc(0, "Math threads of each reward-model worker (0: auto, as rollout.num_threads).", min=0)
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class LearnerConfig:
     offload: bool = doc(False, "ZeRO-Offload optimizer state to host memory.")
     cpus_per_worker: float = doc(1.0, "Logical CPUs per learner rank.", min=0.0)
     gpus_per_worker: float = doc(0.0, "GPUs per learner rank (0 on CPU).", min=0.0)
+    num_threads: int = doc(0, "Math threads of each learner rank and of the reference worker (0: auto, as rollout.num_threads).", min=0)
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ class AlgorithmConfig:
     stop_at_kl: Optional[float] = doc(None, "early_stop=kl: the KL bound (nats per sequence). Not early_stop_kl, which ends a step's PPO epochs.", min=0.0)
     mode: Literal["sync", "async"] = doc("sync", "sync: generate, then train; async: generate step t+1 while step t trains.")
     max_staleness: int = doc(1, "Async: most weight versions a sample may lag the policy it trains.", min=0)
+    old_logprobs: Literal["auto", "engine", "trainer"] = doc("auto", "Where pi_old (the PPO ratio's denominator and the KL penalty's policy term) comes from. trainer: a forward pass of the learner ranks over every sample; engine: the rollout engine's log-probs of the sampled tokens, which in sync mode with unfiltered sampling are the same policy's (no forward pass; needs mode=sync, top_p=1, top_k=-1); auto: engine where allowed, checked against the trainer every logprob_check_every steps - a mean gap above 1e-3 nats per token switches the run to trainer with a warning (metric rl/old_logprobs_engine).")
+    logprob_check_every: int = doc(10, "old_logprobs=auto: compute the trainer's log-probs as well every N steps (and at the first step) and compare (metric rollout/logprob_gap).", min=1)
 
 
 @dataclass(frozen=True)
@@ -253,6 +258,13 @@ def _check_cross_fields(c: TidalConfig) -> None:
         raise ConfigError("algorithm.early_stop=kl needs the bound: set algorithm.stop_at_kl (nats per sequence).")
     if a.early_stop == "gold_drop" and c.logging.gold_every == 0:
         raise ConfigError("algorithm.early_stop=gold_drop needs the gold monitor: set logging.gold_every > 0.")
+    if a.old_logprobs == "engine":
+        filtered = c.rollout.top_p < 1.0 or c.rollout.top_k > 0
+        if a.mode != "sync" or filtered:
+            why = ("in async mode the engine's samples come from an older policy than the one trained" if a.mode != "sync"
+                   else "with top_p < 1 or top_k > 0 the engine's log-probs are those of the truncated distribution")
+            raise ConfigError(f"algorithm.old_logprobs=engine: {why}, so they are not pi_old; "
+                              "use algorithm.old_logprobs=auto (or trainer).")
     lc = c.learner
     if lc.mini_batch_size % (lc.micro_batch_size * lc.num_workers) != 0:
         raise ConfigError(

@@ -107,15 +107,24 @@ class ForwardPass:
     input_ids: torch.Tensor  # (B, P+R) long
     attention_mask: torch.Tensor  # (B, P+R) long
     response_mask: torch.Tensor  # (B, R) float
-    old_logprobs: torch.Tensor  # (B, R) policy logprobs, trainer-recomputed
+    old_logprobs: torch.Tensor  # (B, R) pi_old: trainer-recomputed, or the engine's (old_from_engine)
     ref_logprobs: torch.Tensor  # (B, R) frozen reference logprobs
     values: torch.Tensor | None = None  # (B, R) critic values; None without a critic
-    rollout_logprobs: torch.Tensor | None = None  # (B, R) engine logprobs of the sampled tokens
+    # (B, R) engine logprobs of the sampled tokens, beside the trainer's (None when the engine's
+    # ARE old_logprobs: there is nothing to compare or correct then)
+    rollout_logprobs: torch.Tensor | None = None
     weight_version: torch.Tensor | None = None  # (B,) long, version that generated each row
+    old_from_engine: bool = False  # old_logprobs are the engine's (algorithm.old_logprobs)
 
     @property
     def response_len(self) -> int:
         return self.response_mask.shape[1]
+
+    def logprob_gap(self) -> float | None:
+        """Mean |trainer - engine| logprob per response token, None when only one of them exists."""
+        if self.rollout_logprobs is None:
+            return None
+        return mean_abs_gap(self.old_logprobs, self.rollout_logprobs, self.response_mask)
 
     def kl(self, estimator: str) -> torch.Tensor:
         """Per-token KL estimate policy vs reference, 0 on padding. (B, R)."""
@@ -170,8 +179,22 @@ def logprob_gap(exp: Experience) -> dict[str, float]:
     sampler and the trainer must agree, or the importance ratio is silently biased."""
     if exp.rollout_logprobs is None:
         return {}
-    gap = (exp.old_logprobs - exp.rollout_logprobs).abs() * exp.response_mask
-    return {"rollout/logprob_gap": (gap.sum() / exp.response_mask.sum().clamp(min=1)).item()}
+    return {"rollout/logprob_gap": mean_abs_gap(exp.old_logprobs, exp.rollout_logprobs, exp.response_mask)}
+
+
+def mean_abs_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean |a - b| over the real tokens of (B, R) tensors."""
+    gap = (a.float() - b.float()).abs() * mask
+    return (gap.sum() / mask.sum().clamp(min=1)).item()
+
+
+def engine_old_logprobs(cfg) -> bool:
+    """Whether the engine's log-probs of the sampled tokens may stand for pi_old
+    (algorithm.old_logprobs): only in sync mode, where the engine holds the very weights being
+    trained, and with unfiltered sampling, where its log-probs are the full softmax's."""
+    a, r = cfg.algorithm, cfg.rollout
+    return (a.old_logprobs != "trainer" and a.mode == "sync" and r.top_p >= 1.0 and r.top_k <= 0
+            and r.temperature > 0)  # greedy: the trainer's plain softmax is not what the engine reports
 
 
 def usable_rows(scored: ScoredBatch, algorithm: "Algorithm", group_size: int) -> tuple[RolloutBatch, torch.Tensor]:

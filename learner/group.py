@@ -27,13 +27,14 @@ from typing import Any, Callable
 import torch
 
 from tidal.actors.actor_group import ActorCallAborted, ActorCallTimeout, ActorGroup, is_actor_death
+from tidal.actors.threads import run_threads
 from tidal.common.config import TidalConfig
 from tidal.common.models import load_tokenizer
 from tidal.common.types import Experience, RolloutBatch
 from tidal.learner.algorithms import algorithm_for
 from tidal.learner.dpo import DPOBatch, sequence_logps
-from tidal.learner.experience import (ForwardPass, assemble_experience, experience_metrics, pad_response_floats,
-                                      pad_rollout)
+from tidal.learner.experience import (ForwardPass, assemble_experience, engine_old_logprobs, experience_metrics,
+                                      pad_response_floats, pad_rollout)
 from tidal.learner.reference import ReferenceWorker
 from tidal.learner.reward_model import PreferenceBatch, pair_accuracy
 from tidal.learner.sft import SFTBatch
@@ -100,12 +101,13 @@ class LearnerGroup:
                                                             name_prefix=f"tidal-{role}-{uuid.uuid4().hex[:8]}")
             lc, n = cfg.learner, self.world_size
             opts = {"num_cpus": lc.cpus_per_worker, "num_gpus": lc.gpus_per_worker}
-            self.ranks = ActorGroup(LearnerWorker, n, args=lambda r: (cfg, r, n), options=opts,
+            self.threads = run_threads(cfg, reference_alone=engine_old_logprobs(cfg) and not self.algorithm.uses_critic)
+            self.ranks = ActorGroup(LearnerWorker, n, args=lambda r: (cfg, r, n, self.threads.learner), options=opts,
                                     options_fn=placement.actor_options("learner") if placement else None,
                                     local=local, name="learner", call_timeout_s=self.timeout)
             if reference_path is not None:
                 self.reference = ActorGroup(
-                    ReferenceWorker, 1, args=(cfg, str(reference_path)), options=opts,
+                    ReferenceWorker, 1, args=(cfg, str(reference_path), self.threads.reference), options=opts,
                     options_fn=placement.actor_options("reference") if placement else None,
                     local=local, name="reference", call_timeout_s=self.timeout)
             self.timings = self._setup()
@@ -227,23 +229,31 @@ class LearnerGroup:
 
     # ------------------------------------------------------------------ RL: one experience path
 
-    def forward(self, rollout: RolloutBatch, with_values: bool | None = None) -> ForwardPass:
+    def forward(self, rollout: RolloutBatch, with_values: bool | None = None,
+                old_from_engine: bool = False) -> ForwardPass:
         """Pad a rollout (tokens after the first EOS cut) and run the forward passes on it at
         once: old-policy logprobs on the ranks, reference logprobs on the reference worker, and
-        critic values when the algorithm uses a critic (with_values None) or when asked."""
+        critic values when the algorithm uses a critic (with_values None) or when asked.
+        `old_from_engine`: take the engine's logprobs of the sampled tokens as pi_old instead of
+        a forward pass of the ranks (only where they are the same policy's: see
+        tidal.learner.experience.engine_old_logprobs); ignored when the rollout has none."""
         ids, mask, resp = pad_rollout(rollout, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         R, temperature, n = resp.shape[1], self.cfg.rollout.temperature, len(rollout)
-        old = self._start_infer(lambda a: a.compute_logprobs, (ids, mask), (R, temperature))
+        has_engine_lp = len(rollout) > 0 and all(len(lp) > 0 for lp in rollout.response_logprobs)
+        engine_lp = pad_response_floats(rollout.response_logprobs, R) * resp if has_engine_lp else None
+        from_engine = old_from_engine and engine_lp is not None
+        old = None if from_engine else self._start_infer(lambda a: a.compute_logprobs, (ids, mask), (R, temperature))
         ref = self._start_ref(ids, mask, R, temperature)
         want_values = self.algorithm.uses_critic if with_values is None else with_values
         values = self._start_infer(lambda a: a.compute_values, (ids, mask), (R,)) if want_values else None
-        has_engine_lp = len(rollout) > 0 and all(len(lp) > 0 for lp in rollout.response_logprobs)
         return ForwardPass(
             input_ids=ids, attention_mask=mask, response_mask=resp,
-            old_logprobs=self._finish_infer("compute_logprobs", old, n), ref_logprobs=self._finish_ref(ref),
+            old_logprobs=engine_lp if from_engine else self._finish_infer("compute_logprobs", old, n),
+            ref_logprobs=self._finish_ref(ref),
             values=None if values is None else self._finish_infer("compute_values", values, n),
-            rollout_logprobs=pad_response_floats(rollout.response_logprobs, R) if has_engine_lp else None,
-            weight_version=torch.tensor(rollout.weight_version, dtype=torch.long) if rollout.weight_version else None)
+            rollout_logprobs=None if from_engine else engine_lp,
+            weight_version=torch.tensor(rollout.weight_version, dtype=torch.long) if rollout.weight_version else None,
+            old_from_engine=from_engine)
 
     def assemble(self, fwd: ForwardPass, scores: torch.Tensor, kl_coef: float) -> tuple[Experience, dict[str, float]]:
         """KL-penalised rewards and advantages of the algorithm's table entry, and the batch's

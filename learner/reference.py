@@ -6,14 +6,18 @@ on CPU. A plain class; `LearnerGroup` runs it as one Ray actor next to the learn
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from tidal.actors.threads import apply_threads
 from tidal.common.config import TidalConfig
 from tidal.common.models import load_causal_lm, sequence_logprobs
 
 
 class ReferenceWorker:
-    def __init__(self, cfg: TidalConfig, model_path: str):
+    def __init__(self, cfg: TidalConfig, model_path: str, num_threads: int = 0):
+        self.num_threads = apply_threads(num_threads)  # tidal.actors.threads
         self.use_gpu = cfg.learner.gpus_per_worker > 0
         self.device = torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
@@ -35,3 +39,6 @@ class ReferenceWorker:
 
     def ready(self) -> bool:
         return True
+
+    def describe(self) -> dict:
+        return {"pid": os.getpid(), "num_threads": torch.get_num_threads()}

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from tidal.actors.threads import apply_threads
 from tidal.common.config import TidalConfig
 from tidal.common.ops import entropy_from_logits, logprobs_from_logits, position_ids_from_mask
 from tidal.learner.engine import (build_policy, build_value, free_port, init_distributed, linear_lr, make_engine,
@@ -58,8 +59,9 @@ class FitPlan:
 
 
 class LearnerWorker:
-    def __init__(self, cfg: TidalConfig, rank: int, world_size: int):
+    def __init__(self, cfg: TidalConfig, rank: int, world_size: int, num_threads: int = 0):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        apply_threads(num_threads)  # tidal.actors.threads
         self.seed = cfg.seed + rank  # a different stream per data-parallel rank (docs/implementation.md#d10)
         self.use_gpu = cfg.learner.gpus_per_worker > 0
         self.spec: WorkerSpec | None = None
@@ -370,4 +372,5 @@ class LearnerWorker:
                 "max_dropout": dropout, "training": module.training, "zero_stage": self.cfg.learner.zero_stage,
                 "params": sum(numel(p) for p in module.parameters()),
                 "trainable_params": sum(numel(p) for p in module.parameters() if p.requires_grad),
-                "has_critic": self.critic is not None}
+                "has_critic": self.critic is not None,
+                "num_threads": torch.get_num_threads()}

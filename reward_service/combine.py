@@ -278,7 +278,7 @@ def _term_names(terms: tuple[RewardTerm, ...]) -> list[str]:
 def build_reward(cfg: RewardConfig, reward_model: str | Path | None = None,
                  policy_tokenizer: str | Path | None = None, *, local: bool = False, placement=None,
                  dtype: str = "float32", worker_timeout_s: float = 300.0,
-                 gpus_per_worker: float = 0.0) -> CombinedReward:
+                 gpus_per_worker: float = 0.0, num_threads: int = 0) -> CombinedReward:
     """The reward of `cfg` (RewardConfig).
 
     reward_model: folder of `model` terms whose target is unset (the config's model.reward).
@@ -288,7 +288,8 @@ def build_reward(cfg: RewardConfig, reward_model: str | Path | None = None,
     placement: a tidal.actors.placement.Placement with "reward" slots (cfg.num_workers per
         model term, see role_counts); None: plain actors.
     worker_timeout_s: timeout of every call to a reward worker (cluster.sync_timeout_s).
-    gpus_per_worker: GPUs each reward-model worker reserves (0 on CPU)."""
+    gpus_per_worker: GPUs each reward-model worker reserves (0 on CPU).
+    num_threads: math threads of each reward-model worker (tidal.actors.threads; 0: leave them)."""
     from tidal.reward_service.client import RemoteReward
 
     policy_fp = None
@@ -314,7 +315,7 @@ def build_reward(cfg: RewardConfig, reward_model: str | Path | None = None,
                                   f"folder, or run the rm stage before rl.")
             offset = cfg.num_workers * sum(isinstance(t.fn, ModelReward) for t in terms)
             pool = RewardPool(path, cfg.num_workers, cfg.micro_batch_size, dtype, worker_timeout_s,
-                              num_gpus_per_worker=gpus_per_worker, local=local,
+                              num_gpus_per_worker=gpus_per_worker, local=local, num_threads=num_threads,
                               options_fn=placement.actor_options("reward", offset) if placement else None)
             fn = ModelReward(pool, use_token_ids=policy_fp is not None and policy_fp == pool.fingerprint)
         terms.append(Term(name, term.weight, term.target, fn))

@@ -67,8 +67,11 @@ class RewardWorker:
     """Scores (prompt, completion) pairs with one reward model. Plain class; see module doc."""
 
     def __init__(self, model_path: str, micro_batch_size: int = 16, dtype: str = "float32",
-                 device: str | None = None):
+                 device: str | None = None, num_threads: int = 0):
+        from tidal.actors.threads import apply_threads
         from tidal.common.models import VALUE_HEAD_FILE, load_tokenizer, load_value_model, read_value_model_meta
+
+        apply_threads(num_threads)  # tidal.actors.threads
 
         path = Path(model_path)
         if not (path / VALUE_HEAD_FILE).is_file():
@@ -143,14 +146,15 @@ class RewardPool:
 
     def __init__(self, model_path: str | Path, num_workers: int = 1, micro_batch_size: int = 16,
                  dtype: str = "float32", timeout_s: float = 300.0, num_cpus_per_worker: float = 1.0,
-                 num_gpus_per_worker: float = 0.0, *, options_fn=None, local: bool = False, max_restarts: int = 2):
+                 num_gpus_per_worker: float = 0.0, *, options_fn=None, local: bool = False, max_restarts: int = 2,
+                 num_threads: int = 0):
         from tidal.actors.actor_group import ActorGroup
 
         if num_workers < 1:
             raise ValueError(f"RewardPool needs num_workers >= 1, got {num_workers} (local=True runs one in-process)")
         self.model_path, self.timeout_s, self.max_restarts = str(model_path), timeout_s, max_restarts
         self.group = ActorGroup(
-            RewardWorker, 1 if local else num_workers, args=(self.model_path, micro_batch_size, dtype),
+            RewardWorker, 1 if local else num_workers, args=(self.model_path, micro_batch_size, dtype, None, num_threads),
             options={"num_cpus": num_cpus_per_worker, "num_gpus": num_gpus_per_worker, "max_restarts": 0},
             options_fn=options_fn, local=local, name="reward", call_timeout_s=timeout_s)
         try:

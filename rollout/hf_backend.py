@@ -36,8 +36,11 @@ class HFRolloutWorker:
     backend = "hf"
 
     def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str = "float32",
-                 seed: int = 0, worker_id: int = 0):
+                 seed: int = 0, worker_id: int = 0, num_threads: int = 0):
+        from tidal.actors.threads import apply_threads
         from tidal.common.models import load_causal_lm, load_tokenizer
+
+        self.num_threads = apply_threads(num_threads)
 
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
@@ -129,4 +132,4 @@ class HFRolloutWorker:
         self.transports[transport.name] = transport
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(self.worker_id, os.getpid(), self.weight_version, self.backend)
+        return WorkerInfo(self.worker_id, os.getpid(), self.weight_version, self.backend, self.num_threads)

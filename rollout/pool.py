@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from tidal.actors.actor_group import ActorGroup, fetch, is_actor_death, wait_any
+from tidal.actors.threads import run_threads
 from tidal.actors.weights import InProcessTransport, ObjectStoreTransport, WeightHandle, WeightSyncError, WeightTransport
 from tidal.common.config import TidalConfig
 from tidal.common.types import PromptBatch, RolloutBatch
@@ -105,9 +106,10 @@ class RolloutPool:
         self.last_stats = GenerateStats()
         rc = cfg.rollout
         base_options = {"num_cpus": rc.cpus_per_worker, "num_gpus": rc.gpus_per_worker}
+        self.num_threads = run_threads(cfg).rollout  # per worker (tidal.actors.threads)
         self.group = ActorGroup(
             worker_cls or _default_worker_cls(rc.backend), 0,
-            args=lambda wid: (self.model_path, rc, cfg.model.dtype, cfg.seed * 1000 + wid, wid),
+            args=lambda wid: (self.model_path, rc, cfg.model.dtype, cfg.seed * 1000 + wid, wid, self.num_threads),
             options=base_options, options_fn=actor_options, local=local, name="rollout",
             call_timeout_s=self.timeout_s)
         try:

@@ -18,6 +18,7 @@ from typing import Iterable
 
 import torch
 
+from tidal.actors.threads import apply_threads
 from tidal.actors.weights import WeightHandle, WeightTransport, pull
 from tidal.common.config import RolloutConfig
 from tidal.common.types import PromptBatch, RolloutBatch
@@ -40,6 +41,7 @@ class WorkerInfo:
     pid: int
     weight_version: int
     backend: str
+    num_threads: int = 0
 
 
 def check_prompts(prompts: PromptBatch, max_model_len: int, max_new_tokens: int) -> None:
@@ -118,9 +120,11 @@ class RolloutWorker:
     backend = "vllm"
 
     def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str = "float32",
-                 seed: int = 0, worker_id: int = 0):
+                 seed: int = 0, worker_id: int = 0, num_threads: int = 0):
         for key, value in ENGINE_ENV.items():
             os.environ.setdefault(key, value)
+        # before the engine starts: vLLM's CPU worker disables torch.set_num_threads afterwards
+        self.num_threads = apply_threads(num_threads)
         from vllm import LLM
 
         from tidal.common.models import load_tokenizer
@@ -190,4 +194,4 @@ class RolloutWorker:
     # ------------------------------------------------------------------ probes
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(self.worker_id, os.getpid(), self.weight_version, self.backend)
+        return WorkerInfo(self.worker_id, os.getpid(), self.weight_version, self.backend, self.num_threads)

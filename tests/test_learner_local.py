@@ -141,6 +141,12 @@ def test_critic_free_updates_follow_group_advantages(tiny_model):
         scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.5, 1.0])
         kept, kept_scores = usable_rows(ScoredBatch(rollout, scores), g.algorithm, 4)
         fwd = g.forward(kept)  # the one experience path: forward, then assemble (GRPO)
+        # pi_old from the engine (algorithm.old_logprobs): no rank forward, nothing left to compare
+        eng = g.forward(kept, old_from_engine=True)
+        assert eng.old_from_engine and not fwd.old_from_engine and eng.rollout_logprobs is None
+        assert torch.equal(eng.old_logprobs, fwd.rollout_logprobs * fwd.response_mask)  # the engine's -1.0s
+        assert torch.equal(eng.ref_logprobs, fwd.ref_logprobs) and eng.logprob_gap() is None
+        assert fwd.logprob_gap() > 0.5  # the trainer's logprobs are not the fake -1.0s
         exp, _ = g.assemble(fwd, kept_scores, kl_coef=0.0)
         assert exp.values.abs().sum() == 0 and exp.rollout_logprobs is not None
         for algo in ("grpo", "rloo", "reinforce"):

@@ -1,0 +1,84 @@
+"""Threads per role (tidal.actors.threads) and the choice of pi_old's source
+(algorithm.old_logprobs): pure logic, plus one Ray test that the counts reach the actors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tidal.actors.threads import ThreadPlan, apply_threads, plan_threads
+from tidal.cluster.rl_loop import ENGINE_LOGPROB_TOL, RLLoop
+from tidal.common.config import ConfigError, load_config
+from tidal.learner.experience import engine_old_logprobs
+
+
+def _cfg(*overrides):
+    return load_config(None, list(overrides))
+
+
+def test_sync_roles_take_turns_and_each_splits_the_whole_machine():
+    cfg = _cfg("rollout.num_workers=2", "learner.num_workers=4", "learner.mini_batch_size=16", "reward.num_workers=1")
+    assert plan_threads(cfg, 16) == ThreadPlan(rollout=8, reward=16, learner=4, reference=3)
+    # the reference alone in the forward phase (engine old logprobs, no critic): all cores
+    assert plan_threads(cfg, 16, reference_alone=True).reference == 16
+    assert plan_threads(_cfg(), 1) == ThreadPlan(1, 1, 1, 1)  # never zero
+
+
+def test_async_splits_the_cores_between_the_sides_by_their_logical_cpus():
+    cfg = _cfg("algorithm.mode=async", "rollout.num_workers=1", "rollout.cpus_per_worker=1",
+               "learner.num_workers=2", "learner.cpus_per_worker=1.5")
+    plan = plan_threads(cfg, 16)  # rollout side 16 * 1/4 = 4, learner side 12
+    assert plan == ThreadPlan(rollout=4, reward=4, learner=6, reference=4)
+    assert plan_threads(cfg, 16, reference_alone=True).reference == 12
+    assert plan_threads(cfg, 2) == ThreadPlan(1, 1, 1, 1)  # each side keeps at least one core
+
+
+def test_settings_override_the_plan_and_a_joined_cluster_uses_reserved_cpus():
+    cfg = _cfg("rollout.num_threads=3", "learner.num_threads=5", "reward.num_threads=7")
+    assert plan_threads(cfg, 64) == ThreadPlan(rollout=3, reward=7, learner=5, reference=5)
+    joined = _cfg("rollout.cpus_per_worker=4", "learner.cpus_per_worker=2")
+    assert plan_threads(joined, None) == ThreadPlan(rollout=4, reward=2, learner=2, reference=2)
+
+
+def test_apply_threads_leaves_a_process_that_is_not_a_ray_actor_alone():
+    before = torch.get_num_threads()
+    assert apply_threads(before + 3) == before
+
+
+def test_engine_logprobs_stand_for_pi_old_only_where_they_are_the_same_policy():
+    assert engine_old_logprobs(_cfg())  # auto, sync, unfiltered
+    assert not engine_old_logprobs(_cfg("algorithm.mode=async"))
+    assert not engine_old_logprobs(_cfg("rollout.top_p=0.9"))
+    assert not engine_old_logprobs(_cfg("rollout.temperature=0"))
+    assert not engine_old_logprobs(_cfg("algorithm.old_logprobs=trainer"))
+    for bad in (["algorithm.mode=async"], ["rollout.top_k=5"]):
+        with pytest.raises(ConfigError, match="algorithm.old_logprobs=engine"):
+            _cfg("algorithm.old_logprobs=engine", *bad)
+
+
+def test_auto_checks_the_gap_on_schedule_and_falls_back_for_good(tmp_path, capsys):
+    loop = RLLoop(_cfg("algorithm.logprob_check_every=5"), tmp_path, parts=None, logger=None)
+    loop.start_step = 3  # a resumed run checks at its first step
+    assert [s for s in range(3, 16) if loop._check_logprobs(s)] == [3, 5, 10, 15]
+    loop._judge_gap(3, ENGINE_LOGPROB_TOL / 10)
+    assert loop.engine_old
+    loop._judge_gap(5, ENGINE_LOGPROB_TOL * 10)
+    assert not loop.engine_old and not loop._check_logprobs(10)
+    assert "rl step 6" in capsys.readouterr().err
+    forced = RLLoop(_cfg("algorithm.old_logprobs=engine"), tmp_path, parts=None, logger=None)
+    assert forced.engine_old and not forced._check_logprobs(0)  # engine: never second-guessed
+    assert not RLLoop(_cfg("algorithm.old_logprobs=trainer"), tmp_path, parts=None, logger=None).engine_old
+
+
+@pytest.mark.ray
+def test_thread_counts_reach_the_learner_and_reference_actors(ray_cluster, tiny_model):
+    from tidal.learner.group import LearnerGroup
+
+    cfg = _cfg("learner.num_workers=1", "learner.num_threads=2", "learner.mini_batch_size=4",
+               "learner.micro_batch_size=2", "cluster.sync_timeout_s=120")
+    group = LearnerGroup(cfg, tiny_model, reference_path=tiny_model)
+    try:
+        assert group.describe()[0]["num_threads"] == 2  # Ray workers start with OMP_NUM_THREADS=1
+        assert group.reference.collect(group.reference.start(lambda a: a.describe.remote()))[0].value["num_threads"] == 2
+    finally:
+        group.shutdown()
