@@ -4,11 +4,12 @@ this process, on the same batch. Writes bench/results/rollout.json.
     .venv/bin/python bench/rollout.py [--model tiny-random] [--prompts 64] [--n 4] [--tokens 32]
 
 Generated tokens per second. The raw engine and the pool run with the same settings (fp32,
-eager, one OMP thread per engine, same sampling, same per-prompt seeds) and are timed in
-interleaved rounds after a warm-up each, so they share the background load of a busy machine.
+eager, same sampling, same per-prompt seeds, and the same threads: the raw engine uses every
+core of the machine, as does the pool's one worker, whose thread count tidal sets by itself
+(tidal.actors.threads); two workers get half the cores each) and are timed in interleaved
+rounds after a warm-up each, so they share the background load of a busy machine.
 The figure is pool / raw: with 1 worker it is the pool's overhead (chunking, ray.put, actor
-calls, result transfer); with 2 workers it also shows how the batch splits over two engines
-(two cores at best). chunks_per_worker 1 (default: one engine batch per worker) and 4 (finer
+calls, result transfer); with 2 workers it also shows how the batch splits over two engines. chunks_per_worker 1 (default: one engine batch per worker) and 4 (finer
 balancing and re-queueing, smaller engine batches) are both measured.
 """
 
@@ -82,20 +83,30 @@ def main() -> None:
     from tidal.rollout.sampling import Sampling
     from tidal.rollout.worker import WEIGHT_LOADER_EXT
 
+    import torch
+
+    from tidal.actors.threads import machine_cores
+
     path = resolve_model(args.model)
-    cfg = load_config(None, ["rollout.num_workers=1", "rollout.max_model_len=256", "cluster.sync_timeout_s=600"])
     sampling = Sampling(n=args.n, temperature=1.0, max_new_tokens=args.tokens, seed=0)
     prompts = make_prompts(path, args.prompts)
     conn = connect(ClusterConfig(num_cpus=8))
+    cores = machine_cores()
+    torch.set_num_threads(cores)  # the raw engine: the whole machine (vLLM freezes it at start)
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
               worker_extension_cls=WEIGHT_LOADER_EXT, logprobs_mode="processed_logprobs")
     results = {"model": args.model, "prompts": args.prompts, "n": args.n, "max_new_tokens": args.tokens,
                "rounds": args.rounds, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-               "configs": []}
-    pool = RolloutPool(cfg, path)
+               "load_avg_before": os.getloadavg(), "raw_threads": torch.get_num_threads(), "configs": []}
+    pool = None
     try:
         for workers, chunks in [(1, 1), (1, 4), (2, 1), (2, 4)]:
-            pool.scale(workers)
+            if pool is None or pool.num_workers != workers:  # threads are set as a worker starts
+                if pool is not None:
+                    pool.shutdown()
+                cfg = load_config(None, [f"rollout.num_workers={workers}", "rollout.max_model_len=256",
+                                         "cluster.sync_timeout_s=600"])
+                pool = RolloutPool(cfg, path)
             pool.chunks_per_worker = chunks
             raw_generate(llm, prompts, sampling), pool_generate(pool, prompts, sampling)  # warm-up
             raw, pooled = [], []
@@ -103,7 +114,7 @@ def main() -> None:
                 raw += rate(lambda: raw_generate(llm, prompts, sampling), 1)
                 pooled += rate(lambda: pool_generate(pool, prompts, sampling), 1)
             entry = {
-                "workers": workers, "chunks_per_worker": chunks,
+                "workers": workers, "chunks_per_worker": chunks, "threads_per_worker": pool.num_threads,
                 "raw_tokens_per_s": {"best": max(raw), "median": statistics.median(raw)},
                 "pool_tokens_per_s": {"best": max(pooled), "median": statistics.median(pooled)},
                 "ratio_best": max(pooled) / max(raw), "ratio_median": statistics.median(pooled) / statistics.median(raw),
@@ -113,7 +124,8 @@ def main() -> None:
                   f"pool {entry['pool_tokens_per_s']['median']:.0f} tok/s, pool/raw median "
                   f"{entry['ratio_median']:.3f} (best {entry['ratio_best']:.3f})", flush=True)
     finally:
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
         disconnect(conn)
     results["load_avg_after"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
