@@ -103,6 +103,12 @@ def _label(args: argparse.Namespace) -> int:
         return cli.add_tasks(args.dir, args.file, args.overlap, args.flags)
     if args.action == "status":
         return cli.status(args.dir)
+    if args.action == "tasks":
+        from tidal.cluster.label_tasks import tasks_from_cli
+
+        config, overrides = _config_args(args)
+        return tasks_from_cli(args.dir, config, overrides, args.sources, args.prompts, args.responses, args.sft,
+                              args.overlap)
     return cli.export(args.dir, args.out, args.format, args.include_gold)
 
 
@@ -121,6 +127,16 @@ def _label_parser(sub) -> None:
     tsk.add_argument("file")
     tsk.add_argument("--overlap", type=float, default=None, help="share of tasks given to 2+ labelers (default: the store's, 0.1)")
     tsk.add_argument("--flags", default=None, help="the per-response flags the page offers, ';'-separated (before labeling starts)")
+    gen = lb.add_parser("tasks", help="add tasks sampled from models (runs, the SFT model) and reference answers")
+    gen.add_argument("dir", help="feedback folder (created if missing; its tasks stay)")
+    gen.add_argument("config", nargs="?", default=None, help="YAML config: prompt data, rollout settings")
+    gen.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    gen.add_argument("--from", dest="sources", action="append", default=[], metavar="SOURCE",
+                     help="NAME=RUN_DIR (a run's final policy or an HF folder), sft, or references; repeatable")
+    gen.add_argument("--prompts", type=int, default=16, metavar="M", help="prompts (tasks) to sample")
+    gen.add_argument("--responses", type=int, default=2, metavar="K", help="responses per prompt from each model source")
+    gen.add_argument("--sft", default=None, help="the SFT model for --from sft (default: a run's sft stage output, else model.policy)")
+    gen.add_argument("--overlap", type=float, default=None, help="share of tasks given to 2+ labelers (default: the store's, 0.1)")
     st = lb.add_parser("status", help="queue, per-labeler counts, agreement")
     st.add_argument("dir")
     ex = lb.add_parser("export", help="write the labels as rankings, comparisons or ratings (JSON lines)")
@@ -128,7 +144,7 @@ def _label_parser(sub) -> None:
     ex.add_argument("out")
     ex.add_argument("--format", choices=["rankings", "comparisons", "ratings"], default="rankings")
     ex.add_argument("--include-gold", action="store_true", help="also export labels of gold tasks")
-    for p in (srv, lab, tsk, st, ex):
+    for p in (srv, lab, tsk, gen, st, ex):
         p.set_defaults(fn=_label)
 
 

@@ -50,28 +50,40 @@ def gold_judge(cfg: TidalConfig):
 
 def sample_tasks(cfg: TidalConfig, policy: str, prompts_path: Path, round_: int, source: str):
     """feedback.prompts prompts x feedback.responses samples of `policy`, as feedback tasks."""
+    from tidal.feedback.store import NewTask
+
+    fb = cfg.feedback
+    batch, texts = prompt_batch(cfg, policy, prompts_path, fb.prompts, seed=cfg.seed + 7_919 * round_)
+    responses = sample_responses(cfg, policy, batch, fb.responses, seed=cfg.seed + round_, source=source)
+    return [NewTask(prompt, rows) for prompt, rows in zip(texts, responses)]
+
+
+def prompt_batch(cfg: TidalConfig, tokenizer: str, prompts_path: Path, m: int, seed: int):
+    """The first m prompts of the file in a seeded order: (PromptBatch, the prompts as written)."""
     from tidal.common.data import PromptDataset
     from tidal.common.models import load_tokenizer
-    from tidal.feedback.store import NewTask, TaskResponse
+
+    ds = PromptDataset(prompts_path, load_tokenizer(tokenizer), cfg.data.max_prompt_tokens, cfg.data.chat_template,
+                       seed=seed)
+    batch = ds.next_batch(min(m, len(ds)))
+    return batch, [ds.records[i].prompt for i in batch.index]
+
+
+def sample_responses(cfg: TidalConfig, policy: str, batch, k: int, seed: int, source: str):
+    """k samples of `policy` (an HF folder) per prompt of `batch`, drawn by a rollout pool of
+    the run's rollout settings; per prompt a list of TaskResponse(text, source, weight version)."""
+    from tidal.feedback.store import TaskResponse
     from tidal.rollout.pool import RolloutPool
     from tidal.rollout.sampling import Sampling
 
-    fb = cfg.feedback
-    ds = PromptDataset(prompts_path, load_tokenizer(policy), cfg.data.max_prompt_tokens, cfg.data.chat_template,
-                       seed=cfg.seed + 7_919 * round_)
-    batch = ds.next_batch(min(fb.prompts, len(ds)))
-    sampling = dataclasses.replace(Sampling.from_config(cfg.rollout, seed=cfg.seed + round_), n=fb.responses)
+    sampling = dataclasses.replace(Sampling.from_config(cfg.rollout, seed=seed), n=k)
     pool = RolloutPool(cfg, policy)
     try:
         rollout = pool.generate(batch, sampling)
     finally:
         pool.shutdown()
-    tasks = []
-    for p, idx in enumerate(batch.index):
-        rows = range(p * fb.responses, (p + 1) * fb.responses)
-        tasks.append(NewTask(ds.records[idx].prompt, [
-            TaskResponse(rollout.response_text[r], source=source, version=str(rollout.weight_version[r])) for r in rows]))
-    return tasks
+    return [[TaskResponse(rollout.response_text[r], source=source, version=str(rollout.weight_version[r]))
+             for r in range(p * k, (p + 1) * k)] for p in range(len(batch.index))]
 
 
 def run_collect(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy: str, round_: int,

@@ -1,0 +1,117 @@
+"""`tidal label tasks DIR --config CFG --from SOURCE ...`: labeling tasks sampled from models.
+
+M prompts of the config's prompt data (data.prompts, or the built-in task's) each get responses
+from every source, drawn through the same rollout pool the RL stage uses:
+
+    NAME=RUN_DIR      the final policy of a finished run (as `tidal eval --run`), or an HF folder
+    sft               the SFT model: --sft, else the sft stage output of a run named with --from,
+                      else model.policy
+    references        the prompt file's reference answers (one per prompt)
+
+Model sources give K responses per prompt (--responses); each response records its source
+(NAME:FOLDER) and the weight version that wrote it, so exported labels say which model lost.
+The tasks are added to the feedback folder DIR (created if missing; tasks already there stay).
+Argument and data errors are one line and exit code 2, found before Ray starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tidal.common.config import ConfigError, load_config
+
+REFERENCES = "references"
+
+
+def _fail(message: str) -> int:
+    print(f"tidal label tasks: {message}", file=sys.stderr)
+    return 2
+
+
+def plan_sources(sources: list[str], k: int) -> list[tuple[str, str | None]]:
+    """(name, spec) per --from value, checked; spec None for sft/references (resolved later).
+    The responses per task (K per model source, 1 for references) must fit a task (2..9)."""
+    from tidal.feedback.store import MAX_K, MIN_K
+
+    if not sources:
+        raise ConfigError("give at least one --from (NAME=RUN_DIR, sft or references).")
+    if k < 1:
+        raise ConfigError(f"--responses {k}: use K >= 1 responses per model source.")
+    planned, names = [], set()
+    for spec in sources:
+        if spec in ("sft", REFERENCES):
+            name, path = spec, None
+        else:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--from {spec!r}: write NAME=RUN_DIR (a run or an HF folder), sft or references.")
+        if name in names:
+            raise ConfigError(f"--from {spec!r}: the name {name!r} is used twice; give each source its own name.")
+        names.add(name)
+        planned.append((name, path))
+    per_task = sum(1 if name == REFERENCES else k for name, _ in planned)
+    if not MIN_K <= per_task <= MAX_K:
+        raise ConfigError(f"{per_task} responses per task ({len(planned)} sources, --responses {k}); a task needs "
+                          f"{MIN_K} to {MAX_K}: change --responses or the --from list.")
+    return planned
+
+
+def tasks_from_cli(folder: str, config: str | None, overrides: list[str], sources: list[str], m: int, k: int,
+                   sft: str | None, overlap: float | None) -> int:
+    """Entry point of `tidal label tasks`; returns the exit status."""
+    from tidal.cluster.collect import prompt_batch, sample_responses
+    from tidal.cluster.driver import prepare_data
+    from tidal.cluster.evaluate import resolve_policy, sft_of
+    from tidal.cluster.runtime import connect, disconnect
+    from tidal.feedback.store import FeedbackError, FeedbackStore, NewTask, TaskResponse
+
+    try:
+        cfg = load_config(config, overrides)
+        if m < 1:
+            raise ConfigError(f"--prompts {m}: use M >= 1 prompts.")
+        if overlap is not None and not 0.0 <= overlap <= 1.0:
+            raise ConfigError(f"--overlap {overlap}: a share between 0 and 1.")
+        planned = plan_sources(sources, k)
+        runs = [f"{name}={path}" for name, path in planned if path is not None]
+        try:
+            models = {name: resolve_policy(f"{name}={path}")[1] for name, path in planned if path is not None}
+        except ConfigError as e:  # its message names eval's flag
+            raise ConfigError(str(e).replace("--run ", "--from ", 1)) from None
+        if any(name == "sft" for name, _ in planned):
+            models["sft"] = sft_of(runs, sft, cfg)
+        data = prepare_data(cfg)
+        if data.prompts is None:
+            raise ConfigError("no prompts: set data.prompts (or data.task: sentiment).")
+        tokenizer = next(iter(models.values()), None) or sft_of(runs, sft, cfg)
+        batch, prompts = prompt_batch(cfg, tokenizer, Path(data.prompts), m, seed=cfg.seed)
+        if any(name == REFERENCES for name, _ in planned):
+            missing = [i for i, ref in zip(batch.index, batch.reference) if not ref]
+            if missing:
+                raise ConfigError(f"--from references: prompt row {missing[0] + 1} of {data.prompts} has no 'reference'; "
+                                  "add one to every row or drop --from references.")
+        store = FeedbackStore(folder, create=True)
+    except (ConfigError, FeedbackError, OSError) as e:
+        return _fail(str(e))
+    responses: list[list[TaskResponse]] = [[] for _ in prompts]
+    conn = connect(cfg.cluster, min_cpus=cfg.rollout.num_workers)
+    try:
+        for s, (name, _) in enumerate(planned):
+            if name == REFERENCES:
+                for rows, ref in zip(responses, batch.reference):
+                    rows.append(TaskResponse(ref, source=REFERENCES))
+                continue
+            print(f"tidal: sampling {len(prompts)} prompts x {k} from {name} ({models[name]})", flush=True)
+            for rows, new in zip(responses, sample_responses(cfg, models[name], batch, k, seed=cfg.seed + s,
+                                                             source=f"{name}:{models[name]}")):
+                rows.extend(new)
+    finally:
+        disconnect(conn)
+    try:
+        ids = store.add_tasks([NewTask(p, rows) for p, rows in zip(prompts, responses)], overlap_fraction=overlap,
+                              seed=cfg.seed)
+    except FeedbackError as e:
+        return _fail(str(e))
+    print(f"added {len(ids)} tasks ({len(responses[0])} responses each) to {folder}; "
+          f"serve them with `tidal label serve {folder}`")
+    return 0
