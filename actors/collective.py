@@ -62,7 +62,10 @@ class CollectiveTransport(WeightTransport):
                  start_send: Optional[Callable[[WeightHandle], Any]] = None):
         self.spec, self.rank, self.start_send = spec, rank, start_send
         self.pg = None
+        # Staged versions: the newest published and the last sent (a worker that joins a rebuilt
+        # group gets the pool's current version again, even if a newer one is already published).
         self._pending: dict[int, list[list[tuple[str, torch.Tensor]]]] = {}
+        self._sent = -1
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +88,15 @@ class CollectiveTransport(WeightTransport):
             opts._timeout = timeout
             self.pg = dist.ProcessGroupNCCL(store, self.rank, self.spec.world_size, opts)
 
+    def adopt(self, previous: Optional["CollectiveTransport"]) -> None:
+        """Take over the staged versions of the sender this one replaces (a rebuilt group)."""
+        if previous is not None:
+            self._pending, self._sent = previous._pending, previous._sent
+            previous.close()
+
+    def close(self) -> None:
+        self.pg = None  # dropping the group and its store ends its connections
+
     def _broadcast(self, flat: torch.Tensor) -> None:
         import torch.distributed as dist
 
@@ -102,7 +114,8 @@ class CollectiveTransport(WeightTransport):
         if self.rank != 0:
             raise RuntimeError("only rank 0 (the sender) publishes")
         buckets = list(iter_buckets(named_tensors, bucket_mb, self.device))
-        self._pending = {version: buckets}  # only the newest version is kept
+        self._pending = {v: b for v, b in self._pending.items() if v == self._sent}
+        self._pending[version] = buckets
         meta = tuple(tuple((n, tuple(t.shape), t.dtype) for n, t in b) for b in buckets)
         num_bytes = sum(t.numel() * t.element_size() for b in buckets for _, t in b)
         return WeightHandle(version, (), self.name, num_bytes, meta)
@@ -112,6 +125,8 @@ class CollectiveTransport(WeightTransport):
         buckets = self._pending.get(handle.version)
         if buckets is None:
             raise KeyError(f"version {handle.version} was not published on this sender")
+        self._sent = handle.version
+        self._pending = {v: b for v, b in self._pending.items() if v >= handle.version}
         for bucket in buckets:
             _, flat = pack_bytes([t for _, t in bucket], self.device)  # (nbytes,) uint8
             self._broadcast(flat)
@@ -150,3 +165,96 @@ class CollectiveTransport(WeightTransport):
         if failures:
             raise WeightSyncError(handle.version, failures, timeout_s)
         return results
+
+
+def collective_backend(use_gpu: bool) -> Literal["nccl", "gloo"]:
+    """The broadcast's backend: NCCL where the learner trains on CUDA, gloo on CPU."""
+    return "nccl" if use_gpu else "gloo"
+
+
+class CollectiveWeights(WeightTransport):
+    """rollout.weight_transport=collective, the driver's side: the one owner of the group's
+    lifecycle. The sender is actor `sender_id` of `senders` (learner rank 0, with
+    `master_address`, `join_weight_sender(spec)` and `send_weights(handle)`); the receivers are
+    the rollout pool's workers (`join_transport`, `load_weights`).
+
+    `sync(group, handle, timeout_s, actor_ids)` first checks the membership: when the receivers
+    (or a restarted sender) differ from the current group's, a new group (new name, a free port
+    on the sender's node) is formed and every member joins it, all at once; then the sender's
+    broadcast and the receivers' loads start together. A pool therefore just syncs the workers
+    it has: a restarted or added worker is picked up by the next sync (the pool re-sends the
+    current version to such workers at once, see RolloutPool). A failed sync or join drops the
+    group, so the next sync builds a new one."""
+
+    name = "collective"
+    group_bound = True  # a worker loads a handle only as a member of the current group
+
+    def __init__(self, senders: ActorGroup, backend: Literal["nccl", "gloo"], timeout_s: float, sender_id: int = 0):
+        self.senders, self.sender_id, self.backend, self.timeout_s = senders, sender_id, backend, timeout_s
+        self.spec: Optional[CollectiveSpec] = None
+        self.builds = 0  # groups formed so far (tests, metrics)
+        self._members: Optional[tuple] = None
+
+    def publish(self, named_tensors, version, bucket_mb) -> WeightHandle:
+        raise RuntimeError("the sender (learner rank 0) publishes; use LearnerGroup.export_weights")
+
+    def pull(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]:
+        raise RuntimeError("a rollout worker pulls through the transport it joined (join_transport)")
+
+    def _sender(self):
+        return self.senders.actor(self.sender_id)
+
+    def _key(self, group: ActorGroup, ids: list[int]) -> tuple:
+        """Who is in a group: each process incarnation (a restart makes a new one)."""
+        return self.senders.restarts(self.sender_id), tuple((i, group.restarts(i)) for i in ids)
+
+    def _build(self, group: ActorGroup, ids: list[int], version: int, timeout_s: float) -> None:
+        import uuid
+
+        self._members = None
+        deadline = time.monotonic() + timeout_s
+        try:
+            addr, port = fetch(self._sender().master_address.remote(), timeout_s)
+        except Exception as e:  # noqa: BLE001
+            raise WeightSyncError(version, {"sender (rank 0)": e}, timeout_s) from e
+        spec = CollectiveSpec(self.backend, addr, port, 1 + len(ids), f"tidal-weights-{uuid.uuid4().hex[:12]}",
+                              timeout_s)
+        sender_ref = self._sender().join_weight_sender.remote(spec)
+        started = group.start_each({i: (lambda a, r=r: a.join_transport.remote(CollectiveTransport(spec, rank=r)))
+                                    for r, i in enumerate(ids, start=1)})
+        results = group.collect(started, max(1.0, deadline - time.monotonic()))
+        failures = {r.label: r.error for r in results if not r.ok}
+        try:
+            fetch(sender_ref, max(1.0, deadline - time.monotonic()))
+        except Exception as e:  # noqa: BLE001
+            failures["sender (rank 0)"] = e
+        for r in results:
+            if not r.ok:
+                group.mark_unhealthy(r.actor_id)
+        if failures:
+            raise WeightSyncError(version, failures, timeout_s)
+        self.spec, self.builds, self._members = spec, self.builds + 1, self._key(group, ids)
+
+    def connect(self, group: ActorGroup, actor_ids: Iterable[int] | None = None, version: int = 0,
+                timeout_s: Optional[float] = None) -> list[int]:
+        """Form a group of the sender and `actor_ids` (default: the healthy actors of `group`)
+        unless the current one has exactly these members; returns the receivers' ids."""
+        ids = sorted(group.healthy_actor_ids() if actor_ids is None else actor_ids)
+        if ids and self._members != self._key(group, ids):
+            self._build(group, ids, version, self.timeout_s if timeout_s is None else timeout_s)
+        return ids
+
+    def sync(self, group: ActorGroup, handle: WeightHandle, timeout_s: float,
+             actor_ids: Iterable[int] | None = None) -> list[CallResult]:
+        ids = self.connect(group, actor_ids, handle.version, timeout_s)
+        if not ids:
+            return []
+        coordinator = CollectiveTransport(self.spec, start_send=lambda h: self._sender().send_weights.remote(h))
+        try:
+            return coordinator.sync(group, handle, timeout_s, ids)
+        except WeightSyncError:
+            self._members = None  # a broadcast that failed half-way leaves the group unusable
+            raise
+
+    def close(self) -> None:
+        self._members, self.spec = None, None

@@ -69,6 +69,13 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
         critic = _critic_path(cfg, policy, reward_model)
         learners = LearnerGroup(cfg, policy, role="policy", critic_path=critic, reference_path=reference or policy,
                                 placement=placement, critic_affine=critic_affine(reward, critic))
+        if cfg.rollout.weight_transport == "collective":  # learner rank 0 -> every rollout worker
+            from tidal.actors.collective import CollectiveWeights, collective_backend
+
+            weights = CollectiveWeights(learners.ranks, collective_backend(cfg.learner.gpus_per_worker > 0),
+                                        cfg.cluster.sync_timeout_s)
+            weights.connect(pool.group, pool.worker_ids())
+            pool.set_transport(weights)
     except BaseException:
         stop_parts(placement, learners, pool, reward)
         raise

@@ -374,12 +374,14 @@ class LearnerGroup:
 
     def export_weights(self, version: int, bucket_mb: float | None = None, transport=None):
         """Publish the policy weights as `version`: HF names, LoRA merged, ZeRO-3 gathered (every
-        rank takes part), sent by rank 0 through `transport` (default: the object store in
-        ~bucket_mb buckets, rollout.weight_bucket_mb; no driver in the data path). Returns the
-        tidal.actors.weights.WeightHandle that rollout workers load. Needs Ray up, also locally."""
+        rank takes part), sent by rank 0 through `transport` (default by rollout.weight_transport:
+        the object store in ~bucket_mb buckets, rollout.weight_bucket_mb, no driver in the data
+        path; or rank 0's collective sender, tidal.actors.collective.CollectiveWeights). Returns
+        the tidal.actors.weights.WeightHandle that rollout workers load. Needs Ray up, also locally."""
         from tidal.actors.weights import ObjectStoreTransport
 
-        transport = transport or ObjectStoreTransport(get_timeout_s=self.timeout)
+        if transport is None and self.cfg.rollout.weight_transport == "object_store":
+            transport = ObjectStoreTransport(get_timeout_s=self.timeout)
         bucket_mb = bucket_mb or self.cfg.rollout.weight_bucket_mb
         return self._call("export_weights", lambda a: a.export_weights.remote(version, bucket_mb, transport))[0]
 

@@ -70,6 +70,7 @@ class LearnerWorker:
         self.tokenizer = None
         self.rl_steps = 0  # optimizer steps taken by update_rl (drives the RL LR schedule)
         self.rl_updates = 0  # update_rl calls (seeds each call's shuffling)
+        self.weight_sender = None  # rollout.weight_transport=collective: rank 0's CollectiveTransport
 
     # ------------------------------------------------------------------ setup
 
@@ -307,14 +308,37 @@ class LearnerWorker:
 
         return (dict(bucket) for bucket in iter_buckets(self.iter_named_weights(), bucket_mb))
 
-    def export_weights(self, version: int, bucket_mb: float, transport):
-        """Publish the policy weights as `version` through `transport`. Rank 0 returns the
+    def export_weights(self, version: int, bucket_mb: float, transport=None):
+        """Publish the policy weights as `version` through `transport` (None: the collective
+        sender this rank keeps, rollout.weight_transport=collective). Rank 0 returns the
         WeightHandle; the other ranks only gather, return None."""
         if self.rank != 0:
             for _ in self.iter_named_weights():
                 pass
             return None
-        return transport.publish(self.iter_named_weights(), version, bucket_mb)
+        return (transport or self._weight_sender()).publish(self.iter_named_weights(), version, bucket_mb)
+
+    def _weight_sender(self):
+        """Rank 0's collective sender: stages published versions; broadcasts once joined."""
+        if self.weight_sender is None:
+            from tidal.actors.collective import CollectiveSpec, CollectiveTransport, collective_backend
+
+            staging = CollectiveSpec(collective_backend(self.use_gpu), "", 0, 1, "staging")  # no group yet
+            self.weight_sender = CollectiveTransport(staging, rank=0)
+        return self.weight_sender
+
+    def join_weight_sender(self, spec) -> None:
+        """Join a new weight broadcast group as its sender (rank 0); the staged versions carry over."""
+        from tidal.actors.collective import CollectiveTransport
+
+        sender = CollectiveTransport(spec, rank=0)
+        sender.adopt(self.weight_sender)
+        self.weight_sender = sender
+        sender.join()
+
+    def send_weights(self, handle) -> int:
+        """Broadcast a published version to the current group (the driver starts the loads)."""
+        return self._weight_sender().send(handle)
 
     def save_pretrained(self, out_dir: str, extra: dict | None = None) -> str | None:
         """HF folder with the tokenizer, written by rank 0: the merged policy, or for the reward

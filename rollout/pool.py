@@ -15,6 +15,10 @@ the workers meanwhile:
     hold, then leave.
 Weights: `load_weights(handle or named tensors)` pushes a new version through the weight
 transport (Ray object store by default) with a hard timeout (WeightSyncError names the worker).
+With a group-bound transport (rollout.weight_transport=collective, set by `set_transport`) a
+new or restarted worker cannot load the current version alone: it boots, then the pool syncs
+the current version to it through the transport (which forms a group for it); the weight
+side lives in tidal.rollout.pool_weights.
 """
 
 from __future__ import annotations
@@ -25,19 +29,16 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
-
-import torch
+from typing import Any, Callable, Optional, Union
 
 from tidal.actors.actor_group import ActorGroup, fetch, is_actor_death, wait_any
 from tidal.actors.threads import run_threads
-from tidal.actors.weights import InProcessTransport, ObjectStoreTransport, WeightHandle, WeightSyncError, WeightTransport
+from tidal.actors.weights import InProcessTransport, ObjectStoreTransport, WeightHandle, WeightTransport
 from tidal.common.config import TidalConfig
 from tidal.common.types import PromptBatch, RolloutBatch
+from tidal.rollout.pool_weights import PoolWeights
 from tidal.rollout.sampling import Sampling
 from tidal.rollout.worker import check_prompts, order_by_prompt
-
-NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
 
 class PoolError(RuntimeError):
@@ -71,7 +72,7 @@ class GenerateStats:
     seconds: float = 0.0
 
 
-class RolloutPool:
+class RolloutPool(PoolWeights):
     """Rollout workers as Ray actors (or in-process objects with local=True).
 
     cfg: the run config (rollout.*, cluster.sync_timeout_s, model.dtype, seed).
@@ -140,7 +141,8 @@ class RolloutPool:
     def _start(self, wid: int) -> None:
         """Readiness call of a new or restarted worker: load the current weights if any."""
         handle = self._handle
-        fn = (lambda a: a.load_weights.remote(handle)) if handle is not None else (lambda a: a.info.remote())
+        fn = (lambda a: a.load_weights.remote(handle)) if handle is not None and not self._group_bound() else (
+            lambda a: a.info.remote())
         self._workers[wid] = _Worker("starting", self.group.submit(fn, wid))
 
     def _resize(self) -> None:
@@ -178,13 +180,15 @@ class RolloutPool:
 
     def _poll_starting(self, timeout_s: float) -> None:
         """Promote starting workers whose readiness call finished; failed ones get marked dead."""
-        starting = {w.ready_ref: i for i, w in self._workers.items() if w.status == "starting"}
+        starting = {w.ready_ref: i for i, w in self._workers.items() if w.status == "starting" and w.ready_ref is not None}
         for ref in wait_any(list(starting), timeout_s) if starting else []:
             wid = starting[ref]
             try:
                 fetch(ref, 0.0)
-                self._workers[wid].status, self._workers[wid].ready_ref = "ready", None
-                self._restarts_in_a_row.pop(wid, None)
+                self._workers[wid].ready_ref = None  # booted; still "starting" if it awaits weights
+                if not self._group_bound():
+                    self._workers[wid].status = "ready"
+                    self._restarts_in_a_row.pop(wid, None)
             except Exception as e:  # noqa: BLE001
                 # A constructor that raised (bad model path, out of memory) fails the same way
                 # on every restart: report it instead of retrying.
@@ -201,6 +205,7 @@ class RolloutPool:
                                 f"(cluster.sync_timeout_s); check their logs and the cluster's free resources.")
             self._restart_dead()
             self._poll_starting(min(1.0, max(0.0, deadline - time.monotonic())))
+            self._catch_up()
 
     def scale(self, num_workers: int, wait: bool = True) -> None:
         """Resize the pool. Safe to call from another thread during `generate`: the running
@@ -256,10 +261,11 @@ class RolloutPool:
         self._resize()
         self._restart_dead(queue, stats)
         self._poll_starting(0.0)
+        self._catch_up()
         self._dispatch(queue, sampling, stats)
         in_flight = {ref: wid for wid, w in self._workers.items() for ref in w.in_flight}
-        starting = [w.ready_ref for w in self._workers.values() if w.status == "starting"]
-        if not in_flight and not starting and not any(w.status == "ready" for w in self._workers.values()):
+        starting = [w.ready_ref for w in self._workers.values() if w.status == "starting" and w.ready_ref is not None]
+        if not in_flight and not any(w.status in ("starting", "ready") for w in self._workers.values()):
             raise PoolError("no rollout worker left to serve the remaining prompts")
         # Short waits keep the loop responsive to scale() calls and worker start-ups.
         for ref in wait_any(list(in_flight) + starting, 0.5):
@@ -321,60 +327,6 @@ class RolloutPool:
                 self._resize()
             finally:
                 self._op_lock.release()
-
-    # ------------------------------------------------------------------ weights
-
-    def publish(self, named_tensors: NamedTensors, version: int) -> WeightHandle:
-        """Put weights into the transport (rollout.weight_bucket_mb buckets)."""
-        return self.transport.publish(named_tensors, version, self.cfg.rollout.weight_bucket_mb)
-
-    def load_weights(self, weights: Union[WeightHandle, NamedTensors], version: Optional[int] = None,
-                     timeout_s: Optional[float] = None) -> float:
-        """Push a new weight version to every worker; returns the sync time in seconds.
-
-        weights: a WeightHandle (e.g. from LearnerGroup.export_weights) or (name, tensor)
-        pairs, published here as `version` (default: current + 1). Versions must increase.
-        Raises WeightSyncError naming every worker that failed or did not answer within
-        `timeout_s` (default cluster.sync_timeout_s); those workers are restarted with these
-        weights in the background."""
-        version = weights.version if isinstance(weights, WeightHandle) else (
-            self._version + 1 if version is None else version)
-        if version <= self._version:
-            raise ValueError(f"weight version {version} is not newer than the pool's {self._version}")
-        timeout_s = timeout_s or self.timeout_s
-        with self._op_lock:
-            start = time.perf_counter()
-            self._probe_idle()
-            live = [i for i, w in self._workers.items() if w.status != "draining" and self.group.is_healthy(i)]
-            try:
-                if isinstance(weights, WeightHandle):
-                    self._handle, self._version = weights, version  # restarts load this from now on
-                    self.transport.sync(self.group, weights, timeout_s, actor_ids=live)
-                else:  # streamed: workers pull while later buckets are still being put
-                    self._handle = self.transport.push(self.group, weights, version,
-                                                       self.cfg.rollout.weight_bucket_mb, timeout_s, live)
-                    self._version = version
-            except WeightSyncError as e:
-                if e.handle is not None:  # the failed workers restart with this version
-                    self._handle, self._version = e.handle, version
-                self._restart_dead()
-                raise
-            for i in live:  # a starting worker that loaded this handle is ready
-                if self._workers[i].status == "starting":
-                    self._workers[i].status, self._workers[i].ready_ref = "ready", None
-            self._restart_dead()  # workers found dead before the push start with this version
-            seconds = time.perf_counter() - start
-        self._apply_pending_scale()
-        return seconds
-
-    def _probe_idle(self) -> None:
-        """Find workers that died while idle (between calls), so that a push does not count
-        them as sync failures: they are restarted with the new weights instead."""
-        self._poll_starting(0.0)  # a start that finished since the last call counts as ready
-        if self.group.local:
-            return
-        idle = [i for i, w in self._workers.items() if w.status == "ready" and not w.in_flight]
-        self.group.call(lambda a: a.__ray_ready__.remote(), actor_ids=idle, timeout_s=min(10.0, self.timeout_s))
 
     def worker_infos(self) -> list:
         """WorkerInfo (id, pid, weight version, backend) of every serving worker."""

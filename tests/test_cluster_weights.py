@@ -247,3 +247,68 @@ def test_streamed_push_loads_every_worker_and_names_a_stuck_one(ray_cluster):
         assert group.call(lambda a: a.checksum.remote(), actor_ids=[0], timeout_s=30)[0].get()[0] == 6
     finally:
         group.shutdown()
+
+
+def _tiny_cfg():
+    from tidal.common.config import load_config
+
+    return load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_grpo.yaml"), [])
+
+
+class LearnerSender:
+    """Learner rank 0's real sender methods (master_address, join_weight_sender, send_weights,
+    the staged export); only the weights are the test's instead of a DeepSpeed engine's."""
+
+    def __init__(self, cfg):
+        from tidal.learner.worker import LearnerWorker
+
+        self.worker = LearnerWorker(cfg, 0, 1)
+
+    def master_address(self):
+        return self.worker.master_address()
+
+    def join_weight_sender(self, spec) -> None:
+        self.worker.join_weight_sender(spec)
+
+    def send_weights(self, handle: WeightHandle) -> int:
+        return self.worker.send_weights(handle)
+
+    def publish(self, version: int) -> WeightHandle:
+        return self.worker._weight_sender().publish(_weights(), version, bucket_mb=20 / 1024)
+
+
+@pytest.mark.ray
+def test_collective_weights_rebuild_the_group_when_membership_changes(ray_cluster):
+    """rollout.weight_transport=collective on the driver: the group forms for the receivers it is
+    given, a dead receiver makes the next sync form a new group of the survivors, and a restarted
+    receiver gets the current version (still staged on the sender) through yet another group."""
+    import ray
+
+    from tidal.actors.collective import CollectiveWeights
+
+    senders = ActorGroup(LearnerSender, 1, args=(_tiny_cfg(),), options={"num_cpus": 0}, name="learner")
+    group = ActorGroup(Receiver, 3, options={"num_cpus": 0}, name="receiver")
+    try:
+        weights = CollectiveWeights(senders, "gloo", timeout_s=30)
+        assert weights.connect(group) == [0, 1, 2] and weights.builds == 1
+        h1 = ray.get(senders.actor(0).publish.remote(1))
+        weights.sync(group, h1, timeout_s=30)
+        assert weights.builds == 1  # same members: the group is reused
+        h2 = ray.get(senders.actor(0).publish.remote(2))
+        pid = group.call(lambda a: a.pid.remote(), actor_ids=[2])[0].get()
+        os.kill(pid, signal.SIGKILL)
+        group.call(lambda a: a.__ray_ready__.remote(), timeout_s=10)  # marks the dead one
+        assert group.unhealthy_actor_ids() == [2]
+        weights.sync(group, h2, timeout_s=30)
+        assert weights.builds == 2 and weights.spec.world_size == 3
+        ray.get(senders.actor(0).publish.remote(3))  # a newer version staged, not sent yet
+        assert group.restore() == [2]
+        weights.sync(group, h2, timeout_s=30, actor_ids=[2])  # catch-up of the restarted one
+        assert weights.builds == 3 and weights.spec.world_size == 2
+        expected = float(sum(t.double().sum() for _, t in _weights()))
+        for r in group.call(lambda a: a.checksum.remote(), timeout_s=30):
+            version, _, total = r.get()
+            assert version == 2 and total == pytest.approx(expected)
+    finally:
+        group.shutdown()
+        senders.shutdown()
