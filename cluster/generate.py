@@ -17,10 +17,10 @@ stderr counts the prompts that were cut).
 
 Output: `--out FILE` (never overwritten) gets JSON lines {prompt, completion[, score]
 [, candidates]}; without --out, stdout gets the same rows with `--json`, else one completion per
-line with backslash, newline and carriage return written as \\\\, \\n and \\r, so line i answers
-prompt i. Everything else tidal says goes to stderr. `score` is the reward's raw weighted sum,
-present with --best-of N > 1 or --score; `candidates` (--all, JSON rows only) lists all N
-samples with their scores, in sampling order.
+line with backslash and line breaks escaped (\\\\, \\n, \\r, ...; `plain_line`), so line i
+answers prompt i. Everything else tidal says goes to stderr. `score` is the reward's raw
+weighted sum, present with --best-of N > 1 or --score; `candidates` (--all, JSON rows only)
+lists all N samples with their scores, in sampling order.
 """
 
 from __future__ import annotations
@@ -189,9 +189,18 @@ def output_rows(records: list, texts: list[str], scores: Optional[list[float]], 
     return rows
 
 
+# Every character Python's str.splitlines breaks a line at (not only newline and carriage
+# return: also \v, \f, \x1c-\x1e, \x85, \u2028, \u2029, which a random model does emit),
+# and the backslash that starts an escape.
+_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\v": "\\v", "\f": "\\f",
+                          **{c: f"\\x{ord(c):02x}" for c in "\x1c\x1d\x1e\x85"},
+                          **{c: f"\\u{ord(c):04x}" for c in "\u2028\u2029"}})
+
+
 def plain_line(text: str) -> str:
-    """One completion on one line: \\ -> \\\\, newline -> \\n, carriage return -> \\r."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    """One completion on one line: backslash and every line break escaped (\\\\, \\n, \\r, \\v,
+    \\f, \\x1c, ..., \\u2029), so that line i of the output answers prompt i."""
+    return text.translate(_ESCAPES)
 
 
 def write_new(path: Path, text: str) -> None:

@@ -103,6 +103,17 @@ def test_prompt_lines_txt_and_jsonl():
         read_prompt_lines([b"ok\n", b"\xff\xfe\n"], "p.txt", "txt")
 
 
+def test_plain_output_keeps_one_completion_per_line():
+    import codecs
+
+    from tidal.cluster.generate import plain_line
+
+    text = "a\\b\nc\rd\ve\ff\x1cg\x1dh\x1ei\x85j\u2028k\u2029l\tm"
+    line = plain_line(text)
+    assert line.splitlines() == [line] and "\t" in line  # a tab is not a line break
+    assert codecs.decode(line, "unicode_escape") == text  # and nothing is lost
+
+
 def test_a_run_folder_resolves_to_its_newest_policy(tmp_path, tiny_model):
     import shutil
 
