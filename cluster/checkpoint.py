@@ -156,7 +156,7 @@ def _prune(root: Path, keep: int, step: int) -> None:
     # that skipped it as unreadable, and stays until this run reaches its step (write_checkpoint).
     for d in [d for d in _complete_steps(root) if _step_of(d) <= step][:-keep]:
         shutil.rmtree(d, ignore_errors=True)
-    for d in root.glob(".tmp-*"):  # leftovers of crashed writers (never our own: it was renamed)
+    for d in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # leftovers of crashed writers (ours was renamed)
         shutil.rmtree(d, ignore_errors=True)
 
 
