@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 PREFIX = ".venv/bin/tidal"
 RUN = "readme-run"  # what `runs/<run>` stands for here
 CHEAP = {("config", "show"), ("data", "sentiment"), ("report", None), ("reward", "template")}
-PARSED_ONLY = {("train", None), ("submit", None), ("eval", None), ("reward", "serve")}
+PARSED_ONLY = {("train", None), ("submit", None), ("eval", None), ("reward", "serve"), ("generate", None)}
 
 
 def using_it() -> str:
@@ -138,6 +138,8 @@ def test_using_it_commands_run_as_written(scratch, capsys):
             if redirect:
                 Path(redirect).write_text(out)
             _check_output(kind, argv, out, line)
+        elif args.command == "generate":  # needs a finished run's policy: parsed (above) only
+            assert args.best_of is None or int(args.best_of) >= 2, f"{line}: --best-of takes N >= 2"
         elif args.command == "train" and args.resume is not None:
             from tidal.cluster.driver import resume_config
 
