@@ -145,18 +145,24 @@ def _assert_same_run(run_dir, ref_dir):
     assert after == [r["completion"] for r in read_jsonl(ref_dir / "samples_after.jsonl")]
 
 
-def test_driver_killed_after_a_checkpoint_resumes_to_the_same_metrics(reference_run, tmp_path):
-    run_dir = tmp_path / "crash"
-    args = ["configs/tiny_ppo.yaml", *_overrides(tmp_path, "crash", "cluster.ray_temp_dir=" + tempfile.mkdtemp(prefix="tr-"))]
+def _kill_after_checkpoint(args, run_dir, step_dir):
+    """Start the driver on `args`, wait until its newest checkpoint is `step_dir`, then kill
+    the driver's whole process tree (as a power cut would)."""
     proc = _run_driver(args, subprocess_env())
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text().strip() == "step-000004":
+        if latest.is_file() and latest.read_text().strip() == step_dir:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, f"driver ended before its step-4 checkpoint:\n{proc.stdout.read()[-3000:]}"
+    assert proc.poll() is None, f"driver ended before its {step_dir} checkpoint:\n{proc.stdout.read()[-3000:]}"
     _kill_tree(proc)
+
+
+def test_driver_killed_after_a_checkpoint_resumes_to_the_same_metrics(reference_run, tmp_path):
+    run_dir = tmp_path / "crash"
+    args = ["configs/tiny_ppo.yaml", *_overrides(tmp_path, "crash", "cluster.ray_temp_dir=" + tempfile.mkdtemp(prefix="tr-"))]
+    _kill_after_checkpoint(args, run_dir, "step-000004")
     logged = [r["step"] for r in rl_records(run_dir)]
     assert 4 <= max(logged) < STEPS, logged  # killed mid-run, after the checkpoint
 
@@ -172,15 +178,7 @@ def test_corrupt_newest_checkpoint_resumes_from_the_one_before(reference_run, tm
     checkpoint aside instead of replacing it."""
     run_dir = tmp_path / "bad"
     args = ["configs/tiny_ppo.yaml", *_overrides(tmp_path, "bad", "cluster.ray_temp_dir=" + tempfile.mkdtemp(prefix="tr-"))]
-    proc = _run_driver(args, subprocess_env())
-    latest = run_dir / "checkpoints" / "latest"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text().strip() == "step-000004":
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"driver ended before its step-4 checkpoint:\n{proc.stdout.read()[-3000:]}"
-    _kill_tree(proc)
+    _kill_after_checkpoint(args, run_dir, "step-000004")
     newest = run_dir / "checkpoints" / "step-000004"
     bad = max((p for p in (newest / "learner").rglob("*.pt")), key=lambda p: p.stat().st_size)
     data = bad.read_bytes()
