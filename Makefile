@@ -35,8 +35,18 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m "slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-bench: install
-	$(BIN)/python bench/rollout.py && $(BIN)/python bench/weight_sync.py && $(BIN)/python bench/reward.py
+# The bench extra (TRL, for bench/peer_trl.py) goes in on top of `install`, with its own stamp.
+BENCH_STAMP := $(VENV)/.tidal-bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[bench]'
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton || true
+	$(BIN)/python -c "import trl"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/rollout.py && $(BIN)/python bench/weight_sync.py && $(BIN)/python bench/reward.py \
+	    && $(BIN)/python bench/e2e.py && $(BIN)/python bench/peer_trl.py
 
 # SFT -> RM once, then PPO, GRPO, expert iteration and DPO from the same SFT model and reward
 # model, then the scoreboard (with best-of-4 over SFT) on the demo's held-out prompts

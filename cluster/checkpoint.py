@@ -5,16 +5,24 @@ Layout under a run directory:
     run_state.json              stages already finished and their outputs (written atomically)
     checkpoints/
         step-000004/            a complete RL checkpoint
-            COMPLETE            marker, written last
+            COMPLETE            marker, written last: the step and every file's size (the manifest)
             driver_state.json   step, weight version, KL controller, reward normalizer, data position
             rng.pt              python / numpy / torch RNG states of the driver
             learner/ ...        LearnerGroup.checkpoint output (model + optimizer + scheduler)
         latest                  name of the newest complete checkpoint
 
-A checkpoint is written into `checkpoints/.tmp-step-N-<pid>`, completed with the COMPLETE
-marker, fsynced, then renamed into place in one `os.replace`; only then does `latest` move
-(itself replaced atomically) and are older checkpoints pruned. A crash at any moment leaves
-either the previous checkpoint or the new one complete, never a half-written one in use.
+A checkpoint is written into `checkpoints/.tmp-step-N-<pid>`, read back (quick structural
+checks), completed with the COMPLETE marker, fsynced, then renamed into place in one
+`os.replace`; only then does `latest` move
+(itself replaced atomically) and are older checkpoints pruned, keeping the two newest. A crash
+at any moment leaves either the previous checkpoint or the new one complete, never a
+half-written one in use.
+
+A complete checkpoint can still be unreadable later (a disk that filled up, a copy cut short,
+a file edited by hand). `resume_checkpoint` picks the newest one whose files match the
+manifest and read back (CRC of every torch archive entry), printing one warning line that names
+the unreadable file (or the unfinished write it passed over); what it skipped stays where it is. When the resumed run reaches that step again, the unreadable folder is
+renamed aside to `step-N.corrupt-<time>` (with a warning) rather than replaced.
 """
 
 from __future__ import annotations
@@ -22,7 +30,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import struct
+import sys
+import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,10 +43,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from tidal.common.config import ConfigError
+
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 RUN_STATE = "run_state.json"
+KEEP = 2  # complete checkpoints kept: when the newest turns out unreadable, a resume falls back one
+# What every RL checkpoint holds (DriverState.save and LearnerGroup.checkpoint); missing = unreadable.
+REQUIRED = ("driver_state.json", "rng.pt", "learner")
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(ConfigError):
+    """No checkpoint of a run can be read; the message names each one's bad file."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -68,11 +91,14 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None], keep: int = 2) -> Path:
+def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None], keep: int = KEEP) -> Path:
     """Have `write(tmp_dir)` fill a fresh directory, then publish it atomically as step `step`.
 
-    Keeps the `keep` newest complete checkpoints (the previous one survives until the new one
-    is complete). Returns the published directory."""
+    The COMPLETE marker lists every file with its size (the manifest a resume checks against),
+    and is written only after each file reads back (`file_problem`, the quick checks). Keeps the
+    `keep` newest complete checkpoints up to `step`; older ones are pruned only after the new
+    one is published. A folder already at this step that is not a readable checkpoint is renamed
+    aside (`step-N.corrupt-<time>`, with a warning), never replaced. Returns the published folder."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(run_dir) / CHECKPOINTS
@@ -82,10 +108,23 @@ def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], Non
         shutil.rmtree(tmp)
     tmp.mkdir()
     write(tmp)
-    (tmp / COMPLETE).write_text(json.dumps({"step": step}))
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    for rel in files:
+        problem = file_problem(tmp / rel, deep=False)
+        if problem:  # never publish it: the previous checkpoints stay as they are
+            raise OSError(f"checkpoint of step {step}: {tmp / rel} does not read back ({problem}); the earlier "
+                          f"checkpoints in {root} are kept.")
+    (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}))
     _fsync_tree(tmp)
     final = root / step_dir_name(step)
-    if final.exists():  # re-checkpointing a step (e.g. after a resume): move the old one aside first
+    if final.exists():
+        problem = (final / COMPLETE, "missing") if not (final / COMPLETE).is_file() else checkpoint_problem(final)
+        if problem is not None:  # e.g. the one a resume skipped: the user's data, kept under another name
+            aside = root / f"{final.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(final, aside)
+            warn(f"checkpoint file {problem[0]}: {problem[1]}; that checkpoint is kept as {aside.name}, the new "
+                 f"{final.name} takes its place.")
+    if final.exists():  # re-checkpointing a step (e.g. resumed at the last step): move the old one aside first
         stale = root / f".old-{step_dir_name(step)}-{os.getpid()}"
         os.replace(final, stale)
         os.replace(tmp, final)
@@ -94,19 +133,30 @@ def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], Non
         os.replace(tmp, final)
     _fsync_dir(root)
     atomic_write_text(root / LATEST, final.name)
-    _prune(root, keep)
+    _prune(root, keep, step)
     return final
 
 
+def warn(message: str) -> None:
+    print(f"tidal: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _step_of(d: Path) -> int:
+    return int(_STEP_DIR.fullmatch(d.name).group(1))
+
+
 def _complete_steps(root: Path) -> list[Path]:
-    dirs = [d for d in root.glob("step-*") if d.is_dir() and (d / COMPLETE).is_file()]
-    return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
+    """Complete checkpoints, oldest first (folders set aside as `step-N.corrupt-*` are not)."""
+    dirs = [d for d in root.glob("step-*") if _STEP_DIR.fullmatch(d.name) and d.is_dir() and (d / COMPLETE).is_file()]
+    return sorted(dirs, key=_step_of)
 
 
-def _prune(root: Path, keep: int) -> None:
-    for d in _complete_steps(root)[:-keep]:
+def _prune(root: Path, keep: int, step: int) -> None:
+    # Only checkpoints up to the one just written count: a newer one is left from before a resume
+    # that skipped it as unreadable, and stays until this run reaches its step (write_checkpoint).
+    for d in [d for d in _complete_steps(root) if _step_of(d) <= step][:-keep]:
         shutil.rmtree(d, ignore_errors=True)
-    for d in root.glob(".tmp-*"):  # leftovers of crashed writers (never our own: it was renamed)
+    for d in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # leftovers of crashed writers (ours was renamed)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -118,10 +168,129 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = root / LATEST
     if pointer.is_file():
         cand = root / pointer.read_text().strip()
-        if (cand / COMPLETE).is_file():
+        if _STEP_DIR.fullmatch(cand.name) and (cand / COMPLETE).is_file():
             return cand
     complete = _complete_steps(root)
     return complete[-1] if complete else None
+
+
+# ----------------------------------------------------------------------------- readability
+
+
+def file_problem(path: Path, deep: bool = True) -> str | None:
+    """Why a checkpoint file cannot be read, or None. Structural checks: a torch zip's central
+    directory (deep: and every entry's CRC), a safetensors header and length, JSON parsing."""
+    try:
+        if path.suffix in (".pt", ".pth", ".bin") and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip() if deep else None
+            return f"entry {bad} is corrupt" if bad else None
+        if path.suffix in (".pt", ".pth", ".bin"):
+            return "not a torch archive (truncated or overwritten)" if path.stat().st_size > 0 else "empty file"
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            return "truncated" if path.stat().st_size < 8 + n + end else None
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+    except (OSError, ValueError, struct.error, zipfile.BadZipFile, KeyError, TypeError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+# A CRC pass over a real model's optimizer state takes seconds, and preflight, the driver and the
+# RL loop each ask about the same files in one resume: answer each (file, size, mtime) once.
+_FILE_PROBLEMS: dict[tuple[str, int, int], str | None] = {}
+_WARNED: set[str] = set()  # warnings this process already printed
+
+
+def _cached_file_problem(path: Path) -> str | None:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_PROBLEMS:
+        _FILE_PROBLEMS[key] = file_problem(path)
+    return _FILE_PROBLEMS[key]
+
+
+def checkpoint_problem(ckpt: Path, required: tuple[str, ...] = REQUIRED) -> tuple[Path, str] | None:
+    """(file, why) of the first file of a complete checkpoint folder that cannot be read, or None.
+    The files and sizes its COMPLETE manifest lists must all be there; a checkpoint written before
+    manifests existed must hold `required`."""
+    try:
+        listed = json.loads((ckpt / COMPLETE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as e:
+        return ckpt / COMPLETE, f"unreadable ({type(e).__name__}: {e})"
+    if listed is None:
+        for name in required:
+            if not (ckpt / name).exists():
+                return ckpt / name, "missing"
+    else:
+        for rel, size in listed.items():
+            path = ckpt / rel
+            if not path.is_file():
+                return path, "missing"
+            if path.stat().st_size != size:
+                return path, f"{path.stat().st_size} bytes where {size} were written (truncated or overwritten)"
+    for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+        problem = _cached_file_problem(path)
+        if problem:
+            return path, problem
+    return None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resume continues: the newest readable complete checkpoint (None: none complete),
+    the newer complete ones that were skipped, each with its bad file and the reason, and the
+    newer writes that never finished (a process killed mid-write)."""
+
+    checkpoint: Path | None
+    skipped: tuple[tuple[Path, Path, str], ...] = ()  # (checkpoint, file, why), newest first
+    unfinished: tuple[Path, ...] = ()
+
+
+def resume_point(run_dir: str | Path, required: tuple[str, ...] = REQUIRED) -> ResumePoint:
+    """Candidates newest first: the `latest` pointer's target, then the older complete ones (a
+    newer folder than `latest` is one an earlier resume already skipped)."""
+    newest = latest_checkpoint(run_dir)
+    root = Path(run_dir) / CHECKPOINTS
+    candidates = [] if newest is None else [newest] + [
+        d for d in reversed(_complete_steps(root)) if _step_of(d) < _step_of(newest)]
+    chosen, skipped = None, []
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt, required)
+        if problem is None:
+            chosen = ckpt
+            break
+        skipped.append((ckpt, *problem))
+    after = -1 if chosen is None else _step_of(chosen)
+    unfinished = [] if not root.is_dir() else [  # folders of a write cut short, newer than the one used
+        d for d in root.iterdir() if d.is_dir() and not (d / COMPLETE).is_file()
+        and (m := re.fullmatch(r"(?:\.tmp-)?step-(\d+)(?:-\d+)?", d.name)) and int(m.group(1)) > after]
+    return ResumePoint(chosen, tuple(skipped), tuple(sorted(unfinished, key=lambda d: d.name, reverse=True)))
+
+
+def resume_checkpoint(run_dir: str | Path, required: tuple[str, ...] = REQUIRED) -> Path | None:
+    """The checkpoint a resume loads, or None when the run has no complete checkpoint. Passing
+    over a newer unreadable or unfinished one prints one warning line (once per process) naming
+    it; when complete checkpoints exist but none reads back, raises CheckpointError naming each."""
+    point = resume_point(run_dir, required)
+    if point.skipped and point.checkpoint is None:
+        bad = "; ".join(f"{f}: {why}" for _, f, why in point.skipped)
+        raise CheckpointError(f"--resume {run_dir}: no checkpoint can be read ({bad}); restore the files from a "
+                              f"copy, or start a new run.")
+    passed = [f"checkpoint file {f}: {why}" for _, f, why in point.skipped]
+    passed += [f"{d} is an unfinished checkpoint write (no {COMPLETE} marker)" for d in point.unfinished]
+    if passed:
+        where = (f"resuming from the earlier checkpoint {point.checkpoint}" if point.checkpoint is not None
+                 else "no earlier checkpoint: the stage starts from its beginning")
+        message = f"{'; '.join(passed)}; {where} (the skipped files are left as they are)."
+        if message not in _WARNED:
+            _WARNED.add(message)
+            warn(message)
+    return point.checkpoint
 
 
 # ----------------------------------------------------------------------------- driver state

@@ -92,6 +92,40 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_from_cli(config, overrides, args.run, args.sft, args.best_of, args.out)
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from tidal.cluster.generate import GenerateArgs, generate_from_cli
+
+    config, overrides = _config_args(args)
+    return generate_from_cli(GenerateArgs(config, overrides, model=args.model, best_of=args.best_of, inp=args.inp,
+                                          in_format=args.in_format, out=args.out, json=args.json, all=args.all,
+                                          score=args.score))
+
+
+def _generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="a policy's completions for prompts from a file or stdin; --best-of N "
+                                          "answers with the best of N samples by the config's reward")
+    gen.add_argument("config", nargs="?", default=None, help="YAML config: model.policy, rollout.*, reward.*")
+    gen.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    gen.add_argument("--model", default=None, metavar="PATH",
+                     help="a run directory (its newest sft/dpo/rl policy; its config.yaml when no CONFIG is given) "
+                          "or an HF folder; none: model.policy")
+    gen.add_argument("--best-of", default="1", metavar="N",
+                     help="sample N per prompt and keep the one the config's reward scores highest")
+    gen.add_argument("--in", dest="inp", default="-", metavar="FILE",
+                     help="prompts: .jsonl/.json/.parquet rows with 'prompt' (or 'messages'), any other file one "
+                          "prompt per line; '-' is stdin")
+    gen.add_argument("--in-format", choices=["auto", "jsonl", "txt"], default="auto",
+                     help="how --in is read; auto: by its suffix, stdin one prompt per line")
+    gen.add_argument("--out", default=None, metavar="FILE",
+                     help="write JSON lines {prompt, completion, score, candidates} here (never overwrites a file)")
+    gen.add_argument("--json", action="store_true",
+                     help="stdout gets JSON lines rows instead of one completion per line")
+    gen.add_argument("--all", action="store_true",
+                     help="with --best-of N: add all N samples and their scores to each row (JSON rows)")
+    gen.add_argument("--score", action="store_true", help="score the completions by the reward also without --best-of")
+    gen.set_defaults(fn=_generate)
+
+
 def _label(args: argparse.Namespace) -> int:
     from tidal.feedback import cli
 
@@ -215,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--best-of", type=int, default=1, metavar="N", help="also score best-of-N over SFT by the proxy")
     ev.add_argument("--out", default=None, help="output folder (default: logging.output_dir/eval)")
     ev.set_defaults(fn=_eval)
+
+    _generate_parser(sub)
 
     rw = _subparsers(sub.add_parser("reward", help="reward service"), "action")
     serve = rw.add_parser("serve", help="serve the configured reward over HTTP (JSON)")

@@ -164,7 +164,7 @@ def _forget_unfinished(cfg: TidalConfig, run_dir: Path) -> None:
     rl_steps = {}  # unfinished rl key -> its newest checkpoint's step (-1: redo the whole stage)
     for stage, key, round_ in stage_keys(cfg.stages.run):
         if stage == "rl" and key not in done:
-            latest = ck.latest_checkpoint(rl_dir(run_dir, round_))
+            latest = ck.resume_checkpoint(rl_dir(run_dir, round_))  # the one RLLoop.restore loads
             rl_steps[key] = int(latest.name.split("-")[1]) if latest is not None else -1
             ck.truncate_jsonl(rl_dir(run_dir, round_) / "rollouts.jsonl", lambda r, k=key: r["step"] <= rl_steps[k])
     ck.truncate_jsonl(run_dir / METRICS_FILE, lambda r: r.get("stage") in done or (

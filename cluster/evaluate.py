@@ -29,6 +29,7 @@ import torch
 from tidal.common.config import ConfigError, RewardConfig, RewardTerm, TidalConfig
 
 POLICY_FOLDERS = ("policy", "policy_dpo")  # what a run directory's final policy is called, by stage
+POLICY_STAGES = ("sft", "dpo", "rl")  # the stages whose output is a policy
 COLUMNS = ("method", "win-rate vs SFT (95% CI)", "gold", "proxy", "KL to SFT", "length", "degenerate")
 
 
@@ -88,14 +89,50 @@ def resolve_policy(spec: str) -> tuple[str, str]:
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
         raise ConfigError(f"--run {spec!r}: write NAME=RUN_DIR (e.g. --run ppo=runs/ppo-1).")
+    return name, policy_folder(path, f"--run {spec}")
+
+
+def policy_folder(path: str, what: str) -> str:
+    """The HF folder `path`, or the current policy of the run directory `path`: the newest sft,
+    dpo or rl output its run_state.json records (else its policy/ or policy_dpo/). `what`
+    names the option in the error."""
     p = Path(path)
     if (p / "config.json").is_file():
-        return name, str(p)
+        return str(p)
+    latest = run_output(p, POLICY_STAGES)
+    if latest is not None:
+        return latest
     for folder in POLICY_FOLDERS:
         if (p / folder / "config.json").is_file():
-            return name, str(p / folder)
-    raise ConfigError(f"--run {spec}: {path} is neither an HF folder nor a run directory with "
-                      f"{' or '.join(f + '/' for f in POLICY_FOLDERS)}; pass a finished run.")
+            return str(p / folder)
+    raise ConfigError(f"{what}: {path} is neither an HF folder nor a run directory with a finished sft, dpo or rl "
+                      f"stage ({' or '.join(f + '/' for f in POLICY_FOLDERS)}); pass a finished run.")
+
+
+def run_output(run_dir: Path, stages: tuple[str, ...]) -> str | None:
+    """The newest output folder (an HF folder still on disk) of the stages named `stages` that
+    RUN/run_state.json records as finished; later rounds (rl2, rm2, ...) count as their stage."""
+    from tidal.cluster.checkpoint import read_run_state
+
+    found = None
+    for key, record in read_run_state(run_dir)["stages"].items():  # in the order they finished
+        if key.rstrip("0123456789") in stages and record.get("output"):
+            found = _on_disk(run_dir, record["output"]) or found
+    return found
+
+
+def _on_disk(run_dir: Path, output: str) -> str | None:
+    """A recorded output folder, also when it was recorded relative to another working directory
+    or the run folder was moved: then it is looked up under `run_dir` by its path below the run."""
+    p = Path(output)
+    if (p / "config.json").is_file():
+        return str(p)
+    if run_dir.name in p.parts:
+        parts = p.parts
+        below = parts[len(parts) - parts[::-1].index(run_dir.name):]
+        if below and (run_dir.joinpath(*below) / "config.json").is_file():
+            return str(run_dir.joinpath(*below))
+    return None
 
 
 def sft_of(runs: list[str], sft: str | None, cfg: TidalConfig) -> str:
@@ -114,15 +151,21 @@ def sft_of(runs: list[str], sft: str | None, cfg: TidalConfig) -> str:
     return str(resolve_model(cfg.model.policy))
 
 
+def eval_sampling(cfg: TidalConfig, n: int = 1):
+    """rollout.* with the one fixed eval seed: every method answers with the same randomness."""
+    from tidal.cluster.rl_stage import EVAL_SEED
+    from tidal.rollout.sampling import Sampling
+
+    return dataclasses.replace(Sampling.from_config(cfg.rollout, EVAL_SEED), n=n)
+
+
 def sample(cfg: TidalConfig, path: str, prompts, n: int):
     """n completions per prompt from the HF folder `path` (a fresh pool, closed afterwards)."""
-    from tidal.cluster.rl_stage import EVAL_SEED
     from tidal.rollout.pool import RolloutPool
-    from tidal.rollout.sampling import Sampling
 
     pool = RolloutPool(cfg, path)
     try:
-        return pool.generate(prompts, dataclasses.replace(Sampling.from_config(cfg.rollout, EVAL_SEED), n=n))
+        return pool.generate(prompts, eval_sampling(cfg, n))
     finally:
         pool.shutdown()
 
@@ -151,10 +194,10 @@ def evaluate_policies(cfg: TidalConfig, policies: dict[str, str], sft: str, best
     """Sample, score and tabulate every policy (plus SFT, plus best-of-n over SFT when best_of > 1)."""
     from transformers import AutoModelForCausalLM
 
+    from tidal.cluster.best_of import BestOfN
     from tidal.common.data import PromptDataset
     from tidal.common.models import load_tokenizer
-    from tidal.learner.experience import select_rollout
-    from tidal.learner.selection import best_of_n
+    from tidal.rollout.pool import RolloutPool
 
     tok = load_tokenizer(sft)
     ds = PromptDataset(eval_prompts, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template)
@@ -174,14 +217,16 @@ def evaluate_policies(cfg: TidalConfig, policies: dict[str, str], sft: str, best
                                         raw_scores(proxy, rollout), kl, lengths))
         if best_of > 1:
             print(f"tidal eval: best-of-{best_of} over sft ({best_of * count} samples)", flush=True)
-            rollout = sample(cfg, sft, prompts, best_of)
-            keep = best_of_n(torch.tensor(raw_scores(proxy, rollout)), best_of).tolist()
-            chosen = select_rollout(rollout, keep)
-            texts = list(chosen.response_text)
+            pool = RolloutPool(cfg, sft)
+            try:
+                best = BestOfN(pool, proxy, eval_sampling(cfg), best_of).generate(prompts)
+            finally:
+                pool.shutdown()
+            chosen = best.chosen
             _, lengths = token_stats(sft, sft_model, chosen, cfg.rollout.temperature, tok)
             bound = math.log(best_of) - (best_of - 1) / best_of
-            results.append(MethodResult(f"best-of-{best_of}", sft, texts, raw_scores(gold, chosen),
-                                        raw_scores(proxy, chosen), [bound] * count, lengths))
+            results.append(MethodResult(f"best-of-{best_of}", sft, list(chosen.response_text),
+                                        raw_scores(gold, chosen), best.scores, [bound] * count, lengths))
     finally:
         gold.close()
     sft_gold = results[0].gold

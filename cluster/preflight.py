@@ -8,8 +8,9 @@ key and the fix (`PreflightError`, a `ConfigError`, so the CLI prints it and exi
   models   model.policy / model.reward / model.critic / stages.rm.base / model reward terms:
            a registry name, or a folder with config.json (and a tokenizer where one is loaded)
   rewards  `kind: function` terms import and accept (prompts, completions, **meta)
-  resume   the run's newest checkpoint has readable files (a truncated torch/safetensors file
-           is named, with the earlier checkpoint to fall back to)
+  resume   the checkpoint a resume loads has readable files: an unreadable newest one (a
+           truncated torch/safetensors file, bad JSON, a missing file) is named in a warning and
+           the one before it is used; when none reads back, that is the error
 
 Nothing here writes; the built-in task folder is judged by `task_folder_state` (see
 `tidal.cluster.driver.prepare_data`, which is the one place that writes task files).
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import struct
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,43 +211,20 @@ def check_rewards(cfg: TidalConfig) -> None:
             check_reward_function("feedback.gold", cfg.feedback.gold)
 
 
-def _check_file(path: Path) -> str | None:
-    """Why a checkpoint file cannot be read, or None. Cheap structural checks: a torch zip's
-    central directory and CRCs, a safetensors header and length, JSON parsing."""
-    try:
-        if path.suffix in (".pt", ".pth", ".bin") and zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                bad = z.testzip()
-            return f"entry {bad} is corrupt" if bad else None
-        if path.suffix in (".pt", ".pth", ".bin"):
-            return "not a torch archive (truncated or overwritten)" if path.stat().st_size > 0 else "empty file"
-        if path.suffix == ".safetensors":
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            return "truncated" if path.stat().st_size < 8 + n + end else None
-        if path.suffix == ".json":
-            json.loads(path.read_text())
-    except (OSError, ValueError, struct.error, zipfile.BadZipFile, KeyError, TypeError) as e:
-        return f"unreadable ({type(e).__name__}: {e})"
-    return None
-
-
-def check_resume(run_dir: Path) -> None:
-    """The checkpoint a resume would load is complete and readable."""
+def check_resume(run_dir: Path, cfg: TidalConfig | None = None) -> None:
+    """Each unfinished rl stage of the run has a checkpoint to continue from that reads back: the
+    newest, or (with a warning naming the unreadable file) the one before it. With `cfg`, the
+    checkpoints of every unfinished rl round; without, those of the run directory."""
     from tidal.cluster import checkpoint as ck
 
-    latest = ck.latest_checkpoint(run_dir)
-    if latest is None:
-        return  # nothing to load: unfinished stages restart from their beginning
-    for path in sorted(p for p in latest.rglob("*") if p.is_file()):
-        problem = _check_file(path)
-        if problem:
-            earlier = [d for d in ck._complete_steps(latest.parent) if d != latest]
-            fallback = (f"the earlier checkpoint {earlier[-1]} is complete: move {latest} aside to resume from it"
-                        if earlier else "there is no earlier checkpoint; start a new run")
-            raise PreflightError(f"checkpoint file {path}: {problem}; {fallback}.")
+    dirs = [run_dir]
+    if cfg is not None:
+        from tidal.cluster.driver import rl_dir, stage_keys
+
+        done = ck.read_run_state(run_dir)["stages"]
+        dirs = [rl_dir(run_dir, r) for stage, key, r in stage_keys(cfg.stages.run) if stage == "rl" and key not in done]
+    for d in dirs:
+        ck.resume_checkpoint(d)  # raises CheckpointError (a ConfigError: one line, exit 2) when none reads back
 
 
 def preflight(cfg: TidalConfig, data: DataPaths | None = None, resume_dir: Path | None = None,
@@ -258,6 +234,6 @@ def preflight(cfg: TidalConfig, data: DataPaths | None = None, resume_dir: Path 
     check_rewards(cfg)
     check_models(cfg)
     if resume_dir is not None:
-        check_resume(resume_dir)
+        check_resume(resume_dir, cfg)
     if files:
         check_data(cfg, data)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tidal.cluster.checkpoint import DriverState, latest_checkpoint, write_checkpoint
+from tidal.cluster.checkpoint import DriverState, resume_checkpoint, write_checkpoint
 from tidal.cluster.interrupt import NO_STOPS, Interrupted, StopRequests
 from tidal.cluster.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
@@ -121,8 +121,10 @@ class RLLoop:
     # ------------------------------------------------------------------ resume
 
     def restore(self) -> bool:
-        """Load the newest checkpoint of the run, if any. Returns whether one was found."""
-        ckpt = latest_checkpoint(self.run_dir)
+        """Load the newest readable checkpoint of the run, if any; a newer unreadable one is skipped
+        with a warning naming its file (tidal.cluster.checkpoint.resume_checkpoint). Returns
+        whether one was loaded."""
+        ckpt = resume_checkpoint(self.run_dir)
         if ckpt is None:
             return False
         state = DriverState.load(ckpt)

@@ -186,9 +186,9 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
               "estimate of the sequence KL (only k1 is unbiased there); use algorithm.kl_loss for a k3 KL loss term.",
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    from tidal.cluster.checkpoint import latest_checkpoint
+    from tidal.cluster.checkpoint import resume_checkpoint
 
-    resuming = latest_checkpoint(run_dir) is not None  # the checkpoint holds the calibration and the critic
+    resuming = resume_checkpoint(run_dir) is not None  # the checkpoint RLLoop.restore loads holds the calibration
     run_dir.mkdir(parents=True, exist_ok=True)
     placement, parts, calibration = start_parts(cfg, policy, reward_model, data, calibrate=not resuming,
                                                 reference=reference)

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidal.common.config import ClusterConfig
+from tidal.common.config import RAY_TEMP_DIR_MAX, ClusterConfig
 
 # Single-threaded math, CPU DeepSpeed, in-process vLLM, offline hubs (docs/platform.md#p-runtime-env explains each).
 # A value already set in the driver's environment wins, so a GPU machine can override them.
@@ -77,7 +77,7 @@ def connect(cfg: ClusterConfig, min_cpus: float = 0, verbose: bool = True) -> Ra
         return RayConnection(started_here=False, embedded=False, address="existing")
     runtime_env = {"env_vars": worker_env()}
     if cfg.address is None and "RAY_ADDRESS" not in os.environ:
-        temp_dir = cfg.ray_temp_dir or tempfile.mkdtemp(prefix="tidal-ray-")
+        temp_dir = cfg.ray_temp_dir or _embedded_temp_dir()
         num_cpus = cfg.num_cpus or max(math.ceil(min_cpus), os.cpu_count() or 1)
         ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=os.path.abspath(temp_dir), runtime_env=runtime_env,
                  log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
@@ -88,6 +88,16 @@ def connect(cfg: ClusterConfig, min_cpus: float = 0, verbose: bool = True) -> Ra
     ray.init(address=address, runtime_env=runtime_env if cfg.address is not None else None, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.ERROR)
     return RayConnection(started_here=True, embedded=False, address=address)
+
+
+def _embedded_temp_dir() -> str:
+    """A fresh folder for the embedded cluster: under the system temp folder, or under /tmp when
+    that one's path is so long that Ray's socket paths would pass the unix limit (a long TMPDIR,
+    as macOS and pytest give, otherwise fails inside Ray with no word of why)."""
+    parent = tempfile.gettempdir()
+    if len(os.path.join(os.path.abspath(parent), "tidal-ray-xxxxxxxx")) > RAY_TEMP_DIR_MAX and os.path.isdir("/tmp"):
+        parent = "/tmp"
+    return tempfile.mkdtemp(prefix="tidal-ray-", dir=parent)
 
 
 def disconnect(conn: RayConnection, logs_to: Path | None = None) -> None:

@@ -23,9 +23,10 @@ import yaml
 
 from tidal.common.config_schema import (AlgorithmConfig, ClusterConfig, ConfigError, DataConfig, DPOStage,
                                         FeedbackConfig, LearnerConfig, LoggingConfig, ModelConfig, RewardConfig,
-                                        RewardTerm, RMStage, RolloutConfig, SFTStage, StagesConfig, TidalConfig, doc)
+                                        RewardTerm, RMStage, RolloutConfig, SFTStage, StagesConfig, TidalConfig, doc,
+                                        RAY_TEMP_DIR_MAX)
 
-__all__ = ["AlgorithmConfig", "ClusterConfig", "ConfigError", "DataConfig", "DPOStage", "FeedbackConfig",
+__all__ = ["RAY_TEMP_DIR_MAX", "AlgorithmConfig", "ClusterConfig", "ConfigError", "DataConfig", "DPOStage", "FeedbackConfig",
            "LearnerConfig", "LoggingConfig", "ModelConfig", "RewardConfig", "RewardTerm", "RMStage", "RolloutConfig",
            "SFTStage", "StagesConfig", "TidalConfig", "doc", "load_config", "from_dict", "to_dict", "to_yaml", "describe"]
 

@@ -6,8 +6,14 @@ re-exports everything here; import from there."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
+
+# Ray puts its unix sockets at TEMP/session_<date>_<pid>/sockets/plasma_store and a socket path may
+# be 107 bytes at most, so the embedded cluster's temp folder may be at most this long.
+RAY_TEMP_DIR_MAX = 40
+
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key path and the fix."""
@@ -260,5 +266,9 @@ def _check_cross_fields(c: TidalConfig) -> None:
             f"({lc.micro_batch_size} x {lc.num_workers}); e.g. set learner.mini_batch_size={lc.micro_batch_size * lc.num_workers}.")
     if c.algorithm.ptx_coef > 0 and c.data.task is None and c.data.ptx is None and c.data.demonstrations is None:
         raise ConfigError("algorithm.ptx_coef > 0 needs PPO-ptx data: set data.ptx (or data.demonstrations, or a data.task).")
+    if c.cluster.ray_temp_dir and len(os.path.abspath(c.cluster.ray_temp_dir)) > RAY_TEMP_DIR_MAX:
+        raise ConfigError(f"cluster.ray_temp_dir={c.cluster.ray_temp_dir!r} is too long for Ray's unix sockets "
+                          f"({len(os.path.abspath(c.cluster.ray_temp_dir))} characters; at most {RAY_TEMP_DIR_MAX}): "
+                          "pick a shorter folder, e.g. under /tmp.")
     if c.data.task is None and "rl" in c.stages.run and c.data.prompts is None:
         raise ConfigError("data.prompts is required when data.task is null and stages.run includes rl.")

@@ -208,21 +208,29 @@ def _check_kind(kind: str) -> None:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    with open(path, "rb") as f:
+        yield from _json_lines(f, path.name)
+
+
+def _json_lines(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, object]]:
     # Line by line with the json module rather than pyarrow.json: pyarrow infers one schema
     # per block, turns a missing field into null and reports type conflicts without a row
     # number, while every row has to become Python objects for validation anyway.
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing newline) are not rows
-            try:
-                yield number, json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path.name}:{number}: not UTF-8 ({e.reason} at byte {e.start}). "
-                                f"Save the file as UTF-8.") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path.name}:{number}: malformed JSON ({e.msg} at column {e.colno}). "
-                                f"Each line must be one complete JSON object.") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing newline) are not rows
+        try:
+            yield number, json.loads(_utf8(line, name, number))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}:{number}: malformed JSON ({e.msg} at column {e.colno}). "
+                            f"Each line must be one complete JSON object.") from None
+
+
+def _utf8(line: bytes, name: str, number: int) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}:{number}: not UTF-8 ({e.reason} at byte {e.start}). Save the file as UTF-8.") from None
 
 
 def _parquet_rows(path: Path, kind: str, batch_rows: int) -> Iterator[tuple[int, object]]:
@@ -256,6 +264,23 @@ def iter_records(path: str | Path, kind: str, batch_rows: int = 1024) -> Iterato
 def read_records(path: str | Path, kind: str) -> list[Record]:
     """All records of a (small) file; use iter_records for large ones."""
     return list(iter_records(path, kind))
+
+
+def read_prompt_lines(lines: Iterable[bytes], name: str, fmt: str) -> list[PromptRecord]:
+    """Prompts from the lines of a stream that is not a file with a suffix (stdin, a .txt file):
+    fmt 'jsonl': rows as in a prompts file, validated the same way (errors name `name`:line);
+    fmt 'txt': one prompt per line, the line break removed, blank lines skipped."""
+    if fmt == "jsonl":
+        records = []
+        for number, data in _json_lines(lines, name):
+            if not isinstance(data, dict):
+                raise DataError(f"{name}:{number}: expected a JSON object, got {_describe(data)}. {_HINTS['prompts']}")
+            records.append(_parse_prompt(_Row(name, number, "prompts", data)))
+        return records
+    if fmt != "txt":
+        raise ValueError(f"unknown prompt line format {fmt!r}; expected 'jsonl' or 'txt'.")
+    texts = (_utf8(line, name, number).rstrip("\r\n") for number, line in enumerate(lines, start=1))
+    return [PromptRecord(text) for text in texts if text.strip()]
 
 
 # ---------------------------------------------------------------------------- writing
@@ -382,10 +407,13 @@ class PromptDataset:
     (the words the model continues; a leading BOS is kept) - with a chat template this can
     cut the system turn, so keep prompts short or raise the limit."""
 
-    def __init__(self, path: str | Path, tokenizer, max_prompt_tokens: int, use_chat_template: bool, seed: int = 0):
-        self.records: list[PromptRecord] = read_records(path, "prompts")
+    def __init__(self, path: str | Path | list[PromptRecord], tokenizer, max_prompt_tokens: int,
+                 use_chat_template: bool, seed: int = 0):
+        # `path` may also be the records themselves (prompts read from stdin by `tidal generate`).
+        self.records: list[PromptRecord] = list(path) if isinstance(path, list) else read_records(path, "prompts")
         if not self.records:
-            raise DataError(f"{Path(path).name}: no prompts; RL needs at least one prompt row.")
+            where = "the prompts given" if isinstance(path, list) else Path(path).name
+            raise DataError(f"{where}: no prompts; at least one prompt row is needed.")
         self.tokenizer, self.max_prompt_tokens = tokenizer, max_prompt_tokens
         self.use_chat_template, self.seed = use_chat_template, seed
         self.state = DataState()

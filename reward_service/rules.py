@@ -123,8 +123,8 @@ def load_function(import_path: str) -> RuleFn:
 
 
 # What `tidal reward template` prints: a module a user saves, edits and names in the config.
-TEMPLATE = '''"""My reward for tidal. Save as my_rewards.py in the folder you run `tidal train` from (or
-anywhere on PYTHONPATH) and add to the config:
+TEMPLATE = '''"""My reward for tidal. Save as my_rewards.py in a folder on PYTHONPATH (e.g. the one you run
+tidal from, as `PYTHONPATH=. tidal train ...`; see docs/rewards.md) and add to the config:
 
     reward:
       terms:

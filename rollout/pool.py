@@ -274,12 +274,12 @@ class RolloutPool(PoolWeights):
         self._requeue_stuck(queue, stats)
 
     def _dispatch(self, queue: deque, sampling: Sampling, stats: GenerateStats) -> None:
-        while queue:
-            ready = [i for i, w in self._workers.items()
-                     if w.status == "ready" and self.group.is_healthy(i) and not w.in_flight]
-            if not ready:
+        """Hand one chunk to each idle ready worker (lowest id first) while chunks remain."""
+        idle = sorted(i for i, w in self._workers.items()
+                      if w.status == "ready" and not w.in_flight and self.group.is_healthy(i))
+        for wid in idle:
+            if not queue:
                 return
-            wid = min(ready, key=lambda i: (len(self._workers[i].in_flight), i))  # least outstanding
             chunk = queue.popleft()
             chunk.attempts += 1
             if chunk.attempts > self.max_restarts + 1:  # the chunk itself kills workers

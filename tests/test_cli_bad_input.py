@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tidal.cluster import checkpoint as ck
 from tidal.common.config import load_config, to_yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,10 +92,10 @@ def test_policy_folder_without_tokenizer(scratch):
     assert_user_error(scratch, ["train", TINY, "model.policy=m"], "model.policy=m", "tokenizer")
 
 
-def _fake_run(scratch: Path, stages_done: dict) -> Path:
+def _fake_run(scratch: Path, stages_done: dict, *overrides: str) -> Path:
     run = scratch / "runs" / "r"
     run.mkdir(parents=True)
-    cfg = load_config(TINY, ["logging.output_dir=runs", "logging.run_name=r", "logging.wandb_mode=disabled"])
+    cfg = load_config(TINY, ["logging.output_dir=runs", "logging.run_name=r", "logging.wandb_mode=disabled", *overrides])
     (run / "config.yaml").write_text(to_yaml(cfg))
     (run / "run_state.json").write_text(json.dumps({"stages": stages_done}))
     _jsonl(run / "metrics.jsonl", [{"stage": "rl", "step": 1, "rl/reward_mean": 0.5}, {"stage": "eval", "x": 1}])
@@ -103,24 +104,41 @@ def _fake_run(scratch: Path, stages_done: dict) -> Path:
 
 
 def _checkpoint(run: Path, step: int, corrupt: bool) -> Path:
-    d = run / "checkpoints" / f"step-{step:06d}"
-    d.mkdir(parents=True)
-    (d / "COMPLETE").write_text(json.dumps({"step": step}))
-    (d / "driver_state.json").write_text(json.dumps({"step": step}))
-    torch.save({"torch": torch.get_rng_state()}, d / "rng.pt")
+    """A checkpoint as the RL loop publishes it (driver state, RNG, a learner file; COMPLETE manifest)."""
+    def write(d: Path) -> None:
+        ck.DriverState(step=step, weight_version=step, kl_controller={}, reward_state={}, data_state={}).save(d)
+        (d / "learner").mkdir()
+        torch.save({"w": torch.zeros(16)}, d / "learner" / "model_states.pt")
+
+    d = ck.write_checkpoint(run, step, write)
     if corrupt:  # what a disk-full or killed copy leaves: the zip's end cut off
         data = (d / "rng.pt").read_bytes()
         (d / "rng.pt").write_bytes(data[: len(data) // 2])
-    (run / "checkpoints" / "latest").write_text(d.name)
     return d
 
 
-def test_resume_with_corrupt_checkpoint_names_the_file_and_the_fallback(scratch):
+def test_resume_with_no_readable_checkpoint_names_every_bad_file(scratch):
     run = _fake_run(scratch, {})
+    _checkpoint(run, 1, corrupt=True)
+    _checkpoint(run, 2, corrupt=True)
+    assert_user_error(scratch, ["train", "--resume", "runs/r"], "step-000002/rng.pt", "step-000001/rng.pt")
+
+
+def test_resume_with_a_corrupt_newest_checkpoint_warns_once_before_ray(scratch):
+    """The fallback is decided at preflight: one warning naming the file and the checkpoint used.
+    (A bad prompts row stops this resume right after, so no Ray starts; the e2e fault test
+    resumes such a run for real.)"""
+    _jsonl(scratch / "data" / "p.jsonl", [{"prompt": "a"}, {"text": "b"}])
+    run = _fake_run(scratch, {}, "data.task=null", "data.prompts=data/p.jsonl")
     _checkpoint(run, 1, corrupt=False)
     _checkpoint(run, 2, corrupt=True)
-    line = assert_user_error(scratch, ["train", "--resume", "runs/r"], "step-000002/rng.pt")
-    assert "step-000001" in line
+    before = _tree_hash(scratch)
+    res = run_cli(scratch, "train", "--resume", "runs/r")
+    warning, error = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "warning" in warning and "step-000002/rng.pt" in warning and "step-000001" in warning, warning
+    assert "p.jsonl:2" in error
+    assert not list((scratch / "tmp").glob("tidal-ray-*")) and _tree_hash(scratch) == before
 
 
 def test_resume_refuses_changing_a_key_that_breaks_exactness(scratch):

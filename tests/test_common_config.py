@@ -1,6 +1,9 @@
 """The config tree: YAML + dotted overrides, validation errors that name the key and the fix."""
 
 import dataclasses
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -249,3 +252,28 @@ def test_duplicate_yaml_key_names_key_and_lines(tmp_path):
 
 def test_list_index_override_of_a_plain_list_starts_from_its_default():
     assert load_config(None, ["stages.run[1]=rl", "stages.run[0]=sft"]).stages.run == ("sft", "rl")
+
+
+def test_a_ray_temp_dir_too_long_for_unix_sockets_is_refused():
+    assert load_config(None, ["cluster.ray_temp_dir=/tmp/tr-abc"]).cluster.ray_temp_dir == "/tmp/tr-abc"
+    with pytest.raises(ConfigError, match=r"cluster\.ray_temp_dir=.* too long for Ray's unix sockets"):
+        load_config(None, ["cluster.ray_temp_dir=/tmp/" + "x" * 60])
+
+
+def test_the_embedded_cluster_moves_to_tmp_when_tmpdir_is_long(tmp_path, monkeypatch):
+    from tidal.cluster.runtime import _embedded_temp_dir
+    from tidal.common.config import RAY_TEMP_DIR_MAX
+
+    long_dir = tmp_path / ("y" * 60)
+    long_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    made = _embedded_temp_dir()
+    try:
+        assert made.startswith("/tmp/tidal-ray-") and len(made) <= RAY_TEMP_DIR_MAX
+    finally:
+        os.rmdir(made)
+    short_dir = tempfile.mkdtemp(prefix="t-", dir="/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", short_dir)
+    made = _embedded_temp_dir()
+    assert os.path.dirname(made) == short_dir
+    shutil.rmtree(short_dir)

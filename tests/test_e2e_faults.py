@@ -145,18 +145,24 @@ def _assert_same_run(run_dir, ref_dir):
     assert after == [r["completion"] for r in read_jsonl(ref_dir / "samples_after.jsonl")]
 
 
-def test_driver_killed_after_a_checkpoint_resumes_to_the_same_metrics(reference_run, tmp_path):
-    run_dir = tmp_path / "crash"
-    args = ["configs/tiny_ppo.yaml", *_overrides(tmp_path, "crash", "cluster.ray_temp_dir=" + tempfile.mkdtemp(prefix="tr-"))]
+def _kill_after_checkpoint(args, run_dir, step_dir):
+    """Start the driver on `args`, wait until its newest checkpoint is `step_dir`, then kill
+    the driver's whole process tree (as a power cut would)."""
     proc = _run_driver(args, subprocess_env())
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text().strip() == "step-000004":
+        if latest.is_file() and latest.read_text().strip() == step_dir:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, f"driver ended before its step-4 checkpoint:\n{proc.stdout.read()[-3000:]}"
+    assert proc.poll() is None, f"driver ended before its {step_dir} checkpoint:\n{proc.stdout.read()[-3000:]}"
     _kill_tree(proc)
+
+
+def test_driver_killed_after_a_checkpoint_resumes_to_the_same_metrics(reference_run, tmp_path):
+    run_dir = tmp_path / "crash"
+    args = ["configs/tiny_ppo.yaml", *_overrides(tmp_path, "crash", "cluster.ray_temp_dir=" + tempfile.mkdtemp(prefix="tr-"))]
+    _kill_after_checkpoint(args, run_dir, "step-000004")
     logged = [r["step"] for r in rl_records(run_dir)]
     assert 4 <= max(logged) < STEPS, logged  # killed mid-run, after the checkpoint
 
@@ -164,6 +170,31 @@ def test_driver_killed_after_a_checkpoint_resumes_to_the_same_metrics(reference_
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
     _assert_same_run(run_dir, reference_run)
+
+
+def test_corrupt_newest_checkpoint_resumes_from_the_one_before(reference_run, tmp_path):
+    """Killed after its step-4 checkpoint, which then loses the end of a learner file: the resume
+    names the file, continues from step 2, ends equal to an uninterrupted run, and keeps the bad
+    checkpoint aside instead of replacing it."""
+    run_dir = tmp_path / "bad"
+    args = ["configs/tiny_ppo.yaml", *_overrides(tmp_path, "bad", "cluster.ray_temp_dir=" + tempfile.mkdtemp(prefix="tr-"))]
+    _kill_after_checkpoint(args, run_dir, "step-000004")
+    newest = run_dir / "checkpoints" / "step-000004"
+    bad = max((p for p in (newest / "learner").rglob("*.pt")), key=lambda p: p.stat().st_size)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # what a full disk or a copy cut short leaves
+
+    resumed = _run_driver(["--resume", str(run_dir)], subprocess_env())
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    warnings = [ln for ln in out.splitlines() if str(bad) in ln]
+    # one warning when the resume skips it, one when the resumed run sets the folder aside
+    assert len(warnings) == 2 and all("warning" in w for w in warnings), out[-3000:]
+    assert "step-000002" in warnings[0] and ".corrupt-" in warnings[1], out[-3000:]
+    _assert_same_run(run_dir, reference_run)
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert len(names) == 4 and names[0] == "latest" and names[2:] == ["step-000006", "step-000008"], names
+    assert names[1].startswith("step-000004.corrupt-")
 
 
 def test_sigint_stops_at_a_safe_point_cleans_up_and_resumes_to_the_same_metrics(reference_run, tmp_path):
