@@ -117,7 +117,7 @@ def step_prompts(cfg, model_dir: str, n_steps: int) -> list:
     """The PromptBatch tidal trains on at each step, in its order, from the same data files and the
     same PromptDataset (text as rendered and truncated for the engine, token ids)."""
     from tidal.cluster.driver import prepare_data
-    from tidal.common.data import PromptDataset
+    from tidal.common.prompts import PromptDataset
     from tidal.common.models import load_tokenizer
 
     data = prepare_data(cfg)

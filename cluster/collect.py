@@ -60,7 +60,7 @@ def sample_tasks(cfg: TidalConfig, policy: str, prompts_path: Path, round_: int,
 
 def prompt_batch(cfg: TidalConfig, tokenizer: str, prompts_path: Path, m: int, seed: int):
     """The first m prompts of the file in a seeded order: (PromptBatch, the prompts as written)."""
-    from tidal.common.data import PromptDataset
+    from tidal.common.prompts import PromptDataset
     from tidal.common.models import load_tokenizer
 
     ds = PromptDataset(prompts_path, load_tokenizer(tokenizer), cfg.data.max_prompt_tokens, cfg.data.chat_template,

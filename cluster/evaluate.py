@@ -195,7 +195,7 @@ def evaluate_policies(cfg: TidalConfig, policies: dict[str, str], sft: str, best
     from transformers import AutoModelForCausalLM
 
     from tidal.cluster.best_of import BestOfN
-    from tidal.common.data import PromptDataset
+    from tidal.common.prompts import PromptDataset
     from tidal.common.models import load_tokenizer
     from tidal.rollout.pool import RolloutPool
 

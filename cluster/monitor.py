@@ -91,7 +91,7 @@ class HeldOutJudge:
     def __init__(self, cfg, eval_path: Path, tokenizer, policy_path: str):
         from tidal.cluster.evaluate import build_gold
         from tidal.cluster.rl_stage import EVAL_SEED
-        from tidal.common.data import PromptDataset
+        from tidal.common.prompts import PromptDataset
         from tidal.rollout.sampling import Sampling
 
         ds = PromptDataset(eval_path, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)

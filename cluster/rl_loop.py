@@ -52,7 +52,7 @@ from tidal.learner.kl import AdaptiveKLController, FixedKLController
 from tidal.rollout.sampling import Sampling
 
 if TYPE_CHECKING:
-    from tidal.common.data import PromptDataset
+    from tidal.common.prompts import PromptDataset
     from tidal.learner.group import LearnerGroup
     from tidal.learner.sft import PtxSource
     from tidal.reward_service.combine import CombinedReward
@@ -131,7 +131,7 @@ class RLLoop:
         self.parts.learners.load_checkpoint(ckpt / "learner")
         self.kl_ctl.load_state_dict(state.kl_controller)
         self.parts.reward.load_state_dict(state.reward_state)
-        from tidal.common.data import DataState
+        from tidal.common.prompts import DataState
 
         self.parts.dataset.state = DataState(**state.data_state)
         self.step = state.step

@@ -50,7 +50,7 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
     initial policy first, so the critic can start on the normalised reward's scale."""
     from tidal.actors.placement import Placement, plan_placement, role_counts
     from tidal.actors.threads import run_threads
-    from tidal.common.data import PromptDataset
+    from tidal.common.prompts import PromptDataset
     from tidal.learner.group import LearnerGroup
     from tidal.reward_service.combine import build_reward
     from tidal.rollout.pool import RolloutPool
@@ -128,7 +128,7 @@ def stop_parts(placement, learners, pool, reward) -> None:
 
 def evaluate(cfg: TidalConfig, parts: RLParts, eval_path: Path | None, out_file: Path) -> dict[str, float]:
     """Held-out completions of the pool's current policy, scored; written to `out_file`."""
-    from tidal.common.data import PromptDataset
+    from tidal.common.prompts import PromptDataset
     from tidal.common.sentiment import vader_score
     from tidal.reward_service.combine import ModelReward
     from tidal.rollout.sampling import Sampling
@@ -163,7 +163,7 @@ def evaluate(cfg: TidalConfig, parts: RLParts, eval_path: Path | None, out_file:
 def _calibrate(cfg: TidalConfig, pool, reward, prompts_path: Path, policy: str) -> dict[str, float]:
     """reward.normalize=reference: scale so the initial (reference) policy's samples score ~N(0, 1)
     (docs/implementation.md#d6), from one step's worth of training prompts in a separate order."""
-    from tidal.common.data import PromptDataset
+    from tidal.common.prompts import PromptDataset
     from tidal.common.models import load_tokenizer
     from tidal.rollout.sampling import Sampling
 

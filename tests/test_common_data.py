@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tidal.common.data import (
-    ComparisonRecord, DataError, DataState, DemonstrationRecord, PromptDataset, PromptRecord,
-    RankingRecord, iter_records, read_records, render_demonstration, render_prompt, write_records,
+    ComparisonRecord, DataError, DemonstrationRecord, PromptRecord, RankingRecord, iter_records, read_records,
+    render_demonstration, render_prompt, write_records,
 )
+from tidal.common.prompts import DataState, PromptDataset
 
 CHAT = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Say hi ✓"}]
 RECORDS = {

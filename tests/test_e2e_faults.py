@@ -27,7 +27,7 @@ VOLATILE = ("time/", "idle/", "rl/tokens_per_s")  # wall-clock dependent metrics
 
 def _expected_prompt_batches(cfg, steps):
     """The prompt rows each step must train on, from an independent PromptDataset."""
-    from tidal.common.data import PromptDataset
+    from tidal.common.prompts import PromptDataset
     from tidal.common.models import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model(cfg.model.policy))
