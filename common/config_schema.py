@@ -90,7 +90,7 @@ class RewardConfig:
 @dataclass(frozen=True)
 class LearnerConfig:
     num_workers: int = doc(1, "Data-parallel learner ranks (DeepSpeed world size).", min=1)
-    zero_stage: int = doc(2, "DeepSpeed ZeRO stage 0-3.", min=0, max=3)
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage 0-3. With one rank (and no offload) stages 1-2 partition nothing and run as stage 0, the same update without ZeRO's extra copies (docs/performance.md).", min=0, max=3)
     lr: float = doc(1e-5, "Policy learning rate.", min=0.0)
     critic_lr: float = doc(1e-5, "Critic learning rate.", min=0.0)
     lr_schedule: Literal["constant", "linear"] = doc("linear", "constant, or linear decay to 0 over the stage (docs/implementation.md#d9).")

@@ -25,10 +25,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def effective_zero_stage(lc: LearnerConfig, world_size: int) -> int:
+    """The ZeRO stage a rank runs. With one rank, stages 1 and 2 partition nothing: they only add
+    a flat fp32 master copy of the weights and gradient-bucket copies around the same AdamW step
+    (the update took 9.2 s instead of 7.5 s in bench/peer_trl.py, docs/performance.md), so they
+    run as stage 0, the same math. Offload needs ZeRO, and stage 3 is kept so a one-rank run
+    takes the partitioned paths a multi-rank one does."""
+    if world_size == 1 and lc.zero_stage in (1, 2) and not lc.offload:
+        return 0
+    return lc.zero_stage
+
+
 def ds_config(lc: LearnerConfig, world_size: int, bf16: bool) -> dict:
     """DeepSpeed config: ZeRO stage, micro-batches and gradient accumulation from LearnerConfig."""
     gas = lc.mini_batch_size // (lc.micro_batch_size * world_size)
-    zero: dict = {"stage": lc.zero_stage}
+    zero: dict = {"stage": effective_zero_stage(lc, world_size)}
     if lc.zero_stage == 3:
         # Partition every parameter, however small: a tiny test model then takes the same
         # gather paths as a large one; small tensors are a negligible share of the traffic.
@@ -177,5 +188,9 @@ def make_engine(cfg: TidalConfig, module: torch.nn.Module, lr: float, world_size
     optimizer = torch.optim.AdamW(params, lr=lr, eps=lc.adam_eps, weight_decay=lc.weight_decay)
     config = ds_config(lc, world_size, model_dtype(cfg) == torch.bfloat16)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    if world_size == 1 and config["zero_optimization"]["stage"] == 0:
+        # One rank: the gradient all-reduce is an identity, yet DeepSpeed flattens every gradient
+        # into a buffer, all-reduces it and copies it back (docs/performance.md).
+        engine.enable_backward_allreduce = False
     return engine
 

@@ -27,7 +27,7 @@ import torch
 
 from tidal.actors.threads import apply_threads
 from tidal.common.config import TidalConfig
-from tidal.common.ops import entropy_from_logits, logprobs_from_logits, position_ids_from_mask
+from tidal.common.ops import logprobs_and_entropy, logprobs_from_logits, position_ids_from_mask
 from tidal.learner.engine import (build_policy, build_value, free_port, init_distributed, linear_lr, make_engine,
                                   seed_everything)
 
@@ -125,13 +125,10 @@ class LearnerWorker:
                           logits_to_keep=response_len + 1)
         logits = out.logits[:, -response_len - 1:-1]  # (B, R, V): position P+t-1 predicts token t
         t = temperature if temperature > 0 else 1.0  # greedy rollouts: plain softmax logprobs
-        logprobs = logprobs_from_logits(logits, input_ids[:, -response_len:], t)
-        if entropy == "loss":
-            return logprobs, entropy_from_logits(logits, t)
-        if entropy == "metric":
-            with torch.no_grad():
-                return logprobs, entropy_from_logits(logits.detach(), t)
-        return logprobs, None
+        labels = input_ids[:, -response_len:]
+        if entropy is None:
+            return logprobs_from_logits(logits, labels, t), None
+        return logprobs_and_entropy(logits, labels, t, entropy_grad=entropy == "loss")
 
     def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
         """(B, P+R) -> (B, R): column t is V(state before response token t), read at position P+t-1."""
@@ -393,7 +390,7 @@ class LearnerWorker:
         with torch.random.fork_rng(devices=[]):
             probe = torch.rand(1).item()  # differs between ranks iff their streams differ
         return {"rank": self.rank, "world_size": self.world_size, "seed": self.seed, "rng_probe": probe, "pid": os.getpid(),
-                "max_dropout": dropout, "training": module.training, "zero_stage": self.cfg.learner.zero_stage,
+                "max_dropout": dropout, "training": module.training, "zero_stage": self.engine.zero_optimization_stage(),
                 "params": sum(numel(p) for p in module.parameters()),
                 "trainable_params": sum(numel(p) for p in module.parameters() if p.requires_grad),
                 "has_critic": self.critic is not None,

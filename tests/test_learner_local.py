@@ -267,6 +267,7 @@ def test_values_are_invariant_to_padding(ppo_group):
     assert torch.allclose(alone[0, :n], together[shortest, :n], atol=1e-5)
     info = ppo_group.describe()[0]
     assert info["max_dropout"] == 0.0 and info["has_critic"]
+    assert info["zero_stage"] == 0  # zero_stage=2 on one rank runs as stage 0 (engine.effective_zero_stage)
 
 
 # ------------------------------------------------------------------ LoRA

@@ -374,3 +374,34 @@ def test_fixed_kl_controller():
     d = FixedKLController(0.0)
     d.load_state_dict(c.state_dict())
     assert d.value == 0.05
+
+
+@pytest.mark.parametrize("ranks,stage,offload,runs", [
+    (1, 2, False, 0), (1, 1, False, 0), (1, 0, False, 0), (1, 3, False, 3), (1, 2, True, 2),
+    (2, 2, False, 2), (2, 1, False, 1), (4, 3, False, 3),
+])
+def test_one_rank_zero_1_2_runs_as_stage_0(ranks, stage, offload, runs):
+    from tidal.common.config import load_config
+    from tidal.learner.engine import ds_config, effective_zero_stage
+
+    lc = load_config(None, [f"learner.zero_stage={stage}", f"learner.offload={str(offload).lower()}",
+                            f"learner.num_workers={ranks}", "learner.mini_batch_size=8",
+                            "learner.micro_batch_size=2"]).learner
+    assert effective_zero_stage(lc, ranks) == runs
+    assert ds_config(lc, ranks, bf16=False)["zero_optimization"]["stage"] == runs
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_and_entropy_equal_the_separate_ops(temperature):
+    from tidal.common.ops import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
+
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    labels = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))
+    lp, ent = logprobs_and_entropy(logits, labels, temperature)
+    assert torch.allclose(lp, logprobs_from_logits(logits, labels, temperature), atol=1e-6)
+    assert torch.allclose(ent, entropy_from_logits(logits, temperature), atol=1e-6)
+    assert lp.requires_grad and not ent.requires_grad  # the entropy is a metric unless entropy_grad
+    lp2, ent2 = logprobs_and_entropy(logits, labels, temperature, entropy_grad=True)
+    (g,) = torch.autograd.grad(ent2.sum(), logits)
+    (want,) = torch.autograd.grad(entropy_from_logits(logits, temperature).sum(), logits)
+    assert torch.allclose(g, want, atol=1e-6)
