@@ -43,23 +43,32 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return out * mask
 
 
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) over the last dim, in fp32."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def _gather(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    return -(logp.exp() * logp).sum(-1)
+
+
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(labels) under softmax(logits / temperature). logits (..., V), labels (...) -> (...).
 
     Dividing by the sampling temperature is what makes trainer logprobs match the rollout
     engine's (docs/implementation.md#d3)."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return _gather(_log_softmax(logits, temperature), labels)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) over the last dim. (..., V) -> (...)."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    return _entropy(_log_softmax(logits, temperature))
 
 
 def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
@@ -67,14 +76,10 @@ def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature
     """logprobs_from_logits and entropy_from_logits from one log-softmax over the vocabulary
     (the costliest op of the loss at a 49k vocabulary). entropy_grad=False: the entropy is a
     metric, computed without gradient."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = F.log_softmax(logits.float(), dim=-1)
-    logprobs = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    if entropy_grad:
-        return logprobs, -(logp.exp() * logp).sum(-1)
-    with torch.no_grad():
-        return logprobs, -(logp.exp() * logp).sum(-1)
+    logp = _log_softmax(logits, temperature)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = _entropy(logp)
+    return _gather(logp, labels), entropy
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -268,6 +268,8 @@ def test_values_are_invariant_to_padding(ppo_group):
     info = ppo_group.describe()[0]
     assert info["max_dropout"] == 0.0 and info["has_critic"]
     assert info["zero_stage"] == 0  # zero_stage=2 on one rank runs as stage 0 (engine.effective_zero_stage)
+    # ...and skips DeepSpeed's gradient all-reduce, an identity on one rank (engine.make_engine)
+    assert ppo_group.ranks.local_instance(0).engine.enable_backward_allreduce is False
 
 
 # ------------------------------------------------------------------ LoRA
