@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import re
+import time
 
 import pytest
 
@@ -140,7 +141,12 @@ def test_wandb_offline_writes_under_run_dir(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1 and (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
     assert len(read_metrics(tmp_path)) == 3
-    # resume continues the same wandb run id
+    # resume continues the same wandb run id. wandb names an offline run's folder by its start
+    # second, so a resume that starts within the same second as the first run (possible only in a
+    # test this fast) would share its folder: wait for the next second.
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.05)
     with MetricsLogger(tmp_path, cfg, resume=True) as logger:
         logger.log(4, {"rl/reward_mean": 0.4}, stage="rl")
     assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
