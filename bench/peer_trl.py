@@ -3,6 +3,7 @@
     .venv/bin/python bench/peer_trl.py                    # all cases, median of 10 steps each
     .venv/bin/python bench/peer_trl.py --steps 1 --prompts 2 --new-tokens 8 --out /tmp/p.json
     .venv/bin/python bench/peer_trl.py --only sync --tidal-set learner.num_workers=2 --tidal-set learner.zero_stage=0
+    .venv/bin/python bench/peer_trl.py --precision bf16   # every case in bf16 autocast -> peer_trl_bf16.json
 
 The work (defaults): SmolLM2-135M-Instruct fp32 (tidal's registry model `smollm2-135m`) as policy
 and frozen reference; per step 8 prompts x 4 samples x at most 24 new tokens, temperature 1.0;
@@ -25,6 +26,9 @@ shuffle_dataset=False). Cases:
          policy and one no-grad reference forward on a batch of the same shape (rows = prompts x
          samples, width = the median over steps of the widest prompt + max new tokens).
 Each system gets one warm-up step, then --steps measured steps; figures are medians.
+--precision bf16 runs every case's model math in bf16 autocast with float32 weights: TRL with
+bf16=True, tidal with learner.autocast=bf16, the floor under torch.autocast (the same work in the
+same precision; the rollout engines stay float32).
 """
 
 from __future__ import annotations
@@ -94,9 +98,9 @@ def versions() -> dict[str, str | None]:
 
 # ---------------------------------------------------------------------------- tidal config and prompts
 
-def tidal_overrides(work: Work, mode: str, out: Path, extra: list[str]) -> list[str]:
+def tidal_overrides(work: Work, mode: str, out: Path, extra: list[str], precision: str = "fp32") -> list[str]:
     """configs/tiny_grpo.yaml -> the benchmark's work (module docstring); `extra` (--tidal-set) last."""
-    return [f"logging.output_dir={out}", f"logging.run_name=tidal-{mode}", "logging.wandb_mode=disabled",
+    return [f"learner.autocast={'bf16' if precision == 'bf16' else 'none'}", f"logging.output_dir={out}", f"logging.run_name=tidal-{mode}", "logging.wandb_mode=disabled",
             "logging.progress=false", "logging.eval_samples=0", f"data.data_dir={out / 'data'}",
             f"model.policy={MODEL}", "model.dtype=float32", "reward.terms=[{kind: sentiment}]", "reward.normalize=none",
             f"rollout.n_samples={work.samples}", f"rollout.max_new_tokens={work.new_tokens}",
@@ -107,10 +111,10 @@ def tidal_overrides(work: Work, mode: str, out: Path, extra: list[str]) -> list[
             "algorithm.max_staleness=1", f"algorithm.steps={WARMUP + work.steps}", *extra]
 
 
-def load_cfg(work: Work, mode: str, out: Path, extra: list[str]):
+def load_cfg(work: Work, mode: str, out: Path, extra: list[str], precision: str = "fp32"):
     from tidal.common.config import load_config
 
-    return load_config(BASE_CONFIG, tidal_overrides(work, mode, out, extra))
+    return load_config(BASE_CONFIG, tidal_overrides(work, mode, out, extra, precision))
 
 
 def step_prompts(cfg, model_dir: str, n_steps: int) -> list:
@@ -128,7 +132,7 @@ def step_prompts(cfg, model_dir: str, n_steps: int) -> list:
 
 # ---------------------------------------------------------------------------- TRL
 
-def run_trl(work: Work, model_dir: str, batches: list, tmp: Path) -> dict:
+def run_trl(work: Work, model_dir: str, batches: list, tmp: Path, precision: str) -> dict:
     import warnings
 
     import torch
@@ -170,7 +174,7 @@ def run_trl(work: Work, model_dir: str, batches: list, tmp: Path) -> dict:
         return wrapper
 
     args = GRPOConfig(
-        output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0,
+        output_dir=str(tmp / "trl"), use_cpu=True, bf16=precision == "bf16", gradient_checkpointing=False, seed=0,
         per_device_train_batch_size=work.rows, num_generations=work.samples, gradient_accumulation_steps=1,
         max_steps=WARMUP + work.steps, learning_rate=LR, lr_scheduler_type="linear", beta=BETA, num_iterations=1,
         temperature=TEMPERATURE, max_completion_length=work.new_tokens, use_vllm=False, shuffle_dataset=False,
@@ -198,10 +202,10 @@ def run_trl(work: Work, model_dir: str, batches: list, tmp: Path) -> dict:
 
 # ---------------------------------------------------------------------------- tidal
 
-def run_tidal(work: Work, mode: str, tmp: Path, extra: list[str]) -> dict:
+def run_tidal(work: Work, mode: str, tmp: Path, extra: list[str], precision: str) -> dict:
     from tidal.cluster.driver import run_pipeline
 
-    cfg = load_cfg(work, mode, tmp, extra)
+    cfg = load_cfg(work, mode, tmp, extra, precision)
     run_dir = tmp / f"tidal-{mode}"
     t0 = time.perf_counter()
     run_pipeline(cfg, run_dir, verbose=False)
@@ -215,13 +219,14 @@ def run_tidal(work: Work, mode: str, tmp: Path, extra: list[str]) -> dict:
     return {"step_s": block_s["step"], "median_step_s": median_after_warmup(block_s["step"]),
             "block_s": block_s, "median_block_s": {b: median_after_warmup(v) for b, v in block_s.items()},
             "pipeline_wall_s": round(wall, 2), "run_dir": str(run_dir),
-            "learner": {"num_workers": cfg.learner.num_workers, "zero_stage": cfg.learner.zero_stage},
+            "learner": {"num_workers": cfg.learner.num_workers, "zero_stage": cfg.learner.zero_stage,
+                        "autocast": cfg.learner.autocast},
             "response_len": [r.get("experience/response_len") for r in rl], "reward_mean": [r.get("rl/score_mean") for r in rl]}
 
 
 # ---------------------------------------------------------------------------- floor
 
-def run_floor(work: Work, model_dir: str, prompt_width: int, repeats: int) -> dict:
+def run_floor(work: Work, model_dir: str, prompt_width: int, repeats: int, precision: str) -> dict:
     """One GRPO-shaped training step's bare compute, torch on every core: the policy's response
     log-probs -> backward -> clip -> AdamW, and the reference's response log-probs (no grad).
     Only the response positions' logits are computed (logits_to_keep), as TRL does."""
@@ -241,7 +246,8 @@ def run_floor(work: Work, model_dir: str, prompt_width: int, repeats: int) -> di
         mask = torch.ones_like(ids)
 
         def response_logprobs(model):  # (rows, new_tokens): what GRPO's loss and its KL term read
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1] / TEMPERATURE
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1] / TEMPERATURE
             return torch.log_softmax(logits.float(), -1).gather(-1, ids[:, -work.new_tokens:, None]).squeeze(-1)
 
         train, ref_fwd, total = [], [], []
@@ -317,8 +323,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Work,
     ap.add_argument("--floor-repeats", type=int, default=None, help="measured floor steps (default: --steps)")
     ap.add_argument("--tidal-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra tidal config override for the sync/async cases (repeatable)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "peer_trl.json"))
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: every case in bf16 autocast with float32 weights (module docstring)")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/results/peer_trl[_bf16].json)")
     args = ap.parse_args(argv)
+    args.out = args.out or str(REPO / "bench" / "results" / f"peer_trl{'_bf16' if args.precision == 'bf16' else ''}.json")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in CASES]
     if unknown or not names:
@@ -347,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tidal-peer-"))
     try:
         args, work, cases = parse_args(argv)
-        cfg = load_cfg(work, "sync", tmp, args.tidal_set)  # a bad --tidal-set fails here, before any run
+        cfg = load_cfg(work, "sync", tmp, args.tidal_set, args.precision)  # a bad --tidal-set fails here, before any run
     except (UsageError, ConfigError) as e:
         print(f"peer_trl: {e}", file=sys.stderr)
         return 2
@@ -360,9 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                     "platform": platform.platform(), "load_avg_start": os.getloadavg(),
                     "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS")},
         "versions": versions(), "cases_run": list(cases),
-        "work": {**asdict(work), "model": MODEL, "dtype": "float32", "lr": LR, "kl_beta": BETA, "temperature": TEMPERATURE,
+        "work": {**asdict(work), "model": MODEL, "dtype": "float32", "precision": args.precision, "lr": LR, "kl_beta": BETA, "temperature": TEMPERATURE,
                  "reward": "VADER compound (tidal rule `sentiment`)", "warmup_steps": WARMUP,
-                 "tidal_config": f"{BASE_CONFIG.relative_to(REPO)} + " + " ".join(tidal_overrides(work, "MODE", Path("TMP"), args.tidal_set))},
+                 "tidal_config": f"{BASE_CONFIG.relative_to(REPO)} + " + " ".join(tidal_overrides(work, "MODE", Path("TMP"), args.tidal_set, args.precision))},
         "cases": {},
     }
     batches = step_prompts(cfg, model_dir, WARMUP + work.steps)
@@ -370,10 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     # TRL and the floor run in this process before Ray starts; tidal's cases then share one cluster.
     if "trl" in cases:
-        results["cases"]["trl"] = run_trl(work, model_dir, batches, tmp)
+        results["cases"]["trl"] = run_trl(work, model_dir, batches, tmp, args.precision)
         print(f"trl: median {results['cases']['trl']['median_step_s']:.3f} s/step", flush=True)
     if "floor" in cases:
-        results["cases"]["floor"] = run_floor(work, model_dir, int(statistics.median(widths)), args.floor_repeats)
+        results["cases"]["floor"] = run_floor(work, model_dir, int(statistics.median(widths)), args.floor_repeats, args.precision)
         print(f"floor: median {results['cases']['floor']['median_step_s']:.3f} s/step", flush=True)
     modes = [m for m in ("sync", "async") if m in cases]
     if modes:
@@ -384,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                        verbose=False)
         try:
             for mode in modes:
-                results["cases"][mode] = run_tidal(work, mode, tmp, args.tidal_set)
+                results["cases"][mode] = run_tidal(work, mode, tmp, args.tidal_set, args.precision)
                 print(f"tidal {mode}: median {results['cases'][mode]['median_step_s']:.3f} s/step", flush=True)
         finally:
             disconnect(conn)

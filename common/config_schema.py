@@ -106,6 +106,7 @@ class LearnerConfig:
     cpus_per_worker: float = doc(1.0, "Logical CPUs per learner rank.", min=0.0)
     gpus_per_worker: float = doc(0.0, "GPUs per learner rank (0 on CPU).", min=0.0)
     num_threads: int = doc(0, "Math threads of each learner rank and of the reference worker (0: auto, as rollout.num_threads).", min=0)
+    autocast: Literal["none", "bf16", "auto"] = doc("none", "Mixed precision of a float32 model: bf16 runs the forward passes of the learner ranks and the reference worker (and so their backward) under bf16 autocast, keeping float32 weights, gradients and AdamW state; auto: bf16 where the device multiplies bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), none elsewhere; none: float32 throughout. Under autocast pi_old comes from the trainer (docs/performance.md). Needs model.dtype float32.")
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,13 @@ def _check_cross_fields(c: TidalConfig) -> None:
             raise ConfigError(f"algorithm.old_logprobs=engine: {why}, so they are not pi_old; "
                               "use algorithm.old_logprobs=auto (or trainer).")
     lc = c.learner
+    if lc.autocast != "none" and c.model.dtype != "float32":
+        raise ConfigError(f"learner.autocast={lc.autocast} needs model.dtype=float32 (got {c.model.dtype}, which is bf16 "
+                          "throughout already); set learner.autocast=none or model.dtype=float32.")
+    if lc.autocast != "none" and a.old_logprobs == "engine":
+        raise ConfigError(f"algorithm.old_logprobs=engine with learner.autocast={lc.autocast}: the engine's float32 "
+                          "log-probs differ from the learner's bf16 ones (about 0.05 nats per token), so PPO ratios "
+                          "would start off 1; use algorithm.old_logprobs=auto (or trainer), or learner.autocast=none.")
     if lc.mini_batch_size % (lc.micro_batch_size * lc.num_workers) != 0:
         raise ConfigError(
             f"learner.mini_batch_size ({lc.mini_batch_size}) must be a multiple of learner.micro_batch_size x learner.num_workers "

@@ -191,10 +191,12 @@ def mean_abs_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
 def engine_old_logprobs(cfg) -> bool:
     """Whether the engine's log-probs of the sampled tokens may stand for pi_old
     (algorithm.old_logprobs): only in sync mode, where the engine holds the very weights being
-    trained, and with unfiltered sampling, where its log-probs are the full softmax's."""
+    trained, with unfiltered sampling, where its log-probs are the full softmax's, and with the
+    learner in float32 (learner.autocast none), where they are the same computation."""
     a, r = cfg.algorithm, cfg.rollout
     return (a.old_logprobs != "trainer" and a.mode == "sync" and r.top_p >= 1.0 and r.top_k <= 0
-            and r.temperature > 0)  # greedy: the trainer's plain softmax is not what the engine reports
+            and r.temperature > 0  # greedy: the trainer's plain softmax is not what the engine reports
+            and cfg.learner.autocast == "none")  # bf16 learner log-probs are not the float32 engine's
 
 
 def usable_rows(scored: ScoredBatch, algorithm: "Algorithm", group_size: int) -> tuple[RolloutBatch, torch.Tensor]:

@@ -102,7 +102,9 @@ class LearnerGroup:
             lc, n = cfg.learner, self.world_size
             opts = {"num_cpus": lc.cpus_per_worker, "num_gpus": lc.gpus_per_worker}
             self.threads = run_threads(cfg, reference_alone=engine_old_logprobs(cfg) and not self.algorithm.uses_critic)
-            self.ranks = ActorGroup(LearnerWorker, n, args=lambda r: (cfg, r, n, self.threads.learner), options=opts,
+            # a rank's old-logprob / critic forwards run beside the reference worker's: share the cores
+            fwd_threads = self.threads.learner_forward if reference_path is not None else self.threads.learner
+            self.ranks = ActorGroup(LearnerWorker, n, args=lambda r: (cfg, r, n, self.threads.learner, fwd_threads), options=opts,
                                     options_fn=placement.actor_options("learner") if placement else None,
                                     local=local, name="learner", call_timeout_s=self.timeout)
             if reference_path is not None:
@@ -115,6 +117,8 @@ class LearnerGroup:
             self.shutdown()  # no half-built group keeps its actors or placement group
             raise
         self.timings["total_s"] = time.perf_counter() - t0
+        if self.timings["autocast_bf16"]:
+            print(f"tidal: {role} learner forward passes in bf16 autocast (learner.autocast={cfg.learner.autocast})", flush=True)
 
     # ------------------------------------------------------------------ actors
 
@@ -128,7 +132,8 @@ class LearnerGroup:
         if self.reference:
             self._collect("setup", self.reference, ref_started)
         return {"actors_and_setup_s": time.perf_counter() - t0,
-                "dist_init_s": max(s["dist_init_s"] for s in setup), "engines_s": max(s["engines_s"] for s in setup)}
+                "dist_init_s": max(s["dist_init_s"] for s in setup), "engines_s": max(s["engines_s"] for s in setup),
+                "autocast_bf16": setup[0]["autocast_bf16"]}
 
     def restart(self) -> None:
         """Replace every rank and the reference by fresh processes on the same placement slots,

@@ -13,6 +13,7 @@ import torch
 from tidal.actors.threads import apply_threads
 from tidal.common.config import TidalConfig
 from tidal.common.models import load_causal_lm, sequence_logprobs
+from tidal.common.precision import autocast, use_autocast
 
 
 class ReferenceWorker:
@@ -22,6 +23,8 @@ class ReferenceWorker:
         self.device = torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         self.model = load_causal_lm(model_path, dtype).to(self.device).requires_grad_(False)
+        # the policy's precision (learner.autocast), so KL to the reference is 0 at the start
+        self.autocast = use_autocast(cfg.learner.autocast, dtype, self.device)
         self.micro_batch_size = cfg.learner.micro_batch_size
 
     @torch.no_grad()
@@ -34,11 +37,12 @@ class ReferenceWorker:
         for i in range(0, len(input_ids), self.micro_batch_size):
             ids = input_ids[i:i + self.micro_batch_size].to(self.device)
             mask = attention_mask[i:i + self.micro_batch_size].to(self.device)
-            out.append(sequence_logprobs(self.model, ids, mask, response_len, t).float().cpu())
+            with autocast(self.autocast, self.device):
+                out.append(sequence_logprobs(self.model, ids, mask, response_len, t).float().cpu())
         return torch.cat(out)
 
     def ready(self) -> bool:
         return True
 
     def describe(self) -> dict:
-        return {"pid": os.getpid(), "num_threads": torch.get_num_threads()}
+        return {"pid": os.getpid(), "num_threads": torch.get_num_threads(), "autocast_bf16": self.autocast}

@@ -25,11 +25,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from tidal.actors.threads import apply_threads
+from tidal.actors.threads import apply_threads, threads_during
 from tidal.common.config import TidalConfig
 from tidal.common.ops import logprobs_and_entropy, logprobs_from_logits, position_ids_from_mask
+from tidal.common.precision import autocast, use_autocast
 from tidal.learner.engine import (build_policy, build_value, free_port, init_distributed, linear_lr, make_engine,
-                                  seed_everything)
+                                  model_dtype, seed_everything)
 
 ROLES = ("policy", "reward")
 CKPT_TAG = "state"
@@ -59,9 +60,10 @@ class FitPlan:
 
 
 class LearnerWorker:
-    def __init__(self, cfg: TidalConfig, rank: int, world_size: int, num_threads: int = 0):
+    def __init__(self, cfg: TidalConfig, rank: int, world_size: int, num_threads: int = 0, forward_threads: int = 0):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         apply_threads(num_threads)  # tidal.actors.threads
+        self.forward_threads = forward_threads  # while computing beside the reference worker (ThreadPlan)
         self.seed = cfg.seed + rank  # a different stream per data-parallel rank (docs/implementation.md#d10)
         self.use_gpu = cfg.learner.gpus_per_worker > 0
         self.spec: WorkerSpec | None = None
@@ -71,6 +73,7 @@ class LearnerWorker:
         self.rl_steps = 0  # optimizer steps taken by update_rl (drives the RL LR schedule)
         self.rl_updates = 0  # update_rl calls (seeds each call's shuffling)
         self.weight_sender = None  # rollout.weight_transport=collective: rank 0's CollectiveTransport
+        self.autocast = use_autocast(cfg.learner.autocast, model_dtype(cfg), self.device)  # tidal.common.precision
 
     # ------------------------------------------------------------------ setup
 
@@ -105,7 +108,7 @@ class LearnerWorker:
                 self.critic = make_engine(cfg, build_value(cfg, spec.critic_path, n, spec.critic_affine), lc.critic_lr, n)
         else:
             self.engine = make_engine(cfg, build_value(cfg, spec.model_path, n), lc.lr, n)
-        return {"dist_init_s": t1 - t0, "engines_s": time.perf_counter() - t1}
+        return {"dist_init_s": t1 - t0, "engines_s": time.perf_counter() - t1, "autocast_bf16": float(self.autocast)}
 
     @property
     def device(self) -> torch.device:
@@ -120,9 +123,10 @@ class LearnerWorker:
         (no (B, R, V) graph kept alive), None not computed. Position ids from the mask (docs/implementation.md#d2)."""
         self._need(self.spec.role == "policy", "policy_logprobs", "a policy learner")
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        out = self.engine(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                          logits_to_keep=response_len + 1)
+        with autocast(self.autocast, self.device):
+            out = self.engine(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                              logits_to_keep=response_len + 1)
         logits = out.logits[:, -response_len - 1:-1]  # (B, R, V): position P+t-1 predicts token t
         t = temperature if temperature > 0 else 1.0  # greedy rollouts: plain softmax logprobs
         labels = input_ids[:, -response_len:]
@@ -133,7 +137,8 @@ class LearnerWorker:
     def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
         """(B, P+R) -> (B, R): column t is V(state before response token t), read at position P+t-1."""
         self._need(self.critic is not None, "critic_values", "a critic (critic_path)")
-        values = self.critic(input_ids.to(self.device), attention_mask.to(self.device))  # (B, P+R)
+        with autocast(self.autocast, self.device):
+            values = self.critic(input_ids.to(self.device), attention_mask.to(self.device)).float()  # (B, P+R)
         start = values.shape[1] - response_len - 1
         return values[:, start:start + response_len]
 
@@ -141,7 +146,8 @@ class LearnerWorker:
         """(N, T) -> (N,) value-head output at each row's last real token (docs/implementation.md#d1)."""
         self._need(self.spec.role == "reward", "reward_scores", "a reward learner")
         attention_mask = attention_mask.to(self.device)
-        values = self.engine(input_ids.to(self.device), attention_mask)  # (N, T)
+        with autocast(self.autocast, self.device):
+            values = self.engine(input_ids.to(self.device), attention_mask).float()  # (N, T)
         positions = torch.arange(attention_mask.shape[1], device=self.device)
         last = (attention_mask.long() * positions).argmax(-1)  # (N,)
         return values.gather(1, last[:, None]).squeeze(1)
@@ -159,14 +165,16 @@ class LearnerWorker:
     def compute_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                          temperature: float) -> torch.Tensor:
         """Policy logprobs (B, R) of this rank's shard, in micro-batches."""
-        return torch.cat([self.policy_logprobs(input_ids[s], attention_mask[s], response_len, temperature)[0].float().cpu()
-                          for s in self._micro(len(input_ids))])
+        with threads_during(self.forward_threads):
+            return torch.cat([self.policy_logprobs(input_ids[s], attention_mask[s], response_len, temperature)[0].float().cpu()
+                              for s in self._micro(len(input_ids))])
 
     @torch.no_grad()
     def compute_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
         """Critic values (B, R) of this rank's shard."""
-        return torch.cat([self.critic_values(input_ids[s], attention_mask[s], response_len).float().cpu()
-                          for s in self._micro(len(input_ids))])
+        with threads_during(self.forward_threads):
+            return torch.cat([self.critic_values(input_ids[s], attention_mask[s], response_len).float().cpu()
+                              for s in self._micro(len(input_ids))])
 
     @torch.no_grad()
     def compute_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -393,5 +401,5 @@ class LearnerWorker:
                 "max_dropout": dropout, "training": module.training, "zero_stage": self.engine.zero_optimization_stage(),
                 "params": sum(numel(p) for p in module.parameters()),
                 "trainable_params": sum(numel(p) for p in module.parameters() if p.requires_grad),
-                "has_critic": self.critic is not None,
-                "num_threads": torch.get_num_threads()}
+                "has_critic": self.critic is not None, "autocast_bf16": self.autocast,
+                "num_threads": torch.get_num_threads(), "forward_threads": self.forward_threads}

@@ -1,0 +1,46 @@
+"""bf16 autocast for float32 models (learner.autocast).
+
+With `learner.autocast` the learner ranks' and the reference worker's forward passes run under
+`torch.autocast(dtype=bfloat16)`: matrix multiplies in bf16, weights, gradients, the loss's
+log-softmax and AdamW's state in float32. Backward follows the forward's dtypes by itself.
+It pays only where the hardware multiplies bf16 natively: a CUDA GPU with bf16, or a CPU with
+AVX512-BF16 or AMX (docs/performance.md: 2.3x on the update of the 2-core test machine's
+AVX512-BF16 cores). Elsewhere bf16 is emulated and slower, so `auto` leaves it off there.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import ContextManager
+
+import torch
+
+log = logging.getLogger("tidal.precision")
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 in hardware."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return False
+
+
+def use_autocast(setting: str, model_dtype: torch.dtype, device: torch.device) -> bool:
+    """The decision for one process: learner.autocast ("none" | "bf16" | "auto") on `device`.
+    A bfloat16 model is bf16 already (the config refuses autocast with it)."""
+    if setting == "none" or model_dtype != torch.float32:
+        return False
+    native = bf16_native(device)
+    if setting == "bf16" and not native:
+        log.warning("learner.autocast=bf16 on a %s without native bf16 math: bf16 is emulated and may be slower "
+                    "than float32; learner.autocast=auto turns it on only where it is native", device.type)
+    return setting == "bf16" or native
+
+
+def autocast(enabled: bool, device: torch.device) -> ContextManager:
+    """The forward-pass context: bf16 autocast on `device`, or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
