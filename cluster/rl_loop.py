@@ -21,7 +21,10 @@ Sync mode skips the weights (the engine and the trainer hold the same version), 
 pi_old can be the engine's own logprobs of the sampled tokens, which saves the forward pass of
 the learner ranks (algorithm.old_logprobs; with `auto` the trainer's are computed as well at the
 first step and every logprob_check_every steps, and a gap above ENGINE_LOGPROB_TOL switches the
-run to the trainer's; metric `rl/old_logprobs_engine`).
+run to the trainer's; metric `rl/old_logprobs_engine`). With one minibatch per epoch and no KL
+penalty in the rewards, pi_old is the update's own first-minibatch log-probs and no forward pass
+or engine log-probs are needed (tidal.learner.experience.old_in_update; metric
+`rl/old_logprobs_in_update`).
 
 Determinism: generation is seeded per step (`step_sampling`) and per prompt (the pool derives
 each prompt's seed from the step seed and the prompt index), learners reseed their shuffles
@@ -47,7 +50,7 @@ from tidal.cluster.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import MetricsLogger, Timer
 from tidal.common.types import ScoredBatch
-from tidal.learner.experience import engine_old_logprobs, usable_rows
+from tidal.learner.experience import engine_old_logprobs, old_in_update, usable_rows
 from tidal.learner.kl import AdaptiveKLController, FixedKLController
 from tidal.rollout.sampling import Sampling
 
@@ -209,9 +212,10 @@ class RLLoop:
             produced = self.pipeline.get(step, timeout_s=self.cfg.cluster.sync_timeout_s * 4)
         learners = self.parts.learners
         rollout, scores = usable_rows(produced.batch, learners.algorithm, self.cfg.rollout.n_samples)
-        check = self._check_logprobs(step)
+        in_update = old_in_update(self.cfg, len(rollout))  # pi_old from the update's first minibatch
+        check = not in_update and self._check_logprobs(step)
         with timer("forward"):
-            fwd = learners.forward(rollout, old_from_engine=self.engine_old and not check)
+            fwd = learners.forward(rollout, old_from_engine=self.engine_old and not check, old_in_update=in_update)
         if check:
             self._judge_gap(step, fwd.logprob_gap())
         if learners.algorithm.update == "sft":  # expert iteration: no advantages, SFT on the kept samples
@@ -223,6 +227,8 @@ class RLLoop:
             ptx = self.parts.ptx.for_step(step, len(exp)) if self.parts.ptx is not None else None
             with timer("update"):
                 update = learners.update_rl(exp, ptx=ptx, is_weight_cap=self.is_weight_cap)
+            # pi_old taken in the update: its KL and engine gap come from there
+            exp_metrics.update({k: update.pop(k) for k in ("experience/kl_per_seq", "rollout/logprob_gap") if k in update})
         with timer("sync"):
             handle = learners.export_weights(step + 1)
             self.pipeline.push(handle, step + 1)
@@ -233,6 +239,7 @@ class RLLoop:
         wall = time.perf_counter() - t0
         self._record_rollout(step, produced.batch)
         exp_metrics["rl/old_logprobs_engine"] = float(fwd.old_from_engine)
+        exp_metrics["rl/old_logprobs_in_update"] = float(in_update)
         gap = fwd.logprob_gap()
         if gap is not None:
             exp_metrics["rollout/logprob_gap"] = gap

@@ -78,7 +78,7 @@ class Experience:
     input_ids: torch.Tensor  # (B, P+R) long, [left-padded prompt | right-padded response]
     attention_mask: torch.Tensor  # (B, P+R) long, 1 on real tokens
     response_mask: torch.Tensor  # (B, R) float, 1 on real response tokens
-    old_logprobs: torch.Tensor  # (B, R) policy logprobs at collection (trainer-recomputed)
+    old_logprobs: torch.Tensor | None  # (B, R) pi_old at collection; None: taken inside the update
     ref_logprobs: torch.Tensor  # (B, R) frozen reference policy logprobs
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R) value targets (zeros for critic-free algorithms)

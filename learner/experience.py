@@ -107,7 +107,8 @@ class ForwardPass:
     input_ids: torch.Tensor  # (B, P+R) long
     attention_mask: torch.Tensor  # (B, P+R) long
     response_mask: torch.Tensor  # (B, R) float
-    old_logprobs: torch.Tensor  # (B, R) pi_old: trainer-recomputed, or the engine's (old_from_engine)
+    old_logprobs: torch.Tensor | None  # (B, R) pi_old: trainer-recomputed, the engine's (old_from_engine), or
+    # None: taken inside the update (old_in_update)
     ref_logprobs: torch.Tensor  # (B, R) frozen reference logprobs
     values: torch.Tensor | None = None  # (B, R) critic values; None without a critic
     # (B, R) engine logprobs of the sampled tokens, beside the trainer's (None when the engine's
@@ -122,12 +123,15 @@ class ForwardPass:
 
     def logprob_gap(self) -> float | None:
         """Mean |trainer - engine| logprob per response token, None when only one of them exists."""
-        if self.rollout_logprobs is None:
+        if self.rollout_logprobs is None or self.old_logprobs is None:
             return None
         return mean_abs_gap(self.old_logprobs, self.rollout_logprobs, self.response_mask)
 
     def kl(self, estimator: str) -> torch.Tensor:
-        """Per-token KL estimate policy vs reference, 0 on padding. (B, R)."""
+        """Per-token KL estimate policy vs reference, 0 on padding (and everywhere while pi_old is
+        still to be taken in the update, where the KL penalty is off). (B, R)."""
+        if self.old_logprobs is None:
+            return torch.zeros_like(self.response_mask)
         real = self.response_mask.bool()
         return torch.where(real, kl_estimate(self.old_logprobs.float(), self.ref_logprobs.float(), estimator), 0.0)
 
@@ -143,7 +147,10 @@ def assemble_experience(fwd: ForwardPass, scores: torch.Tensor, algorithm: "Algo
     mask = fwd.response_mask.float()
     real = mask.bool()
     # logprobs and values at padded positions are meaningless: zero them (#d10)
-    old_logprobs = torch.where(real, fwd.old_logprobs.float(), 0.0)
+    if fwd.old_logprobs is None and kl_coef != 0:
+        raise ValueError("pi_old is taken inside the update (old_in_update), so the rewards cannot carry a KL "
+                         f"penalty, but kl_coef is {kl_coef}")
+    old_logprobs = None if fwd.old_logprobs is None else torch.where(real, fwd.old_logprobs.float(), 0.0)
     ref_logprobs = torch.where(real, fwd.ref_logprobs.float(), 0.0)
     kl = fwd.kl(kl_estimator)  # (B, R)
     values = None if fwd.values is None else torch.where(real, fwd.values.float(), 0.0)
@@ -160,18 +167,26 @@ def assemble_experience(fwd: ForwardPass, scores: torch.Tensor, algorithm: "Algo
 
 
 def experience_metrics(exp: Experience, kl_estimator: str) -> dict[str, float]:
-    """Batch statistics for logs and the adaptive KL controller (KL in nats per sequence)."""
+    """Batch statistics for logs and the adaptive KL controller (KL in nats per sequence). With
+    pi_old still to be taken in the update, the KL and the logprob gap come from the update."""
     mask = exp.response_mask
-    kl = torch.where(mask.bool(), kl_estimate(exp.old_logprobs, exp.ref_logprobs, kl_estimator), 0.0)
-    return {
+    out = {
         "experience/score_mean": exp.scores.mean().item(),
         "experience/score_std": exp.scores.std().item() if len(exp) > 1 else 0.0,
-        "experience/kl_per_seq": kl.sum(-1).mean().item(),
         "experience/response_len": mask.sum(-1).mean().item(),
         "experience/advantage_mean": masked_mean(exp.advantages, mask).item(),
         "experience/return_mean": masked_mean(exp.returns, mask).item(),
-        **logprob_gap(exp),
     }
+    if exp.old_logprobs is not None:
+        out.update(old_logprob_metrics(exp, kl_estimator))
+    return out
+
+
+def old_logprob_metrics(exp: Experience, kl_estimator: str) -> dict[str, float]:
+    """What pi_old tells about a batch: its KL to the reference (nats per sequence) and its gap to
+    the engine's log-probs."""
+    kl = torch.where(exp.response_mask.bool(), kl_estimate(exp.old_logprobs, exp.ref_logprobs, kl_estimator), 0.0)
+    return {"experience/kl_per_seq": kl.sum(-1).mean().item(), **logprob_gap(exp)}
 
 
 def logprob_gap(exp: Experience) -> dict[str, float]:
@@ -197,6 +212,19 @@ def engine_old_logprobs(cfg) -> bool:
     return (a.old_logprobs != "trainer" and a.mode == "sync" and r.top_p >= 1.0 and r.top_k <= 0
             and r.temperature > 0  # greedy: the trainer's plain softmax is not what the engine reports
             and cfg.learner.autocast == "none")  # bf16 learner log-probs are not the float32 engine's
+
+
+def old_in_update(cfg, rows: int | None = None) -> bool:
+    """Whether pi_old can be taken inside the update instead of by a forward pass
+    (algorithm.old_logprobs auto): with exactly one minibatch per PPO epoch (`rows`, default
+    prompts_per_step x n_samples, equal to learner.mini_batch_size) every row is in the first
+    minibatch, whose log-probs before its optimizer step ARE pi_old, and later epochs reuse them.
+    The rewards must carry no KL penalty (kl_coef 0, not adaptive): they are built before the
+    update. Expert iteration (an SFT update) has no ratio to take them for."""
+    a = cfg.algorithm
+    rows = a.prompts_per_step * cfg.rollout.n_samples if rows is None else rows
+    return (a.old_logprobs == "auto" and a.kl_coef == 0 and not a.adaptive_kl and a.name != "expert_iteration"
+            and rows == cfg.learner.mini_batch_size)
 
 
 def usable_rows(scored: ScoredBatch, algorithm: "Algorithm", group_size: int) -> tuple[RolloutBatch, torch.Tensor]:

@@ -32,7 +32,7 @@ from tidal.common.models import load_tokenizer
 from tidal.common.types import Experience, RolloutBatch
 from tidal.learner.algorithms import algorithm_for
 from tidal.learner.experience import (ForwardPass, assemble_experience, engine_old_logprobs, experience_metrics,
-                                      pad_response_floats, pad_rollout)
+                                      old_in_update, pad_response_floats, pad_rollout)
 from tidal.learner.reference import ReferenceWorker
 from tidal.learner.fits import RewardFit, SupervisedFits  # noqa: F401 - RewardFit: re-exported
 from tidal.learner.sft import SFTBatch
@@ -89,7 +89,8 @@ class LearnerGroup(SupervisedFits):
                                                             name_prefix=f"tidal-{role}-{uuid.uuid4().hex[:8]}")
             lc, n = cfg.learner, self.world_size
             opts = {"num_cpus": lc.cpus_per_worker, "num_gpus": lc.gpus_per_worker}
-            self.threads = run_threads(cfg, reference_alone=engine_old_logprobs(cfg) and not self.algorithm.uses_critic)
+            no_old_forward = engine_old_logprobs(cfg) or old_in_update(cfg)
+            self.threads = run_threads(cfg, reference_alone=no_old_forward and not self.algorithm.uses_critic)
             # a rank's old-logprob / critic forwards run beside the reference worker's: share the cores
             fwd_threads = self.threads.learner_forward if reference_path is not None else self.threads.learner
             self.ranks = ActorGroup(LearnerWorker, n, args=lambda r: (cfg, r, n, self.threads.learner, fwd_threads), options=opts,
@@ -223,25 +224,26 @@ class LearnerGroup(SupervisedFits):
     # ------------------------------------------------------------------ RL: one experience path
 
     def forward(self, rollout: RolloutBatch, with_values: bool | None = None,
-                old_from_engine: bool = False) -> ForwardPass:
+                old_from_engine: bool = False, old_in_update: bool = False) -> ForwardPass:
         """Pad a rollout (tokens after the first EOS cut) and run the forward passes on it at
         once: old-policy logprobs on the ranks, reference logprobs on the reference worker, and
         critic values when the algorithm uses a critic (with_values None) or when asked.
         `old_from_engine`: take the engine's logprobs of the sampled tokens as pi_old instead of
         a forward pass of the ranks (only where they are the same policy's: see
-        tidal.learner.experience.engine_old_logprobs); ignored when the rollout has none."""
+        tidal.learner.experience.engine_old_logprobs); ignored when the rollout has none.
+        `old_in_update`: no pi_old here; the update takes it (tidal.learner.experience.old_in_update)."""
         ids, mask, resp = pad_rollout(rollout, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         R, temperature, n = resp.shape[1], self.cfg.rollout.temperature, len(rollout)
         has_engine_lp = len(rollout) > 0 and all(len(lp) > 0 for lp in rollout.response_logprobs)
         engine_lp = pad_response_floats(rollout.response_logprobs, R) * resp if has_engine_lp else None
-        from_engine = old_from_engine and engine_lp is not None
-        old = None if from_engine else self._start_infer(lambda a: a.compute_logprobs, (ids, mask), (R, temperature))
+        from_engine = old_from_engine and engine_lp is not None and not old_in_update
+        old = None if from_engine or old_in_update else self._start_infer(lambda a: a.compute_logprobs, (ids, mask), (R, temperature))
         ref = self._start_ref(ids, mask, R, temperature)
         want_values = self.algorithm.uses_critic if with_values is None else with_values
         values = self._start_infer(lambda a: a.compute_values, (ids, mask), (R,)) if want_values else None
         return ForwardPass(
             input_ids=ids, attention_mask=mask, response_mask=resp,
-            old_logprobs=engine_lp if from_engine else self._finish_infer("compute_logprobs", old, n),
+            old_logprobs=engine_lp if from_engine else None if old is None else self._finish_infer("compute_logprobs", old, n),
             ref_logprobs=self._finish_ref(ref),
             values=None if values is None else self._finish_infer("compute_values", values, n),
             rollout_logprobs=None if from_engine else engine_lp,

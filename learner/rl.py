@@ -2,13 +2,16 @@
 GRPO / RLOO / REINFORCE-with-baseline (same clipped policy loss, advantages given).
 
 K = algorithm.ppo_epochs passes over the rank's shard in freshly shuffled minibatches; each
-minibatch is one optimizer step of the policy (and of the critic for PPO). After each step the
+minibatch is one optimizer step of the policy (and of the critic for PPO). Experience without
+pi_old (tidal.learner.experience.old_in_update) is one minibatch per epoch: its log-probs before
+the first optimizer step are pi_old, kept for later epochs and for the batch's KL metric. After each step the
 approximate KL(pi_old || pi_theta) is averaged over ranks, and the update stops early once it
 exceeds algorithm.early_stop_kl - the same decision on every rank, so collectives stay in step.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +22,7 @@ from tidal.learner.algorithms import algorithm_for
 from tidal.learner.kl import kl_estimate
 from tidal.learner.losses import policy_loss, sft_loss, truncated_is_weights, value_loss
 from tidal.learner.engine import linear_lr
+from tidal.learner.experience import old_logprob_metrics
 
 if TYPE_CHECKING:
     from tidal.learner.sft import SFTBatch
@@ -42,8 +46,14 @@ def rl_update(w: "LearnerWorker", exp: Experience, ptx: "SFTBatch | None",
                          f"(learner.mini_batch_size={lc.mini_batch_size} over {w.world_size} ranks); "
                          "collect more samples per step or lower learner.mini_batch_size")
     per_epoch = n // mini  # rows beyond whole minibatches sit out this epoch (reshuffled each epoch)
+    derived: list[torch.Tensor] | None = None
+    if exp.old_logprobs is None:  # pi_old from the first minibatch, before its optimizer step
+        if n != mini:
+            raise ValueError(f"rank {w.rank} got {n} experience rows without pi_old; taking it inside the update "
+                             f"needs exactly one minibatch ({mini} rows per rank): compute old log-probs first")
+        derived = []
     sums: dict[str, float] = {}
-    done, stopped = 0, False
+    done, stopped, first = 0, False, None
     ptx_cursor = [0]
     for epoch in range(algo.ppo_epochs):
         order = w.epoch_order(n, epoch, salt=1 + w.rl_updates)
@@ -53,7 +63,12 @@ def rl_update(w: "LearnerWorker", exp: Experience, ptx: "SFTBatch | None",
             if use_critic:
                 w.set_lr(w.critic, linear_lr(lc.critic_lr, w.rl_steps, w.spec.rl_total_steps, lc.lr_schedule))
             metrics = w.all_reduce_mean(_minibatch_step(w, exp.select(order[k * mini:(k + 1) * mini]), ptx, ptx_cursor,
-                                                        is_weight_cap, use_critic))
+                                                        is_weight_cap, use_critic, derived))
+            if derived:  # rows in `order`, now pi_old of the whole shard
+                old = torch.empty_like(exp.response_mask)
+                old[order] = torch.cat(derived).float().cpu()
+                exp, derived = replace(exp, old_logprobs=old * exp.response_mask), None
+                first = w.all_reduce_mean(old_logprob_metrics(exp, algo.kl_estimator))
             metrics["lr"] = lr
             w.rl_steps += 1
             done += 1
@@ -66,19 +81,24 @@ def rl_update(w: "LearnerWorker", exp: Experience, ptx: "SFTBatch | None",
             break
     w.rl_updates += 1
     out = {k: v / done for k, v in sums.items()}
+    if first is not None:  # equal shards per rank: the mean over ranks is the batch's
+        out.update(first)
     out.update({"ppo/early_stopped": float(stopped), "ppo/minibatches": float(done),
                 "ppo/minibatches_planned": float(per_epoch * algo.ppo_epochs), "ppo/rows_per_rank": float(n)})
     return out
 
 
 def _minibatch_step(w: "LearnerWorker", mb: Experience, ptx: "SFTBatch | None", ptx_cursor: list[int],
-                    is_weight_cap: float | None, use_critic: bool) -> dict[str, float]:
+                    is_weight_cap: float | None, use_critic: bool,
+                    derived: list[torch.Tensor] | None = None) -> dict[str, float]:
     """One optimizer step (policy, and critic for PPO) over the micro-batches of minibatch `mb`.
 
     Every token of the minibatch weighs the same, however the minibatch is split into
     micro-batches and ranks: a micro-batch's token-mean loss is scaled by its share of the
     minibatch's tokens on all ranks (`w.token_scale`), which undoes DeepSpeed's averaging over
-    micro-batches and ranks. The logged losses are then the exact token means of the minibatch."""
+    micro-batches and ranks. The logged losses are then the exact token means of the minibatch.
+    `derived` (a list): mb has no pi_old; each micro-batch's log-probs, taken before this step's
+    optimizer step, stand for it and are appended in order."""
     algo, m = w.cfg.algorithm, w.cfg.learner.micro_batch_size
     R = mb.response_mask.shape[1]
     sums: dict[str, float] = {}
@@ -92,9 +112,11 @@ def _minibatch_step(w: "LearnerWorker", mb: Experience, ptx: "SFTBatch | None", 
         x = mb.select(idx)
         mask = x.response_mask.to(w.device)  # (b, R)
         scale = w.token_scale(mask.sum().item(), total_tokens, len(micro))
-        old = x.old_logprobs.to(w.device)
         logprobs, entropy = w.policy_logprobs(x.input_ids, x.attention_mask, R, w.cfg.rollout.temperature,
                                               entropy="loss" if algo.entropy_coef > 0 else "metric")  # (b, R) each
+        if derived is not None:
+            derived.append(logprobs.detach())
+        old = logprobs.detach() if derived is not None else x.old_logprobs.to(w.device)
         is_weights = None
         if is_weight_cap is not None and x.rollout_logprobs is not None:
             is_weights = truncated_is_weights(old, x.rollout_logprobs.to(w.device), mask, is_weight_cap)

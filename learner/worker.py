@@ -8,11 +8,9 @@ in-process with world size 1. Life cycle:
     w.setup(WorkerSpec("policy", path, critic_path), addr, port)   # on all ranks at once
 
 Roles: "policy" (causal LM; optional LoRA; optional critic = value model initialised from the
-reward-model folder, docs/implementation.md#d9) and "reward" (value model trained on preferences). LoRA applies
-to the policy only; value models are always fully fine-tuned.
-
-Every rank must run the same sequence of forward passes: under ZeRO-3 each forward gathers
-parameters collectively, so the group hands every rank equally sized shards.
+reward-model folder, docs/implementation.md#d9) and "reward" (value model trained on preferences;
+value models are always fully fine-tuned). Every rank runs the same sequence of forward passes:
+under ZeRO-3 each forward gathers parameters collectively, so ranks get equally sized shards.
 """
 
 from __future__ import annotations
