@@ -37,6 +37,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -199,6 +200,8 @@ def run_tidal(work: Work, mode: str, tmp: Path, extra: list[str], precision: str
     run_pipeline(cfg, run_dir, verbose=False)
     wall = time.perf_counter() - t0
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for big in ("checkpoints", "policy"):  # 2 GB per run; the metrics and logs stay for a look
+        shutil.rmtree(run_dir / big, ignore_errors=True)
     rl = sorted((r for r in records if r.get("stage") == "rl"), key=lambda r: r["step"])
     if len(rl) != WARMUP + work.steps:
         raise RuntimeError(f"tidal {mode} logged {len(rl)} RL steps in {run_dir}, expected {WARMUP + work.steps}")
