@@ -25,8 +25,10 @@ shuffle_dataset=False). Cases:
 Each system gets one warm-up step, then --steps measured steps; figures are medians.
 --precision bf16 runs every case's model math in bf16 autocast with float32 weights: TRL with
 bf16=True, tidal with learner.autocast=bf16, the floor under torch.autocast (the same work in the
-same precision; the rollout engines stay float32). The script re-runs itself under the glibc
-malloc settings tidal gives its Ray workers (cluster/runtime.py), so every case has them.
+same precision; the rollout engines stay float32). TRL and the floor run in this process with
+the default glibc malloc, as users run TRL; tidal's Ray workers keep freed memory for reuse
+(cluster/runtime.py). --same-allocator re-runs the script under tidal's malloc settings, so TRL
+and the floor get them too (results in peer_trl[_bf16]_same_allocator.json).
 """
 
 from __future__ import annotations
@@ -310,9 +312,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Work,
                     help="extra tidal config override for the sync/async cases (repeatable)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="bf16: every case in bf16 autocast with float32 weights (module docstring)")
-    ap.add_argument("--out", default=None, help="results JSON (default bench/results/peer_trl[_bf16].json)")
+    ap.add_argument("--same-allocator", action="store_true", help="TRL and the floor under tidal's malloc settings too")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/results/peer_trl[_bf16][_same_allocator].json)")
     args = ap.parse_args(argv)
-    args.out = args.out or str(REPO / "bench" / "results" / f"peer_trl{'_bf16' if args.precision == 'bf16' else ''}.json")
+    suffix = ("_bf16" if args.precision == "bf16" else "") + ("_same_allocator" if args.same_allocator else "")
+    args.out = args.out or str(REPO / "bench" / "results" / f"peer_trl{suffix}.json")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in CASES]
     if unknown or not names:
@@ -336,12 +340,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Work,
 
 
 def same_allocator() -> None:
-    """Re-run this script under the glibc malloc settings tidal gives its workers
+    """--same-allocator: re-run this script under the glibc malloc settings tidal gives its workers
     (cluster/runtime.py, docs/platform.md#p-runtime-env), so TRL and the floor get them too."""
     from tidal.cluster.runtime import RUNTIME_ENV_VARS
 
     malloc = {k: v for k, v in RUNTIME_ENV_VARS.items() if k.startswith("MALLOC_")}
-    if any(os.environ.get(k) != v for k, v in malloc.items()):
+    if "--same-allocator" in sys.argv and any(os.environ.get(k) != v for k, v in malloc.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **malloc})
 
 
