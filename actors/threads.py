@@ -40,7 +40,7 @@ class ThreadPlan:
     # a learner rank's threads in the forward phase, which it shares with the reference worker
     # (old log-probs, critic values): the reference's share, so the phase does not oversubscribe
     # the cores (bf16 forwards on 2 cores took 2.5 s oversubscribed vs 1.4 s shared)
-    learner_forward: int = 0
+    learner_forward: int
 
 
 def machine_cores() -> int:

@@ -228,7 +228,8 @@ class RLLoop:
             with timer("update"):
                 update = learners.update_rl(exp, ptx=ptx, is_weight_cap=self.is_weight_cap)
             # pi_old taken in the update: its KL and engine gap come from there
-            exp_metrics.update({k: update.pop(k) for k in ("experience/kl_per_seq", "rollout/logprob_gap") if k in update})
+            from_update = [k for k in ("experience/kl_per_seq", "rollout/logprob_gap") if k in update]
+            exp_metrics.update({k: update.pop(k) for k in from_update})
         with timer("sync"):
             handle = learners.export_weights(step + 1)
             self.pipeline.push(handle, step + 1)

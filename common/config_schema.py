@@ -106,7 +106,7 @@ class LearnerConfig:
     cpus_per_worker: float = doc(1.0, "Logical CPUs per learner rank.", min=0.0)
     gpus_per_worker: float = doc(0.0, "GPUs per learner rank (0 on CPU).", min=0.0)
     num_threads: int = doc(0, "Math threads of each learner rank and of the reference worker (0: auto, as rollout.num_threads).", min=0)
-    autocast: Literal["none", "bf16", "auto"] = doc("none", "Mixed precision of a float32 model: bf16 runs the forward passes of the learner ranks and the reference worker (and so their backward) under bf16 autocast, keeping float32 weights, gradients and AdamW state; auto: bf16 where the device multiplies bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), none elsewhere; none: float32 throughout. Under autocast pi_old comes from the trainer (docs/performance.md). Needs model.dtype float32.")
+    autocast: Literal["none", "bf16", "auto"] = doc("none", "Mixed precision of a float32 model: bf16 runs the forward passes of the learner ranks and the reference worker (and so their backward) under bf16 autocast, keeping float32 weights, gradients and AdamW state; auto: bf16 where the device multiplies bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), none elsewhere; none: float32 throughout. Under autocast pi_old never comes from the float32 engine (docs/performance.md). Needs model.dtype float32.")
 
 
 @dataclass(frozen=True)

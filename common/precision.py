@@ -4,8 +4,8 @@ With `learner.autocast` the learner ranks' and the reference worker's forward pa
 `torch.autocast(dtype=bfloat16)`: matrix multiplies in bf16, weights, gradients, the loss's
 log-softmax and AdamW's state in float32. Backward follows the forward's dtypes by itself.
 It pays only where the hardware multiplies bf16 natively: a CUDA GPU with bf16, or a CPU with
-AVX512-BF16 or AMX (docs/performance.md: 2.3x on the update of the 2-core test machine's
-AVX512-BF16 cores). Elsewhere bf16 is emulated and slower, so `auto` leaves it off there.
+AVX512-BF16 or AMX (docs/performance.md: forward+backward 2.3x faster on the 2-core test
+machine's AVX512-BF16 cores). Elsewhere bf16 is emulated and slower, so `auto` leaves it off there.
 """
 
 from __future__ import annotations

@@ -34,10 +34,9 @@ from tidal.learner.algorithms import algorithm_for
 from tidal.learner.experience import (ForwardPass, assemble_experience, engine_old_logprobs, experience_metrics,
                                       old_in_update, pad_response_floats, pad_rollout)
 from tidal.learner.reference import ReferenceWorker
-from tidal.learner.fits import RewardFit, SupervisedFits  # noqa: F401 - RewardFit: re-exported
+from tidal.learner.fits import SupervisedFits
 from tidal.learner.sft import SFTBatch
 from tidal.learner.worker import ROLES, LearnerWorker, WorkerSpec
-
 
 
 class LearnerError(RuntimeError):
@@ -93,7 +92,8 @@ class LearnerGroup(SupervisedFits):
             self.threads = run_threads(cfg, reference_alone=no_old_forward and not self.algorithm.uses_critic)
             # a rank's old-logprob / critic forwards run beside the reference worker's: share the cores
             fwd_threads = self.threads.learner_forward if reference_path is not None else self.threads.learner
-            self.ranks = ActorGroup(LearnerWorker, n, args=lambda r: (cfg, r, n, self.threads.learner, fwd_threads), options=opts,
+            self.ranks = ActorGroup(LearnerWorker, n, args=lambda r: (cfg, r, n, self.threads.learner, fwd_threads),
+                                    options=opts,
                                     options_fn=placement.actor_options("learner") if placement else None,
                                     local=local, name="learner", call_timeout_s=self.timeout)
             if reference_path is not None:
@@ -107,7 +107,8 @@ class LearnerGroup(SupervisedFits):
             raise
         self.timings["total_s"] = time.perf_counter() - t0
         if self.timings["autocast_bf16"]:
-            print(f"tidal: {role} learner forward passes in bf16 autocast (learner.autocast={cfg.learner.autocast})", flush=True)
+            print(f"tidal: {role} learner forward passes in bf16 autocast (learner.autocast={cfg.learner.autocast})",
+                  flush=True)
 
     # ------------------------------------------------------------------ actors
 
@@ -237,13 +238,14 @@ class LearnerGroup(SupervisedFits):
         has_engine_lp = len(rollout) > 0 and all(len(lp) > 0 for lp in rollout.response_logprobs)
         engine_lp = pad_response_floats(rollout.response_logprobs, R) * resp if has_engine_lp else None
         from_engine = old_from_engine and engine_lp is not None and not old_in_update
-        old = None if from_engine or old_in_update else self._start_infer(lambda a: a.compute_logprobs, (ids, mask), (R, temperature))
+        trainer_old = not (from_engine or old_in_update)
+        old = self._start_infer(lambda a: a.compute_logprobs, (ids, mask), (R, temperature)) if trainer_old else None
         ref = self._start_ref(ids, mask, R, temperature)
         want_values = self.algorithm.uses_critic if with_values is None else with_values
         values = self._start_infer(lambda a: a.compute_values, (ids, mask), (R,)) if want_values else None
         return ForwardPass(
             input_ids=ids, attention_mask=mask, response_mask=resp,
-            old_logprobs=engine_lp if from_engine else None if old is None else self._finish_infer("compute_logprobs", old, n),
+            old_logprobs=self._finish_infer("compute_logprobs", old, n) if trainer_old else engine_lp if from_engine else None,
             ref_logprobs=self._finish_ref(ref),
             values=None if values is None else self._finish_infer("compute_values", values, n),
             rollout_logprobs=None if from_engine else engine_lp,
