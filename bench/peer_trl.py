@@ -27,7 +27,7 @@ Each system gets one warm-up step, then --steps measured steps; figures are medi
 bf16=True, tidal with learner.autocast=bf16, the floor under torch.autocast (the same work in the
 same precision; the rollout engines stay float32). TRL and the floor run in this process with
 the default glibc malloc, as users run TRL; tidal's Ray workers keep freed memory for reuse
-(cluster/runtime.py). --same-allocator re-runs the script under tidal's malloc settings, so TRL
+(driver/runtime.py). --same-allocator re-runs the script under tidal's malloc settings, so TRL
 and the floor get them too (results in peer_trl[_bf16]_same_allocator.json).
 """
 
@@ -116,7 +116,7 @@ def load_cfg(work: Work, mode: str, out: Path, extra: list[str], precision: str 
 def step_prompts(cfg, model_dir: str, n_steps: int) -> list:
     """The PromptBatch tidal trains on at each step, in its order, from the same data files and the
     same PromptDataset (text as rendered and truncated for the engine, token ids)."""
-    from tidal.cluster.driver import prepare_data
+    from tidal.driver.job import prepare_data
     from tidal.common.prompts import PromptDataset
     from tidal.common.models import load_tokenizer
 
@@ -194,7 +194,7 @@ def run_trl(work: Work, model_dir: str, batches: list, tmp: Path, precision: str
 
 
 def run_tidal(work: Work, mode: str, tmp: Path, extra: list[str], precision: str) -> dict:
-    from tidal.cluster.driver import run_pipeline
+    from tidal.driver.job import run_pipeline
 
     cfg = load_cfg(work, mode, tmp, extra, precision)
     run_dir = tmp / f"tidal-{mode}"
@@ -341,8 +341,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Work,
 
 def same_allocator() -> None:
     """--same-allocator: re-run this script under the glibc malloc settings tidal gives its workers
-    (cluster/runtime.py, docs/platform.md#p-runtime-env), so TRL and the floor get them too."""
-    from tidal.cluster.runtime import RUNTIME_ENV_VARS
+    (driver/runtime.py, docs/platform.md#p-runtime-env), so TRL and the floor get them too."""
+    from tidal.driver.runtime import RUNTIME_ENV_VARS
 
     malloc = {k: v for k, v in RUNTIME_ENV_VARS.items() if k.startswith("MALLOC_")}
     if "--same-allocator" in sys.argv and any(os.environ.get(k) != v for k, v in malloc.items()):
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in ("sync", "async") if m in cases]
     if modes:
         from tidal.actors.placement import plan_placement, role_counts
-        from tidal.cluster.runtime import connect, disconnect
+        from tidal.driver.runtime import connect, disconnect
 
         conn = connect(cfg.cluster, min_cpus=plan_placement(cfg, role_counts(cfg, reference=True)).total_cpus,
                        verbose=False)

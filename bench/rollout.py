@@ -23,7 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from tidal.cluster.runtime import RUNTIME_ENV_VARS
+from tidal.driver.runtime import RUNTIME_ENV_VARS
 
 for _k, _v in RUNTIME_ENV_VARS.items():
     os.environ.setdefault(_k, _v)
@@ -78,7 +78,7 @@ def main() -> None:
 
     from tidal.common.config import ClusterConfig, load_config
     from tidal.common.models import resolve_model
-    from tidal.cluster.runtime import connect, disconnect
+    from tidal.driver.runtime import connect, disconnect
     from tidal.rollout.pool import RolloutPool
     from tidal.rollout.sampling import Sampling
     from tidal.rollout.worker import WEIGHT_LOADER_EXT

@@ -12,7 +12,7 @@ Only the actors are stand-ins; the driver runs tidal's own code:
   * `StandInLearner` publishes weights the way learner rank 0 does in
     `LearnerGroup.export_weights`: `ObjectStoreTransport.publish` inside the learner process, so
     the bucket refs are owned there and the driver only passes the `WeightHandle` on.
-One measured step is what `cluster/rl_loop.py` does around the model work: the export call, then
+One measured step is what `driver/rl_loop.py` does around the model work: the export call, then
 `pool.load_weights(handle)` (idle probe of every worker + `ObjectStoreTransport.sync`), then
 `pool.generate`. Each part is reported as wall time and as the driver process's CPU time
 (`time.process_time`, all its threads, Ray's included): on this shared 2-core machine the
@@ -294,13 +294,13 @@ def main() -> None:
     ap.add_argument("--min-free-gib", type=float, default=4.0, help="stop growing before memory gets this low")
     args = ap.parse_args()
 
-    from tidal.cluster.runtime import RUNTIME_ENV_VARS
+    from tidal.driver.runtime import RUNTIME_ENV_VARS
 
     for k, v in RUNTIME_ENV_VARS.items():
         os.environ.setdefault(k, v)
     import ray
 
-    from tidal.cluster.runtime import connect, disconnect
+    from tidal.driver.runtime import connect, disconnect
     from tidal.common.config import ClusterConfig, load_config
     from tidal.common.types import PromptBatch
     from tidal.rollout.pool import RolloutPool

@@ -31,7 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
-from tidal.cluster.runtime import RUNTIME_ENV_VARS
+from tidal.driver.runtime import RUNTIME_ENV_VARS
 
 for _k, _v in RUNTIME_ENV_VARS.items():
     os.environ.setdefault(_k, _v)
@@ -169,7 +169,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from tidal.common.config import ClusterConfig
-    from tidal.cluster.runtime import connect, disconnect
+    from tidal.driver.runtime import connect, disconnect
 
     conn = connect(ClusterConfig(num_cpus=8))
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "rounds": args.rounds,

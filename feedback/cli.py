@@ -1,4 +1,4 @@
-"""`tidal label ...`: the labeling app's commands (cluster/cli.py wires them lazily).
+"""`tidal label ...`: the labeling app's commands (commands/cli.py wires them lazily).
 
 A user error (no store, a bad task row, an existing export file) is one line on stderr and
 exit code 2."""

@@ -60,7 +60,7 @@ class LearnerGroup(SupervisedFits):
         `placement`: a tidal.actors.placement.Placement whose "learner" and "reference" slots to
         use; None: the group places itself (its own placement group, freed by shutdown).
         `critic_affine` (shift, scale): the critic's head outputs (raw - shift) / scale, e.g. the
-        reward normalisation of the reward model it starts from (see cluster/rl_stage.py)."""
+        reward normalisation of the reward model it starts from (see driver/rl_stage.py)."""
         self.cfg, self.role, self.local = cfg, role, local
         self.world_size = cfg.learner.num_workers
         self.timeout = cfg.cluster.sync_timeout_s

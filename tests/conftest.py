@@ -3,8 +3,8 @@
 import os
 import tempfile
 
-# The same environment `tidal train` gives its Ray workers (cluster/runtime.py explains each).
-from tidal.cluster.runtime import RUNTIME_ENV_VARS as _ENV  # noqa: E402  (imports no torch)
+# The same environment `tidal train` gives its Ray workers (driver/runtime.py explains each).
+from tidal.driver.runtime import RUNTIME_ENV_VARS as _ENV  # noqa: E402  (imports no torch)
 
 for _k, _v in _ENV.items():
     os.environ.setdefault(_k, _v)

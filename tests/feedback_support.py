@@ -37,7 +37,7 @@ def label_server(folder):
 
 
 def start_server(folder) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tidal.cluster.cli", "label", "serve", str(folder), "--port", "0"]
+    cmd = [sys.executable, "-m", "tidal.commands.cli", "label", "serve", str(folder), "--port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line, deadline = "", time.monotonic() + 60
     while "label server on" not in line:

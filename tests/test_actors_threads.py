@@ -8,7 +8,7 @@ import torch
 
 from tidal.actors import threads
 from tidal.actors.threads import ThreadPlan, apply_threads, plan_threads, threads_during
-from tidal.cluster.rl_loop import ENGINE_LOGPROB_TOL, RLLoop
+from tidal.driver.rl_loop import ENGINE_LOGPROB_TOL, RLLoop
 from tidal.common.config import ConfigError, load_config
 from tidal.learner.experience import engine_old_logprobs
 

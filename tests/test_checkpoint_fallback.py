@@ -1,4 +1,4 @@
-"""Which checkpoint a resume loads when the newest cannot be read (tidal.cluster.checkpoint):
+"""Which checkpoint a resume loads when the newest cannot be read (tidal.driver.checkpoint):
 the one before it, with one warning naming the file; none readable is a user error; the
 unreadable one is never deleted or replaced in place. Pure file logic: no Ray."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tidal.cluster import checkpoint as ck
-from tidal.cluster.preflight import check_resume
+from tidal.driver import checkpoint as ck
+from tidal.driver.preflight import check_resume
 
 
 def _write(run: Path, step: int, keep: int = ck.KEEP) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tidal.cluster import checkpoint as ck
+from tidal.driver import checkpoint as ck
 from tidal.common.config import load_config, to_yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def run_cli(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedP
     tmp = cwd / "tmp"  # the embedded Ray would make its tidal-ray-* folder here
     tmp.mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp), "WANDB_MODE": "disabled", "PYTHONPATH": str(cwd)}
-    return subprocess.run([sys.executable, "-m", "tidal.cluster.cli", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tidal.commands.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
 
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tidal.cluster.pipeline import Produced, RolloutPipeline, StalenessError, check_staleness
+from tidal.driver.pipeline import Produced, RolloutPipeline, StalenessError, check_staleness
 
 
 class FakePool:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tidal.cluster import checkpoint as ck
+from tidal.driver import checkpoint as ck
+from tidal.driver import run_folder
 from tidal.actors.placement import NODE_RESOURCE_SLIVER, plan_placement, role_counts
 from tidal.common.config import load_config
 
@@ -110,7 +111,8 @@ def test_sigkill_during_checkpoint_write_never_corrupts(tmp_path):
     code = f"""
 import sys, time
 from pathlib import Path
-from tidal.cluster import checkpoint as ck
+from tidal.driver import checkpoint as ck
+from tidal.driver import run_folder
 def write(d):
     (d / 'payload.json').write_text('{{"s": 2}}')
     (d / 'big.bin').write_bytes(b'x' * 1000)
@@ -153,10 +155,10 @@ def test_driver_state_round_trip_restores_rng(tmp_path):
 
 
 def test_run_state_records_finished_stages(tmp_path):
-    assert ck.read_run_state(tmp_path) == {"stages": {}}
-    ck.mark_stage_done(tmp_path, "sft", {"output": "x"})
-    ck.mark_stage_done(tmp_path, "rm", {"output": "y"})
-    assert ck.read_run_state(tmp_path)["stages"] == {"sft": {"output": "x"}, "rm": {"output": "y"}}
+    assert run_folder.read_run_state(tmp_path) == {"stages": {}}
+    run_folder.mark_stage_done(tmp_path, "sft", {"output": "x"})
+    run_folder.mark_stage_done(tmp_path, "rm", {"output": "y"})
+    assert run_folder.read_run_state(tmp_path)["stages"] == {"sft": {"output": "x"}, "rm": {"output": "y"}}
 
 
 def test_truncate_jsonl_drops_records_after_the_checkpoint_and_torn_lines(tmp_path):
@@ -169,13 +171,13 @@ def test_truncate_jsonl_drops_records_after_the_checkpoint_and_torn_lines(tmp_pa
 
 
 def test_resume_forgets_unfinished_stages_and_steps_after_the_checkpoint(tmp_path):
-    from tidal.cluster.driver import _forget_unfinished
+    from tidal.driver.job import _forget_unfinished
 
     lines = [{"stage": "sft", "step": 1}, {"stage": "rm", "step": 1}, {"stage": "rl", "step": 0},
              {"stage": "rl", "step": 1}, {"stage": "rl", "step": 2}, {"stage": "rl", "step": 3}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
-    ck.mark_stage_done(tmp_path, "sft", {"output": "s"})  # rm was interrupted
+    run_folder.mark_stage_done(tmp_path, "sft", {"output": "s"})  # rm was interrupted
     ck.write_checkpoint(tmp_path, 2, _writer({}))
     _forget_unfinished(_cfg("stages.run=[sft,rm,rl]"), tmp_path)
     kept = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -184,7 +186,7 @@ def test_resume_forgets_unfinished_stages_and_steps_after_the_checkpoint(tmp_pat
 
 
 def test_summary_table_lists_before_and_after(tmp_path):
-    from tidal.cluster.driver import format_summary
+    from tidal.driver.job import format_summary
 
     text = format_summary({"before": {"rm_score": -1.0, "vader": 0.1, "kl": 0.0},
                            "after": {"rm_score": 0.5, "vader": 0.4, "kl": 2.0}, "wall_time_s": 12.0}, tmp_path)
@@ -201,7 +203,7 @@ def test_summary_table_lists_before_and_after(tmp_path):
     (["rollout.top_k=20"], True),
 ])
 def test_importance_weights_apply_to_off_policy_and_filtered_sampling(tmp_path, overrides, weighted):
-    from tidal.cluster.rl_loop import IS_WEIGHT_CAP, RLLoop
+    from tidal.driver.rl_loop import IS_WEIGHT_CAP, RLLoop
 
     loop = RLLoop(_cfg(*overrides), tmp_path, parts=None, logger=None)
     assert loop.is_weight_cap == (IS_WEIGHT_CAP if weighted else None)
@@ -222,7 +224,7 @@ def test_ptx_rows_are_a_function_of_the_step():
 def test_supervised_fit_progress_shows_a_real_rate(tmp_path):
     import io
 
-    from tidal.cluster.stages import _FitProgress
+    from tidal.driver.fit_stages import _FitProgress
     from tidal.common.config import LoggingConfig
     from tidal.common.metrics import MetricsLogger
 
@@ -245,14 +247,14 @@ def test_supervised_fit_progress_shows_a_real_rate(tmp_path):
 
 
 def test_stage_keys_number_repeated_stages_as_rounds():
-    from tidal.cluster.driver import stage_keys
+    from tidal.driver.run_folder import stage_keys
 
     assert stage_keys(("sft", "rm", "rl", "collect", "rm", "rl")) == [
         ("sft", "sft", 1), ("rm", "rm", 1), ("rl", "rl", 1), ("collect", "collect", 1), ("rm", "rm2", 2), ("rl", "rl2", 2)]
 
 
 def test_final_table_shows_each_rl_round(tmp_path):
-    from tidal.cluster.driver import format_summary
+    from tidal.driver.job import format_summary
 
     r1 = {"before": {"rm_score": -0.2, "vader": 0.05}, "after": {"rm_score": 0.6, "vader": 0.1, "kl": 3.0}}
     r2 = {"before": {"rm_score": -0.1, "vader": 0.1}, "after": {"rm_score": 0.3, "vader": 0.2, "kl": 4.0}}
@@ -268,7 +270,7 @@ def _files(folder):
 
 
 def test_prepare_data_writes_the_task_only_into_an_empty_folder_and_fills_only_missing_files(tmp_path):
-    from tidal.cluster.driver import prepare_data
+    from tidal.driver.job import prepare_data
 
     folder = tmp_path / "task"
     cfg = load_config(None, [f"data.data_dir={folder}", "data.max_rows=5"])
@@ -282,8 +284,8 @@ def test_prepare_data_writes_the_task_only_into_an_empty_folder_and_fills_only_m
 
 
 def test_prepare_data_uses_a_folder_without_marker_as_it_is(tmp_path):
-    from tidal.cluster.driver import prepare_data
-    from tidal.cluster.preflight import PreflightError, check_data
+    from tidal.driver.job import prepare_data
+    from tidal.driver.preflight import PreflightError, check_data
 
     folder = tmp_path / "mine"  # e.g. made by `tidal data sentiment` and edited by hand
     folder.mkdir()
@@ -300,7 +302,7 @@ def test_prepare_data_uses_a_folder_without_marker_as_it_is(tmp_path):
 
 
 def test_resume_accepts_steps_and_logging_overrides_only(tmp_path):
-    from tidal.cluster.driver import resume_config
+    from tidal.commands.train import resume_config
     from tidal.common.config import ConfigError, to_yaml
 
     (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, ["algorithm.steps=4"])))
@@ -311,7 +313,7 @@ def test_resume_accepts_steps_and_logging_overrides_only(tmp_path):
 
 
 def test_preflight_wants_a_reward_model_for_a_model_term():
-    from tidal.cluster.preflight import PreflightError, check_rewards
+    from tidal.driver.preflight import PreflightError, check_rewards
 
     with pytest.raises(PreflightError, match=r"reward.terms\[0\] \(kind model\): no reward model"):
         check_rewards(load_config(None, ["stages.run=[rl]"]))

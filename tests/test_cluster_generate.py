@@ -18,7 +18,7 @@ import pytest
 
 from e2e_support import REPO, letter_rate, read_jsonl, tiny_overrides
 from test_cli_bad_input import TINY, assert_user_error
-from tidal.cluster.best_of import BestOfN, NoValidSample
+from tidal.driver.best_of import BestOfN, NoValidSample
 from tidal.common.config import RewardConfig, RewardTerm
 from tidal.common.data import DataError, read_prompt_lines
 from tidal.common.types import PromptBatch, RolloutBatch
@@ -106,7 +106,7 @@ def test_prompt_lines_txt_and_jsonl():
 def test_plain_output_keeps_one_completion_per_line():
     import codecs
 
-    from tidal.cluster.generate import plain_line
+    from tidal.commands.generate import plain_line
 
     text = "a\\b\nc\rd\ve\ff\x1cg\x1dh\x1ei\x85j\u2028k\u2029l\tm"
     line = plain_line(text)
@@ -117,7 +117,7 @@ def test_plain_output_keeps_one_completion_per_line():
 def test_a_run_folder_resolves_to_its_newest_policy(tmp_path, tiny_model):
     import shutil
 
-    from tidal.cluster.evaluate import policy_folder, run_output
+    from tidal.driver.run_folder import policy_folder, run_output
 
     run = tmp_path / "run"
     for sub in ("sft", "policy", "round-2/policy", "reward_model"):
@@ -162,7 +162,7 @@ def test_generate_bad_prompt_row_names_the_line(prompts_dir):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_generate_best_of_2_writes_the_best_completion_and_its_score(ray_cluster, tmp_path, capsys, monkeypatch):
-    from tidal.cluster.cli import main
+    from tidal.commands.cli import main
 
     prompts = ["Tell me about the film.", "The book was", "Dinner tonight is", "We went to the park and"]
     src = tmp_path / "prompts.jsonl"

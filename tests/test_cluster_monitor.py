@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tidal.cluster.monitor import GoldMonitor
+from tidal.driver.monitor import GoldMonitor
 from tidal.common.config import ConfigError, load_config
 from tidal.reward_service.rules import RULES
 

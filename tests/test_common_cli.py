@@ -98,7 +98,7 @@ def test_reward_template_is_a_valid_reward_module(tmp_path, monkeypatch):
     assert res.returncode == 0, res.stderr
     (tmp_path / "tidal_template_rewards.py").write_text(res.stdout)  # a name no other test imports
     monkeypatch.syspath_prepend(str(tmp_path))
-    from tidal.cluster.preflight import check_reward_function
+    from tidal.driver.preflight import check_reward_function
     from tidal.reward_service.rules import load_function
 
     try:

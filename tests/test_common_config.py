@@ -261,7 +261,7 @@ def test_a_ray_temp_dir_too_long_for_unix_sockets_is_refused():
 
 
 def test_the_embedded_cluster_moves_to_tmp_when_tmpdir_is_long(tmp_path, monkeypatch):
-    from tidal.cluster.runtime import _embedded_temp_dir
+    from tidal.driver.runtime import _embedded_temp_dir
     from tidal.common.config import RAY_TEMP_DIR_MAX
 
     long_dir = tmp_path / ("y" * 60)

@@ -12,7 +12,7 @@ from pathlib import Path
 from tidal.common.config import TidalConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "actors", "cluster", "rollout", "learner", "reward_service", "feedback")
+PACKAGES = ("common", "actors", "driver", "commands", "rollout", "learner", "reward_service", "feedback")
 
 
 def leaf_fields(cls: type = TidalConfig, prefix: str = "") -> list[tuple[str, str]]:

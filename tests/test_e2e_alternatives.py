@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from e2e_support import REPO, letter_rate, read_jsonl, tiny_overrides
-from tidal.cluster.driver import run_pipeline
+from tidal.driver.job import run_pipeline
 from tidal.common.config import load_config
 from tidal.common.data import ComparisonRecord, write_records
 
@@ -81,8 +81,8 @@ def test_tidal_eval_on_two_runs_fills_every_column(dpo_runs, tmp_path, capsys):
     import math
 
     from e2e_support import LETTER_REWARD
-    from tidal.cluster.cli import main
-    from tidal.cluster.evaluate import COLUMNS
+    from tidal.commands.cli import main
+    from tidal.commands.evaluate import COLUMNS
 
     overrides = [o for o in tiny_overrides(tmp_path, "eval") if not o.startswith("reward.terms")]
     rc = main(["eval", str(REPO / "configs" / "tiny_ppo.yaml"), *overrides, f"reward.terms={LETTER_REWARD}",

@@ -11,8 +11,8 @@ import pytest
 
 from e2e_support import REPO, read_jsonl, tiny_overrides
 from tidal.actors.collective import CollectiveWeights
-from tidal.cluster.driver import run_pipeline
-from tidal.cluster.rl_loop import RLLoop
+from tidal.driver.job import run_pipeline
+from tidal.driver.rl_loop import RLLoop
 from tidal.common.config import load_config
 from tidal.rollout.pool import RolloutPool
 

@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from e2e_support import REPO, read_jsonl, rl_records, subprocess_env, tiny_overrides
-from tidal.cluster import rl_stage
-from tidal.cluster.driver import prepare_data, run_pipeline
+from tidal.driver import rl_stage
+from tidal.driver.job import prepare_data, run_pipeline
 from tidal.actors.placement import Placement
 from tidal.common.config import load_config
 
@@ -94,7 +94,7 @@ def test_killed_rollout_worker_loses_and_duplicates_no_prompt(ray_cluster, tmp_p
 
 
 def _run_driver(args, env, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "tidal.cluster.cli", "train", *args], env=env, cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "tidal.commands.cli", "train", *args], env=env, cwd=REPO,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 

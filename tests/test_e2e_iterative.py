@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from e2e_support import REPO, read_jsonl
-from tidal.cluster import checkpoint as ck
-from tidal.cluster.collect import WaitingForLabels, gold_judge
-from tidal.cluster.driver import run_pipeline
+from tidal.driver.run_folder import read_run_state
+from tidal.driver.collect import WaitingForLabels, gold_judge
+from tidal.driver.job import run_pipeline
 from tidal.common.config import load_config
 from tidal.feedback.simulated import SimulatedLabeler
 from tidal.feedback.store import FeedbackStore
@@ -29,14 +29,14 @@ def test_two_rounds_wait_for_labels_resume_and_refresh_the_reward_model(ray_clus
     run_dir = tmp_path / "loop"
     with pytest.raises(WaitingForLabels, match="tidal label serve"):
         run_pipeline(cfg, run_dir)
-    assert set(ck.read_run_state(run_dir)["stages"]) == {"rm", "rl"}  # stopped at the collect stage
+    assert set(read_run_state(run_dir)["stages"]) == {"rm", "rl"}  # stopped at the collect stage
     store = FeedbackStore(run_dir / "feedback-1")
     tasks = store.tasks().values()
     assert len(tasks) == 6 and all(r.source == f"collect:{run_dir / 'policy'}" for t in tasks for r in t.responses)
     SimulatedLabeler(gold_judge(cfg), temperature=0.1, seed=0).label(store)  # the people, meanwhile
 
     summary = run_pipeline(cfg, run_dir, resume=True)
-    stages = ck.read_run_state(run_dir)["stages"]
+    stages = read_run_state(run_dir)["stages"]
     assert list(stages) == ["rm", "rl", "collect", "rm2", "rl2"]
     assert stages["collect"]["labels"] == 6 and stages["rm2"]["output"].endswith("reward_model-2")
     records = read_jsonl(run_dir / "metrics.jsonl")

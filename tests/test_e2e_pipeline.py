@@ -4,9 +4,9 @@ boundary and resumed: finished stages are not redone, the next stage runs all of
 import pytest
 
 from e2e_support import DATA_DIR, REPO, read_jsonl
-from tidal.cluster import checkpoint as ck
-from tidal.cluster import rl_stage
-from tidal.cluster.driver import run_pipeline
+from tidal.driver.run_folder import read_run_state
+from tidal.driver import rl_stage
+from tidal.driver.job import run_pipeline
 from tidal.common.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -26,11 +26,11 @@ def test_three_stages_feed_each_other_and_resume_at_the_boundary(ray_cluster, tm
     monkeypatch.setattr(rl_stage, "run_rl", crash)
     with pytest.raises(RuntimeError, match="right after the rm stage"):
         run_pipeline(cfg, run_dir)
-    assert set(ck.read_run_state(run_dir)["stages"]) == {"sft", "rm"}
+    assert set(read_run_state(run_dir)["stages"]) == {"sft", "rm"}
     monkeypatch.undo()
 
     summary = run_pipeline(cfg, run_dir, resume=True)
-    stages = ck.read_run_state(run_dir)["stages"]
+    stages = read_run_state(run_dir)["stages"]
     assert stages["sft"]["output"] == str(run_dir / "sft") and stages["rm"]["output"] == str(run_dir / "reward_model")
     records = read_jsonl(run_dir / "metrics.jsonl")
     steps = lambda key: [r["step"] for r in records if key in r]  # noqa: E731

@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 from e2e_support import REPO, rl_records, read_jsonl, tiny_overrides
-from tidal.cluster.driver import run_pipeline
+from tidal.driver.job import run_pipeline
 from tidal.common.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

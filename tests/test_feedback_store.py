@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tidal.cluster.cli import main
+from tidal.commands.cli import main
 from tidal.common.data import ComparisonRecord, RankingRecord, read_records
 from tidal.feedback import export, stats
 from tidal.feedback.store import FeedbackError, FeedbackStore, Label, NewTask, Settings, Task, TaskResponse

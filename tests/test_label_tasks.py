@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tidal.cluster.label_tasks import plan_sources, tasks_from_cli
+from tidal.commands.label_tasks import plan_sources, tasks_from_cli
 from tidal.common.config import ConfigError
 from tidal.feedback.store import FeedbackStore
 
@@ -39,7 +39,7 @@ def test_sources_are_checked_and_must_fit_a_task():
 ])
 def test_bad_arguments_are_one_line_and_exit_2_before_ray(tmp_path, args, names):
     env = {**os.environ, "TMPDIR": str(tmp_path), "WANDB_MODE": "disabled"}
-    res = subprocess.run([sys.executable, "-m", "tidal.cluster.cli", "label", "tasks", str(tmp_path / "fb"),
+    res = subprocess.run([sys.executable, "-m", "tidal.commands.cli", "label", "tasks", str(tmp_path / "fb"),
                           str(REPO / "configs" / "tiny_grpo.yaml"), *args], capture_output=True, text=True,
                          timeout=60, env=env, cwd=tmp_path)
     assert res.returncode == 2, res.stderr

@@ -1,5 +1,5 @@
 """The package layers (docs/architecture.md): common at the bottom, the actor layer above it,
-the roles above that, the driver's package (cluster) on top. A role never imports the driver's
+the roles above that, the driver (the job) above them, and the commands (the CLI) on top. A role never imports the driver's
 package or another role; nothing below a layer imports what stands above it."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ ALLOWED: dict[str, set[str]] = {
     "common": set(),
     "actors": {"common"},
     **{role: {"common", "actors"} for role in ROLES},
-    "cluster": {"common", "actors", *ROLES},
+    "driver": {"common", "actors", *ROLES},
+    "commands": {"common", "actors", *ROLES, "driver"},
 }
 
 
@@ -51,15 +52,17 @@ def test_every_package_imports_only_the_layers_below_it():
 
 
 @pytest.mark.parametrize("package, source", [
-    ("rollout", "from tidal.cluster.weights import pull"),  # a role importing the driver's package
+    ("rollout", "from tidal.driver.rl_loop import RLLoop"),  # a role importing the driver's package
     ("learner", "def f():\n    from tidal.rollout.pool import RolloutPool"),  # another role, lazily
     ("common", "import tidal.actors.actor_group"),  # the bottom layer importing upward
     ("actors", "from tidal.learner.group import LearnerGroup"),
+    ("driver", "def f():\n    from tidal.commands.cli import main"),  # the job importing the commands above it
 ])
 def test_the_check_catches_upward_and_sideways_imports(package, source):
     assert violations(package, source)
 
 
 def test_the_check_allows_downward_imports():
-    assert not violations("cluster", "from tidal.learner.group import LearnerGroup\nfrom tidal.actors import placement")
+    assert not violations("driver", "from tidal.learner.group import LearnerGroup\nfrom tidal.actors import placement")
+    assert not violations("commands", "from tidal.driver.job import run_pipeline")
     assert not violations("rollout", "from tidal.actors.weights import pull\nfrom tidal.common.types import PromptBatch")

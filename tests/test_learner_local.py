@@ -324,7 +324,7 @@ def test_kl_loss_term_pulls_the_policy_toward_the_reference(tiny_model):
 def test_critic_from_the_reward_model_starts_on_the_normalised_reward(tiny_model, tmp_path):
     from reward_fixtures import make_reward_model, make_rollout
 
-    from tidal.cluster.rl_stage import critic_affine
+    from tidal.driver.rl_stage import critic_affine
     from tidal.common.config import RewardConfig, RewardTerm
     from tidal.reward_service.combine import build_reward
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["common", "actors", "cluster", "learner", "rollout", "reward_service", "feedback"]
+SUBPACKAGES = ["common", "actors", "driver", "commands", "learner", "rollout", "reward_service", "feedback"]
 
 
 def clean_env(**extra):
@@ -59,7 +59,7 @@ def test_wheel_holds_only_the_tidal_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/", 1)[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"tidal"}, top
-    for path in ["tidal/__init__.py", "tidal/common/config.py", "tidal/common/metrics.py", "tidal/cluster/cli.py",
+    for path in ["tidal/__init__.py", "tidal/common/config.py", "tidal/common/metrics.py", "tidal/commands/cli.py",
                  *[f"tidal/{s}/__init__.py" for s in SUBPACKAGES]]:
         assert path in names, f"{path} missing from the wheel"
     # every source file of the checkout's package folders made it in (a nested folder must be
@@ -72,7 +72,7 @@ def test_wheel_holds_only_the_tidal_package(wheel):
     for asset in (REPO / "feedback" / "static").iterdir():
         assert f"tidal/feedback/static/{asset.name}" in names, f"{asset.name} missing from the wheel"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "tidal = tidal.cluster.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "tidal = tidal.commands.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_wheel_installs_and_imports(wheel, tmp_path):
@@ -81,7 +81,7 @@ def test_wheel_installs_and_imports(wheel, tmp_path):
                          env=clean_env(PIP_NO_INPUT="1"), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert not any((target / s).exists() for s in SUBPACKAGES)
-    code = ("import tidal, tidal.common.config, tidal.cluster.cli, tidal.rollout, tidal.learner, tidal.reward_service; "
+    code = ("import tidal, tidal.common.config, tidal.commands.cli, tidal.rollout, tidal.learner, tidal.reward_service; "
             "print(tidal.__file__); print(tidal.common.config.__file__); "
             "tidal.common.config.load_config(None, ['learner.lr=1e-6'])")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(PYTHONPATH=str(target)),

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tidal.cluster.cli import _config_args, main, parse_args
+from tidal.commands.cli import _config_args, main, parse_args
 from tidal.common.config import LoggingConfig, load_config, to_yaml
 from tidal.common.metrics import MetricsLogger
 
@@ -141,7 +141,7 @@ def test_using_it_commands_run_as_written(scratch, capsys):
         elif args.command == "generate":  # needs a finished run's policy: parsed (above) only
             assert args.best_of is None or int(args.best_of) >= 2, f"{line}: --best-of takes N >= 2"
         elif args.command == "train" and args.resume is not None:
-            from tidal.cluster.driver import resume_config
+            from tidal.commands.train import resume_config
 
             config, overrides = _config_args(args)  # as `tidal train` splits them
             assert config is None, f"{line}: a resume takes no config file"

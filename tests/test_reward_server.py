@@ -212,7 +212,7 @@ def test_tidal_reward_serve_cli(tmp_path):
     config = tmp_path / "reward.yaml"
     config.write_text("reward:\n  terms:\n    - kind: sentiment\n    - kind: length\n      target: '2'\n      weight: 0.5\n")
     env = {**os.environ, "TIDAL_TEST_SERVE_TOKEN": TOKEN}
-    cmd = [sys.executable, "-m", "tidal.cluster.cli", "reward", "serve", str(config), "--port", "0",
+    cmd = [sys.executable, "-m", "tidal.commands.cli", "reward", "serve", str(config), "--port", "0",
            "--token-env", "TIDAL_TEST_SERVE_TOKEN"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:

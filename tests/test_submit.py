@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from e2e_support import DATA_DIR, REPO, rl_records
-from tidal.cluster.submit import build_entrypoint, job_runtime_env, submit
+from tidal.commands.submit import build_entrypoint, job_runtime_env, submit
 from tidal.common.config import ConfigError
 
 
@@ -102,7 +102,7 @@ def ray_head():
 
 def _submit(env: dict, *args: str) -> subprocess.CompletedProcess:
     """`tidal submit` as a user runs it: the module through the venv's Python, from the checkout."""
-    return subprocess.run([sys.executable, "-m", "tidal.cluster.cli", "submit", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "tidal.commands.cli", "submit", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -119,7 +119,7 @@ def test_submit_runs_tidal_train_as_a_job_and_reports_success(ray_head, tmp_path
                   *_overrides(tmp_path, "job", "algorithm.steps=2", "logging.eval_samples=4"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "SUCCEEDED" in res.stdout and "tidal: run directory" in res.stdout  # the job's own log came back
-    assert "python -m tidal.cluster.cli train" in res.stdout
+    assert "python -m tidal.commands.cli train" in res.stdout
     assert [r["step"] for r in rl_records(tmp_path / "job")] == [1, 2]
     assert (tmp_path / "job" / "policy" / "config.json").is_file()
 
@@ -179,7 +179,7 @@ def test_submit_without_a_token_says_what_to_set(tmp_path):
 
 def test_entrypoint_runs_tidal_through_python_quoted():
     assert build_entrypoint("configs/a b.yaml", ["x.y=1", "n='q r'"]) == \
-        "python -m tidal.cluster.cli train 'configs/a b.yaml' x.y=1 'n='\"'\"'q r'\"'\"''"
+        "python -m tidal.commands.cli train 'configs/a b.yaml' x.y=1 'n='\"'\"'q r'\"'\"''"
     env = job_runtime_env(REPO)
     assert env["working_dir"] == str(REPO) and ".venv" in env["excludes"]
     assert env["env_vars"]["PATH"] == f"{Path(sys.executable).parent}:${{PATH}}"

@@ -89,7 +89,7 @@ def sample_responses(cfg: TidalConfig, policy: str, batch, k: int, seed: int, so
 def run_collect(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy: str, round_: int,
                 stage: str) -> dict:
     """One collect round (see the module doc); returns the stage record {output, comparisons, rankings, ...}."""
-    from tidal.cluster.checkpoint import atomic_write_text
+    from tidal.driver.checkpoint import atomic_write_text
     from tidal.feedback.export import export_rows, to_jsonl
     from tidal.feedback.simulated import SimulatedLabeler
     from tidal.feedback.store import FeedbackStore

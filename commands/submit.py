@@ -3,8 +3,8 @@
 The config, reward functions, models and any data files already on disk are checked here
 first (preflight: a typo fails in a second, not after the job started). The current directory
 is uploaded as the job's working directory (build outputs, virtual environments and run
-folders excluded), the worker environment of `tidal.cluster.runtime` travels in the job's
-runtime_env, and the entrypoint is `python -m tidal.cluster.cli train ...`: the job's shell
+folders excluded), the worker environment of `tidal.driver.runtime` travels in the job's
+runtime_env, and the entrypoint is `python -m tidal.commands.cli train ...`: the job's shell
 has the cluster's PATH, not the caller's, so it does not look for a `tidal` script; the folder
 of the Python running this command goes first on the job's PATH, which finds the same venv on
 a cluster started from it (or from the same image) without activating it, and falls back to
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from tidal.cluster.runtime import worker_env
+from tidal.driver.runtime import worker_env
 from tidal.common.config import ConfigError, load_config
 
 AUTH_HELP = ("set RAY_AUTH_TOKEN to the cluster's token (print it on the head with `ray get-auth-token`), or "
@@ -40,7 +40,7 @@ TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
 
 def build_entrypoint(config: str, overrides: list[str]) -> str:
     """The shell command the job runs: `tidal train` through the job's Python, not a script on PATH."""
-    return " ".join(["python", "-m", "tidal.cluster.cli", "train", shlex.quote(config), *map(shlex.quote, overrides)])
+    return " ".join(["python", "-m", "tidal.commands.cli", "train", shlex.quote(config), *map(shlex.quote, overrides)])
 
 
 def job_runtime_env(working_dir: Path) -> dict:
@@ -74,7 +74,7 @@ def check_uploaded(cfg, working_dir: Path) -> None:
     """Data the job reads from the working dir must be in what is uploaded: a file under runs/
     (or another excluded folder) exists here but not in the job, which would fail there or,
     for the built-in task's folder, silently rebuild the task instead of reading the user's."""
-    from tidal.cluster.preflight import task_folder_state
+    from tidal.driver.preflight import task_folder_state
 
     d = cfg.data
     paths = [(f"data.{n}", getattr(d, n)) for n in ("prompts", "eval_prompts", "demonstrations", "comparisons", "rankings")]
@@ -97,7 +97,7 @@ def submit(config: str, overrides: list[str], address: str, follow: bool = True,
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from tidal.cluster.preflight import preflight
+    from tidal.driver.preflight import preflight
 
     wd = Path(working_dir or os.getcwd()).resolve()
     cfg = load_config(config, overrides)  # fail fast, locally

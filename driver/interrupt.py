@@ -52,7 +52,7 @@ class StopRequests:
 
 
 class Interrupted(Exception):
-    """The run stopped at a safe point after Ctrl-C / SIGTERM (see tidal.cluster.interrupt)."""
+    """The run stopped at a safe point after Ctrl-C / SIGTERM (see tidal.driver.interrupt)."""
 
     def __init__(self, signal_name: str, step: int, total: int, checkpointed: bool):
         self.signal_name, self.step, self.total, self.checkpointed = signal_name, step, total, checkpointed

@@ -10,7 +10,7 @@ One step reads as timed blocks (metrics `time/<block>_s`):
 Each role's idle fraction over the step (`idle/rollout`, `idle/learner`, `idle/reward`) is
 1 - busy / step wall time.
 
-Sync and async modes (algorithm.mode) share this code; `tidal.cluster.pipeline` schedules the
+Sync and async modes (algorithm.mode) share this code; `tidal.driver.pipeline` schedules the
 rollout side. In async mode step t+1 is generated while step t trains, so a sample trained at
 step s may come from weight version s - k, k <= algorithm.max_staleness (metric
 `rl/staleness_max`). Its PPO ratio is taken against pi_old, the policy at training time (the
@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tidal.cluster.checkpoint import DriverState, resume_checkpoint, write_checkpoint
-from tidal.cluster.interrupt import NO_STOPS, Interrupted, StopRequests
-from tidal.cluster.pipeline import Produced, RolloutPipeline
+from tidal.driver.checkpoint import DriverState, resume_checkpoint, write_checkpoint
+from tidal.driver.interrupt import NO_STOPS, Interrupted, StopRequests
+from tidal.driver.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import MetricsLogger, Timer
 from tidal.common.types import ScoredBatch
@@ -97,9 +97,9 @@ class RLLoop:
 
     def __init__(self, cfg: TidalConfig, run_dir: Path, parts: RLParts, logger: MetricsLogger,
                  stops: StopRequests = NO_STOPS, judge=None, stage: str = "rl"):
-        """`judge`: a tidal.cluster.monitor.HeldOutJudge for the over-optimisation monitor
+        """`judge`: a tidal.driver.monitor.HeldOutJudge for the over-optimisation monitor
         (logging.gold_every > 0), or None."""
-        from tidal.cluster.monitor import GoldMonitor
+        from tidal.driver.monitor import GoldMonitor
 
         self.cfg, self.run_dir, self.parts, self.logger, self.stops = cfg, Path(run_dir), parts, logger, stops
         self.stage = stage  # the records' stage field: 'rl', or 'rl2' for a second round
@@ -125,7 +125,7 @@ class RLLoop:
 
     def restore(self) -> bool:
         """Load the newest readable checkpoint of the run, if any; a newer unreadable one is skipped
-        with a warning naming its file (tidal.cluster.checkpoint.resume_checkpoint). Returns
+        with a warning naming its file (tidal.driver.checkpoint.resume_checkpoint). Returns
         whether one was loaded."""
         ckpt = resume_checkpoint(self.run_dir)
         if ckpt is None:
@@ -255,7 +255,7 @@ class RLLoop:
 
     def _judge_gap(self, step: int, gap: float | None) -> None:
         """After a check: keep the engine's logprobs, or fall back to the trainer's for good."""
-        from tidal.cluster.monitor import print_warning
+        from tidal.driver.monitor import print_warning
 
         if gap is None or gap > ENGINE_LOGPROB_TOL:
             self.engine_old = False
@@ -266,7 +266,7 @@ class RLLoop:
     def _watch(self, last: dict[str, float]) -> dict[str, float]:
         """The over-optimisation monitor after a step: the KL bound every step, the held-out
         proxy/gold evaluation every logging.gold_every steps. Returns metrics to log."""
-        from tidal.cluster.monitor import print_warning
+        from tidal.driver.monitor import print_warning
 
         verdicts = [self.monitor.observe_kl(last["rl/kl"])]
         metrics: dict[str, float] = {}

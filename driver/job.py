@@ -1,11 +1,11 @@
-"""`tidal train`: the stage runner. Runs `stages.run` in order, each stage feeding the next:
+"""The job: the stage runner behind `tidal train` (tidal.commands.train). Runs `stages.run` in order, each stage feeding the next:
 
     sft  fine-tunes model.policy on demonstrations      -> RUN/sft/   (HF folder)
     rm   trains a reward model (policy backbone + head)  -> RUN/reward_model/
     dpo  DPO/IPO on preference pairs from the policy     -> RUN/policy_dpo/ (reference = the policy it starts from)
     rl   PPO / GRPO / RLOO / REINFORCE from the policy   -> RUN/policy/ (HF folder, vLLM-loadable)
          (SFT model = reference and initial policy; reward model = reward worker and critic init)
-    collect  samples of the current policy, labeled      -> RUN/feedback-<k>/ (tidal.cluster.collect)
+    collect  samples of the current policy, labeled      -> RUN/feedback-<k>/ (tidal.driver.collect)
 Stages may repeat (iterative RLHF: [sft, rm, rl, collect, rm, rl]); the k-th round of a stage is
 recorded as 'rm2', 'rl2', ... and writes RUN/reward_model-<k>/, RUN/round-<k>/.
 
@@ -14,106 +14,27 @@ run_state.json (finished stages), checkpoints/, rollouts.jsonl (prompt indices p
 samples_before.jsonl / samples_after.jsonl (held-out completions with reward-model and VADER
 scores), summary.json, dashboard.png (the first look), plots/ (every metric group).
 
-Before Ray starts, `cluster.preflight` checks the config, every data row the stages read, the
+Before Ray starts, `tidal.driver.preflight` checks the config, every data row the stages read, the
 models, user reward functions and (on resume) the checkpoint files; a user error stops there.
 
-`tidal train --resume RUN [algorithm.steps=N logging.*=...]` re-reads RUN/config.yaml (a resume
-may extend the steps or change logging; any other changed key is refused), says so and changes
-nothing when every stage already finished, skips finished stages (their outputs are on disk),
-and continues the RL stage from its newest complete checkpoint; log records written
-after that checkpoint are dropped first, so the resumed run's records equal an uninterrupted
-run's. A stage that was interrupted before finishing (sft, rm) restarts from its beginning.
+A resume (tidal.commands.train) re-enters `run_pipeline` with resume=True: finished stages are
+skipped, log records after the RL stage's newest checkpoint are dropped first.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidal.cluster import checkpoint as ck
-from tidal.cluster.collect import WaitingForLabels
-from tidal.cluster.interrupt import Interrupted, StopRequests
-from tidal.cluster.preflight import (TASK_MARKER, DataPaths, PreflightError, check_data, data_paths, preflight,
-                                    task_folder_state, task_marker)
-from tidal.cluster.runtime import connect, disconnect
-from tidal.common.config import ConfigError, TidalConfig, load_config, to_dict, to_yaml
+from tidal.driver import checkpoint as ck
+from tidal.driver.interrupt import StopRequests
+from tidal.driver.preflight import (TASK_MARKER, DataPaths, data_paths, task_folder_state, task_marker)
+from tidal.driver.runtime import connect, disconnect
+from tidal.common.config import ConfigError, TidalConfig, to_dict, to_yaml
 from tidal.common.metrics import METRICS_FILE, MetricsLogger
-
-
-RESUMABLE_KEYS = ("algorithm.steps", "logging.")  # what a resume may change without breaking exactness
-
-
-def train_from_cli(config_path: str | None, overrides: list[str], resume: str | None = None,
-                   verbose: bool = False) -> int:
-    """Entry point of `tidal train`; returns the exit status. Every check that needs no cluster
-    (config, data rows, models, reward functions, the checkpoint to resume) runs before Ray starts."""
-    if resume is not None:
-        if config_path is not None:
-            raise ConfigError(f"--resume {resume} continues with {resume}/config.yaml; drop {config_path} "
-                              f"(overrides of algorithm.steps and logging.* are allowed).")
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {resume}: no config.yaml there; pass the run directory of an earlier `tidal train`.")
-        cfg = resume_config(run_dir, overrides)
-        done = ck.read_run_state(run_dir)["stages"]
-        if all(key in done for _, key, _ in stage_keys(cfg.stages.run)):
-            if "rl" in done and cfg.algorithm.steps != load_config(run_dir / "config.yaml").algorithm.steps:
-                raise PreflightError(f"--resume {run_dir}: the run finished its rl stage, whose learning-rate schedule has "
-                                     f"ended; extend a run before it finishes, or start a new one from it with "
-                                     f"model.policy={run_dir / 'policy'}.")
-            print(f"tidal: run {run_dir} already finished (stages {', '.join(done)}); nothing to do. "
-                  f"Its results: {run_dir / 'summary.json'}", flush=True)
-            return 0
-    else:
-        cfg = load_config(config_path, overrides)
-        run_dir = new_run_dir(cfg, config_path)
-    preflight(cfg, resume_dir=run_dir if resume is not None else None, files=False)  # before anything is written
-    data = prepare_data(cfg)  # writes task files only where none exist
-    check_data(cfg, data)  # every row the stages will read, still before Ray starts
-    if resume is not None and overrides:
-        ck.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # a later resume continues with these
-    try:
-        run_pipeline(cfg, run_dir, resume=resume is not None, data=data, verbose=verbose)
-    except WaitingForLabels as e:  # not an error: the run goes on once people have labeled
-        print(f"tidal: {e}", flush=True)
-        return 0
-    except (Interrupted, KeyboardInterrupt) as e:
-        done = "; checkpoint written" if isinstance(e, Interrupted) and e.checkpointed else ""
-        where = f"after rl step {e.step} of {e.total}" if isinstance(e, Interrupted) else "before its next checkpoint"
-        print(f"tidal: interrupted ({e.signal_name if isinstance(e, Interrupted) else 'SIGINT'}) {where}{done}. "
-              f"Resume with: tidal train --resume {run_dir}", file=sys.stderr, flush=True)
-        return 130
-    return 0
-
-
-def resume_config(run_dir: Path, overrides: list[str]) -> TidalConfig:
-    """RUN/config.yaml with the overrides a resume allows; any other changed key is refused by name."""
-    old = load_config(run_dir / "config.yaml")
-    new = load_config(run_dir / "config.yaml", overrides)
-    changed = [k for k, v in _leaves(to_dict(new)).items() if _leaves(to_dict(old)).get(k) != v]
-    refused = [k for k in changed if not k.startswith(RESUMABLE_KEYS)]
-    if refused:
-        raise ConfigError(f"--resume {run_dir}: {refused[0]} cannot change on resume (the resumed run must continue "
-                          f"the same way); only algorithm.steps and logging.* can. Start a new run to change it.")
-    return new
-
-
-def _leaves(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
-
-
-def new_run_dir(cfg: TidalConfig, config_path: str | None) -> Path:
-    name = cfg.logging.run_name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.logging.output_dir) / name
-    if (run_dir / METRICS_FILE).is_file() and (run_dir / METRICS_FILE).stat().st_size > 0:
-        raise ConfigError(f"run directory {run_dir} already holds a run; continue it with `tidal train --resume {run_dir}` "
-                          f"or choose another logging.run_name.")
-    return run_dir
+from tidal.driver.run_folder import mark_stage_done, read_run_state, rl_dir, stage_keys
 
 
 def prepare_data(cfg: TidalConfig) -> DataPaths:
@@ -142,25 +63,9 @@ def prepare_data(cfg: TidalConfig) -> DataPaths:
     return data
 
 
-def stage_keys(run: tuple[str, ...]) -> list[tuple[str, str, int]]:
-    """(stage, key, round) of each entry of stages.run: the k-th occurrence of a stage is its
-    round k, recorded under key 'rm', 'rm2', 'rm3', ... (run_state.json, metrics' stage field)."""
-    seen: dict[str, int] = {}
-    out = []
-    for stage in run:
-        seen[stage] = seen.get(stage, 0) + 1
-        out.append((stage, stage if seen[stage] == 1 else f"{stage}{seen[stage]}", seen[stage]))
-    return out
-
-
-def rl_dir(run_dir: Path, round_: int) -> Path:
-    """Where an rl round keeps its checkpoints, rollouts, samples and policy."""
-    return run_dir if round_ == 1 else run_dir / f"round-{round_}"
-
-
 def _forget_unfinished(cfg: TidalConfig, run_dir: Path) -> None:
     """Resume: drop log records of unfinished stages and of RL steps after the last checkpoint."""
-    done = set(ck.read_run_state(run_dir)["stages"])
+    done = set(read_run_state(run_dir)["stages"])
     rl_steps = {}  # unfinished rl key -> its newest checkpoint's step (-1: redo the whole stage)
     for stage, key, round_ in stage_keys(cfg.stages.run):
         if stage == "rl" and key not in done:
@@ -202,17 +107,17 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, data: Da
     logger = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), total_steps=cfg.algorithm.steps, resume=resume)
     t0 = time.perf_counter()
     summary: dict = {}
-    stops = StopRequests().__enter__()  # Ctrl-C / SIGTERM: stop at a safe point (tidal.cluster.interrupt)
+    stops = StopRequests().__enter__()  # Ctrl-C / SIGTERM: stop at a safe point (tidal.driver.interrupt)
     try:
         policy = str(resolve_model(cfg.model.policy))
         models = _Models(policy, policy, str(resolve_model(cfg.model.reward)) if cfg.model.reward else None)
         for stage, key, round_ in stage_keys(cfg.stages.run):
-            done = ck.read_run_state(run_dir)["stages"]
+            done = read_run_state(run_dir)["stages"]
             if key in done:
                 print(f"tidal: stage {key} already finished ({done[key]['output']})", flush=True)
             else:
-                ck.mark_stage_done(run_dir, key, _run_stage(cfg, run_dir, logger, data, models, stage, key, round_, stops))
-            record = ck.read_run_state(run_dir)["stages"][key]
+                mark_stage_done(run_dir, key, _run_stage(cfg, run_dir, logger, data, models, stage, key, round_, stops))
+            record = read_run_state(run_dir)["stages"][key]
             if stage == "sft":
                 models.policy = models.reference = record["output"]
             elif stage == "rm":
@@ -239,11 +144,11 @@ def _run_stage(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, mod
     from tidal.common.models import resolve_model
 
     if stage == "sft":
-        from tidal.cluster.stages import run_sft
+        from tidal.driver.fit_stages import run_sft
 
         return {"output": run_sft(cfg, run_dir, logger, data, models.policy)}
     if stage == "rm":
-        from tidal.cluster.stages import run_rm
+        from tidal.driver.fit_stages import run_rm
 
         if round_ > 1 and models.reward_model:  # refresh the previous reward model on the new labels
             base = models.reward_model
@@ -252,14 +157,14 @@ def _run_stage(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, mod
         out = "reward_model" if round_ == 1 else f"reward_model-{round_}"
         return {"output": run_rm(cfg, run_dir, logger, data, base, out_name=out, stage=key, feedback=models.feedback)}
     if stage == "dpo":
-        from tidal.cluster.stages import run_dpo
+        from tidal.driver.fit_stages import run_dpo
 
         return {"output": run_dpo(cfg, run_dir, logger, data, models.policy)}
     if stage == "collect":
-        from tidal.cluster.collect import run_collect
+        from tidal.driver.collect import run_collect
 
         return run_collect(cfg, run_dir, logger, data, models.policy, round_, key)
-    from tidal.cluster.rl_stage import run_rl
+    from tidal.driver.rl_stage import run_rl
 
     where = rl_dir(run_dir, round_)
     summary = run_rl(cfg, where, logger, data, models.policy, models.reward_model, stops, reference=models.reference,

@@ -1,5 +1,5 @@
 """`tidal generate`: a policy's completions for prompts from a file or stdin, optionally the best
-of N samples by the config's reward (`cluster/best_of.py`).
+of N samples by the config's reward (`driver/best_of.py`).
 
 Input (`--in`, default `-` = stdin): a .jsonl/.json/.parquet file of prompt rows (`prompt` or
 `messages`, validated like `data.prompts`), any other file one prompt per line (blank lines
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 from tidal.common.config import ConfigError, TidalConfig
+from tidal.driver.run_folder import reward_model_of
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -116,8 +117,8 @@ def read_prompts(src: str, fmt: str = "auto") -> list:
 
 def resolve_generate_policy(cfg: TidalConfig, model: Optional[str]) -> str:
     """--model (HF folder or run directory) or model.policy, checked; returns the HF folder."""
-    from tidal.cluster.evaluate import policy_folder
-    from tidal.cluster.preflight import check_model
+    from tidal.driver.run_folder import policy_folder
+    from tidal.driver.preflight import check_model
     from tidal.common.models import resolve_model
 
     if model is not None and Path(model).is_dir():
@@ -129,21 +130,9 @@ def resolve_generate_policy(cfg: TidalConfig, model: Optional[str]) -> str:
     return str(resolve_model(name))
 
 
-def reward_model_of(cfg: TidalConfig, model: Optional[str]) -> Optional[str]:
-    """model.reward, else (when --model is a run directory) the newest reward model its rm stage
-    trained: the one that run's RL optimised."""
-    from tidal.cluster.evaluate import run_output
-
-    if cfg.model.reward:
-        return cfg.model.reward
-    if model is not None and Path(model).is_dir():
-        return run_output(Path(model), ("rm",))
-    return None
-
-
 def check_reward(cfg: TidalConfig, why: str, reward_model: Optional[str]) -> None:
     """The config's reward can score text here, before anything starts."""
-    from tidal.cluster.preflight import check_model, check_reward_function
+    from tidal.driver.preflight import check_model, check_reward_function
 
     if not cfg.reward.terms:
         raise ConfigError(f"{why} needs a reward: reward.terms is empty; configure one (e.g. "
@@ -221,8 +210,8 @@ def write_new(path: Path, text: str) -> None:
 def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward):
     """(texts, scores or None, BestOf or None) in prompt order, from a rollout pool on Ray
     (closed afterwards). With a reward every sample is scored and each prompt keeps its best."""
-    from tidal.cluster.best_of import BestOfN, NoValidSample
-    from tidal.cluster.runtime import connect, disconnect
+    from tidal.driver.best_of import BestOfN, NoValidSample
+    from tidal.driver.runtime import connect, disconnect
     from tidal.reward_service.combine import InvalidRewardError
     from tidal.rollout.pool import RolloutPool
     from tidal.rollout.sampling import Sampling
@@ -249,7 +238,7 @@ def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward):
 
 def generate_from_cli(args: GenerateArgs) -> int:
     """Entry point of `tidal generate`; returns the exit status."""
-    from tidal.cluster.driver import quiet_libraries
+    from tidal.driver.job import quiet_libraries
     from tidal.common.config import load_config
     from tidal.common.models import resolve_model
 

@@ -17,7 +17,6 @@ bound log n - (n - 1) / n (Stiennon et al. 2020, appendix), reported as such.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import statistics
@@ -26,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from tidal.common.config import ConfigError, RewardConfig, RewardTerm, TidalConfig
+from tidal.common.config import ConfigError, TidalConfig
+from tidal.driver.heldout import build_gold, eval_sampling, raw_scores
+from tidal.driver.run_folder import policy_folder, sft_of
 
-POLICY_FOLDERS = ("policy", "policy_dpo")  # what a run directory's final policy is called, by stage
-POLICY_STAGES = ("sft", "dpo", "rl")  # the stages whose output is a policy
 COLUMNS = ("method", "win-rate vs SFT (95% CI)", "gold", "proxy", "KL to SFT", "length", "degenerate")
 
 
@@ -54,109 +53,12 @@ class MethodResult:
                 "n": len(self.gold)}
 
 
-def gold_term(spec: str) -> RewardTerm:
-    """logging.gold_term 'KIND' or 'KIND:TARGET' (sentiment, length:8, function:mod:fn, model:FOLDER)."""
-    kind, _, target = spec.partition(":")
-    kinds = typing_args(RewardTerm, "kind")
-    if kind not in kinds or kind == "remote":
-        raise ConfigError(f"logging.gold_term={spec!r}: the kind must be one of "
-                          f"{', '.join(k for k in kinds if k != 'remote')}, optionally with ':TARGET'.")
-    return RewardTerm(kind=kind, target=target or None)
-
-
-def typing_args(cls: type, name: str) -> tuple:
-    import typing
-
-    return typing.get_args(typing.get_type_hints(cls)[name])
-
-
-def build_gold(cfg: TidalConfig, policy_tokenizer: str):
-    """The gold judge: one reward term, raw (no normalisation), reward-model workers in-process."""
-    from tidal.reward_service.combine import build_reward
-
-    rc = RewardConfig(terms=(gold_term(cfg.logging.gold_term),), normalize="none", on_invalid="error")
-    return build_reward(rc, policy_tokenizer=policy_tokenizer, local=True, dtype=cfg.model.dtype)
-
-
-def raw_scores(reward, rollout) -> list[float]:
-    """The weighted sum of a reward's terms before normalisation (what a table can compare)."""
-    scored = reward.score(rollout, raw=True)
-    return sum(t.weight * scored.terms[t.name] for t in reward.terms).float().tolist()
-
-
 def resolve_policy(spec: str) -> tuple[str, str]:
     """'NAME=PATH' -> (NAME, HF folder): PATH is an HF folder or a run directory holding one."""
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
         raise ConfigError(f"--run {spec!r}: write NAME=RUN_DIR (e.g. --run ppo=runs/ppo-1).")
     return name, policy_folder(path, f"--run {spec}")
-
-
-def policy_folder(path: str, what: str) -> str:
-    """The HF folder `path`, or the current policy of the run directory `path`: the newest sft,
-    dpo or rl output its run_state.json records (else its policy/ or policy_dpo/). `what`
-    names the option in the error."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return str(p)
-    latest = run_output(p, POLICY_STAGES)
-    if latest is not None:
-        return latest
-    for folder in POLICY_FOLDERS:
-        if (p / folder / "config.json").is_file():
-            return str(p / folder)
-    raise ConfigError(f"{what}: {path} is neither an HF folder nor a run directory with a finished sft, dpo or rl "
-                      f"stage ({' or '.join(f + '/' for f in POLICY_FOLDERS)}); pass a finished run.")
-
-
-def run_output(run_dir: Path, stages: tuple[str, ...]) -> str | None:
-    """The newest output folder (an HF folder still on disk) of the stages named `stages` that
-    RUN/run_state.json records as finished; later rounds (rl2, rm2, ...) count as their stage."""
-    from tidal.cluster.checkpoint import read_run_state
-
-    found = None
-    for key, record in read_run_state(run_dir)["stages"].items():  # in the order they finished
-        if key.rstrip("0123456789") in stages and record.get("output"):
-            found = _on_disk(run_dir, record["output"]) or found
-    return found
-
-
-def _on_disk(run_dir: Path, output: str) -> str | None:
-    """A recorded output folder, also when it was recorded relative to another working directory
-    or the run folder was moved: then it is looked up under `run_dir` by its path below the run."""
-    p = Path(output)
-    if (p / "config.json").is_file():
-        return str(p)
-    if run_dir.name in p.parts:
-        parts = p.parts
-        below = parts[len(parts) - parts[::-1].index(run_dir.name):]
-        if below and (run_dir.joinpath(*below) / "config.json").is_file():
-            return str(run_dir.joinpath(*below))
-    return None
-
-
-def sft_of(runs: list[str], sft: str | None, cfg: TidalConfig) -> str:
-    """--sft, else the sft stage output recorded by a run, else model.policy."""
-    from tidal.cluster.checkpoint import read_run_state
-    from tidal.common.models import resolve_model
-
-    if sft is not None:
-        return str(resolve_model(sft))
-    for spec in runs:
-        run_dir = Path(spec.partition("=")[2])
-        if (run_dir / "run_state.json").is_file():
-            out = read_run_state(run_dir)["stages"].get("sft", {}).get("output")
-            if out:
-                return out
-    return str(resolve_model(cfg.model.policy))
-
-
-def eval_sampling(cfg: TidalConfig, n: int = 1):
-    """rollout.* with the one fixed eval seed: every method answers with the same randomness."""
-    from tidal.cluster.rl_stage import EVAL_SEED
-    from tidal.rollout.sampling import Sampling
-
-    return dataclasses.replace(Sampling.from_config(cfg.rollout, EVAL_SEED), n=n)
 
 
 def sample(cfg: TidalConfig, path: str, prompts, n: int):
@@ -194,7 +96,7 @@ def evaluate_policies(cfg: TidalConfig, policies: dict[str, str], sft: str, best
     """Sample, score and tabulate every policy (plus SFT, plus best-of-n over SFT when best_of > 1)."""
     from transformers import AutoModelForCausalLM
 
-    from tidal.cluster.best_of import BestOfN
+    from tidal.driver.best_of import BestOfN
     from tidal.common.prompts import PromptDataset
     from tidal.common.models import load_tokenizer
     from tidal.rollout.pool import RolloutPool
@@ -271,8 +173,8 @@ def plot_table(rows: list[dict], path: Path) -> None:
 def eval_from_cli(config: str | None, overrides: list[str], runs: list[str], sft: str | None, best_of: int,
                   out: str | None) -> int:
     """Entry point of `tidal eval`; returns the exit status."""
-    from tidal.cluster.driver import prepare_data
-    from tidal.cluster.runtime import connect, disconnect
+    from tidal.driver.job import prepare_data
+    from tidal.driver.runtime import connect, disconnect
     from tidal.common.config import load_config
     from tidal.common.models import resolve_model
     from tidal.reward_service.combine import build_reward

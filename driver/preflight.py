@@ -13,7 +13,7 @@ key and the fix (`PreflightError`, a `ConfigError`, so the CLI prints it and exi
            the one before it is used; when none reads back, that is the error
 
 Nothing here writes; the built-in task folder is judged by `task_folder_state` (see
-`tidal.cluster.driver.prepare_data`, which is the one place that writes task files).
+`tidal.driver.job.prepare_data`, which is the one place that writes task files).
 """
 
 from __future__ import annotations
@@ -215,13 +215,13 @@ def check_resume(run_dir: Path, cfg: TidalConfig | None = None) -> None:
     """Each unfinished rl stage of the run has a checkpoint to continue from that reads back: the
     newest, or (with a warning naming the unreadable file) the one before it. With `cfg`, the
     checkpoints of every unfinished rl round; without, those of the run directory."""
-    from tidal.cluster import checkpoint as ck
+    from tidal.driver import checkpoint as ck
 
     dirs = [run_dir]
     if cfg is not None:
-        from tidal.cluster.driver import rl_dir, stage_keys
+        from tidal.driver.run_folder import read_run_state, rl_dir, stage_keys
 
-        done = ck.read_run_state(run_dir)["stages"]
+        done = read_run_state(run_dir)["stages"]
         dirs = [rl_dir(run_dir, r) for stage, key, r in stage_keys(cfg.stages.run) if stage == "rl" and key not in done]
     for d in dirs:
         ck.resume_checkpoint(d)  # raises CheckpointError (a ConfigError: one line, exit 2) when none reads back

@@ -60,10 +60,11 @@ def plan_sources(sources: list[str], k: int) -> list[tuple[str, str | None]]:
 def tasks_from_cli(folder: str, config: str | None, overrides: list[str], sources: list[str], m: int, k: int,
                    sft: str | None, overlap: float | None) -> int:
     """Entry point of `tidal label tasks`; returns the exit status."""
-    from tidal.cluster.collect import prompt_batch, sample_responses
-    from tidal.cluster.driver import prepare_data
-    from tidal.cluster.evaluate import resolve_policy, sft_of
-    from tidal.cluster.runtime import connect, disconnect
+    from tidal.driver.collect import prompt_batch, sample_responses
+    from tidal.driver.job import prepare_data
+    from tidal.commands.evaluate import resolve_policy
+    from tidal.driver.run_folder import sft_of
+    from tidal.driver.runtime import connect, disconnect
     from tidal.feedback.store import FeedbackError, FeedbackStore, NewTask, TaskResponse
 
     try:

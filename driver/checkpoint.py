@@ -48,7 +48,6 @@ from tidal.common.config import ConfigError
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
-RUN_STATE = "run_state.json"
 KEEP = 2  # complete checkpoints kept: when the newest turns out unreadable, a resume falls back one
 # What every RL checkpoint holds (DriverState.save and LearnerGroup.checkpoint); missing = unreadable.
 REQUIRED = ("driver_state.json", "rng.pt", "learner")
@@ -337,21 +336,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-
-
-# ----------------------------------------------------------------------------- run state
-
-
-def read_run_state(run_dir: str | Path) -> dict[str, Any]:
-    """{'stages': {'sft': {'output': path, ...}, ...}} for a run, or an empty state."""
-    path = Path(run_dir) / RUN_STATE
-    return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
-
-
-def mark_stage_done(run_dir: str | Path, stage: str, info: dict[str, Any]) -> None:
-    state = read_run_state(run_dir)
-    state["stages"][stage] = info
-    atomic_write_text(Path(run_dir) / RUN_STATE, json.dumps(state, indent=2))
 
 
 def truncate_jsonl(path: str | Path, keep: Callable[[dict], bool]) -> int:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from tidal.cluster.interrupt import NO_STOPS, StopRequests
-from tidal.cluster.rl_loop import RLLoop, RLParts
+from tidal.driver.interrupt import NO_STOPS, StopRequests
+from tidal.driver.rl_loop import RLLoop, RLParts
 from tidal.common.config import ConfigError, TidalConfig
 from tidal.common.metrics import MetricsLogger
 
-EVAL_SEED = 20_231_108
+from tidal.driver.heldout import EVAL_SEED
 
 
 def _critic_path(cfg: TidalConfig, policy: str, reward_model: str | None) -> str | None:
@@ -186,7 +186,7 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
               "estimate of the sequence KL (only k1 is unbiased there); use algorithm.kl_loss for a k3 KL loss term.",
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    from tidal.cluster.checkpoint import resume_checkpoint
+    from tidal.driver.checkpoint import resume_checkpoint
 
     resuming = resume_checkpoint(run_dir) is not None  # the checkpoint RLLoop.restore loads holds the calibration
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
     judge = None
     try:
         if cfg.logging.gold_every:
-            from tidal.cluster.monitor import HeldOutJudge
+            from tidal.driver.monitor import HeldOutJudge
 
             if data.eval_prompts is None:
                 raise ConfigError("logging.gold_every > 0 scores held-out prompts: set data.eval_prompts "

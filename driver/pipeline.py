@@ -15,7 +15,7 @@ version v (the last push queued), step s may start when `s - v <= max_staleness`
   * async (max_staleness k >= 1): up to k steps are generated ahead while the learners train;
     with k = 1, step s+1 is generated (with version s) while step s trains - one step off policy.
 The off-policy gap is corrected in the loss with truncated importance weights
-min(pi_old / pi_rollout, cap) from the samples' engine logprobs (see tidal.cluster.rl_loop).
+min(pi_old / pi_rollout, cap) from the samples' engine logprobs (see tidal.driver.rl_loop).
 
 `drain()` waits for every queued job and returns the finished, not yet consumed steps, so a
 checkpoint can store them; `preload()` puts them back on resume, which keeps an async run's

@@ -89,8 +89,8 @@ class HeldOutJudge:
     """Scores the pool's current policy on the fixed held-out prompts: proxy, gold, KL."""
 
     def __init__(self, cfg, eval_path: Path, tokenizer, policy_path: str):
-        from tidal.cluster.evaluate import build_gold
-        from tidal.cluster.rl_stage import EVAL_SEED
+        from tidal.driver.heldout import build_gold
+        from tidal.driver.heldout import EVAL_SEED
         from tidal.common.prompts import PromptDataset
         from tidal.rollout.sampling import Sampling
 
@@ -103,7 +103,7 @@ class HeldOutJudge:
         self.gold = build_gold(cfg, policy_path)
 
     def __call__(self, pool, reward, learners) -> dict[str, float]:
-        from tidal.cluster.evaluate import raw_scores
+        from tidal.driver.heldout import raw_scores
 
         rollout = pool.generate(self.prompts, self.sampling)
         fwd = learners.forward(rollout, with_values=False)

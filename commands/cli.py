@@ -23,7 +23,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
     cfg = load_config(*_config_args(args))
     if args.check:
-        from tidal.cluster.preflight import preflight
+        from tidal.driver.preflight import preflight
 
         preflight(cfg)  # data, models, reward functions; the built-in task's files may not exist yet
     print("\n".join(describe(cfg)) if args.doc else to_yaml(cfg), end="\n" if args.doc else "")
@@ -59,7 +59,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tidal.cluster.driver import train_from_cli
+    from tidal.commands.train import train_from_cli
 
     config, overrides = _config_args(args)
     return train_from_cli(config, overrides, resume=args.resume, verbose=args.verbose)
@@ -73,7 +73,7 @@ def _reward_template(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from tidal.cluster.submit import submit
+    from tidal.commands.submit import submit
 
     return submit(args.config, args.overrides, address=args.address, follow=not args.no_wait)
 
@@ -86,14 +86,14 @@ def _reward_serve(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tidal.cluster.evaluate import eval_from_cli
+    from tidal.commands.evaluate import eval_from_cli
 
     config, overrides = _config_args(args)
     return eval_from_cli(config, overrides, args.run, args.sft, args.best_of, args.out)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from tidal.cluster.generate import GenerateArgs, generate_from_cli
+    from tidal.commands.generate import GenerateArgs, generate_from_cli
 
     config, overrides = _config_args(args)
     return generate_from_cli(GenerateArgs(config, overrides, model=args.model, best_of=args.best_of, inp=args.inp,
@@ -138,7 +138,7 @@ def _label(args: argparse.Namespace) -> int:
     if args.action == "status":
         return cli.status(args.dir)
     if args.action == "tasks":
-        from tidal.cluster.label_tasks import tasks_from_cli
+        from tidal.commands.label_tasks import tasks_from_cli
 
         config, overrides = _config_args(args)
         return tasks_from_cli(args.dir, config, overrides, args.sources, args.prompts, args.responses, args.sft,
@@ -285,7 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tidal.cluster.preflight import PreflightError
+    from tidal.driver.preflight import PreflightError
     from tidal.common.config import ConfigError
     from tidal.common.data import DataError
 

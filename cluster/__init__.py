@@ -1,1 +1,0 @@
-"""tidal.cluster"""

@@ -1,0 +1,1 @@
+"""tidal.commands: the `tidal` command line - train, submit, generate, eval, label tasks, config, data, report."""

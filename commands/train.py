@@ -1,0 +1,96 @@
+"""`tidal train`: a new run, or `--resume RUN` of an earlier one; the job itself is tidal.driver.job.
+
+`tidal train --resume RUN [algorithm.steps=N logging.*=...]` re-reads RUN/config.yaml (a resume
+may extend the steps or change logging; any other changed key is refused), says so and changes
+nothing when every stage already finished, skips finished stages (their outputs are on disk),
+and continues the RL stage from its newest complete checkpoint; log records written
+after that checkpoint are dropped first, so the resumed run's records equal an uninterrupted
+run's. A stage that was interrupted before finishing (sft, rm) restarts from its beginning.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from tidal.common.config import ConfigError, TidalConfig, load_config, to_dict, to_yaml
+from tidal.common.metrics import METRICS_FILE
+from tidal.driver import checkpoint as ck
+from tidal.driver.collect import WaitingForLabels
+from tidal.driver.interrupt import Interrupted
+from tidal.driver.job import prepare_data, run_pipeline
+from tidal.driver.preflight import PreflightError, check_data, preflight
+from tidal.driver.run_folder import read_run_state, stage_keys
+
+RESUMABLE_KEYS = ("algorithm.steps", "logging.")  # what a resume may change without breaking exactness
+
+
+def train_from_cli(config_path: str | None, overrides: list[str], resume: str | None = None,
+                   verbose: bool = False) -> int:
+    """Entry point of `tidal train`; returns the exit status. Every check that needs no cluster
+    (config, data rows, models, reward functions, the checkpoint to resume) runs before Ray starts."""
+    if resume is not None:
+        if config_path is not None:
+            raise ConfigError(f"--resume {resume} continues with {resume}/config.yaml; drop {config_path} "
+                              f"(overrides of algorithm.steps and logging.* are allowed).")
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {resume}: no config.yaml there; pass the run directory of an earlier `tidal train`.")
+        cfg = resume_config(run_dir, overrides)
+        done = read_run_state(run_dir)["stages"]
+        if all(key in done for _, key, _ in stage_keys(cfg.stages.run)):
+            if "rl" in done and cfg.algorithm.steps != load_config(run_dir / "config.yaml").algorithm.steps:
+                raise PreflightError(f"--resume {run_dir}: the run finished its rl stage, whose learning-rate schedule has "
+                                     f"ended; extend a run before it finishes, or start a new one from it with "
+                                     f"model.policy={run_dir / 'policy'}.")
+            print(f"tidal: run {run_dir} already finished (stages {', '.join(done)}); nothing to do. "
+                  f"Its results: {run_dir / 'summary.json'}", flush=True)
+            return 0
+    else:
+        cfg = load_config(config_path, overrides)
+        run_dir = new_run_dir(cfg, config_path)
+    preflight(cfg, resume_dir=run_dir if resume is not None else None, files=False)  # before anything is written
+    data = prepare_data(cfg)  # writes task files only where none exist
+    check_data(cfg, data)  # every row the stages will read, still before Ray starts
+    if resume is not None and overrides:
+        ck.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # a later resume continues with these
+    try:
+        run_pipeline(cfg, run_dir, resume=resume is not None, data=data, verbose=verbose)
+    except WaitingForLabels as e:  # not an error: the run goes on once people have labeled
+        print(f"tidal: {e}", flush=True)
+        return 0
+    except (Interrupted, KeyboardInterrupt) as e:
+        done = "; checkpoint written" if isinstance(e, Interrupted) and e.checkpointed else ""
+        where = f"after rl step {e.step} of {e.total}" if isinstance(e, Interrupted) else "before its next checkpoint"
+        print(f"tidal: interrupted ({e.signal_name if isinstance(e, Interrupted) else 'SIGINT'}) {where}{done}. "
+              f"Resume with: tidal train --resume {run_dir}", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> TidalConfig:
+    """RUN/config.yaml with the overrides a resume allows; any other changed key is refused by name."""
+    old = load_config(run_dir / "config.yaml")
+    new = load_config(run_dir / "config.yaml", overrides)
+    changed = [k for k, v in _leaves(to_dict(new)).items() if _leaves(to_dict(old)).get(k) != v]
+    refused = [k for k in changed if not k.startswith(RESUMABLE_KEYS)]
+    if refused:
+        raise ConfigError(f"--resume {run_dir}: {refused[0]} cannot change on resume (the resumed run must continue "
+                          f"the same way); only algorithm.steps and logging.* can. Start a new run to change it.")
+    return new
+
+
+def _leaves(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def new_run_dir(cfg: TidalConfig, config_path: str | None) -> Path:
+    name = cfg.logging.run_name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.logging.output_dir) / name
+    if (run_dir / METRICS_FILE).is_file() and (run_dir / METRICS_FILE).stat().st_size > 0:
+        raise ConfigError(f"run directory {run_dir} already holds a run; continue it with `tidal train --resume {run_dir}` "
+                          f"or choose another logging.run_name.")
+    return run_dir
