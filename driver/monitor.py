@@ -107,7 +107,7 @@ class HeldOutJudge:
 
         rollout = pool.generate(self.prompts, self.sampling)
         fwd = learners.forward(rollout, with_values=False)
-        kl = ((fwd.old_logprobs - fwd.ref_logprobs) * fwd.response_mask).sum(-1).mean().item()
+        kl = fwd.sequence_kl().mean().item()
         proxy, gold = raw_scores(reward, rollout), raw_scores(self.gold, rollout)
         return {"eval/proxy": sum(proxy) / len(proxy), "eval/gold": sum(gold) / len(gold), "eval/kl": kl,
                 "eval/sqrt_kl": gao_x(kl)}

@@ -295,7 +295,7 @@ class RLLoop:
         from tidal.learner.expert_iteration import expert_batch, expert_rows, fill_to_multiple
 
         a, lc, learners = self.cfg.algorithm, self.cfg.learner, self.parts.learners
-        kl = ((fwd.old_logprobs - fwd.ref_logprobs) * fwd.response_mask).sum(-1)  # (B,) k1 sequence KL
+        kl = fwd.sequence_kl()  # (B,) k1 sequence KL
         exp_metrics = {"experience/kl_per_seq": kl.mean().item(),
                        "experience/response_len": fwd.response_mask.sum(-1).mean().item()}
         rows = expert_rows(scored, self.cfg.rollout.n_samples, a.ei_top_k, a.ei_threshold)

@@ -145,7 +145,7 @@ def evaluate(cfg: TidalConfig, parts: RLParts, eval_path: Path | None, out_file:
     vader = vader_score(list(rollout.response_text))
     fwd = parts.learners.forward(rollout, with_values=False)  # the RL step's own forward pass
     resp = fwd.response_mask
-    kl = ((fwd.old_logprobs - fwd.ref_logprobs) * resp).sum(-1)  # (B,) sequence KL to the reference
+    kl = fwd.sequence_kl()  # (B,) sequence KL to the reference
     with open(out_file, "w") as f:
         for i in range(len(rollout)):
             f.write(json.dumps({

@@ -127,6 +127,13 @@ class ForwardPass:
             return None
         return mean_abs_gap(self.old_logprobs, self.rollout_logprobs, self.response_mask)
 
+    def sequence_kl(self) -> torch.Tensor:
+        """(B,) k1 KL of each sampled response to the reference: the sum over its real tokens of
+        log pi_old - log pi_ref (the held-out KL, and the KL expert iteration logs)."""
+        if self.old_logprobs is None:
+            raise ValueError("sequence_kl needs pi_old; this forward pass left it to the update (old_in_update)")
+        return ((self.old_logprobs.float() - self.ref_logprobs.float()) * self.response_mask).sum(-1)
+
     def kl(self, estimator: str) -> torch.Tensor:
         """Per-token KL estimate policy vs reference, 0 on padding (and everywhere while pi_old is
         still to be taken in the update, where the KL penalty is off). (B, R)."""
