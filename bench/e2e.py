@@ -60,7 +60,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from tidal.driver.job import run_pipeline
-    from tidal.driver.runtime import connect, disconnect
+    from tidal.driver.runtime import ray_session
     from tidal.common.config import load_config
 
     models = ["tiny-random"] + (["smollm2-135m"] if args.smollm else [])
@@ -69,8 +69,7 @@ def main() -> int:
                            "load_avg_start": os.getloadavg()[0]},
                "config": "configs/tiny_ppo.yaml + overrides", "cases": {}}
     first = load_config(REPO / "configs" / "tiny_ppo.yaml", case_overrides("x", "tiny-random", "sync", 1, tmp))
-    conn = connect(first.cluster, min_cpus=8)  # one cluster for all cases
-    try:
+    with ray_session(first.cluster, min_cpus=8):  # one cluster for all cases
         for model in models:
             for mode in ("sync", "async"):
                 name = f"{model}-{mode}"
@@ -81,8 +80,6 @@ def main() -> int:
                 res["pipeline_wall_s"] = round(time.perf_counter() - t0, 1)
                 results["cases"][name] = res
                 print(f"{name}: {json.dumps(res)}", flush=True)
-    finally:
-        disconnect(conn)
     for model in models:
         s, a = results["cases"][f"{model}-sync"], results["cases"][f"{model}-async"]
         results["cases"][f"{model}-async"]["step_speedup_vs_sync"] = round(

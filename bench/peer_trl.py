@@ -387,16 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in ("sync", "async") if m in cases]
     if modes:
         from tidal.actors.placement import plan_placement, role_counts
-        from tidal.driver.runtime import connect, disconnect
+        from tidal.driver.runtime import ray_session
 
-        conn = connect(cfg.cluster, min_cpus=plan_placement(cfg, role_counts(cfg, reference=True)).total_cpus,
-                       verbose=False)
-        try:
+        cpus = plan_placement(cfg, role_counts(cfg, reference=True)).total_cpus
+        with ray_session(cfg.cluster, min_cpus=cpus, verbose=False):
             for mode in modes:
                 results["cases"][mode] = run_tidal(work, mode, tmp, args.tidal_set, args.precision)
                 print(f"tidal {mode}: median {results['cases'][mode]['median_step_s']:.3f} s/step", flush=True)
-        finally:
-            disconnect(conn)
     results["machine"]["load_avg_end"] = os.getloadavg()
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     results["summary"] = summarize(results["cases"])

@@ -78,7 +78,7 @@ def main() -> None:
 
     from tidal.common.config import ClusterConfig, load_config
     from tidal.common.models import resolve_model
-    from tidal.driver.runtime import connect, disconnect
+    from tidal.driver.runtime import ray_session
     from tidal.rollout.pool import RolloutPool
     from tidal.rollout.sampling import Sampling
     from tidal.rollout.worker import WEIGHT_LOADER_EXT
@@ -90,43 +90,42 @@ def main() -> None:
     path = resolve_model(args.model)
     sampling = Sampling(n=args.n, temperature=1.0, max_new_tokens=args.tokens, seed=0)
     prompts = make_prompts(path, args.prompts)
-    conn = connect(ClusterConfig(num_cpus=8))
-    cores = machine_cores()
-    torch.set_num_threads(cores)  # the raw engine: the whole machine (vLLM freezes it at start)
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
-              worker_extension_cls=WEIGHT_LOADER_EXT, logprobs_mode="processed_logprobs")
-    results = {"model": args.model, "prompts": args.prompts, "n": args.n, "max_new_tokens": args.tokens,
-               "rounds": args.rounds, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-               "load_avg_before": os.getloadavg(), "raw_threads": torch.get_num_threads(), "configs": []}
-    pool = None
-    try:
-        for workers, chunks in [(1, 1), (1, 4), (2, 1), (2, 4)]:
-            if pool is None or pool.num_workers != workers:  # threads are set as a worker starts
-                if pool is not None:
-                    pool.shutdown()
-                cfg = load_config(None, [f"rollout.num_workers={workers}", "rollout.max_model_len=256",
-                                         "cluster.sync_timeout_s=600"])
-                pool = RolloutPool(cfg, path)
-            pool.chunks_per_worker = chunks
-            raw_generate(llm, prompts, sampling), pool_generate(pool, prompts, sampling)  # warm-up
-            raw, pooled = [], []
-            for _ in range(args.rounds):  # interleaved: both see the same background load
-                raw += rate(lambda: raw_generate(llm, prompts, sampling), 1)
-                pooled += rate(lambda: pool_generate(pool, prompts, sampling), 1)
-            entry = {
-                "workers": workers, "chunks_per_worker": chunks, "threads_per_worker": pool.num_threads,
-                "raw_tokens_per_s": {"best": max(raw), "median": statistics.median(raw)},
-                "pool_tokens_per_s": {"best": max(pooled), "median": statistics.median(pooled)},
-                "ratio_best": max(pooled) / max(raw), "ratio_median": statistics.median(pooled) / statistics.median(raw),
-            }
-            results["configs"].append(entry)
-            print(f"workers={workers} chunks/worker={chunks}: raw {entry['raw_tokens_per_s']['median']:.0f} tok/s, "
-                  f"pool {entry['pool_tokens_per_s']['median']:.0f} tok/s, pool/raw median "
-                  f"{entry['ratio_median']:.3f} (best {entry['ratio_best']:.3f})", flush=True)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        disconnect(conn)
+    with ray_session(ClusterConfig(num_cpus=8)):
+        cores = machine_cores()
+        torch.set_num_threads(cores)  # the raw engine: the whole machine (vLLM freezes it at start)
+        llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
+                  worker_extension_cls=WEIGHT_LOADER_EXT, logprobs_mode="processed_logprobs")
+        results = {"model": args.model, "prompts": args.prompts, "n": args.n, "max_new_tokens": args.tokens,
+                   "rounds": args.rounds, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                   "load_avg_before": os.getloadavg(), "raw_threads": torch.get_num_threads(), "configs": []}
+        pool = None
+        try:
+            for workers, chunks in [(1, 1), (1, 4), (2, 1), (2, 4)]:
+                if pool is None or pool.num_workers != workers:  # threads are set as a worker starts
+                    if pool is not None:
+                        pool.shutdown()
+                    cfg = load_config(None, [f"rollout.num_workers={workers}", "rollout.max_model_len=256",
+                                             "cluster.sync_timeout_s=600"])
+                    pool = RolloutPool(cfg, path)
+                pool.chunks_per_worker = chunks
+                raw_generate(llm, prompts, sampling), pool_generate(pool, prompts, sampling)  # warm-up
+                raw, pooled = [], []
+                for _ in range(args.rounds):  # interleaved: both see the same background load
+                    raw += rate(lambda: raw_generate(llm, prompts, sampling), 1)
+                    pooled += rate(lambda: pool_generate(pool, prompts, sampling), 1)
+                entry = {
+                    "workers": workers, "chunks_per_worker": chunks, "threads_per_worker": pool.num_threads,
+                    "raw_tokens_per_s": {"best": max(raw), "median": statistics.median(raw)},
+                    "pool_tokens_per_s": {"best": max(pooled), "median": statistics.median(pooled)},
+                    "ratio_best": max(pooled) / max(raw), "ratio_median": statistics.median(pooled) / statistics.median(raw),
+                }
+                results["configs"].append(entry)
+                print(f"workers={workers} chunks/worker={chunks}: raw {entry['raw_tokens_per_s']['median']:.0f} tok/s, "
+                      f"pool {entry['pool_tokens_per_s']['median']:.0f} tok/s, pool/raw median "
+                      f"{entry['ratio_median']:.3f} (best {entry['ratio_best']:.3f})", flush=True)
+        finally:
+            if pool is not None:
+                pool.shutdown()
     results["load_avg_after"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))

@@ -300,7 +300,7 @@ def main() -> None:
         os.environ.setdefault(k, v)
     import ray
 
-    from tidal.driver.runtime import connect, disconnect
+    from tidal.driver.runtime import ray_session
     from tidal.common.config import ClusterConfig, load_config
     from tidal.common.types import PromptBatch
     from tidal.rollout.pool import RolloutPool
@@ -324,8 +324,7 @@ def main() -> None:
                          "transport_bucket_mb": TRANSPORT_BUCKET_MB},
                "transport": [], "points": [], "stopped": None}
     t_start = time.perf_counter()
-    conn = connect(ClusterConfig(num_cpus=8), verbose=False)
-    try:
+    with ray_session(ClusterConfig(num_cpus=8), verbose=False):
         learner = ray.remote(StandInLearner).options(num_cpus=0.01).remote()
         results["transport"] = measure_transport(args.transport_mb, TRANSPORT_BUCKET_MB, learner, 600)
         ray.get(learner.set_weights.remote(args.weight_mb, args.bucket_mb))
@@ -365,8 +364,6 @@ def main() -> None:
                       f"MiB/worker; load {point['load_avg'][0]:.1f}", flush=True)
         finally:
             pool.shutdown()
-    finally:
-        disconnect(conn)
     results["local"] = measure_local(args.local_workers, args, prompts, sampling, overrides)
     results["load_avg_end"] = os.getloadavg()
     results["total_s"] = time.perf_counter() - t_start

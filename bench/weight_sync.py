@@ -169,13 +169,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from tidal.common.config import ClusterConfig
-    from tidal.driver.runtime import connect, disconnect
+    from tidal.driver.runtime import ray_session
 
-    conn = connect(ClusterConfig(num_cpus=8))
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "rounds": args.rounds,
-               "zero_copy_torch": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"),
-               "load_avg_before": os.getloadavg(), "models": [], "skipped": {}}
-    try:
+    with ray_session(ClusterConfig(num_cpus=8)):
+        results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "rounds": args.rounds,
+                   "zero_copy_torch": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"),
+                   "load_avg_before": os.getloadavg(), "models": [], "skipped": {}}
         for name in args.models:
             try:
                 results["models"].append(bench_model(name, args.receivers, args.rounds, not args.no_engine))
@@ -184,8 +183,6 @@ def main() -> None:
                     raise
                 print(f"skipping {name}: {e}")
                 results["skipped"][name] = str(e)
-    finally:
-        disconnect(conn)
     results["load_avg_after"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.driver import checkpoint as ck
 from tidal.driver.interrupt import StopRequests
 from tidal.driver.preflight import (TASK_MARKER, DataPaths, data_paths, task_folder_state, task_marker)
-from tidal.driver.runtime import connect, disconnect
+from tidal.driver.runtime import ray_session
+from tidal.driver.stages import STAGES, Models, StageRun
 from tidal.common.config import ConfigError, TidalConfig, to_dict, to_yaml
 from tidal.common.metrics import METRICS_FILE, MetricsLogger
 from tidal.driver.run_folder import mark_stage_done, read_run_state, rl_dir, stage_keys
@@ -76,21 +76,10 @@ def _forget_unfinished(cfg: TidalConfig, run_dir: Path) -> None:
         r.get("stage") in rl_steps and r.get("step", 0) <= rl_steps[r["stage"]]))
 
 
-@dataclass
-class _Models:
-    """What the stages so far produced: each stage starts from these."""
-
-    policy: str  # the current policy (initial, after sft, after each rl round)
-    reference: str  # the frozen reference and KL anchor (the initial policy after sft)
-    reward_model: str | None
-    feedback: dict | None = None  # the last collect round's record (its exports)
-
-
 def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, data: DataPaths | None = None,
                  verbose: bool = True) -> dict:
     """Run (or continue) every stage of `cfg` in `run_dir`; returns the RL summary ({} without rl)."""
     from tidal.actors.placement import plan_placement, role_counts
-    from tidal.common.models import resolve_model
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -101,75 +90,41 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, data: Da
     plan = plan_placement(cfg, role_counts(cfg, reference=True))
     if not verbose:
         quiet_libraries()
-    conn = connect(cfg.cluster, min_cpus=plan.total_cpus, verbose=verbose)
-    if not verbose and conn.temp_dir is not None:
-        print(f"tidal: worker and engine logs go to {run_dir / 'logs' / 'ray'} (--verbose shows them here)", flush=True)
-    logger = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), total_steps=cfg.algorithm.steps, resume=resume)
     t0 = time.perf_counter()
     summary: dict = {}
-    stops = StopRequests().__enter__()  # Ctrl-C / SIGTERM: stop at a safe point (tidal.driver.interrupt)
-    try:
-        policy = str(resolve_model(cfg.model.policy))
-        models = _Models(policy, policy, str(resolve_model(cfg.model.reward)) if cfg.model.reward else None)
-        for stage, key, round_ in stage_keys(cfg.stages.run):
-            done = read_run_state(run_dir)["stages"]
-            if key in done:
-                print(f"tidal: stage {key} already finished ({done[key]['output']})", flush=True)
-            else:
-                mark_stage_done(run_dir, key, _run_stage(cfg, run_dir, logger, data, models, stage, key, round_, stops))
-            record = read_run_state(run_dir)["stages"][key]
-            if stage == "sft":
-                models.policy = models.reference = record["output"]
-            elif stage == "rm":
-                models.reward_model = record["output"]
-            elif stage == "collect":
-                models.feedback = record
-            elif stage == "dpo":  # a later rl stage starts from (and is anchored to) the DPO policy
-                models.policy = models.reference = record["output"]
-            else:
-                models.policy = record["output"]
-                summary = {**record.get("summary", {}), "rounds": {**summary.get("rounds", {}), key: record.get("summary", {})}}
-    finally:
-        logger.close()
-        disconnect(conn, logs_to=run_dir / "logs" / "ray")
-        stops.__exit__(None, None, None)
+    with ray_session(cfg.cluster, min_cpus=plan.total_cpus, verbose=verbose, logs_to=run_dir / "logs" / "ray") as conn, \
+            StopRequests() as stops:  # Ctrl-C / SIGTERM: stop at a safe point (tidal.driver.interrupt)
+        if not verbose and conn.temp_dir is not None:
+            print(f"tidal: worker and engine logs go to {run_dir / 'logs' / 'ray'} (--verbose shows them here)", flush=True)
+        logger = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), total_steps=cfg.algorithm.steps, resume=resume)
+        try:
+            summary = _run_stages(StageRun(cfg, run_dir, logger, data, stops))
+        finally:
+            logger.close()
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
     _finish(run_dir, summary)
     return summary
 
 
-def _run_stage(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, models: _Models, stage: str, key: str,
-               round_: int, stops: StopRequests) -> dict:
-    """Run one stage; returns its run_state record ({"output": ..., ...})."""
+def _run_stages(job: StageRun) -> dict:
+    """Every entry of stages.run in order (tidal.driver.stages): run it unless run_state.json
+    says it finished, then hand its outputs on. Returns the summary of the rl rounds."""
     from tidal.common.models import resolve_model
 
-    if stage == "sft":
-        from tidal.driver.fit_stages import run_sft
-
-        return {"output": run_sft(cfg, run_dir, logger, data, models.policy)}
-    if stage == "rm":
-        from tidal.driver.fit_stages import run_rm
-
-        if round_ > 1 and models.reward_model:  # refresh the previous reward model on the new labels
-            base = models.reward_model
+    cfg, summary = job.cfg, {}
+    policy = str(resolve_model(cfg.model.policy))
+    models = Models(policy, policy, str(resolve_model(cfg.model.reward)) if cfg.model.reward else None)
+    for stage, key, round_ in stage_keys(cfg.stages.run):
+        done = read_run_state(job.run_dir)["stages"]
+        if key in done:
+            print(f"tidal: stage {key} already finished ({done[key]['output']})", flush=True)
         else:
-            base = str(resolve_model(cfg.stages.rm.base)) if cfg.stages.rm.base else models.policy
-        out = "reward_model" if round_ == 1 else f"reward_model-{round_}"
-        return {"output": run_rm(cfg, run_dir, logger, data, base, out_name=out, stage=key, feedback=models.feedback)}
-    if stage == "dpo":
-        from tidal.driver.fit_stages import run_dpo
-
-        return {"output": run_dpo(cfg, run_dir, logger, data, models.policy)}
-    if stage == "collect":
-        from tidal.driver.collect import run_collect
-
-        return run_collect(cfg, run_dir, logger, data, models.policy, round_, key)
-    from tidal.driver.rl_stage import run_rl
-
-    where = rl_dir(run_dir, round_)
-    summary = run_rl(cfg, where, logger, data, models.policy, models.reward_model, stops, reference=models.reference,
-                     stage=key)
-    return {"output": str(where / "policy"), "summary": summary}
+            mark_stage_done(job.run_dir, key, STAGES[stage].run(job, models, key, round_))
+        record = read_run_state(job.run_dir)["stages"][key]
+        STAGES[stage].hand_on(models, record)
+        if "summary" in record:  # an rl round: its before/after evaluation, by round
+            summary = {**record["summary"], "rounds": {**summary.get("rounds", {}), key: record["summary"]}}
+    return summary
 
 
 def quiet_libraries() -> None:

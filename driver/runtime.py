@@ -10,6 +10,7 @@ job submitted with `tidal submit`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from tidal.common.config import RAY_TEMP_DIR_MAX, ClusterConfig
 
@@ -92,6 +94,20 @@ def connect(cfg: ClusterConfig, min_cpus: float = 0, verbose: bool = True) -> Ra
     ray.init(address=address, runtime_env=runtime_env if cfg.address is not None else None, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.ERROR)
     return RayConnection(started_here=True, embedded=False, address=address)
+
+
+@contextlib.contextmanager
+def ray_session(cfg: ClusterConfig | None = None, min_cpus: float = 0, verbose: bool = True,
+                logs_to: Path | None = None) -> Iterator[RayConnection]:
+    """The one way tidal starts or joins Ray: `connect` on entry, `disconnect` on exit (the
+    embedded cluster stopped, its temp folder removed, its logs copied to `logs_to`). Commands,
+    the job, the benchmarks and the test fixtures all use it. cfg None: an embedded cluster with
+    Ray's defaults (or cluster.* of the defaults)."""
+    conn = connect(cfg or ClusterConfig(), min_cpus=min_cpus, verbose=verbose)
+    try:
+        yield conn
+    finally:
+        disconnect(conn, logs_to=logs_to)
 
 
 def _embedded_temp_dir() -> str:

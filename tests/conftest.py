@@ -1,7 +1,6 @@
 """Shared test setup: offline, single-threaded, CPU, private Ray cluster, tiny model."""
 
 import os
-import tempfile
 
 # The same environment `tidal train` gives its Ray workers (driver/runtime.py explains each).
 from tidal.driver.runtime import RUNTIME_ENV_VARS as _ENV  # noqa: E402  (imports no torch)
@@ -24,11 +23,12 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A private local Ray cluster shared by all Ray tests of the session."""
+    """A private local Ray cluster shared by all Ray tests of the session: tidal's own
+    `ray_session` (the workers' environment of `tidal train`), temp folder removed afterwards."""
     import ray
 
-    tmp = tempfile.mkdtemp(prefix="tidal-ray-")
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in _ENV}})
-    yield ray
-    ray.shutdown()
+    from tidal.common.config import ClusterConfig
+    from tidal.driver.runtime import ray_session
+
+    with ray_session(ClusterConfig(num_cpus=8), verbose=False):
+        yield ray
