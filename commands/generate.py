@@ -31,30 +31,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from tidal.commands.args import GenerateArgs
 from tidal.common.config import ConfigError, TidalConfig
 from tidal.driver.run_folder import reward_model_of
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-@dataclass(frozen=True)
-class GenerateArgs:
-    """The command line of `tidal generate`, after parsing."""
-
-    config: Optional[str]
-    overrides: list[str]
-    model: Optional[str] = None
-    best_of: str = "1"  # as typed: checked here, so a bad N is one line like every other user error
-    inp: str = "-"
-    in_format: str = "auto"  # auto | jsonl | txt
-    out: Optional[str] = None
-    json: bool = False
-    all: bool = False
-    score: bool = False
 
 
 def check_args(args: GenerateArgs) -> int:

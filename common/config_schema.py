@@ -10,13 +10,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from tidal.common.errors import UserError
+
 # Ray puts its unix sockets at TEMP/session_<date>_<pid>/sockets/plasma_store and a socket path may
 # be 107 bytes at most, so the embedded cluster's temp folder may be at most this long.
 RAY_TEMP_DIR_MAX = 40
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that cannot be used; the message names the key path and the fix."""
+
+    kind = "config error"
 
 
 def doc(default: Any, text: str, **kw: Any) -> Any:

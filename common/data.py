@@ -22,13 +22,17 @@ from typing import Iterable, Iterator, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tidal.common.errors import UserError
+
 
 Message = dict[str, str]
 Prompt = Union[str, list[Message]]  # plain text or a chat conversation
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset file that does not match its record schema (message: FILE:ROW: field: fix)."""
+
+    kind = "data error"
 
 
 @dataclass(frozen=True)

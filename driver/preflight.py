@@ -32,6 +32,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 class PreflightError(ConfigError):
     """A user input that would fail the run later; the message names it and the fix."""
 
+    kind = "preflight"
+
 
 @dataclass(frozen=True)
 class DataPaths:

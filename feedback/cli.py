@@ -1,7 +1,7 @@
 """`tidal label ...`: the labeling app's commands (commands/cli.py wires them lazily).
 
-A user error (no store, a bad task row, an existing export file) is one line on stderr and
-exit code 2."""
+A user error (no store, a bad task row, an existing export file) is a FeedbackError: the
+`tidal` command prints it as one line, exit code 2."""
 
 from __future__ import annotations
 
@@ -10,11 +10,6 @@ import sys
 from pathlib import Path
 
 from tidal.feedback.store import FeedbackError, FeedbackStore, NewTask, TaskResponse, check_task
-
-
-def _fail(message: str) -> int:
-    print(f"tidal label: {message}", file=sys.stderr)
-    return 2
 
 
 def read_tasks(path: str | Path) -> list[NewTask]:
@@ -54,21 +49,18 @@ def read_tasks(path: str | Path) -> list[NewTask]:
 def add_tasks(folder: str, file: str, overlap: float | None, flags: str | None = None) -> int:
     try:
         tasks = read_tasks(file)
-        store = FeedbackStore(folder, create=True)
-        if flags is not None:
-            store.set_flags(flags.split(";"))
-        ids = store.add_tasks(tasks, overlap_fraction=overlap)
-    except (FeedbackError, OSError) as e:
-        return _fail(str(e))
+    except OSError as e:
+        raise FeedbackError(f"{file}: cannot read it ({e.strerror}); give a JSON-lines file of tasks") from None
+    store = FeedbackStore(folder, create=True)
+    if flags is not None:
+        store.set_flags(flags.split(";"))
+    ids = store.add_tasks(tasks, overlap_fraction=overlap)
     print(f"added {len(ids)} tasks to {folder}" + (f" (ids {ids[0]}..{ids[-1]})" if ids else ""))
     return 0
 
 
 def add_labeler(folder: str, name: str, admin: bool) -> int:
-    try:
-        token = FeedbackStore(folder, create=True).add_labeler(name, admin=admin)
-    except FeedbackError as e:
-        return _fail(str(e))
+    token = FeedbackStore(folder, create=True).add_labeler(name, admin=admin)
     print(f"{'admin' if admin else 'labeler'} {name}: token {token}")
     print("(shown once; only its hash is stored)", file=sys.stderr)
     return 0
@@ -77,10 +69,7 @@ def add_labeler(folder: str, name: str, admin: bool) -> int:
 def status(folder: str) -> int:
     from tidal.feedback import stats
 
-    try:
-        store = FeedbackStore(folder)
-    except FeedbackError as e:
-        return _fail(str(e))
+    store = FeedbackStore(folder)
     s = stats.summary(store.labels(), store.tasks(), store.settings.flags, store.counts())
     c = s["counts"]
     print(f"{folder}: {c['tasks']} tasks ({c['gold_tasks']} gold), {c['complete']} complete, {c['open']} open, "
@@ -101,8 +90,9 @@ def export(folder: str, out: str, fmt: str, include_gold: bool) -> int:
 
     try:
         n = write_export(FeedbackStore(folder), out, fmt, include_gold)
-    except (FeedbackError, FileExistsError, OSError) as e:
-        return _fail(str(e))
+    except OSError as e:  # an existing file, a folder that cannot be written
+        raise FeedbackError(str(e) if e.strerror is None else f"{out}: {e.strerror}; pass a new file in a writable "
+                            "folder") from None
     print(f"{out}: {n} {fmt} rows")
     return 0
 
@@ -111,17 +101,14 @@ def serve(folder: str, host: str = "127.0.0.1", port: int = 8080) -> int:
     from tidal.common.web import WebServer, is_loopback
     from tidal.feedback.app import build_app
 
-    try:
-        store = FeedbackStore(folder)
-    except FeedbackError as e:
-        return _fail(str(e))
+    store = FeedbackStore(folder)
     if store.labeler_count() == 0 and not is_loopback(host):
-        return _fail(f"--host {host} is not a loopback address and {folder} has no labeler tokens: add one with "
+        raise FeedbackError(f"--host {host} is not a loopback address and {folder} has no labeler tokens: add one with "
                      f"`tidal label add-labeler {folder} NAME`, or bind 127.0.0.1")
     try:
         server = WebServer(build_app(store), host, port, name="label-server")
     except OSError as e:
-        return _fail(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port")
+        raise FeedbackError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
     hint = "" if store.labeler_count() else f" (no labelers yet: `tidal label add-labeler {folder} NAME`)"
     print(f"tidal label server on {server.url} for {folder}{hint}", flush=True)
     server.run()

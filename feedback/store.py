@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.common.data import Prompt
+from tidal.common.errors import UserError
 
 SCHEMA_VERSION = 1
 DB_NAME = "feedback.sqlite"
@@ -55,8 +56,10 @@ CREATE INDEX IF NOT EXISTS assignments_labeler ON assignments(labeler_id);
 """
 
 
-class FeedbackError(ValueError):
+class FeedbackError(UserError):
     """A request the store refuses; the message says what to fix (the web app answers 400/409)."""
+
+    kind = "label error"
 
 
 @dataclass(frozen=True)

@@ -115,3 +115,52 @@ def test_debug_shows_the_traceback_of_a_user_error():
     for args in (["--debug", "config", "show", "learner.lrr=1"], ["config", "show", "learner.lrr=1", "--debug"]):
         res = tidal(*args)
         assert res.returncode != 0 and "Traceback" in res.stderr and "ConfigError: unknown key 'learner.lrr'" in res.stderr
+
+
+def test_every_subcommand_runs_on_a_typed_frozen_dataclass():
+    import dataclasses
+
+    from tidal.commands.cli import COMMANDS, parse_args
+
+    assert len(COMMANDS) >= 15
+    for cmd in COMMANDS:
+        assert dataclasses.is_dataclass(cmd.args) and cmd.args.__dataclass_params__.frozen, cmd.path
+        for f in dataclasses.fields(cmd.args):
+            assert f.metadata.get("help"), f"{' '.join(cmd.path)}: {f.name} has no help text"
+    ns, cmd, args = parse_args(["eval", "a=1", "--run", "ppo=runs/x", "--run", "dpo=runs/y", "b=2"])
+    assert cmd.path == ("eval",) and args.config is None and args.overrides == ("a=1", "b=2")
+    assert args.run == ("ppo=runs/x", "dpo=runs/y") and args.best_of == 1  # repeated options collect, ints typed
+
+
+def test_help_names_every_positional_prints_each_default_once_and_lists_every_stage():
+    from tidal.commands.cli import COMMANDS
+
+    for cmd in COMMANDS:
+        res = tidal(*cmd.path, "--help")
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.splitlines()
+        assert not [ln for ln in lines if ln.count("default") > 1], f"{cmd.path}: a default shown twice"
+        start = lines.index("positional arguments:") if "positional arguments:" in lines else None
+        if start is not None:  # each positional has its text on its line or the next
+            block = lines[start + 1:lines.index("options:")]
+            names = [i for i, ln in enumerate(block) if ln.startswith("  ") and not ln.startswith("   ")]
+            for i in names:
+                assert len(block[i].split()) > 1 or (i + 1 < len(block) and block[i + 1].startswith("      ")), \
+                    f"{cmd.path}: positional {block[i].strip()} has no help"
+    assert "sft, rm, dpo, rl, collect" in tidal("train", "--help").stdout.replace("\n", " ").replace("  ", " ")
+
+
+def test_version():
+    res = tidal("--version")
+    assert res.returncode == 0 and res.stdout.startswith("tidal ") and res.stdout.split()[1][0].isdigit()
+
+
+def test_label_errors_and_unwritable_paths_leave_through_the_one_error_path(tmp_path):
+    res = tidal("label", "status", tmp_path / "no-store")
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert res.stderr.startswith("tidal: label error: ") and "Traceback" not in res.stderr
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    res = tidal("data", "sentiment", a_file / "sub")  # a folder inside a file
+    assert res.returncode == 2 and res.stderr.startswith("tidal: file error: "), res.stderr
+    assert len(res.stderr.splitlines()) == 1 and a_file.read_text() == "mine"

@@ -124,7 +124,7 @@ def test_label_cli_errors_are_one_line(tmp_path, capsys):
     bad.write_text('{"prompt": "p", "responses": ["a", "b"]}\n{"prompt": "q", "responses": ["only one"]}\n')
     assert main(["label", "add-tasks", str(tmp_path / "fb"), str(bad)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"tidal label: {bad}:2: field 'responses': 1 responses; a task needs 2 to 9"
+    assert err == f"tidal: label error: {bad}:2: field 'responses': 1 responses; a task needs 2 to 9"
     assert main(["label", "status", str(tmp_path / "none")]) == 2
     assert "no feedback store" in capsys.readouterr().err
     good = tmp_path / "good.jsonl"

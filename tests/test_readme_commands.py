@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tidal.commands.cli import _config_args, main, parse_args
+from tidal.commands.cli import main, parse_args
 from tidal.common.config import LoggingConfig, load_config, to_yaml
 from tidal.common.metrics import MetricsLogger
 
@@ -68,8 +68,9 @@ def readme_error_examples() -> list[tuple[list[str], str]]:
     return out
 
 
-def _kind(args) -> tuple[str, str | None]:
-    return args.command, getattr(args, "action", None)
+def _kind(parsed) -> tuple[str, str | None]:
+    ns, cmd, _ = parsed
+    return cmd.path[0], cmd.path[1] if len(cmd.path) > 1 else None
 
 
 def _console_script() -> Path | None:
@@ -126,11 +127,12 @@ def test_using_it_commands_run_as_written(scratch, capsys):
     for words in readme_commands():
         line = shlex.join(words)
         argv, redirect = _argv(words)
-        args = parse_args(argv)  # SystemExit here: the CLI refuses the command as written
+        parsed = parse_args(argv)  # SystemExit here: the CLI refuses the command as written
+        command, args = _kind(parsed)[0], parsed[2]  # the subcommand and its typed arguments
         for word in argv:
             if word.endswith((".yaml", ".yml")):
                 assert Path(word).is_file(), f"{line}: {word} does not exist"
-        kind = _kind(args)
+        kind = _kind(parsed)
         if kind in CHEAP:
             code, out, err = _run(capsys, argv)
             checked.add(tuple(argv))
@@ -138,23 +140,22 @@ def test_using_it_commands_run_as_written(scratch, capsys):
             if redirect:
                 Path(redirect).write_text(out)
             _check_output(kind, argv, out, line)
-        elif args.command == "generate":  # needs a finished run's policy: parsed (above) only
+        elif command == "generate":  # needs a finished run's policy: parsed (above) only
             assert args.best_of is None or int(args.best_of) >= 2, f"{line}: --best-of takes N >= 2"
-        elif args.command == "train" and args.resume is not None:
+        elif command == "train" and args.resume is not None:
             from tidal.commands.train import resume_config
 
-            config, overrides = _config_args(args)  # as `tidal train` splits them
-            assert config is None, f"{line}: a resume takes no config file"
-            resume_config(Path(args.resume), overrides)  # ConfigError: a resume refuses these overrides
+            assert args.config is None, f"{line}: a resume takes no config file"
+            resume_config(Path(args.resume), list(args.overrides))  # ConfigError: a resume refuses these overrides
         else:
-            config, overrides = (args.config, args.overrides) if args.command == "submit" else _config_args(args)
+            config, overrides = args.config, list(args.overrides)
             # the checks `tidal train` (and submit) run before Ray starts, through the real CLI
             check = ("config", "show", *([config] if config else []), *overrides, "--check")
             if check not in checked:
                 code, _, err = _run(capsys, list(check))
                 assert code == 0, f"{line}: its preflight fails: {err}"
                 checked.add(check)
-            if args.command == "eval":
+            if command == "eval":
                 assert all("=" in r for r in args.run), f"{line}: --run takes NAME=RUN_DIR"
 
 
