@@ -56,61 +56,66 @@ def _page(name: str, status: int = 200, **values: str) -> HTMLResponse:
     return HTMLResponse(text, status_code=status, headers=SECURITY_HEADERS)
 
 
-def build_app(store: FeedbackStore, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
-    async def session(request: Request) -> dict | None:
-        sid = request.cookies.get(SESSION_COOKIE)
-        return None if not sid else await run_in_threadpool(store.session, sid)
+class LabelApp:
+    """The app's request handlers over one store; `routes()` wires them."""
 
-    async def body_or_error(request: Request) -> bytes | Response:
+    def __init__(self, store: FeedbackStore, max_body_bytes: int = MAX_BODY_BYTES):
+        self.store, self.max_body_bytes = store, max_body_bytes
+
+    async def session(self, request: Request) -> dict | None:
+        sid = request.cookies.get(SESSION_COOKIE)
+        return None if not sid else await run_in_threadpool(self.store.session, sid)
+
+    async def body_or_error(self, request: Request) -> bytes | Response:
         try:
-            return await read_body(request, max_body_bytes)
+            return await read_body(request, self.max_body_bytes)
         except BodyTooLarge as e:
             await drain(request)
-            return _json({"error": f"body of {e.args[0]} bytes is over the limit of {max_body_bytes}"}, 413)
+            return _json({"error": f"body of {e.args[0]} bytes is over the limit of {self.max_body_bytes}"}, 413)
 
-    def csrf_ok(sess: dict, request: Request, form: dict | None = None) -> bool:
+    def csrf_ok(self, sess: dict, request: Request, form: dict | None = None) -> bool:
         sent = request.headers.get("x-csrf-token") or (form or {}).get("csrf", "")
         return bool(sent) and hmac.compare_digest(sent.encode(), sess["csrf"].encode())
 
-    async def login_page(request: Request, status: int = 200, error: str = "") -> Response:
+    async def login_page(self, request: Request, status: int = 200, error: str = "") -> Response:
         pre = secrets.token_urlsafe(16)
         resp = _page("login.html", status, csrf=pre, error=error)
         resp.set_cookie(LOGIN_COOKIE, pre, httponly=True, samesite="strict", max_age=3600)
         return resp
 
-    async def login(request: Request) -> Response:
-        body = await body_or_error(request)
+    async def login(self, request: Request) -> Response:
+        body = await self.body_or_error(request)
         if isinstance(body, Response):
             return body
         form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
         pre = request.cookies.get(LOGIN_COOKIE, "")
         if not pre or not hmac.compare_digest(form.get("csrf", "").encode(), pre.encode()):
-            return await login_page(request, 403, "The form expired; please try again.")
-        got = await run_in_threadpool(store.login, form.get("token", "").strip())
+            return await self.login_page(request, 403, "The form expired; please try again.")
+        got = await run_in_threadpool(self.store.login, form.get("token", "").strip())
         if got is None:
-            return await login_page(request, 401, "That token is not valid.")
+            return await self.login_page(request, 401, "That token is not valid.")
         sid, _ = got
-        sess = await run_in_threadpool(store.session, sid)
+        sess = await run_in_threadpool(self.store.session, sid)
         resp = RedirectResponse("/admin" if sess["is_admin"] else "/label", status_code=303, headers=SECURITY_HEADERS)
-        resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", max_age=int(store.settings.session_s))
+        resp.set_cookie(SESSION_COOKIE, sid, httponly=True, samesite="strict", max_age=int(self.store.settings.session_s))
         resp.delete_cookie(LOGIN_COOKIE)
         return resp
 
-    async def logout(request: Request) -> Response:
-        sess = await session(request)
-        body = await body_or_error(request)
+    async def logout(self, request: Request) -> Response:
+        sess = await self.session(request)
+        body = await self.body_or_error(request)
         if isinstance(body, Response):
             return body
         form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
-        if sess is None or not csrf_ok(sess, request, form):
+        if sess is None or not self.csrf_ok(sess, request, form):
             return _json({"error": "not logged in, or the CSRF token is missing"}, 403)
-        await run_in_threadpool(store.logout, request.cookies[SESSION_COOKIE])
+        await run_in_threadpool(self.store.logout, request.cookies[SESSION_COOKIE])
         resp = RedirectResponse("/login", status_code=303, headers=SECURITY_HEADERS)
         resp.delete_cookie(SESSION_COOKIE)
         return resp
 
-    async def page(request: Request) -> Response:
-        sess = await session(request)
+    async def page(self, request: Request) -> Response:
+        sess = await self.session(request)
         if sess is None:
             return RedirectResponse("/login", status_code=303)
         if request.url.path == "/admin":
@@ -121,20 +126,20 @@ def build_app(store: FeedbackStore, max_body_bytes: int = MAX_BODY_BYTES) -> Sta
             return RedirectResponse("/admin" if sess["is_admin"] else "/label", status_code=303)
         return _page("label.html")
 
-    async def me(request: Request) -> Response:
-        sess = await session(request)
+    async def me(self, request: Request) -> Response:
+        sess = await self.session(request)
         if sess is None:
             return _json({"error": "log in first"}, 401)
-        prog = await run_in_threadpool(store.progress, sess["labeler_id"])
+        prog = await run_in_threadpool(self.store.progress, sess["labeler_id"])
         return _json({"name": sess["name"], "admin": sess["is_admin"], "csrf": sess["csrf"],
-                      "flags": list(store.settings.flags), "progress": prog})
+                      "flags": list(self.store.settings.flags), "progress": prog})
 
-    async def next_task(request: Request) -> Response:
-        sess = await session(request)
+    async def next_task(self, request: Request) -> Response:
+        sess = await self.session(request)
         if sess is None:
             return _json({"error": "log in first"}, 401)
-        task = await run_in_threadpool(store.next_task, sess["labeler_id"])
-        prog = await run_in_threadpool(store.progress, sess["labeler_id"])
+        task = await run_in_threadpool(self.store.next_task, sess["labeler_id"])
+        prog = await run_in_threadpool(self.store.progress, sess["labeler_id"])
         if task is None:
             return _json({"task": None, "progress": prog})
         perm = display_order(task.id, sess["labeler_id"], len(task.responses))
@@ -142,57 +147,62 @@ def build_app(store: FeedbackStore, max_body_bytes: int = MAX_BODY_BYTES) -> Sta
                                "responses": [{"slot": s, "text": task.responses[i].text} for s, i in enumerate(perm)]},
                       "progress": prog})
 
-    async def submit(request: Request) -> Response:
-        sess = await session(request)
+    async def submit(self, request: Request) -> Response:
+        sess = await self.session(request)
         if sess is None:
             await drain(request)
             return _json({"error": "log in first"}, 401)
-        if not csrf_ok(sess, request):
+        if not self.csrf_ok(sess, request):
             await drain(request)
             return _json({"error": "missing or wrong X-CSRF-Token header"}, 403)
-        body = await body_or_error(request)
+        body = await self.body_or_error(request)
         if isinstance(body, Response):
             return body
         def store_label(req) -> tuple[int, bool]:  # in a worker thread: SQLite blocks
-            return store.submit(sess["labeler_id"], **_to_stored(req, sess["labeler_id"], store))
+            return self.store.submit(sess["labeler_id"], **_to_stored(req, sess["labeler_id"], self.store))
 
         try:
             label_id, new = await run_in_threadpool(store_label, json.loads(body))
         except (ValueError, TypeError, KeyError) as e:  # FeedbackError is a ValueError
             status = 409 if isinstance(e, FeedbackError) and "already" in str(e) else 400
             return _json({"error": str(e) if isinstance(e, FeedbackError) else f"malformed submission: {e}"}, status)
-        prog = await run_in_threadpool(store.progress, sess["labeler_id"])
+        prog = await run_in_threadpool(self.store.progress, sess["labeler_id"])
         return _json({"label_id": label_id, "duplicate": not new, "progress": prog})
 
-    async def api_stats(request: Request) -> Response:
-        sess = await session(request)
+    async def api_stats(self, request: Request) -> Response:
+        sess = await self.session(request)
         if sess is None or not sess["is_admin"]:
             return _json({"error": "the researcher API needs an admin session"}, 401 if sess is None else 403)
 
         def compute() -> dict:
-            return stats.summary(store.labels(), store.tasks(), store.settings.flags, store.counts())
+            return stats.summary(self.store.labels(), self.store.tasks(), self.store.settings.flags, self.store.counts())
         return _json(await run_in_threadpool(compute))
 
-    async def export_file(request: Request) -> Response:
-        sess = await session(request)
+    async def export_file(self, request: Request) -> Response:
+        sess = await self.session(request)
         if sess is None or not sess["is_admin"]:
             return _json({"error": "exports need an admin session"}, 401 if sess is None else 403)
         fmt = request.path_params["fmt"]
         if fmt not in export.FORMATS:
             return _json({"error": f"unknown format {fmt!r}; choose one of {', '.join(export.FORMATS)}"}, 404)
-        rows = await run_in_threadpool(export.export_rows, store, fmt)
+        rows = await run_in_threadpool(export.export_rows, self.store, fmt)
         return Response(export.to_jsonl(rows), media_type="application/jsonl",
                         headers={**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{fmt}.jsonl"'})
 
-    routes = [
-        Route("/", page), Route("/label", page), Route("/admin", page),
-        Route("/login", login_page, methods=["GET"]), Route("/login", login, methods=["POST"]),
-        Route("/logout", logout, methods=["POST"]),
-        Route("/api/me", me), Route("/api/next", next_task), Route("/api/submit", submit, methods=["POST"]),
-        Route("/api/stats", api_stats), Route("/export/{fmt}", export_file),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
-    ]
-    return Starlette(routes=routes)
+    def routes(self) -> list:
+        return [
+            Route("/", self.page), Route("/label", self.page), Route("/admin", self.page),
+            Route("/login", self.login_page, methods=["GET"]), Route("/login", self.login, methods=["POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Route("/api/me", self.me), Route("/api/next", self.next_task),
+            Route("/api/submit", self.submit, methods=["POST"]),
+            Route("/api/stats", self.api_stats), Route("/export/{fmt}", self.export_file),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ]
+
+
+def build_app(store: FeedbackStore, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+    return Starlette(routes=LabelApp(store, max_body_bytes).routes())
 
 
 def _to_stored(req: dict, labeler_id: int, store: FeedbackStore) -> dict:
