@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from tidal.common.config import ConfigError, RewardConfig, RewardTerm, TidalConfig
+from tidal.common.types import PromptBatch, RolloutBatch, ScoredBatch
 
 EVAL_SEED = 20_231_108
 
@@ -79,8 +80,8 @@ def eval_sampling(cfg: TidalConfig, seed: int, n: int = 1):
 
 @dataclass(frozen=True)
 class HeldOutPrompts:
-    reporting: object | None  # PromptBatch of the first logging.eval_samples rows (None: none)
-    selection: object | None  # PromptBatch of the next logging.gold_samples rows (None: monitor off)
+    reporting: PromptBatch | None  # the first logging.eval_samples rows (None: none)
+    selection: PromptBatch | None  # the next logging.gold_samples rows (None: monitor off)
 
 
 def split_rows(cfg: TidalConfig, rows: int, where: str, selection: bool) -> tuple[range, range]:
@@ -182,8 +183,8 @@ def raw_scores(reward, rollout) -> list[float]:
 class PoolEval:
     """One held-out evaluation of a pool's current policy; per-completion lists, prompt order."""
 
-    rollout: object  # RolloutBatch
-    scored: object  # ScoredBatch of the proxy, raw=True (its per-term scores)
+    rollout: RolloutBatch
+    scored: ScoredBatch  # the proxy's, raw=True (its per-term scores)
     proxy: list[float]  # raw weighted sum of the proxy
     gold: list[float] | None  # the gold judge's raw score (None: no gold judge given)
     kl: list[float]  # k1 sequence KL to the reference, sum over response tokens

@@ -12,9 +12,8 @@ selection prompts' own gold slopes at level logging.gold_alpha, by at least
 logging.gold_min_drop (tidal.common.scoreboard.overoptimisation_check). algorithm.early_stop:
 gold_drop stops the run at that point and the final policy is the best-gold one the monitor saw
 (tidal.driver.best_checkpoint); kl stops it once the step's KL to the reference (rl/kl, nats
-per sequence) exceeds algorithm.stop_at_kl (Gao et al.'s alternative to gold: a KL budget);
-none only warns. The monitor's history is part of each checkpoint, so a resumed run continues
-its window and its best.
+per sequence) exceeds algorithm.stop_at_kl (a KL budget); none only warns. The monitor's
+history is part of each checkpoint, so a resumed run continues its window and its best.
 """
 
 from __future__ import annotations
