@@ -96,12 +96,11 @@ def evaluate_policies(cfg: TidalConfig, policies: dict[str, str], sft: str, best
 def _best_of_sft(cfg: TidalConfig, sft: str, sft_model, tok, prompts, n: int, proxy, gold) -> MethodResult:
     """Best-of-n over SFT by the proxy; its KL is the analytic bound (Stiennon et al. 2020)."""
     from tidal.driver.best_of import BestOfN
-    from tidal.driver.heldout import fresh_pool
 
     count = len(prompts.index)
     print(f"tidal eval: best-of-{n} over sft ({n * count} samples)", flush=True)
-    with fresh_pool(cfg, sft) as pool:
-        best = BestOfN(pool, proxy, eval_sampling(cfg, Seeds.REPORTING), n).generate(prompts)
+    best_of = BestOfN(None, proxy, eval_sampling(cfg, Seeds.REPORTING), n)  # its pool: sample's own
+    best = best_of.choose(sample(sft, prompts, best_of.sampling, cfg))
     chosen = best.chosen
     _, lengths = hf_sequence_kl(sft, sft_model, chosen, cfg.rollout.temperature, tok)
     bound = math.log(n) - (n - 1) / n

@@ -194,7 +194,8 @@ class RLLoop:
                     self.checkpoint()
                 raise Interrupted(self.stops.requested, self.step, a.steps, lc.checkpoint_on_interrupt)
             self.pipeline.drain()  # the last weight push lands before anyone reads the pool
-            self.checkpoint()  # the final one (logging.checkpoint_every=0: the only one)
+            if self._checkpointed != self.step:  # a best-gold step has its checkpoint already
+                self.checkpoint()  # the final one (logging.checkpoint_every=0: the only one)
             if self.stopped_early == "gold_drop":  # the final policy is the best-gold one
                 from tidal.driver.best_checkpoint import restore_best
 
@@ -217,7 +218,7 @@ class RLLoop:
             self.logger.progress(self.step, a.steps, stage=self.stage, reward=last["rl/score_mean"],
                                  kl=last["rl/kl"], kl_coef=last["rl/kl_coef"])
             if lc.checkpoint_every and self.step % lc.checkpoint_every == 0 and self.step < a.steps \
-                    and self._checkpointed != self.step:  # a best-gold step has its checkpoint already
+                    and self._checkpointed != self.step:
                 self.checkpoint()
         return last
 

@@ -165,3 +165,21 @@ def test_a_resume_keeps_the_best_only_when_it_is_the_monitors(tmp_path, capsys):
     # The monitor's best is a step whose checkpoint is gone: forgotten, with a warning.
     assert not usable_best(tmp_path, 1) and "best-gold checkpoint of step 1" in capsys.readouterr().err
     assert not usable_best(tmp_path, None)
+
+
+def test_the_summary_says_which_policy_run_policy_is(tmp_path, capsys):
+    """A run past its best gold keeps its last policy and says so; a gold_drop stop names the best."""
+    from types import SimpleNamespace
+
+    from tidal.driver.rl_stage import monitor_summary
+
+    m = GoldMonitor(window=3)
+    _feed(m)
+    last = monitor_summary(SimpleNamespace(monitor=m, restored_best=None), tmp_path)
+    assert last["best_gold"]["policy"] == "last" and last["best_gold"]["step"] == 40
+    assert last["best_gold"]["last_step"] == 80 and last["overoptimisation_warned"] is True
+    note = capsys.readouterr().out
+    assert "note: the final policy's gold" in note and "step 40" in note and str(tmp_path / "policy") in note
+    best = monitor_summary(SimpleNamespace(monitor=m, restored_best=40), tmp_path)
+    assert best["best_gold"]["policy"] == "best" and "note" not in capsys.readouterr().out
+    assert (tmp_path / "plots" / "overoptimisation.png").is_file()

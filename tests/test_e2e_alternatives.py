@@ -152,7 +152,9 @@ def test_overoptimisation_monitor_warns_and_stops_a_run_that_games_its_proxy(ray
     assert json.loads((best_dir / "best.json").read_text())["step"] == best["step"]
     # RUN/policy and samples_after.jsonl are the best-gold policy's, not the stopped one's: it
     # sits much closer to the reference than the policy at the stop.
-    after_kl = statistics.mean(r["kl"] for r in read_jsonl(tmp_path / "gamed" / "samples_after.jsonl"))
+    after = read_jsonl(tmp_path / "gamed" / "samples_after.jsonl")
+    assert [r["prompt_index"] for r in after] == list(range(8))  # the reporting prompts, not the monitor's
+    after_kl = statistics.mean(r["kl"] for r in after)
     print(f"KL to the reference: best step {best['step']} {best['eval/kl']:.3f}, stop step {stop} "
           f"{recs[-1]['eval/kl']:.3f}, samples_after {after_kl:.3f}")
     assert after_kl < 0.5 * recs[-1]["eval/kl"]
