@@ -118,11 +118,9 @@ def step_prompts(cfg, model_dir: str, n_steps: int) -> list:
     same PromptDataset (text as rendered and truncated for the engine, token ids)."""
     from tidal.driver.job import prepare_data
     from tidal.common.prompts import PromptDataset
-    from tidal.common.models import load_tokenizer
 
     data = prepare_data(cfg)
-    ds = PromptDataset(data.prompts, load_tokenizer(model_dir), cfg.data.max_prompt_tokens, cfg.data.chat_template,
-                       seed=cfg.seed)
+    ds = PromptDataset.from_config(data.prompts, model_dir, cfg.data, seed=cfg.seed)
     return [ds.next_batch(cfg.algorithm.prompts_per_step) for _ in range(n_steps)]
 
 

@@ -1,13 +1,14 @@
 """`tidal eval`: an honest scoreboard of finished policies against the SFT model.
 
 Every policy (the SFT model, each run's final policy, best-of-n over SFT) answers the same
-held-out prompts (data.eval_prompts or the task's held-out prompts, the first
-logging.eval_samples), sampled by the rollout pool with one fixed seed, one policy after
-another. Each completion is scored by the proxy (the config's reward, the one RL optimises)
-and by a gold judge the policies never trained on (logging.gold_term, VADER by default).
-Per method: the simulated win-rate against SFT on gold (pairwise on the same prompts, ties
-count half, Wilson 95% interval), mean gold, mean proxy, KL to SFT, mean length in tokens and
-the share of degenerate completions. Written to OUT/eval.json and OUT/eval.png.
+held-out reporting prompts (data.eval_prompts or the task's held-out prompts, the first
+logging.eval_samples; the monitor picks models on the next ones, never on these), sampled by a
+fresh rollout pool with one fixed seed, one policy after another (tidal.driver.heldout). Each
+completion is scored by the proxy (the config's reward, the one RL optimises) and by a gold
+judge the policies never trained on (logging.gold_term, VADER by default). Per method: the
+simulated win-rate against SFT on gold (pairwise on the same prompts, ties count half, Wilson
+95% interval), mean gold, mean proxy, KL to SFT, mean length in tokens and the share of
+degenerate completions. Written to OUT/eval.json and OUT/eval.png.
 
 KL to SFT is the k1 estimate on the method's own samples, sum over response tokens of
 log pi - log pi_sft, both from plain HF forward passes on the driver (the eval set is small;
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from tidal.common.config import ConfigError, TidalConfig
-from tidal.driver.heldout import build_gold, eval_sampling, raw_scores
+from tidal.driver.heldout import Seeds, build_gold, eval_sampling, gold_term, hf_sequence_kl, raw_scores, sample
 from tidal.driver.run_folder import policy_folder, sft_of
 
 COLUMNS = ("method", "win-rate vs SFT (95% CI)", "gold", "proxy", "KL to SFT", "length", "degenerate")
@@ -61,78 +62,50 @@ def resolve_policy(spec: str) -> tuple[str, str]:
     return name, policy_folder(path, f"--run {spec}")
 
 
-def sample(cfg: TidalConfig, path: str, prompts, n: int):
-    """n completions per prompt from the HF folder `path` (a fresh pool, closed afterwards)."""
-    from tidal.rollout.pool import RolloutPool
-
-    pool = RolloutPool(cfg, path)
-    try:
-        return pool.generate(prompts, eval_sampling(cfg, n))
-    finally:
-        pool.shutdown()
-
-
-def token_stats(path: str, sft_model, rollout, temperature: float, tokenizer) -> tuple[list[float], list[int]]:
-    """(sequence KL to SFT, response length) per completion; KL is the k1 sum over tokens."""
-    from transformers import AutoModelForCausalLM
-
-    from tidal.common.models import sequence_logprobs
-    from tidal.learner.experience import pad_rollout
-
-    ids, mask, resp = pad_rollout(rollout, tokenizer.pad_token_id, tokenizer.eos_token_id)
-    R, t = resp.shape[1], temperature if temperature > 0 else 1.0
-    policy = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-    kl = []
-    with torch.no_grad():
-        for s in range(0, len(ids), 16):
-            sl = slice(s, s + 16)
-            diff = sequence_logprobs(policy, ids[sl], mask[sl], R, t) - sequence_logprobs(sft_model, ids[sl], mask[sl], R, t)
-            kl += (diff * resp[sl]).sum(-1).tolist()
-    return kl, resp.sum(-1).long().tolist()
-
-
 def evaluate_policies(cfg: TidalConfig, policies: dict[str, str], sft: str, best_of: int, eval_prompts: Path,
                       proxy) -> list[dict]:
     """Sample, score and tabulate every policy (plus SFT, plus best-of-n over SFT when best_of > 1)."""
     from transformers import AutoModelForCausalLM
 
-    from tidal.driver.best_of import BestOfN
-    from tidal.common.prompts import PromptDataset
     from tidal.common.models import load_tokenizer
-    from tidal.rollout.pool import RolloutPool
+    from tidal.driver.heldout import heldout_prompts
 
     tok = load_tokenizer(sft)
-    ds = PromptDataset(eval_prompts, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template)
-    count = min(cfg.logging.eval_samples, len(ds))
-    if count == 0:
+    prompts = heldout_prompts(cfg, eval_prompts, tok).reporting
+    if prompts is None:
         raise ConfigError("tidal eval needs held-out prompts: set logging.eval_samples > 0 and data.eval_prompts.")
-    prompts = ds.make_batch(list(range(count)))
-    gold = build_gold(cfg, sft)
+    count, sampling = len(prompts.index), eval_sampling(cfg, Seeds.REPORTING)
+    gold = build_gold(cfg, gold_term(cfg.logging.gold_term), sft)
     sft_model = AutoModelForCausalLM.from_pretrained(sft, torch_dtype=torch.float32).eval()
     results = []
     try:
         for name, path in {"sft": sft, **policies}.items():
             print(f"tidal eval: sampling {count} completions from {name} ({path})", flush=True)
-            rollout = sample(cfg, path, prompts, 1)
-            kl, lengths = token_stats(path, sft_model, rollout, cfg.rollout.temperature, tok)
+            rollout = sample(path, prompts, sampling, cfg)
+            kl, lengths = hf_sequence_kl(path, sft_model, rollout, cfg.rollout.temperature, tok)
             results.append(MethodResult(name, path, list(rollout.response_text), raw_scores(gold, rollout),
                                         raw_scores(proxy, rollout), kl, lengths))
         if best_of > 1:
-            print(f"tidal eval: best-of-{best_of} over sft ({best_of * count} samples)", flush=True)
-            pool = RolloutPool(cfg, sft)
-            try:
-                best = BestOfN(pool, proxy, eval_sampling(cfg), best_of).generate(prompts)
-            finally:
-                pool.shutdown()
-            chosen = best.chosen
-            _, lengths = token_stats(sft, sft_model, chosen, cfg.rollout.temperature, tok)
-            bound = math.log(best_of) - (best_of - 1) / best_of
-            results.append(MethodResult(f"best-of-{best_of}", sft, list(chosen.response_text),
-                                        raw_scores(gold, chosen), best.scores, [bound] * count, lengths))
+            results.append(_best_of_sft(cfg, sft, sft_model, tok, prompts, best_of, proxy, gold))
     finally:
         gold.close()
     sft_gold = results[0].gold
     return [r.row(sft_gold) for r in results]
+
+
+def _best_of_sft(cfg: TidalConfig, sft: str, sft_model, tok, prompts, n: int, proxy, gold) -> MethodResult:
+    """Best-of-n over SFT by the proxy; its KL is the analytic bound (Stiennon et al. 2020)."""
+    from tidal.driver.best_of import BestOfN
+
+    count = len(prompts.index)
+    print(f"tidal eval: best-of-{n} over sft ({n * count} samples)", flush=True)
+    best_of = BestOfN(None, proxy, eval_sampling(cfg, Seeds.REPORTING), n)  # its pool: sample's own
+    best = best_of.choose(sample(sft, prompts, best_of.sampling, cfg))
+    chosen = best.chosen
+    _, lengths = hf_sequence_kl(sft, sft_model, chosen, cfg.rollout.temperature, tok)
+    bound = math.log(n) - (n - 1) / n
+    return MethodResult(f"best-of-{n}", sft, list(chosen.response_text), raw_scores(gold, chosen), best.scores,
+                        [bound] * count, lengths)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -26,7 +26,6 @@ lists all N samples with their scores, in sampling order.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -142,7 +141,7 @@ def prompt_batch(cfg: TidalConfig, records: list, policy: str):
     template, limit = cfg.data.chat_template, cfg.data.max_prompt_tokens
     cut = sum(len(tok(render_prompt(tok, r.prompt, template), add_special_tokens=not template)["input_ids"]) > limit
               for r in records)
-    batch = PromptDataset(records, tok, limit, template).make_batch(list(range(len(records))))
+    batch = PromptDataset.from_config(records, tok, cfg.data).make_batch(list(range(len(records))))
     try:  # what the engine would refuse after minutes of start-up, refused now
         check_prompts(batch, cfg.rollout.max_model_len, cfg.rollout.max_new_tokens)
     except ValueError as e:
@@ -192,27 +191,23 @@ def write_new(path: Path, text: str) -> None:
 
 
 def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward):
-    """(texts, scores or None, BestOf or None) in prompt order, from a rollout pool on Ray
-    (closed afterwards). With a reward every sample is scored and each prompt keeps its best."""
+    """(texts, scores or None, BestOf or None) in prompt order, from a fresh rollout pool on Ray
+    (tidal.driver.heldout; closed afterwards). With a reward every sample is scored and each
+    prompt keeps its best."""
     from tidal.driver.best_of import BestOfN, NoValidSample
+    from tidal.driver.heldout import Seeds, eval_sampling, sample as sample_policy
     from tidal.driver.runtime import connect, disconnect
     from tidal.reward_service.combine import InvalidRewardError
-    from tidal.rollout.pool import RolloutPool
-    from tidal.rollout.sampling import Sampling
 
-    sampling = Sampling.from_config(cfg.rollout, cfg.seed)
+    sampling = eval_sampling(cfg, Seeds(cfg.seed).generate)
+    best_of = None if reward is None else BestOfN(None, reward, sampling, n)  # its pool: sample_policy's own
     conn = connect(cfg.cluster, min_cpus=cfg.rollout.num_workers * cfg.rollout.cpus_per_worker, verbose=False)
     try:
-        pool = RolloutPool(cfg, policy)
-        try:
-            if reward is None:
-                return list(pool.generate(prompts, dataclasses.replace(sampling, n=1)).response_text), None, None
-            best_of = BestOfN(pool, reward, sampling, n)
-            candidates = best_of.sample(prompts)
-        finally:
-            pool.shutdown()
+        candidates = sample_policy(policy, prompts, sampling if best_of is None else best_of.sampling, cfg)
     finally:
         disconnect(conn)
+    if best_of is None:
+        return list(candidates.response_text), None, None
     try:
         best = best_of.choose(candidates)
     except (InvalidRewardError, NoValidSample) as e:  # NaN/inf under reward.on_invalid

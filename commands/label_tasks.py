@@ -61,6 +61,7 @@ def tasks_from_cli(folder: str, config: str | None, overrides: list[str], source
                    sft: str | None, overlap: float | None) -> int:
     """Entry point of `tidal label tasks`; returns the exit status."""
     from tidal.driver.collect import prompt_batch, sample_responses
+    from tidal.driver.heldout import Seeds
     from tidal.driver.job import prepare_data
     from tidal.commands.evaluate import resolve_policy
     from tidal.driver.run_folder import sft_of
@@ -85,7 +86,7 @@ def tasks_from_cli(folder: str, config: str | None, overrides: list[str], source
         if data.prompts is None:
             raise ConfigError("no prompts: set data.prompts (or data.task: sentiment).")
         tokenizer = next(iter(models.values()), None) or sft_of(runs, sft, cfg)
-        batch, prompts = prompt_batch(cfg, tokenizer, Path(data.prompts), m, seed=cfg.seed)
+        batch, prompts = prompt_batch(cfg, tokenizer, Path(data.prompts), m, seed=Seeds(cfg.seed).label_order)
         if any(name == REFERENCES for name, _ in planned):
             missing = [i for i, ref in zip(batch.index, batch.reference) if not ref]
             if missing:
@@ -103,7 +104,7 @@ def tasks_from_cli(folder: str, config: str | None, overrides: list[str], source
                     rows.append(TaskResponse(ref, source=REFERENCES))
                 continue
             print(f"tidal: sampling {len(prompts)} prompts x {k} from {name} ({models[name]})", flush=True)
-            for rows, new in zip(responses, sample_responses(cfg, models[name], batch, k, seed=cfg.seed + s,
+            for rows, new in zip(responses, sample_responses(cfg, models[name], batch, k, Seeds(cfg.seed).label_sampling(s),
                                                              source=f"{name}:{models[name]}")):
                 rows.extend(new)
     finally:

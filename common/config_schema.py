@@ -170,9 +170,12 @@ class LoggingConfig:
     checkpoint_every: int = doc(0, "Checkpoint every N RL steps (0: only at the end).", min=0)
     progress: bool = doc(True, "Console progress bar.")
     checkpoint_on_interrupt: bool = doc(True, "Ctrl-C / SIGTERM during RL: finish the current step, write a checkpoint, then stop (a second signal stops at once). `tidal train --resume RUN` continues from it.")
-    eval_samples: int = doc(8, "Held-out prompts whose completions are saved before and after RL (and that `tidal eval` compares policies on).", min=0)
-    gold_every: int = doc(0, "Over-optimisation monitor: every N RL steps score the held-out prompts (eval_samples of them) with the proxy and the gold judge (gold_term), log eval/proxy, eval/gold, eval/kl (0: off).", min=0)
+    eval_samples: int = doc(8, "Reporting prompts: the first N held-out prompts, whose completions are saved before and after RL (samples_before/after.jsonl) and that `tidal eval` compares policies on.", min=0)
+    gold_every: int = doc(0, "Over-optimisation monitor: every N RL steps score the selection prompts (gold_samples of them) with the proxy and the gold judge (gold_term), log eval/proxy, eval/gold, eval/kl (0: off).", min=0)
+    gold_samples: int = doc(16, "Selection prompts of the monitor: the gold_samples held-out prompts after the eval_samples reporting ones (disjoint from them), on which gold decides early stops and the best checkpoint. The held-out file must hold eval_samples + gold_samples prompts when gold_every > 0.", min=2)
     gold_window: int = doc(4, "Monitor evaluations whose proxy and gold slopes the over-optimisation warning compares.", min=3)
+    gold_alpha: float = doc(0.01, "Monitor: significance level of the one-sided t test that gold falls over the window (each selection prompt's own slope is one observation); the per-evaluation chance that flat gold plus noise raises the alarm. 1: no test, any negative gold slope counts.", min=1e-9, max=1.0)
+    gold_min_drop: float = doc(0.0, "Monitor: the least fall of the fitted gold line across the window (gold score units) that raises the alarm; a significant but smaller fall is ignored (0: any significant fall).", min=0.0)
     gold_term: str = doc("sentiment", "Gold judge of `tidal eval` and of the over-optimisation monitor: a reward term the policy never trains on, 'KIND' or 'KIND:TARGET' (sentiment = VADER, length:8, function:module:fn, model:FOLDER).")
 
 

@@ -40,6 +40,16 @@ class PromptDataset:
         self.state = DataState()
         self._order: tuple[int, list[int]] = (-1, [])  # cached (epoch, order)
 
+    @classmethod
+    def from_config(cls, source: str | Path | list[PromptRecord], tokenizer, data, seed: int = 0) -> "PromptDataset":
+        """The one way tidal builds a dataset: rendered and cut as data.* (a DataConfig) says.
+        `tokenizer`: a loaded tokenizer, or the model folder/name to load it from."""
+        if isinstance(tokenizer, (str, Path)):
+            from tidal.common.models import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        return cls(source, tokenizer, data.max_prompt_tokens, data.chat_template, seed=seed)
+
     def __len__(self) -> int:
         return len(self.records)
 

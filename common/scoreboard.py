@@ -7,7 +7,9 @@ Pure Python (no torch), so `tidal eval`, the RL loop's monitor and plots can all
   is_degenerate(text)       empty, mostly symbols, or one token / short unit repeated
   degenerate_share(texts)   the share of degenerate completions
   overoptimisation_check / overoptimisation_alarm
-                            gold falling while the proxy rises (least-squares slopes over a window)
+                            gold falling significantly while the proxy rises (least-squares slopes
+                            over a window, a one-sided t test over the prompts' own slopes)
+  slope_p_value, student_t_cdf  that test
   gao_x(kl)                 sqrt(KL), the x axis of Gao et al. 2022's over-optimisation plots
 """
 
@@ -158,43 +160,111 @@ def ls_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
 
 
+def student_t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with `df` degrees of freedom, through the regularized
+    incomplete beta function: P(|T| > |t|) = I_x(df / 2, 1 / 2) with x = df / (df + t^2)."""
+    if df <= 0:
+        raise ValueError(f"df must be > 0, got {df}")
+    if math.isinf(t):
+        return 0.0 if t < 0 else 1.0
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return tail if t < 0 else 1.0 - tail
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b), by its continued fraction (Lentz's method, as in
+    Press et al., Numerical Recipes, section 6.4), on the side where it converges fast."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    frac = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            frac *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * frac / a
+
+
+def slope_p_value(xs: Sequence[float], per_prompt: Sequence[Sequence[float]]) -> float:
+    """One-sided p-value that the scores fall along xs: per_prompt[t][i] is prompt i's score at
+    xs[t] (the same prompts, in the same order, at every t). Each prompt's own least-squares
+    slope is one observation; their mean is the slope of the mean score, and a one-sample t
+    test (df = prompts - 1) asks whether it is below 0. The spread of the prompts' slopes is
+    the sampling noise of the evaluation, so a fall this test calls significant is not the
+    luck of which completions were drawn. 1.0 with fewer than two prompts (no evidence);
+    0.0 when every prompt fell by the same amount (no spread, a certain fall)."""
+    n = len(per_prompt[0])
+    if any(len(row) != n for row in per_prompt):
+        raise ValueError(f"every evaluation must score the same prompts, got {[len(r) for r in per_prompt]} scores")
+    slopes = [ls_slope(xs, [row[i] for row in per_prompt]) for i in range(n)]
+    if n < 2:
+        return 1.0
+    mean = sum(slopes) / n
+    sd = math.sqrt(sum((b - mean) ** 2 for b in slopes) / (n - 1))
+    if sd <= 1e-12 * max(1.0, abs(mean)):
+        return 0.0 if mean < 0 else 1.0
+    return student_t_cdf(mean / (sd / math.sqrt(n)), n - 1)
+
+
 @dataclass(frozen=True)
 class OveroptimisationCheck:
-    alarm: bool  # gold slope < -min_gold_drop and proxy slope > min_proxy_rise over the window
+    alarm: bool  # proxy up, gold down significantly (p <= alpha) and by at least min_gold_drop
     proxy_slope: float  # per step, least squares over the window (nan: too few evaluations)
     gold_slope: float
     points: int  # evaluations in the window
+    gold_drop: float = math.nan  # fall of the fitted gold line from the window's first step to its last
+    p_value: float = math.nan  # one-sided p-value of the gold fall (slope_p_value)
 
 
-def overoptimisation_check(steps: Sequence[float], proxy: Sequence[float], gold: Sequence[float], window: int,
-                           min_proxy_rise: float = 0.0, min_gold_drop: float = 0.0) -> OveroptimisationCheck:
-    """Rule: over the last `window` evaluations (steps[i], proxy[i], gold[i]), fit a
-    least-squares line to proxy-vs-step and to gold-vs-step; the alarm fires when the proxy
-    slope is > min_proxy_rise AND the gold slope is < -min_gold_drop (slopes are per step).
-    This is Gao et al.'s over-optimisation signature: the reward model keeps improving while the
-    true preference it stands for gets worse. Slopes over a window, not the last two points, so a
-    single noisy evaluation neither fires nor hides it. With fewer than `window` evaluations
-    there is no alarm (not enough evidence yet) and the slopes are nan. The thresholds default
-    to 0; raise them to ignore drifts that are too small to matter at your score scale."""
+def overoptimisation_check(steps: Sequence[float], proxy: Sequence[float], gold: Sequence[Sequence[float]],
+                           window: int, alpha: float = 0.01, min_gold_drop: float = 0.0,
+                           min_proxy_rise: float = 0.0) -> OveroptimisationCheck:
+    """Rule: over the last `window` evaluations (steps[i], mean proxy[i], per-prompt gold[i]),
+    fit least-squares lines to proxy-vs-step and gold-vs-step; the alarm fires when the proxy
+    slope is > min_proxy_rise, the gold slope is negative with a one-sided p-value <= alpha
+    (`slope_p_value` over the prompts' own slopes) and the fitted gold line falls by at least
+    min_gold_drop across the window (gold score units). This is Gao et al.'s over-optimisation
+    signature: the reward model keeps improving while the true preference it stands for gets
+    worse. The sign of a slope alone is a coin flip when gold is flat and noisy (half of all
+    evaluations would alarm); the test asks that the fall be larger than the spread between
+    prompts says chance could make it, and min_gold_drop that it be large enough to matter.
+    alpha=1 switches the test off. With fewer than `window` evaluations there is no alarm (not
+    enough evidence yet) and the slopes are nan."""
     if not (len(steps) == len(proxy) == len(gold)):
         raise ValueError(f"steps ({len(steps)}), proxy ({len(proxy)}) and gold ({len(gold)}) must have one value per evaluation")
     if window < 3:
         raise ValueError(f"window must be >= 3 evaluations (a slope through 2 points is just their difference), got {window}")
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     if len(steps) < window:
         return OveroptimisationCheck(False, math.nan, math.nan, len(steps))
     xs = [float(s) for s in steps[-window:]]
+    per_prompt = [_finite_list("gold", g) for g in gold[-window:]]
     p = _finite_list("proxy", proxy[-window:])
-    g = _finite_list("gold", gold[-window:])
-    proxy_slope, gold_slope = ls_slope(xs, p), ls_slope(xs, g)
-    alarm = proxy_slope > min_proxy_rise and gold_slope < -min_gold_drop
-    return OveroptimisationCheck(alarm, proxy_slope, gold_slope, window)
+    proxy_slope = ls_slope(xs, p)
+    gold_slope = ls_slope(xs, [sum(g) / len(g) for g in per_prompt])
+    drop = -gold_slope * (xs[-1] - xs[0])
+    p_value = slope_p_value(xs, per_prompt)
+    alarm = proxy_slope > min_proxy_rise and gold_slope < 0 and p_value <= alpha and drop >= min_gold_drop
+    return OveroptimisationCheck(alarm, proxy_slope, gold_slope, window, drop, p_value)
 
 
-def overoptimisation_alarm(steps: Sequence[float], proxy: Sequence[float], gold: Sequence[float], window: int,
-                           min_proxy_rise: float = 0.0, min_gold_drop: float = 0.0) -> bool:
-    """True when the gold score falls while the proxy rises over the last `window`
-    evaluations; see `overoptimisation_check` for the rule and the slopes."""
-    return overoptimisation_check(steps, proxy, gold, window, min_proxy_rise, min_gold_drop).alarm
+def overoptimisation_alarm(steps: Sequence[float], proxy: Sequence[float], gold: Sequence[Sequence[float]],
+                           window: int, alpha: float = 0.01, min_gold_drop: float = 0.0,
+                           min_proxy_rise: float = 0.0) -> bool:
+    """True when the gold score falls significantly while the proxy rises over the last
+    `window` evaluations; see `overoptimisation_check` for the rule."""
+    return overoptimisation_check(steps, proxy, gold, window, alpha, min_gold_drop, min_proxy_rise).alarm
 
 
 def gao_x(kl: float | Sequence[float]) -> float | list[float]:

@@ -65,7 +65,8 @@ class BestOfN:
     """A policy that answers with the best of n samples by a reward.
 
     pool: anything with `generate(PromptBatch, Sampling) -> RolloutBatch` in the pool's layout
-        (tidal.rollout.pool.RolloutPool); its weights are the policy.
+        (tidal.rollout.pool.RolloutPool); its weights are the policy. None when the caller draws
+        the samples itself (tidal.driver.heldout.sample with `self.sampling`) and calls `choose`.
     reward: a CombinedReward (tidal.reward_service.combine.build_reward).
     sampling: temperature, max_new_tokens, seed ...; its n is replaced by `n`."""
 

@@ -19,7 +19,6 @@ feedback.old_data of the earlier preference data.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from pathlib import Path
 
@@ -39,32 +38,31 @@ class WaitingForLabels(Exception):
 
 
 def gold_judge(cfg: TidalConfig):
-    """(prompts, completions) -> scores of feedback.gold: a rule reward kind or 'module:function'."""
-    from tidal.reward_service.rules import RULES, load_function
+    """(prompts, completions) -> scores of feedback.gold (a rule reward kind, or 'module:function'),
+    the gold judge tidal.driver.heldout.build_gold builds for the monitor too."""
+    from tidal.driver.heldout import build_gold, feedback_gold_term
 
-    fb = cfg.feedback
-    fn = RULES[fb.gold] if fb.gold in RULES else load_function(fb.gold)
-    return lambda prompts, completions: fn(prompts, completions, target=fb.gold_target, references=[None] * len(prompts),
-                                           response_lengths=None)
+    return build_gold(cfg, feedback_gold_term(cfg)).score_texts
 
 
 def sample_tasks(cfg: TidalConfig, policy: str, prompts_path: Path, round_: int, source: str):
     """feedback.prompts prompts x feedback.responses samples of `policy`, as feedback tasks."""
     from tidal.feedback.store import NewTask
 
+    from tidal.driver.heldout import Seeds
+
     fb = cfg.feedback
-    batch, texts = prompt_batch(cfg, policy, prompts_path, fb.prompts, seed=cfg.seed + 7_919 * round_)
-    responses = sample_responses(cfg, policy, batch, fb.responses, seed=cfg.seed + round_, source=source)
+    order, sampling = Seeds(cfg.seed).collect(round_)
+    batch, texts = prompt_batch(cfg, policy, prompts_path, fb.prompts, seed=order)
+    responses = sample_responses(cfg, policy, batch, fb.responses, seed=sampling, source=source)
     return [NewTask(prompt, rows) for prompt, rows in zip(texts, responses)]
 
 
 def prompt_batch(cfg: TidalConfig, tokenizer: str, prompts_path: Path, m: int, seed: int):
     """The first m prompts of the file in a seeded order: (PromptBatch, the prompts as written)."""
     from tidal.common.prompts import PromptDataset
-    from tidal.common.models import load_tokenizer
 
-    ds = PromptDataset(prompts_path, load_tokenizer(tokenizer), cfg.data.max_prompt_tokens, cfg.data.chat_template,
-                       seed=seed)
+    ds = PromptDataset.from_config(prompts_path, tokenizer, cfg.data, seed=seed)
     batch = ds.next_batch(min(m, len(ds)))
     return batch, [ds.records[i].prompt for i in batch.index]
 
@@ -72,16 +70,10 @@ def prompt_batch(cfg: TidalConfig, tokenizer: str, prompts_path: Path, m: int, s
 def sample_responses(cfg: TidalConfig, policy: str, batch, k: int, seed: int, source: str):
     """k samples of `policy` (an HF folder) per prompt of `batch`, drawn by a rollout pool of
     the run's rollout settings; per prompt a list of TaskResponse(text, source, weight version)."""
+    from tidal.driver.heldout import eval_sampling, sample
     from tidal.feedback.store import TaskResponse
-    from tidal.rollout.pool import RolloutPool
-    from tidal.rollout.sampling import Sampling
 
-    sampling = dataclasses.replace(Sampling.from_config(cfg.rollout, seed=seed), n=k)
-    pool = RolloutPool(cfg, policy)
-    try:
-        rollout = pool.generate(batch, sampling)
-    finally:
-        pool.shutdown()
+    rollout = sample(policy, batch, eval_sampling(cfg, seed, n=k), cfg)
     return [[TaskResponse(rollout.response_text[r], source=source, version=str(rollout.weight_version[r]))
              for r in range(p * k, (p + 1) * k)] for p in range(len(batch.index))]
 

@@ -1,20 +1,25 @@
 """The over-optimisation monitor of an RL run (Gao et al. 2022): every logging.gold_every steps
-the current policy answers a fixed held-out set (the first logging.eval_samples held-out
-prompts, one fixed sampling seed), scored by the proxy (the reward RL optimises, raw) and by a
-gold judge it never trains on (logging.gold_term), with the KL to the reference. Logged as
-eval/proxy, eval/gold, eval/kl and eval/sqrt_kl (Gao et al.'s x axis); plotted at the end as
-proxy and gold against sqrt(KL) in plots/overoptimisation.png.
+the current policy answers the held-out *selection* prompts (logging.gold_samples of them,
+after the logging.eval_samples reporting prompts; tidal.driver.heldout), one fixed sampling
+seed, scored by the proxy (the reward RL optimises, raw) and by a gold judge it never trains on
+(logging.gold_term), with the KL to the reference. Logged as eval/proxy, eval/gold, eval/kl and
+eval/sqrt_kl (Gao et al.'s x axis), plus eval/gold_p (the test's p-value) and eval/gold_best;
+plotted at the end as proxy and gold against sqrt(KL) in plots/overoptimisation.png.
 
 The warning (once per run) fires when, over the last logging.gold_window evaluations, the
-proxy's least-squares slope is up while gold's is down (tidal.common.scoreboard
-.overoptimisation_check). algorithm.early_stop: gold_drop stops the run at that point; kl
-stops it once the step's KL to the reference (rl/kl, nats per sequence) exceeds
-algorithm.stop_at_kl (the seeds' "early stop based on KL distance"); none only warns.
+proxy's least-squares slope is up while gold falls significantly: a one-sided t test over the
+selection prompts' own gold slopes at level logging.gold_alpha, by at least
+logging.gold_min_drop (tidal.common.scoreboard.overoptimisation_check). algorithm.early_stop:
+gold_drop stops the run at that point and the final policy is the best-gold one the monitor saw
+(tidal.driver.best_checkpoint); kl stops it once the step's KL to the reference (rl/kl, nats
+per sequence) exceeds algorithm.stop_at_kl (a KL budget); none only warns. The monitor's
+history is part of each checkpoint, so a resumed run continues its window and its best.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,31 +32,50 @@ class Verdict:
     warn: bool  # print the over-optimisation warning now (first alarm of the run)
     stop: str | None  # why the run should stop now ("gold_drop", "kl"), or None
     check: OveroptimisationCheck | None  # the window's slopes (None: no gold evaluation this step)
+    best: bool = False  # this evaluation's gold is the best of the run so far
 
 
 @dataclass
 class GoldMonitor:
     """The decision logic, fed with numbers (no models): `observe_eval` after each held-out
-    evaluation, `observe_kl` after each training step."""
+    evaluation (gold per selection prompt), `observe_kl` after each training step."""
 
     window: int
     early_stop: str = "none"  # none | kl | gold_drop
     stop_at_kl: float | None = None
+    alpha: float = 0.01  # logging.gold_alpha
+    min_drop: float = 0.0  # logging.gold_min_drop
     steps: list[float] = field(default_factory=list)
     proxy: list[float] = field(default_factory=list)
-    gold: list[float] = field(default_factory=list)
+    gold: list[float] = field(default_factory=list)  # mean over the selection prompts
     kl: list[float] = field(default_factory=list)
+    recent: list[list[float]] = field(default_factory=list)  # per-prompt gold of the last `window` evaluations
     warned: bool = False
+    best_step: int | None = None
+    best_gold: float = -math.inf
 
-    def observe_eval(self, step: int, proxy: float, gold: float, kl: float) -> Verdict:
+    @classmethod
+    def from_config(cls, cfg) -> "GoldMonitor":
+        lc, a = cfg.logging, cfg.algorithm
+        return cls(lc.gold_window, a.early_stop, a.stop_at_kl, alpha=lc.gold_alpha, min_drop=lc.gold_min_drop)
+
+    def observe_eval(self, step: int, proxy: float, gold: list[float], kl: float) -> Verdict:
+        """`gold`: the gold score of each selection prompt, in the same prompt order every time."""
+        mean = statistics.fmean(gold)
         self.steps.append(float(step))
         self.proxy.append(float(proxy))
-        self.gold.append(float(gold))
+        self.gold.append(mean)
         self.kl.append(float(kl))
-        check = overoptimisation_check(self.steps, self.proxy, self.gold, self.window)
+        self.recent = [*self.recent, [float(g) for g in gold]][-self.window:]
+        window_steps = self.steps[-len(self.recent):]
+        check = overoptimisation_check(window_steps, self.proxy[-len(self.recent):], self.recent, self.window,
+                                       alpha=self.alpha, min_gold_drop=self.min_drop)
         warn = check.alarm and not self.warned
         self.warned = self.warned or check.alarm
-        return Verdict(warn, "gold_drop" if check.alarm and self.early_stop == "gold_drop" else None, check)
+        best = mean > self.best_gold
+        if best:
+            self.best_step, self.best_gold = int(step), mean
+        return Verdict(warn, "gold_drop" if check.alarm and self.early_stop == "gold_drop" else None, check, best)
 
     def observe_kl(self, kl: float) -> Verdict:
         over = self.early_stop == "kl" and self.stop_at_kl is not None and kl > self.stop_at_kl
@@ -60,8 +84,37 @@ class GoldMonitor:
     def warning(self, step: int, check: OveroptimisationCheck, gold_term: str) -> str:
         return (f"tidal: warning: over-optimisation at step {step}: over the last {check.points} held-out "
                 f"evaluations the proxy reward rises ({check.proxy_slope:+.4f}/step) while the gold judge "
-                f"({gold_term}) falls ({check.gold_slope:+.4f}/step). The policy is gaming the reward; stop earlier "
-                f"(algorithm.early_stop=gold_drop or kl with algorithm.stop_at_kl), or raise algorithm.kl_coef.")
+                f"({gold_term}) falls ({check.gold_slope:+.4f}/step, {check.gold_drop:.4f} across the window, "
+                f"one-sided p={check.p_value:.2g} <= logging.gold_alpha={self.alpha:g}). The policy is gaming the "
+                f"reward; stop earlier (algorithm.early_stop=gold_drop or kl with algorithm.stop_at_kl), or raise "
+                f"algorithm.kl_coef.")
+
+    def metrics(self, verdict: Verdict) -> dict[str, float]:
+        """eval/overoptimisation (the alarm), eval/gold_best and, once the window is full, eval/gold_p."""
+        out = {"eval/overoptimisation": float(verdict.check.alarm), "eval/gold_best": self.best_gold}
+        if not math.isnan(verdict.check.p_value):
+            out["eval/gold_p"] = verdict.check.p_value
+        return out
+
+    def past_best(self) -> str | None:
+        """A note when the last evaluation's gold is below the best one's (None: it is the best)."""
+        if not self.gold or self.best_step is None or self.gold[-1] >= self.best_gold:
+            return None
+        return (f"the final policy's gold on the selection prompts, {self.gold[-1]:.4f} at step {int(self.steps[-1])}, "
+                f"is below the best, {self.best_gold:.4f} at step {self.best_step}")
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "proxy": self.proxy, "gold": self.gold, "kl": self.kl, "recent": self.recent,
+                "warned": self.warned, "best_step": self.best_step,
+                "best_gold": self.best_gold if self.best_step is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("steps", "proxy", "gold", "kl", "recent", "warned", "best_step"):
+            setattr(self, key, state[key])
+        self.best_gold = -math.inf if state["best_gold"] is None else state["best_gold"]
+
+    def forget_best(self) -> None:
+        self.best_step, self.best_gold = None, -math.inf
 
     def plot(self, path: Path) -> Path | None:
         """Proxy and gold against sqrt(KL to the reference), one point per evaluation."""
@@ -86,31 +139,22 @@ class GoldMonitor:
 
 
 class HeldOutJudge:
-    """Scores the pool's current policy on the fixed held-out prompts: proxy, gold, KL."""
+    """Scores the pool's current policy on the selection prompts: proxy, gold per prompt, KL."""
 
-    def __init__(self, cfg, eval_path: Path, tokenizer, policy_path: str):
-        from tidal.driver.heldout import build_gold
-        from tidal.driver.heldout import EVAL_SEED
-        from tidal.common.prompts import PromptDataset
-        from tidal.rollout.sampling import Sampling
+    def __init__(self, cfg, prompts, gold):
+        from tidal.driver.heldout import Seeds, eval_sampling
 
-        ds = PromptDataset(eval_path, tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
-        count = min(cfg.logging.eval_samples, len(ds))
-        if count == 0:
-            raise ValueError("logging.gold_every > 0 needs held-out prompts: set logging.eval_samples > 0")
-        self.prompts = ds.make_batch(list(range(count)))
-        self.sampling = dataclasses.replace(Sampling.from_config(cfg.rollout, EVAL_SEED + 2), n=1)
-        self.gold = build_gold(cfg, policy_path)
+        self.prompts, self.gold = prompts, gold  # PromptBatch of the selection set; the gold judge
+        self.sampling = eval_sampling(cfg, Seeds.SELECTION)
 
-    def __call__(self, pool, reward, learners) -> dict[str, float]:
-        from tidal.driver.heldout import raw_scores
+    def __call__(self, pool, reward, learners) -> tuple[dict[str, float], list[float]]:
+        """(metrics, gold score per selection prompt in prompt order)."""
+        from tidal.driver.heldout import evaluate_pool
 
-        rollout = pool.generate(self.prompts, self.sampling)
-        fwd = learners.forward(rollout, with_values=False)
-        kl = fwd.sequence_kl().mean().item()
-        proxy, gold = raw_scores(reward, rollout), raw_scores(self.gold, rollout)
-        return {"eval/proxy": sum(proxy) / len(proxy), "eval/gold": sum(gold) / len(gold), "eval/kl": kl,
-                "eval/sqrt_kl": gao_x(kl)}
+        ev = evaluate_pool(pool, learners, self.prompts, self.sampling, reward, self.gold)
+        kl = statistics.fmean(ev.kl)
+        return {"eval/proxy": statistics.fmean(ev.proxy), "eval/gold": statistics.fmean(ev.gold), "eval/kl": kl,
+                "eval/sqrt_kl": gao_x(kl)}, ev.gold
 
     def close(self) -> None:
         self.gold.close()

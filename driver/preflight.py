@@ -130,6 +130,10 @@ def check_data(cfg: TidalConfig, data: DataPaths | None = None) -> None:
             raise PreflightError(f"{key}: {path.parent}/{e}") from None  # DataError names the file only
         if count == 0 and required:
             raise PreflightError(f"{key}={path}: no rows; the stage needs at least one {kind} row.")
+        if key == "data.eval_prompts" and cfg.logging.gold_every > 0:  # reporting + selection prompts fit
+            from tidal.driver.heldout import split_rows
+
+            split_rows(cfg, count, f"{key}={path}", selection=True)
 
 
 def check_model(key: str, name: str, tokenizer: bool = True) -> None:

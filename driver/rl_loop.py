@@ -104,8 +104,12 @@ class RLLoop:
         self.cfg, self.run_dir, self.parts, self.logger, self.stops = cfg, Path(run_dir), parts, logger, stops
         self.stage = stage  # the records' stage field: 'rl', or 'rl2' for a second round
         self.judge = judge
-        self.monitor = GoldMonitor(cfg.logging.gold_window, cfg.algorithm.early_stop, cfg.algorithm.stop_at_kl)
+        self.monitor = GoldMonitor.from_config(cfg)
+        # early_stop=gold_drop ends on the best-gold policy: each new best is a checkpoint kept aside
+        self.keep_best = judge is not None and cfg.algorithm.early_stop == "gold_drop"
         self.stopped_early: str | None = None
+        self.restored_best: int | None = None  # the best-gold step the final policy was restored to
+        self._checkpointed = -1  # the step of the newest checkpoint this loop wrote
         self.kl_ctl = make_kl_controller(cfg)
         self.async_mode = cfg.algorithm.mode == "async"
         self.max_staleness = cfg.algorithm.max_staleness if self.async_mode else 0
@@ -138,6 +142,13 @@ class RLLoop:
 
         self.parts.dataset.state = DataState(**state.data_state)
         self.step = state.step
+        if "monitor" in state.extra:  # the window and the best go on where the checkpoint left them
+            from tidal.driver.best_checkpoint import usable_best
+
+            self.monitor.load_state_dict(state.extra["monitor"])
+            if self.keep_best and self.monitor.best_step is not None and not usable_best(self.run_dir,
+                                                                                         self.monitor.best_step):
+                self.monitor.forget_best()
         pending = ckpt / "pending.pt"
         self._preloaded = torch.load(pending, weights_only=False) if pending.is_file() else []
         if self.step > 0:  # the pool starts from the initial policy: give it the checkpoint's
@@ -183,7 +194,12 @@ class RLLoop:
                     self.checkpoint()
                 raise Interrupted(self.stops.requested, self.step, a.steps, lc.checkpoint_on_interrupt)
             self.pipeline.drain()  # the last weight push lands before anyone reads the pool
-            self.checkpoint()  # the final one (logging.checkpoint_every=0: the only one)
+            if self._checkpointed != self.step:  # a best-gold step has its checkpoint already
+                self.checkpoint()  # the final one (logging.checkpoint_every=0: the only one)
+            if self.stopped_early == "gold_drop":  # the final policy is the best-gold one
+                from tidal.driver.best_checkpoint import restore_best
+
+                self.restored_best = restore_best(self.run_dir, self.parts.learners, self.parts.pool, self.step)
         finally:
             self.pipeline.shutdown()
         return last
@@ -201,7 +217,8 @@ class RLLoop:
                 self.logger.log(self.step, last, stage=self.stage)
             self.logger.progress(self.step, a.steps, stage=self.stage, reward=last["rl/score_mean"],
                                  kl=last["rl/kl"], kl_coef=last["rl/kl_coef"])
-            if lc.checkpoint_every and self.step % lc.checkpoint_every == 0 and self.step < a.steps:
+            if lc.checkpoint_every and self.step % lc.checkpoint_every == 0 and self.step < a.steps \
+                    and self._checkpointed != self.step:
                 self.checkpoint()
         return last
 
@@ -266,26 +283,34 @@ class RLLoop:
     def _watch(self, last: dict[str, float]) -> dict[str, float]:
         """The over-optimisation monitor after a step: the KL bound every step, the held-out
         proxy/gold evaluation every logging.gold_every steps. Returns metrics to log."""
-        from tidal.driver.monitor import print_warning
-
         verdicts = [self.monitor.observe_kl(last["rl/kl"])]
         metrics: dict[str, float] = {}
         every = self.cfg.logging.gold_every
         if self.judge is not None and every and (self.step % every == 0 or self.step == self.cfg.algorithm.steps):
-            if self.pipeline is not None:
-                self.pipeline.drain()  # the pool is idle (and holds the newest weights) while we sample
-            metrics = self.judge(self.parts.pool, self.parts.reward, self.parts.learners)
-            v = self.monitor.observe_eval(self.step, metrics["eval/proxy"], metrics["eval/gold"], metrics["eval/kl"])
-            if v.warn:
-                print_warning(self.monitor.warning(self.step, v.check, self.cfg.logging.gold_term))
-            metrics["eval/overoptimisation"] = float(v.check.alarm)
-            verdicts.append(v)
+            metrics, verdict = self._judge_gold()
+            verdicts.append(verdict)
         why = next((v.stop for v in verdicts if v.stop), None)
         if why is not None:
             self.stopped_early = why
             metrics["rl/early_stop"] = float(self.step)
             print(f"tidal: early stop ({why}, algorithm.early_stop) after rl step {self.step}", flush=True)
         return metrics
+
+    def _judge_gold(self):
+        """One selection-prompt evaluation fed to the monitor; a new best is checkpointed (keep_best)."""
+        from tidal.driver.best_checkpoint import publish_best
+        from tidal.driver.monitor import print_warning
+
+        if self.pipeline is not None:
+            self.pipeline.drain()  # the pool is idle (and holds the newest weights) while we sample
+        metrics, gold = self.judge(self.parts.pool, self.parts.reward, self.parts.learners)
+        v = self.monitor.observe_eval(self.step, metrics["eval/proxy"], gold, metrics["eval/kl"])
+        if v.warn:
+            print_warning(self.monitor.warning(self.step, v.check, self.cfg.logging.gold_term))
+        metrics.update(self.monitor.metrics(v))
+        if v.best and self.keep_best:
+            publish_best(self.run_dir, self.checkpoint(), self.step, self.monitor.best_gold)
+        return metrics, v
 
     def _expert_update(self, step: int, scored: ScoredBatch, fwd) -> tuple[dict, dict]:
         """Expert iteration's update (tidal.learner.expert_iteration): keep the selected samples,
@@ -348,7 +373,9 @@ class RLLoop:
         pending = self.pipeline.drain() if self.pipeline is not None else []
         state = DriverState(step=self.step, weight_version=self.step, kl_controller=self.kl_ctl.state_dict(),
                             reward_state=self.parts.reward.state_dict(),
-                            data_state=dataclasses.asdict(self.parts.dataset.state))
+                            data_state=dataclasses.asdict(self.parts.dataset.state),
+                            extra={"monitor": self.monitor.state_dict()})
+        self._checkpointed = self.step
 
         def write(d: Path) -> None:
             self.parts.learners.checkpoint(d / "learner")

@@ -6,11 +6,13 @@ are placed by `tidal.actors.placement` (colocated or disaggregated); the reward 
 driver (rules) and on reward-model workers (RewardPool). The critic starts from the reward
 model when there is one (docs/implementation.md#d9), else from the policy with a fresh value head.
 
-Held-out evaluation: the first logging.eval_samples held-out prompts, one sample each with a
-fixed seed, written to samples_before.jsonl (initial policy) and samples_after.jsonl (final
-policy) with the raw reward, the reward-model score (when a model term exists), the VADER
-sentiment of the completion and the sequence KL to the reference (sum over tokens of
-log pi - log pi_ref).
+Held-out evaluation (tidal.driver.heldout): the reporting prompts (the first
+logging.eval_samples held-out prompts), one sample each with a fixed seed, written to
+samples_before.jsonl (initial policy) and samples_after.jsonl (final policy) with the raw
+reward, the reward-model score (when a model term exists), the VADER sentiment of the completion
+and the sequence KL to the reference (sum over tokens of log pi - log pi_ref). The monitor
+(logging.gold_every) scores the disjoint selection prompts instead; with
+algorithm.early_stop=gold_drop the final policy is the best-gold one it saw.
 """
 
 from __future__ import annotations
@@ -23,12 +25,11 @@ from pathlib import Path
 
 import torch
 
+from tidal.driver.heldout import Seeds, eval_sampling
 from tidal.driver.interrupt import NO_STOPS, StopRequests
 from tidal.driver.rl_loop import RLLoop, RLParts
-from tidal.common.config import ConfigError, TidalConfig
+from tidal.common.config import TidalConfig
 from tidal.common.metrics import MetricsLogger
-
-from tidal.driver.heldout import EVAL_SEED
 
 
 def _critic_path(cfg: TidalConfig, policy: str, reward_model: str | None) -> str | None:
@@ -79,8 +80,7 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
     except BaseException:
         stop_parts(placement, learners, pool, reward)
         raise
-    dataset = PromptDataset(data.prompts, learners.tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template,
-                            seed=cfg.seed)
+    dataset = PromptDataset.from_config(data.prompts, learners.tokenizer, cfg.data, seed=cfg.seed)
     return placement, RLParts(learners, pool, reward, dataset, _ptx_source(cfg, data, learners.tokenizer)), calibration
 
 
@@ -126,35 +126,29 @@ def stop_parts(placement, learners, pool, reward) -> None:
         placement.shutdown()
 
 
-def evaluate(cfg: TidalConfig, parts: RLParts, eval_path: Path | None, out_file: Path) -> dict[str, float]:
-    """Held-out completions of the pool's current policy, scored; written to `out_file`."""
-    from tidal.common.prompts import PromptDataset
+def evaluate(cfg: TidalConfig, parts: RLParts, prompts, out_file: Path) -> dict[str, float]:
+    """The pool's current policy on the reporting prompts (a PromptBatch, None: no evaluation),
+    scored; one row per completion written to `out_file`."""
     from tidal.common.sentiment import vader_score
+    from tidal.driver.heldout import evaluate_pool
     from tidal.reward_service.combine import ModelReward
-    from tidal.rollout.sampling import Sampling
 
-    if eval_path is None or cfg.logging.eval_samples == 0:
+    if prompts is None:
         return {}
-    ds = PromptDataset(eval_path, parts.learners.tokenizer, cfg.data.max_prompt_tokens, cfg.data.chat_template)
-    prompts = ds.make_batch(list(range(min(cfg.logging.eval_samples, len(ds)))))
-    sampling = dataclasses.replace(Sampling.from_config(cfg.rollout, EVAL_SEED), n=1)
-    rollout = parts.pool.generate(prompts, sampling)
-    scored = parts.reward.score(rollout, raw=True)
-    raw = sum(t.weight * scored.terms[t.name] for t in parts.reward.terms)  # (B,) unnormalized reward
-    rm = next((scored.terms[t.name] for t in parts.reward.terms if isinstance(t.fn, ModelReward)), None)
+    ev = evaluate_pool(parts.pool, parts.learners, prompts, eval_sampling(cfg, Seeds.REPORTING), parts.reward)
+    rollout = ev.rollout
+    rm = next((ev.scored.terms[t.name] for t in parts.reward.terms if isinstance(t.fn, ModelReward)), None)
     vader = vader_score(list(rollout.response_text))
-    fwd = parts.learners.forward(rollout, with_values=False)  # the RL step's own forward pass
-    resp = fwd.response_mask
-    kl = fwd.sequence_kl()  # (B,) sequence KL to the reference
     with open(out_file, "w") as f:
         for i in range(len(rollout)):
             f.write(json.dumps({
                 "prompt_index": rollout.prompt_index[i], "prompt": rollout.prompt_text[i],
-                "completion": rollout.response_text[i], "reward": float(raw[i]),
-                "rm_score": None if rm is None else float(rm[i]), "vader": vader[i], "kl": float(kl[i]),
+                "completion": rollout.response_text[i], "reward": ev.proxy[i],
+                "rm_score": None if rm is None else float(rm[i]), "vader": vader[i], "kl": ev.kl[i],
                 "weight_version": rollout.weight_version[i]}) + "\n")
-    out = {"reward": float(raw.mean()), "vader": float(torch.tensor(vader).mean()), "kl": float(kl.mean()),
-           "response_len": float(resp.sum(-1).mean()), "weight_version": float(rollout.weight_version[0])}
+    out = {"reward": float(torch.tensor(ev.proxy).mean()), "vader": float(torch.tensor(vader).mean()),
+           "kl": float(torch.tensor(ev.kl).mean()), "response_len": float(torch.tensor(ev.response_len).mean()),
+           "weight_version": float(rollout.weight_version[0])}
     if rm is not None:
         out["rm_score"] = float(rm.mean())
     return out
@@ -164,20 +158,21 @@ def _calibrate(cfg: TidalConfig, pool, reward, prompts_path: Path, policy: str) 
     """reward.normalize=reference: scale so the initial (reference) policy's samples score ~N(0, 1)
     (docs/implementation.md#d6), from one step's worth of training prompts in a separate order."""
     from tidal.common.prompts import PromptDataset
-    from tidal.common.models import load_tokenizer
-    from tidal.rollout.sampling import Sampling
+    from tidal.driver.heldout import sample
 
-    ds = PromptDataset(prompts_path, load_tokenizer(policy), cfg.data.max_prompt_tokens, cfg.data.chat_template,
-                       seed=cfg.seed + 1)
-    rollout = pool.generate(ds.next_batch(max(cfg.algorithm.prompts_per_step, 8)),
-                            Sampling.from_config(cfg.rollout, EVAL_SEED + 1))
+    ds = PromptDataset.from_config(prompts_path, policy, cfg.data, seed=Seeds(cfg.seed).calibration_order)
+    rollout = sample(pool, ds.next_batch(max(cfg.algorithm.prompts_per_step, 8)),
+                     eval_sampling(cfg, Seeds.CALIBRATION, n=cfg.rollout.n_samples))
     return reward.calibrate(reward.score(rollout, raw=True))
 
 
 def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy: str,
            reward_model: str | None, stops: StopRequests = NO_STOPS, reference: str | None = None,
            stage: str = "rl") -> dict:
-    """The whole RL stage; returns the summary (before/after evaluation, last KL)."""
+    """The whole RL stage; returns the summary (before/after evaluation, last KL, the monitor's verdicts)."""
+    from tidal.driver.checkpoint import resume_checkpoint
+    from tidal.driver.heldout import heldout_prompts
+
     if data.prompts is None:
         raise ValueError("the rl stage needs prompts: set data.prompts or data.task")
     a = cfg.algorithm
@@ -186,8 +181,7 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
               "estimate of the sequence KL (only k1 is unbiased there); use algorithm.kl_loss for a k3 KL loss term.",
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    from tidal.driver.checkpoint import resume_checkpoint
-
+    heldout = heldout_prompts(cfg, data.eval_prompts, policy, selection=cfg.logging.gold_every > 0)  # before Ray
     resuming = resume_checkpoint(run_dir) is not None  # the checkpoint RLLoop.restore loads holds the calibration
     run_dir.mkdir(parents=True, exist_ok=True)
     placement, parts, calibration = start_parts(cfg, policy, reward_model, data, calibrate=not resuming,
@@ -197,33 +191,30 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
     summary: dict = {}
     judge = None
     try:
-        if cfg.logging.gold_every:
+        if heldout.selection is not None:
+            from tidal.driver.heldout import build_gold, gold_term
             from tidal.driver.monitor import HeldOutJudge
 
-            if data.eval_prompts is None:
-                raise ConfigError("logging.gold_every > 0 scores held-out prompts: set data.eval_prompts "
-                                  "(or data.task: sentiment), or logging.gold_every=0.")
-            judge = HeldOutJudge(cfg, data.eval_prompts, parts.learners.tokenizer, policy)
+            judge = HeldOutJudge(cfg, heldout.selection, build_gold(cfg, gold_term(cfg.logging.gold_term), policy))
         loop = RLLoop(cfg, run_dir, parts, logger, stops, judge=judge, stage=stage)
         if not loop.restore() and calibration:
             logger.log(0, calibration, stage=stage)
         before_file = run_dir / "samples_before.jsonl"
         if not before_file.is_file():
-            summary["before"] = evaluate(cfg, parts, data.eval_prompts, before_file)
+            summary["before"] = evaluate(cfg, parts, heldout.reporting, before_file)
             (run_dir / "eval_before.json").write_text(json.dumps(summary["before"]))
         else:
             summary["before"] = json.loads((run_dir / "eval_before.json").read_text())
         t1 = time.perf_counter()
         last = loop.run()
         print(f"tidal: {loop.step - loop.start_step} rl steps in {time.perf_counter() - t1:.1f} s", flush=True)
-        summary["after"] = evaluate(cfg, parts, data.eval_prompts, run_dir / "samples_after.jsonl")
+        summary["after"] = evaluate(cfg, parts, heldout.reporting, run_dir / "samples_after.jsonl")
         logger.log(cfg.algorithm.steps, {f"eval/{k}_{when}": v for when in ("before", "after")
                                          for k, v in summary[when].items()}, stage="eval" if stage == "rl" else f"eval-{stage}")
         summary["train_kl_last"] = round(last.get("rl/kl", float("nan")), 4)
         summary["kl_coef_last"] = round(loop.kl_ctl.value, 4)
         if judge is not None:
-            summary["overoptimisation_warned"] = loop.monitor.warned
-            loop.monitor.plot(run_dir / "plots" / "overoptimisation.png")
+            summary.update(monitor_summary(loop, run_dir))
         if loop.stopped_early:
             summary["early_stop"] = {"reason": loop.stopped_early, "step": loop.step}
         parts.learners.save_pretrained(run_dir / "policy")
@@ -232,3 +223,22 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
             judge.close()
         stop_parts(placement, parts.learners, parts.pool, parts.reward)
     return summary
+
+
+def monitor_summary(loop: RLLoop, run_dir: Path) -> dict:
+    """The monitor's part of the summary: the warning, the plot, and which policy RUN/policy is
+    (the best-gold one after a gold_drop stop; the final one otherwise, with a note when the
+    final policy's gold is below the best)."""
+    m = loop.monitor
+    m.plot(run_dir / "plots" / "overoptimisation.png")
+    out: dict = {"overoptimisation_warned": m.warned}
+    if m.best_step is None:
+        return out
+    out["best_gold"] = {"step": m.best_step, "gold": round(m.best_gold, 6), "last_step": int(m.steps[-1]),
+                        "last_gold": round(m.gold[-1], 6), "policy": "last"}  # which of the two RUN/policy is
+    if loop.restored_best is not None:
+        out["best_gold"].update(policy="best", step=loop.restored_best)
+    elif (note := m.past_best()) is not None:
+        print(f"tidal: note: {note}; {run_dir / 'policy'} is the final policy (algorithm.early_stop=gold_drop "
+              f"ends a run on its best-gold policy).", flush=True)
+    return out

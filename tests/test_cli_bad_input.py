@@ -28,7 +28,8 @@ def _tree_hash(root: Path) -> dict[str, str]:
 def run_cli(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     tmp = cwd / "tmp"  # the embedded Ray would make its tidal-ray-* folder here
     tmp.mkdir(exist_ok=True)
-    env = {**os.environ, "TMPDIR": str(tmp), "WANDB_MODE": "disabled", "PYTHONPATH": str(cwd)}
+    path = os.pathsep.join(p for p in (str(cwd), os.environ.get("PYTHONPATH", "")) if p)  # the tidal under test
+    env = {**os.environ, "TMPDIR": str(tmp), "WANDB_MODE": "disabled", "PYTHONPATH": path}
     return subprocess.run([sys.executable, "-m", "tidal.commands.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
 
@@ -69,6 +70,15 @@ def test_prompt_row_without_prompt(scratch):
     line = assert_user_error(scratch, ["train", TINY, "data.task=null", "data.prompts=data/p.jsonl"],
                              "p.jsonl:3", "field 'prompt'", "data.prompts")
     assert "missing" in line
+
+
+def test_heldout_file_too_small_for_reporting_and_selection(scratch):
+    _jsonl(scratch / "data" / "held.jsonl", [{"prompt": f"p{i}"} for i in range(20)])
+    args = ["train", TINY, "data.task=null", "data.prompts=data/ok.jsonl", "data.eval_prompts=data/held.jsonl",
+            "logging.gold_every=2", "logging.eval_samples=8"]
+    line = assert_user_error(scratch, [*args, "logging.gold_samples=16"], "held.jsonl", "has 20 prompts", "24",
+                             "logging.eval_samples=8", "logging.gold_samples=16")
+    assert "disjoint" in line
 
 
 def test_reward_function_module_missing(scratch):

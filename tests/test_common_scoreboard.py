@@ -9,7 +9,7 @@ import pytest
 
 from tidal.common.scoreboard import (
     degenerate_share, gao_x, is_degenerate, ls_slope, overoptimisation_alarm, overoptimisation_check,
-    wilson_interval, win_rate,
+    slope_p_value, student_t_cdf, wilson_interval, win_rate,
 )
 
 
@@ -97,29 +97,101 @@ def test_ls_slope_hand_computation():
 
 STEPS = list(range(0, 100, 10))
 PROXY_UP = [0.1 * i for i in range(10)]
+SPREAD = (-0.02, 0.01, 0.0, 0.03, -0.01, 0.02)  # a fixed per-prompt wobble around each mean
+
+
+def per_prompt(means: list[float], spread=SPREAD) -> list[list[float]]:
+    """Each evaluation's per-prompt gold: the mean plus a wobble that shifts with the evaluation,
+    so the prompts' own slopes differ (the test has a spread to judge the fall against)."""
+    return [[m + spread[(i + t) % len(spread)] for i in range(len(spread))] for t, m in enumerate(means)]
 
 
 def test_overoptimisation_alarm_fires_when_gold_falls_as_proxy_rises():
-    gold = [0.5] * 5 + [0.45, 0.4, 0.42, 0.3, 0.25]  # noisy decline in the last evaluations
+    gold = per_prompt([0.5] * 5 + [0.45, 0.4, 0.42, 0.3, 0.25])  # a decline in the last evaluations
     check = overoptimisation_check(STEPS, PROXY_UP, gold, window=5)
     assert check.alarm and check.proxy_slope > 0 and check.gold_slope < 0 and check.points == 5
+    assert check.p_value < 0.01 and check.gold_drop == pytest.approx(-check.gold_slope * 40)
     assert overoptimisation_alarm(STEPS, PROXY_UP, gold, window=5)
-    # A required drop larger than the observed one silences it (slope here is about -0.005 per step).
-    assert not overoptimisation_alarm(STEPS, PROXY_UP, gold, window=5, min_gold_drop=0.01)
+    # A required drop larger than the observed one (about 0.18 across the window) silences it.
+    assert not overoptimisation_alarm(STEPS, PROXY_UP, gold, window=5, min_gold_drop=0.25)
+    assert overoptimisation_alarm(STEPS, PROXY_UP, gold, window=5, min_gold_drop=0.15)
 
 
 def test_no_alarm_when_both_rise_or_proxy_flat_or_too_few_points():
-    gold_up = [0.2 + 0.01 * i for i in range(10)]
+    gold_up = per_prompt([0.2 + 0.01 * i for i in range(10)])
     assert not overoptimisation_alarm(STEPS, PROXY_UP, gold_up, window=5)
-    gold_down = [1.0 - 0.1 * i for i in range(10)]
+    gold_down = per_prompt([1.0 - 0.1 * i for i in range(10)])
     assert not overoptimisation_alarm(STEPS, [1.0] * 10, gold_down, window=5)  # proxy flat: no gaming
     # Gold fell early but recovers inside the window: no alarm for the past.
-    gold_dip = [1.0, 0.5, 0.2, 0.1, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    gold_dip = per_prompt([1.0, 0.5, 0.2, 0.1, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
     assert not overoptimisation_alarm(STEPS, PROXY_UP, gold_dip, window=5)
     check = overoptimisation_check(STEPS[:3], PROXY_UP[:3], gold_down[:3], window=5)
-    assert not check.alarm and math.isnan(check.gold_slope)
+    assert not check.alarm and math.isnan(check.gold_slope) and math.isnan(check.p_value)
     with pytest.raises(ValueError, match="window"):
         overoptimisation_alarm(STEPS, PROXY_UP, gold_down, window=2)
+    with pytest.raises(ValueError, match="same prompts"):
+        overoptimisation_alarm(STEPS[:5], PROXY_UP[:5], gold_down[:4] + [[0.0]], window=5)
+
+
+def test_student_t_cdf_against_known_values():
+    assert student_t_cdf(0.0, 3) == pytest.approx(0.5)
+    assert student_t_cdf(-1.0, 1) == pytest.approx(0.25)  # df 1 is the Cauchy: 1/2 + atan(t)/pi
+    assert student_t_cdf(2.0, 1) == pytest.approx(0.5 + math.atan(2.0) / math.pi)
+    assert student_t_cdf(-2.0, 2) == pytest.approx(0.5 * (1 - 2.0 / math.sqrt(2 + 4.0)))  # df 2 closed form
+    assert student_t_cdf(-2.602, 15) == pytest.approx(0.01, abs=2e-4)  # tables: t_{0.99, 15} = 2.602
+    assert student_t_cdf(-1.96, 10_000) == pytest.approx(0.025, abs=2e-4)  # the normal limit
+    assert student_t_cdf(-math.inf, 4) == 0.0 and student_t_cdf(math.inf, 4) == 1.0
+
+
+def test_slope_p_value_uses_the_spread_between_prompts():
+    xs = [0.0, 1.0, 2.0]
+    same_fall = [[1.0, 2.0], [0.9, 1.9], [0.8, 1.8]]  # both prompts fall by exactly 0.1 a step
+    assert slope_p_value(xs, same_fall) == 0.0
+    assert slope_p_value(xs, [[1.0], [0.5], [0.0]]) == 1.0  # one prompt: no spread, no evidence
+    # Prompt slopes -0.3 and +0.1: mean -0.1, sd 0.2828, t = -0.5 with df 1 -> p = 1/2 + atan(-0.5)/pi.
+    mixed = [[0.0, 0.0], [-0.3, 0.1], [-0.6, 0.2]]
+    assert slope_p_value(xs, mixed) == pytest.approx(0.5 + math.atan(-0.5) / math.pi)
+
+
+def simulated_alarms(drop_per_eval: float, runs: int = 1000, evals: int = 10, prompts: int = 16, noise: float = 0.1,
+                     window: int = 4, **rule) -> tuple[float, float]:
+    """(share of evaluations that alarm, share of runs with any alarm) over simulated runs. Each
+    prompt's gold is its own level, minus drop_per_eval per evaluation, plus noise whose sd makes
+    the MEAN gold's noise `noise`; the proxy rises every evaluation."""
+    import random
+
+    rng = random.Random(7)
+    alarms = checks = alarmed_runs = 0
+    for _ in range(runs):
+        level = [rng.gauss(0.0, 0.3) for _ in range(prompts)]
+        steps, proxy, gold, any_alarm = [], [], [], False
+        for t in range(evals):
+            steps.append(10.0 * (t + 1))
+            proxy.append(0.1 * t + rng.gauss(0.0, 0.02))
+            gold.append([g - drop_per_eval * t + rng.gauss(0.0, noise * math.sqrt(prompts)) for g in level])
+            if t + 1 >= window:
+                alarm = overoptimisation_alarm(steps, proxy, gold, window, **rule)
+                alarms, checks, any_alarm = alarms + alarm, checks + 1, any_alarm or alarm
+        alarmed_runs += any_alarm
+    return alarms / checks, alarmed_runs / runs
+
+
+def test_flat_noisy_gold_rarely_raises_the_alarm():
+    """The defect: with flat gold plus noise (sd 0.1) and a rising proxy, the sign of the gold
+    slope alone alarmed at about half of all evaluations. The test keeps it near alpha."""
+    per_eval, per_run = simulated_alarms(0.0)
+    assert per_eval < 0.05, per_eval
+    assert per_eval < 0.02  # the default alpha is 0.01 per evaluation
+    assert per_run < 7 * 0.02  # 7 windows per run: at most their sum
+    coin, _ = simulated_alarms(0.0, alpha=1.0)  # the sign of the slope alone, as before
+    assert 0.4 < coin < 0.6
+
+
+def test_a_real_gold_drop_raises_the_alarm():
+    per_eval, per_run = simulated_alarms(0.15)  # gold falls 0.15 per evaluation, noise sd 0.1
+    assert per_run > 0.99 and per_eval > 0.6, (per_eval, per_run)
+    # A minimum drop well above the real one (0.45 across a window of 4 evaluations) silences it.
+    assert simulated_alarms(0.15, runs=100, min_gold_drop=1.0)[1] < 0.05
 
 
 def test_gao_x():

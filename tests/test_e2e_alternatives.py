@@ -125,20 +125,38 @@ def test_expert_iteration_raises_the_letter_rate(ray_cluster, tmp_path):
 
 def test_overoptimisation_monitor_warns_and_stops_a_run_that_games_its_proxy(ray_cluster, tmp_path, capfd):
     """letter_rate is the proxy PPO climbs; the gold judge is its negation, so gold falls as
-    the proxy rises: the monitor must warn once and, with early_stop=gold_drop, end the run."""
+    the proxy rises: the monitor must warn once and, with early_stop=gold_drop, end the run on
+    the best-gold policy it saw."""
     import json
 
     cfg = load_config(REPO / "configs" / "tiny_ppo.yaml", tiny_overrides(
         tmp_path, "gamed", "algorithm.steps=16", "logging.gold_every=2", "logging.gold_window=3",
         "logging.gold_term=function:e2e_support:letter_penalty", "algorithm.early_stop=gold_drop",
-        "logging.eval_samples=16"))
+        "logging.eval_samples=8", "logging.gold_samples=16"))
     summary = run_pipeline(cfg, tmp_path / "gamed")
-    err = capfd.readouterr().err
-    assert err.count("warning: over-optimisation") == 1, err[-2000:]
+    printed = capfd.readouterr()
+    assert printed.err.count("warning: over-optimisation") == 1, printed.err[-2000:]
     assert summary["overoptimisation_warned"] is True
-    assert summary["early_stop"]["reason"] == "gold_drop" and summary["early_stop"]["step"] < 16
+    stop = summary["early_stop"]["step"]
+    assert summary["early_stop"]["reason"] == "gold_drop" and stop < 16
     recs = [r for r in read_jsonl(tmp_path / "gamed" / "metrics.jsonl") if r["stage"] == "rl" and "eval/gold" in r]
-    assert [r["step"] for r in recs] == list(range(2, summary["early_stop"]["step"] + 1, 2))
+    assert [r["step"] for r in recs] == list(range(2, stop + 1, 2))
     assert all(r["eval/gold"] == pytest.approx(-r["eval/proxy"]) for r in recs)  # gold = -proxy by construction
+    assert recs[-1]["eval/gold_p"] <= cfg.logging.gold_alpha and recs[-1]["eval/overoptimisation"] == 1.0
+    best = max(recs, key=lambda r: r["eval/gold"])
+    assert summary["best_gold"] == {"step": best["step"], "gold": pytest.approx(best["eval/gold"], abs=1e-5),
+                                    "last_step": stop, "last_gold": pytest.approx(recs[-1]["eval/gold"], abs=1e-5),
+                                    "policy": "best"}
+    assert f"the final policy is the best-gold one, step {best['step']}" in printed.out
+    best_dir = tmp_path / "gamed" / "checkpoints" / "best"
+    assert json.loads((best_dir / "best.json").read_text())["step"] == best["step"]
+    # RUN/policy and samples_after.jsonl are the best-gold policy's, not the stopped one's: it
+    # sits much closer to the reference than the policy at the stop.
+    after = read_jsonl(tmp_path / "gamed" / "samples_after.jsonl")
+    assert [r["prompt_index"] for r in after] == list(range(8))  # the reporting prompts, not the monitor's
+    after_kl = statistics.mean(r["kl"] for r in after)
+    print(f"KL to the reference: best step {best['step']} {best['eval/kl']:.3f}, stop step {stop} "
+          f"{recs[-1]['eval/kl']:.3f}, samples_after {after_kl:.3f}")
+    assert after_kl < 0.5 * recs[-1]["eval/kl"]
     assert (tmp_path / "gamed" / "plots" / "overoptimisation.png").is_file()
     assert json.loads((tmp_path / "gamed" / "run_state.json").read_text())["stages"]["rl"]

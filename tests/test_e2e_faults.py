@@ -28,10 +28,9 @@ VOLATILE = ("time/", "idle/", "rl/tokens_per_s")  # wall-clock dependent metrics
 def _expected_prompt_batches(cfg, steps):
     """The prompt rows each step must train on, from an independent PromptDataset."""
     from tidal.common.prompts import PromptDataset
-    from tidal.common.models import load_tokenizer, resolve_model
+    from tidal.common.models import resolve_model
 
-    tok = load_tokenizer(resolve_model(cfg.model.policy))
-    ds = PromptDataset(prepare_data(cfg).prompts, tok, cfg.data.max_prompt_tokens, cfg.data.chat_template, seed=cfg.seed)
+    ds = PromptDataset.from_config(prepare_data(cfg).prompts, resolve_model(cfg.model.policy), cfg.data, seed=cfg.seed)
     return [ds.next_batch(cfg.algorithm.prompts_per_step).index for _ in range(steps)]
 
 
