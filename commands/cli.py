@@ -38,7 +38,7 @@ def _submit(a: A.SubmitArgs) -> int:
 def _eval(a: A.EvalArgs) -> int:
     from tidal.commands.evaluate import eval_from_cli
 
-    return eval_from_cli(a.config, list(a.overrides), list(a.run), a.sft, a.best_of, a.out)
+    return eval_from_cli(a)
 
 
 def _generate(a: A.GenerateArgs) -> int:
@@ -110,8 +110,7 @@ def _label_export(a: A.LabelExportArgs) -> int:
 def _label_tasks(a: A.LabelTasksArgs) -> int:
     from tidal.commands.label_tasks import tasks_from_cli
 
-    return tasks_from_cli(a.dir, a.config, list(a.overrides), list(a.sources), a.prompts, a.responses, a.sft,
-                          a.overlap)
+    return tasks_from_cli(a)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from tidal.commands.args import EvalArgs
 from tidal.common.config import ConfigError, TidalConfig
 from tidal.driver.heldout import Seeds, build_gold, eval_sampling, gold_term, hf_sequence_kl, raw_scores, sample
 from tidal.driver.run_folder import policy_folder, sft_of
@@ -143,36 +144,35 @@ def plot_table(rows: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
-def eval_from_cli(config: str | None, overrides: list[str], runs: list[str], sft: str | None, best_of: int,
-                  out: str | None) -> int:
+def eval_from_cli(args: EvalArgs) -> int:
     """Entry point of `tidal eval`; returns the exit status."""
     from tidal.driver.job import prepare_data
-    from tidal.driver.runtime import connect, disconnect
+    from tidal.driver.runtime import ray_session
     from tidal.common.config import load_config
     from tidal.common.models import resolve_model
     from tidal.reward_service.combine import build_reward
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(args.config, list(args.overrides))
+    best_of, runs = args.best_of, list(args.run)
     if best_of < 1:
         raise ConfigError(f"--best-of {best_of}: use N >= 2 to add best-of-N over SFT, or leave it out.")
     policies = dict(resolve_policy(s) for s in runs)
-    sft_path = sft_of(runs, sft, cfg)
+    sft_path = sft_of(runs, args.sft, cfg)
     data = prepare_data(cfg)
     if data.eval_prompts is None:
         raise ConfigError("tidal eval needs held-out prompts: set data.eval_prompts (or data.task: sentiment).")
-    out_dir = Path(out or Path(cfg.logging.output_dir) / "eval")
+    out_dir = Path(args.out or Path(cfg.logging.output_dir) / "eval")
     if (out_dir / "eval.json").exists():  # never overwrite an earlier scoreboard
         raise ConfigError(f"{out_dir / 'eval.json'} already exists; pass another --out folder.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    conn = connect(cfg.cluster, min_cpus=cfg.rollout.num_workers)
     reward_model = str(resolve_model(cfg.model.reward)) if cfg.model.reward else None
-    proxy = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=sft_path, local=True,
-                         dtype=cfg.model.dtype)
-    try:
-        rows = evaluate_policies(cfg, policies, sft_path, best_of, data.eval_prompts, proxy)
-    finally:
-        proxy.close()
-        disconnect(conn)
+    with ray_session(cfg.cluster, min_cpus=cfg.rollout.num_workers):
+        proxy = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=sft_path, local=True,
+                             dtype=cfg.model.dtype)
+        try:
+            rows = evaluate_policies(cfg, policies, sft_path, best_of, data.eval_prompts, proxy)
+        finally:
+            proxy.close()
     table = format_table(rows)
     print(table, flush=True)
     (out_dir / "eval.json").write_text(json.dumps({"gold": cfg.logging.gold_term, "sft": sft_path, "rows": rows},

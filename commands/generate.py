@@ -196,16 +196,13 @@ def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward):
     prompt keeps its best."""
     from tidal.driver.best_of import BestOfN, NoValidSample
     from tidal.driver.heldout import Seeds, eval_sampling, sample as sample_policy
-    from tidal.driver.runtime import connect, disconnect
+    from tidal.driver.runtime import ray_session
     from tidal.reward_service.combine import InvalidRewardError
 
     sampling = eval_sampling(cfg, Seeds(cfg.seed).generate)
     best_of = None if reward is None else BestOfN(None, reward, sampling, n)  # its pool: sample_policy's own
-    conn = connect(cfg.cluster, min_cpus=cfg.rollout.num_workers * cfg.rollout.cpus_per_worker, verbose=False)
-    try:
+    with ray_session(cfg.cluster, min_cpus=cfg.rollout.num_workers * cfg.rollout.cpus_per_worker, verbose=False):
         candidates = sample_policy(policy, prompts, sampling if best_of is None else best_of.sampling, cfg)
-    finally:
-        disconnect(conn)
     if best_of is None:
         return list(candidates.response_text), None, None
     try:

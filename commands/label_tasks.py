@@ -16,17 +16,12 @@ Argument and data errors are one line and exit code 2, found before Ray starts.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from tidal.commands.args import LabelTasksArgs
 from tidal.common.config import ConfigError, load_config
 
 REFERENCES = "references"
-
-
-def _fail(message: str) -> int:
-    print(f"tidal label tasks: {message}", file=sys.stderr)
-    return 2
 
 
 def plan_sources(sources: list[str], k: int) -> list[tuple[str, str | None]]:
@@ -57,63 +52,70 @@ def plan_sources(sources: list[str], k: int) -> list[tuple[str, str | None]]:
     return planned
 
 
-def tasks_from_cli(folder: str, config: str | None, overrides: list[str], sources: list[str], m: int, k: int,
-                   sft: str | None, overlap: float | None) -> int:
+def tasks_from_cli(args: LabelTasksArgs) -> int:
     """Entry point of `tidal label tasks`; returns the exit status."""
-    from tidal.driver.collect import prompt_batch, sample_responses
+    from tidal.driver.runtime import ray_session
+    from tidal.feedback.store import FeedbackStore, NewTask
+
+    cfg = load_config(args.config, list(args.overrides))
+    if args.prompts < 1:
+        raise ConfigError(f"--prompts {args.prompts}: use M >= 1 prompts.")
+    if args.overlap is not None and not 0.0 <= args.overlap <= 1.0:
+        raise ConfigError(f"--overlap {args.overlap}: a share between 0 and 1.")
+    planned = plan_sources(list(args.sources), args.responses)
+    models, batch, prompts = _models_and_prompts(cfg, args, planned)
+    store = FeedbackStore(args.dir, create=True)
+    with ray_session(cfg.cluster, min_cpus=cfg.rollout.num_workers):
+        responses = _responses(cfg, planned, models, batch, prompts, args.responses)
+    ids = store.add_tasks([NewTask(p, rows) for p, rows in zip(prompts, responses)], overlap_fraction=args.overlap,
+                          seed=cfg.seed)
+    print(f"added {len(ids)} tasks ({len(responses[0])} responses each) to {args.dir}; "
+          f"serve them with `tidal label serve {args.dir}`")
+    return 0
+
+
+def _models_and_prompts(cfg, args: LabelTasksArgs, planned: list[tuple[str, str | None]]):
+    """({source name: HF folder}, PromptBatch, the prompts as written), checked before Ray starts."""
+    from tidal.commands.evaluate import resolve_policy
+    from tidal.driver.collect import prompt_batch
     from tidal.driver.heldout import Seeds
     from tidal.driver.job import prepare_data
-    from tidal.commands.evaluate import resolve_policy
     from tidal.driver.run_folder import sft_of
-    from tidal.driver.runtime import connect, disconnect
-    from tidal.feedback.store import FeedbackError, FeedbackStore, NewTask, TaskResponse
 
+    runs = [f"{name}={path}" for name, path in planned if path is not None]
     try:
-        cfg = load_config(config, overrides)
-        if m < 1:
-            raise ConfigError(f"--prompts {m}: use M >= 1 prompts.")
-        if overlap is not None and not 0.0 <= overlap <= 1.0:
-            raise ConfigError(f"--overlap {overlap}: a share between 0 and 1.")
-        planned = plan_sources(sources, k)
-        runs = [f"{name}={path}" for name, path in planned if path is not None]
-        try:
-            models = {name: resolve_policy(f"{name}={path}")[1] for name, path in planned if path is not None}
-        except ConfigError as e:  # its message names eval's flag
-            raise ConfigError(str(e).replace("--run ", "--from ", 1)) from None
-        if any(name == "sft" for name, _ in planned):
-            models["sft"] = sft_of(runs, sft, cfg)
-        data = prepare_data(cfg)
-        if data.prompts is None:
-            raise ConfigError("no prompts: set data.prompts (or data.task: sentiment).")
-        tokenizer = next(iter(models.values()), None) or sft_of(runs, sft, cfg)
-        batch, prompts = prompt_batch(cfg, tokenizer, Path(data.prompts), m, seed=Seeds(cfg.seed).label_order)
-        if any(name == REFERENCES for name, _ in planned):
-            missing = [i for i, ref in zip(batch.index, batch.reference) if not ref]
-            if missing:
-                raise ConfigError(f"--from references: prompt row {missing[0] + 1} of {data.prompts} has no 'reference'; "
-                                  "add one to every row or drop --from references.")
-        store = FeedbackStore(folder, create=True)
-    except (ConfigError, FeedbackError, OSError) as e:
-        return _fail(str(e))
+        models = {name: resolve_policy(f"{name}={path}")[1] for name, path in planned if path is not None}
+    except ConfigError as e:  # its message names eval's flag
+        raise ConfigError(str(e).replace("--run ", "--from ", 1)) from None
+    if any(name == "sft" for name, _ in planned):
+        models["sft"] = sft_of(runs, args.sft, cfg)
+    data = prepare_data(cfg)
+    if data.prompts is None:
+        raise ConfigError("no prompts: set data.prompts (or data.task: sentiment).")
+    tokenizer = next(iter(models.values()), None) or sft_of(runs, args.sft, cfg)
+    batch, prompts = prompt_batch(cfg, tokenizer, Path(data.prompts), args.prompts, seed=Seeds(cfg.seed).label_order)
+    if any(name == REFERENCES for name, _ in planned):
+        missing = [i for i, ref in zip(batch.index, batch.reference) if not ref]
+        if missing:
+            raise ConfigError(f"--from references: prompt row {missing[0] + 1} of {data.prompts} has no 'reference'; "
+                              "add one to every row or drop --from references.")
+    return models, batch, prompts
+
+
+def _responses(cfg, planned, models: dict[str, str], batch, prompts: list, k: int) -> list[list]:
+    """Per prompt, the responses of every source in --from order."""
+    from tidal.driver.collect import sample_responses
+    from tidal.driver.heldout import Seeds
+    from tidal.feedback.store import TaskResponse
+
     responses: list[list[TaskResponse]] = [[] for _ in prompts]
-    conn = connect(cfg.cluster, min_cpus=cfg.rollout.num_workers)
-    try:
-        for s, (name, _) in enumerate(planned):
-            if name == REFERENCES:
-                for rows, ref in zip(responses, batch.reference):
-                    rows.append(TaskResponse(ref, source=REFERENCES))
-                continue
-            print(f"tidal: sampling {len(prompts)} prompts x {k} from {name} ({models[name]})", flush=True)
-            for rows, new in zip(responses, sample_responses(cfg, models[name], batch, k, Seeds(cfg.seed).label_sampling(s),
-                                                             source=f"{name}:{models[name]}")):
-                rows.extend(new)
-    finally:
-        disconnect(conn)
-    try:
-        ids = store.add_tasks([NewTask(p, rows) for p, rows in zip(prompts, responses)], overlap_fraction=overlap,
-                              seed=cfg.seed)
-    except FeedbackError as e:
-        return _fail(str(e))
-    print(f"added {len(ids)} tasks ({len(responses[0])} responses each) to {folder}; "
-          f"serve them with `tidal label serve {folder}`")
-    return 0
+    for s, (name, _) in enumerate(planned):
+        if name == REFERENCES:
+            for rows, ref in zip(responses, batch.reference):
+                rows.append(TaskResponse(ref, source=REFERENCES))
+            continue
+        print(f"tidal: sampling {len(prompts)} prompts x {k} from {name} ({models[name]})", flush=True)
+        for rows, new in zip(responses, sample_responses(cfg, models[name], batch, k, Seeds(cfg.seed).label_sampling(s),
+                                                         source=f"{name}:{models[name]}")):
+            rows.extend(new)
+    return responses

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tidal.commands.args import LabelTasksArgs
 from tidal.commands.label_tasks import plan_sources, tasks_from_cli
 from tidal.common.config import ConfigError
 from tidal.feedback.store import FeedbackStore
@@ -58,8 +59,9 @@ def test_tasks_from_two_models_and_references_keep_sources_and_append(ray_cluste
                  f"logging.output_dir={tmp_path}", "data.demonstrations=null"]
     folder = tmp_path / "fb"
     sources = ["sft", f"other={tiny_model}", "references"]
-    rc = tasks_from_cli(str(folder), str(REPO / "configs" / "tiny_grpo.yaml"), overrides, sources, m=3, k=2,
-                        sft=str(tiny_model), overlap=0.0)
+    config = str(REPO / "configs" / "tiny_grpo.yaml")
+    rc = tasks_from_cli(LabelTasksArgs(str(folder), config, tuple(overrides), tuple(sources), prompts=3, responses=2,
+                                       sft=str(tiny_model), overlap=0.0))
     assert rc == 0, capsys.readouterr().err
     tasks = list(FeedbackStore(folder).tasks().values())
     assert len(tasks) == 3 and all(len(t.responses) == 5 for t in tasks)
@@ -69,6 +71,6 @@ def test_tasks_from_two_models_and_references_keep_sources_and_append(ray_cluste
         assert all(r.version != "" for r in t.responses[:4])  # the weight version that wrote it
         number = t.prompt.rsplit(" ", 1)[-1].rstrip(".")
         assert t.responses[4].text == f"The number {number} is fine."
-    assert tasks_from_cli(str(folder), str(REPO / "configs" / "tiny_grpo.yaml"), overrides, ["references", "sft"],
-                          m=2, k=1, sft=str(tiny_model), overlap=None) == 0
+    assert tasks_from_cli(LabelTasksArgs(str(folder), config, tuple(overrides), ("references", "sft"), prompts=2,
+                                         responses=1, sft=str(tiny_model))) == 0
     assert len(FeedbackStore(folder).tasks()) == 5  # the earlier tasks stay
