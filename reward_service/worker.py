@@ -70,6 +70,7 @@ class RewardWorker:
                  device: str | None = None, num_threads: int = 0):
         from tidal.actors.threads import apply_threads
         from tidal.common.models import VALUE_HEAD_FILE, load_tokenizer, load_value_model, read_value_model_meta
+        from tidal.common.precision import torch_dtype
 
         apply_threads(num_threads)  # tidal.actors.threads
 
@@ -86,7 +87,7 @@ class RewardWorker:
                 f"save_value_model(..., tokenizer=tokenizer).") from e
         # None: the GPU when this process sees one (a Ray actor sees one only if it reserved it).
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_value_model(path, dtype=getattr(torch, dtype)).to(self.device)
+        self.model = load_value_model(path, dtype=torch_dtype(dtype)).to(self.device)
         self.micro_batch_size = micro_batch_size
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         meta = read_value_model_meta(path)
