@@ -303,12 +303,6 @@ class LearnerWorker:
         self._need(self.spec.role == "policy", "iter_named_weights", "a policy learner")
         return iter_named_weights(self.engine.module, keep=self.rank == 0)
 
-    def iter_weight_buckets(self, bucket_mb: float) -> Iterator[dict[str, torch.Tensor]]:
-        """iter_named_weights grouped into dicts of about bucket_mb MB (same rule: all ranks exhaust it)."""
-        from tidal.actors.weights import iter_buckets
-
-        return (dict(bucket) for bucket in iter_buckets(self.iter_named_weights(), bucket_mb))
-
     def export_weights(self, version: int, bucket_mb: float, transport=None):
         """Publish the policy weights as `version` through `transport` (None: the collective
         sender this rank keeps, rollout.weight_transport=collective). Rank 0 returns the
