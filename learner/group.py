@@ -100,8 +100,7 @@ class LearnerGroup:
             # a rank's old-logprob / critic forwards run beside the reference worker's: share the cores
             fwd_threads = self.threads.learner_forward if reference_path is not None else self.threads.learner
             self.ranks = ActorGroup(LearnerWorker, n, args=lambda r: (cfg, r, n, self.threads.learner, fwd_threads),
-                                    options=opts,
-                                    options_fn=placement.actor_options("learner") if placement else None,
+                                    options=opts, options_fn=placement.actor_options("learner") if placement else None,
                                     local=local, name="learner", label=lambda r: f"learner rank {r}/{n}",
                                     call_timeout_s=self.timeout)
             if reference_path is not None:
@@ -136,7 +135,8 @@ class LearnerGroup:
 
     def _collect(self, method: str, group: ActorGroup, started: dict[int, Any]) -> list:
         """Values in rank order, or LearnerError naming the first rank that failed (fail-fast)."""
-        return group.collect_or_raise(started, method, LearnerError, self.timeout, fail_fast=True, timeout_hint=SYNC_HINT)
+        return group.collect_or_raise(started, method, LearnerError, self.timeout, fail_fast=True,
+                                      timeout_hint=SYNC_HINT)
 
     def _call(self, method: str, fn: Callable | dict[int, Callable], ranks: list[int] | None = None) -> list:
         """fn(handle) on every rank (or a dict: one call per rank), waited for fail-fast."""

@@ -193,7 +193,8 @@ class RewardPool:
                         done[wave[r.actor_id]] = r.value
                         del todo[wave[r.actor_id]]
                     elif not is_actor_death(r.error):  # the same input would fail again: no retry
-                        raise call_error(f"reward model {self.model_path}: score", [r], RewardWorkerError, self.timeout_s)
+                        raise call_error(f"reward model {self.model_path}: score", [r], RewardWorkerError,
+                                         self.timeout_s)
             if not todo:
                 self.group.restore()  # a worker lost in this call restarts now (its model loads meanwhile)
                 return torch.cat([done[k] for k in range(n)])

@@ -33,7 +33,8 @@ from typing import Any, Callable, Optional, Union
 
 from tidal.actors.actor_group import ActorGroup, call_error, is_actor_death, wait_any
 from tidal.actors.threads import run_threads
-from tidal.actors.weights import InProcessTransport, ObjectStoreTransport, WeightHandle, WeightSyncError, WeightTransport
+from tidal.actors.weights import (InProcessTransport, ObjectStoreTransport, WeightHandle, WeightSyncError,
+                                  WeightTransport)
 from tidal.common.config import TidalConfig
 from tidal.common.types import PromptBatch, RolloutBatch
 from tidal.rollout.pool_weights import NamedTensors, PoolWeights
