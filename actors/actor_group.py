@@ -10,6 +10,11 @@ Health: an actor whose call raised `RayActorError` or timed out is marked unheal
 `probe_unhealthy()` pings actors; `restore()` replaces unhealthy actors by fresh ones with
 the same id. `add()` / `remove()` resize the group (independent scaling of a role).
 
+Every role group (learner ranks, rollout pool, reward pool) turns failures into its own error
+type the same way: `collect_or_raise(started, what, error_type)` returns the values or raises
+one error naming the actor ("fit_sft: learner rank 1/2 died: ...", labels from `label`), and
+`put(value)` is what an actor call receives (an object-store ref, the value itself locally).
+
 Local mode (`local=True`): the same class runs in-process as plain objects behind a shim
 whose `obj.method.remote(...)` calls the method at once, so the same callables, the same
 results and the same error handling work without Ray (unit tests, debugging).
@@ -82,10 +87,10 @@ class LocalHandle:
     Like Ray, a top-level ObjectRef argument is resolved to its value first."""
 
     def __init__(self, obj: Any):
-        self._obj = obj
+        self.obj = obj  # the plain object itself (tests and debugging reach it here)
 
     def __getattr__(self, name: str) -> _LocalMethod:
-        return _LocalMethod(getattr(self._obj, name))
+        return _LocalMethod(getattr(self.obj, name))
 
 
 def _resolve(arg: Any) -> Any:
@@ -131,6 +136,28 @@ def is_actor_death(error: BaseException) -> bool:
     return isinstance(error, (ray.exceptions.RayActorError, ActorCallTimeout))
 
 
+def call_error(what: str, failed: list[CallResult], error_type: type[Exception], timeout_s: float,
+               timeout_hint: str = "") -> Exception:
+    """The one error of a role group's call `what` that failed on the actors `failed` (not
+    empty): the first actor that raised or died, by its label ("fit_sft: learner rank 1/2 died:
+    ..."), or, when every one of them timed out, all of their labels with `timeout_hint` (e.g.
+    the setting that sets the timeout). The cause is chained; the caller raises it."""
+    late = [r for r in failed if isinstance(r.error, ActorCallTimeout)]
+    if len(late) == len(failed):
+        cause = late[0].error
+        message = f"{', '.join(r.label for r in late)} did not answer within {timeout_s:.0f} s{timeout_hint}"
+    else:
+        first = next(r for r in failed if not isinstance(r.error, ActorCallTimeout))
+        cause, others = first.error, [r.label for r in failed if r is not first]
+        # a constructor that raised also ends the process, yet it is the actor's code that failed
+        died = is_actor_death(cause) and not getattr(cause, "actor_init_failed", False)
+        message = f"{first.label} {'died' if died else 'failed'}: {type(cause).__name__}: {cause}"
+        message += f" (also failed: {', '.join(others)})" if others else ""
+    error = error_type(f"{what}: {message}")
+    error.__cause__ = cause
+    return error
+
+
 # ----------------------------------------------------------------------------- the group
 
 
@@ -150,17 +177,20 @@ class ActorGroup(Generic[T]):
     options_fn: extra options per actor id (e.g. its placement-group bundle).
     local: run plain objects in-process instead of Ray actors.
     name: prefix of actor labels in errors ("rollout" -> "rollout-3").
+    label: how errors name actor i instead (e.g. lambda i: f"learner rank {i}/{n}").
     call_timeout_s: default timeout of `call`.
     """
 
     def __init__(self, cls: type, num_actors: int, args: tuple | Callable[[int], tuple] = (),
                  options: Optional[dict] = None,
                  options_fn: Optional[Callable[[int], dict]] = None, local: bool = False,
-                 name: str = "actor", call_timeout_s: float = 300.0):
+                 name: str = "actor", label: Optional[Callable[[int], str]] = None,
+                 call_timeout_s: float = 300.0):
         if num_actors < 0:
             raise ValueError(f"ActorGroup({name}): num_actors must be >= 0, got {num_actors}")
         self.cls, self.args, self.options, self.options_fn = cls, args, dict(options or {}), options_fn
         self.local, self.name, self.call_timeout_s = local, name, call_timeout_s
+        self._label = label or (lambda i: f"{name}-{i}")
         self._members: dict[int, _Member] = {}
         self._next_id = 0
         self._lock = threading.RLock()
@@ -233,14 +263,8 @@ class ActorGroup(Generic[T]):
         with self._lock:
             return self._members[actor_id].handle
 
-    def local_instance(self, actor_id: int) -> Any:
-        """Local mode: the plain object behind an actor (tests and debugging)."""
-        if not self.local:
-            raise RuntimeError(f"{self.label(actor_id)} runs in another process; local_instance needs local=True")
-        return self.actor(actor_id)._obj
-
     def label(self, actor_id: int) -> str:
-        return f"{self.name}-{actor_id}"
+        return self._label(actor_id)
 
     def restarts(self, actor_id: int) -> int:
         with self._lock:
@@ -260,6 +284,16 @@ class ActorGroup(Generic[T]):
     def submit(self, fn: Callable[[Any], Any], actor_id: int) -> Any:
         """Start `fn(handle)` on one actor without waiting; returns its ref."""
         return fn(self.actor(actor_id))
+
+    def put(self, value: Any) -> Any:
+        """What a call receives for `value`: one object-store copy that any number of calls share
+        (slice data per actor BEFORE putting it, so each actor gets only its part), or, in local
+        mode, the value itself."""
+        if self.local:
+            return value
+        import ray
+
+        return ray.put(value)
 
     def call(self, fn: Callable[[Any], Any], actor_ids: Optional[Iterable[int]] = None,
              timeout_s: Optional[float] = None, mark_unhealthy: bool = True,
@@ -299,7 +333,7 @@ class ActorGroup(Generic[T]):
             if isinstance(ref, Exception):
                 results[i] = CallResult(i, self.label(i), False, error=ref)
             elif isinstance(ref, LocalRef):
-                results[i] = self._result(i, ref)
+                results[i] = self.result(i, ref)
             else:
                 pending[ref] = i
         while pending and not (fail_fast and any(not r.ok for r in results.values())):
@@ -308,7 +342,7 @@ class ActorGroup(Generic[T]):
                 break
             for ref in ready:
                 i = pending.pop(ref)
-                results[i] = self._result(i, ref)
+                results[i] = self.result(i, ref)
         failed = [r.label for r in results.values() if not r.ok] if fail_fast else []
         for ref, i in pending.items():
             error = (ActorCallAborted(f"{self.label(i)}: not awaited after {failed[0]} failed") if failed
@@ -321,21 +355,33 @@ class ActorGroup(Generic[T]):
                     self.mark_unhealthy(r.actor_id)
         return ordered
 
-    def _result(self, i: int, ref: Any) -> CallResult:
+    def collect_or_raise(self, started: dict[int, Any], what: str, error_type: type[Exception] = RuntimeError,
+                         timeout_s: Optional[float] = None, fail_fast: bool = False, timeout_hint: str = "") -> list:
+        """The values of calls begun with `start`, in the order of `started`, or `error_type`
+        naming the actor that failed (`call_error`). Waits like `collect`; with `fail_fast` the
+        calls still running when one fails are not waited for (and not blamed)."""
+        timeout = self.call_timeout_s if timeout_s is None else timeout_s
+        results = self.collect(started, timeout, fail_fast=fail_fast)
+        failed = [r for r in results if not r.ok and not isinstance(r.error, ActorCallAborted)]
+        if failed:
+            raise call_error(what, failed, error_type, timeout, timeout_hint)
+        return [r.value for r in results]
+
+    def result(self, i: int, ref: Any) -> CallResult:
+        """The outcome of a finished call `ref` on actor i."""
         try:
             return CallResult(i, self.label(i), True, value=fetch(ref, 0.0))
         except Exception as e:  # noqa: BLE001 - returned as the actor's error
             return CallResult(i, self.label(i), False, error=e)
 
-    def probe_unhealthy(self, timeout_s: float = 10.0,
-                        probe: Optional[Callable[[Any], Any]] = None) -> list[int]:
-        """Ping every actor (default probe: Ray's built-in readiness call); returns the ids of
-        actors that are unhealthy afterwards. A busy single-threaded actor answers only after
-        its current call, so probe with a timeout longer than that call or only idle actors."""
+    def probe_unhealthy(self, timeout_s: float = 10.0, actor_ids: Optional[Iterable[int]] = None) -> list[int]:
+        """Ping the healthy actors (or `actor_ids`) with Ray's built-in readiness call; returns
+        the ids of actors that are unhealthy afterwards. A busy single-threaded actor answers only
+        after its current call, so probe with a timeout longer than that call or only idle actors."""
         if self.local:
             return self.unhealthy_actor_ids()
-        probe = probe or (lambda a: a.__ray_ready__.remote())
-        self.call(probe, actor_ids=self.healthy_actor_ids(), timeout_s=timeout_s)
+        ids = self.healthy_actor_ids() if actor_ids is None else list(actor_ids)
+        self.call(lambda a: a.__ray_ready__.remote(), actor_ids=ids, timeout_s=timeout_s)
         return self.unhealthy_actor_ids()
 
     def restore(self) -> list[int]:
@@ -352,33 +398,3 @@ class ActorGroup(Generic[T]):
     def shutdown(self) -> None:
         self.remove(self.actor_ids, kill=True)
 
-
-class BundlePlacement:
-    """`options_fn` that places each actor on a bundle of a placement group.
-
-    A new actor id gets the least used of `bundle_indices` (more actors than bundles share
-    them, as in colocated placement); a restarted actor keeps its bundle; `release` (called by
-    ActorGroup.remove) frees it for the next new actor."""
-
-    def __init__(self, placement_group: Any, bundle_indices: Iterable[int], num_cpus: float, num_gpus: float = 0.0):
-        self.placement_group, self.bundles = placement_group, list(bundle_indices)
-        if not self.bundles:
-            raise ValueError("BundlePlacement needs at least one bundle index")
-        self.num_cpus, self.num_gpus = num_cpus, num_gpus
-        self.assigned: dict[int, int] = {}  # actor id -> bundle index
-
-    def __call__(self, actor_id: int) -> dict:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        if actor_id not in self.assigned:
-            load = {b: 0 for b in self.bundles}
-            for b in self.assigned.values():
-                load[b] += 1
-            self.assigned[actor_id] = min(self.bundles, key=lambda b: (load[b], self.bundles.index(b)))
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=self.assigned[actor_id],
-                    placement_group_capture_child_tasks=True)}
-
-    def release(self, actor_id: int) -> None:
-        self.assigned.pop(actor_id, None)

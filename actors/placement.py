@@ -48,10 +48,6 @@ class PlacementPlan:
     def total_cpus(self) -> float:
         return sum(b.get("CPU", 0.0) for bundles in self.groups.values() for b in bundles)
 
-    @property
-    def total_gpus(self) -> float:
-        return sum(b.get("GPU", 0.0) for bundles in self.groups.values() for b in bundles)
-
 
 def role_counts(cfg: TidalConfig, *, reference: bool, reward_model: bool = True) -> dict[str, int]:
     """Actors per role for an RL stage with this config (the critic lives in the learner ranks);
@@ -199,13 +195,6 @@ class Placement:
         slot = self.rollout_slots.pop(worker_id, None)
         if slot is not None and slot.group.startswith("rollout-"):
             remove_placement_group(self.pgs.pop(slot.group))
-
-    def node_of(self, role: str, index: int) -> str:
-        """Node id hosting the bundle of actor `index` of `role` (for tests and logs)."""
-        from ray.util.placement_group import placement_group_table
-
-        slot = self._slot(role, index)
-        return placement_group_table(self.pgs[slot.group])["bundles_to_node_id"][slot.bundle_index]
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -162,18 +162,25 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.M
     return disable_dropout(model).eval()
 
 
+def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_len: int) -> torch.Tensor:
+    """The logits that predict the last `response_len` tokens of [left-padded prompt |
+    right-padded response]: input_ids, attention_mask (B, T) -> (B, R, V), position P+t-1
+    predicting response token t. Position ids come from the mask, so padding does not shift
+    them (docs/implementation.md#d2). Only these R positions of the (T, V) logits are computed
+    (logits_to_keep): the prompt's full-vocabulary logits are never materialised."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False, logits_to_keep=response_len + 1)
+    return out.logits[:, -response_len - 1:-1]
+
+
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       response_len: int, temperature: float = 1.0) -> torch.Tensor:
-    """Logprobs of the last `response_len` tokens of [left-padded prompt | right-padded response].
-
-    input_ids, attention_mask (B, T) -> (B, R). Position ids come from the mask so padding does
-    not shift them; logits are divided by the sampling temperature (docs/implementation.md#d2, #d3).
-    Values at padded response positions are meaningless: callers mask them."""
-    position_ids = position_ids_from_mask(attention_mask)  # (B, T)
-    # Only the logits that predict response tokens are needed: positions T-R-1 .. T-2.
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=False, logits_to_keep=response_len + 1)
-    logits = out.logits[:, -response_len - 1:-1]  # (B, R, V)
+    """Logprobs of the last `response_len` tokens of [left-padded prompt | right-padded response]
+    under softmax(logits / temperature) (docs/implementation.md#d3): (B, T) -> (B, R). The one
+    implementation for the learner ranks, the reference worker, the hf rollout backend and
+    `tidal eval`. Values at padded response positions are meaningless: callers mask them."""
+    logits = response_logits(model, input_ids, attention_mask, response_len)  # (B, R, V)
     return logprobs_from_logits(logits, input_ids[:, -response_len:], temperature)  # (B, R)
 
 

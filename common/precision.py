@@ -18,6 +18,15 @@ import torch
 
 log = logging.getLogger("tidal.precision")
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # model.dtype's names
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a model.dtype name: the one map for every model a role loads."""
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
 
 def bf16_native(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 in hardware."""

@@ -87,10 +87,6 @@ class Experience:
     rollout_logprobs: torch.Tensor | None = None  # (B, R) engine logprobs (off-policy IS correction)
     weight_version: torch.Tensor | None = None  # (B,) long
 
-    @property
-    def prompt_len(self) -> int:
-        return self.input_ids.shape[1] - self.response_mask.shape[1]
-
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tidal.common.config import LearnerConfig, TidalConfig
+from tidal.common.precision import torch_dtype
 
 
 def free_port() -> int:
@@ -74,7 +75,7 @@ def seed_everything(seed: int) -> None:
 
 
 def model_dtype(cfg: TidalConfig) -> torch.dtype:
-    return torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    return torch_dtype(cfg.model.dtype)
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, use_gpu: bool) -> None:

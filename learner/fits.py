@@ -1,16 +1,17 @@
 """The supervised fits of a `LearnerGroup` (SFT, expert-iteration rounds, DPO, reward model):
 shard the data once, then train in windows of STEPS_PER_CALL optimizer steps, each window one
-remote call under the sync timeout. A mixin: it uses the group's `_call`, `_put`,
-`_train_shards`, `compute_logprobs` and `compute_scores`.
+remote call under the sync timeout. `SupervisedFits` is a collaborator the group owns
+(`LearnerGroup.fits`); it reaches the ranks only through the calls it is built with.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from tidal.common.config import TidalConfig
 from tidal.learner.dpo import DPOBatch, sequence_logps
 from tidal.learner.reward_model import PreferenceBatch, pair_accuracy
 from tidal.learner.sft import SFTBatch
@@ -18,6 +19,18 @@ from tidal.learner.worker import FitPlan
 
 STEPS_PER_CALL = 8  # optimizer steps per remote fit call: each call is bounded by the sync timeout
 Progress = Callable[[list, int], None]  # (history so far, total steps): called before and after each window
+RankCall = Callable[[str, dict[int, Callable[[Any], Any]]], list]  # (method, {rank: fn(handle)}) -> values by rank
+Scores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (N, T) ids, mask -> (N,) reward-model scores
+Logprobs = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]  # (B, P+R) ids, mask, R, T -> (B, R)
+
+
+def train_shards(n: int, world_size: int) -> list[torch.Tensor]:
+    """Row indices per rank for training: equal contiguous ranges; the n % world_size trailing
+    rows are left out (every rank must take the same number of optimizer steps)."""
+    k = n // world_size
+    if k == 0:
+        raise ValueError(f"{n} rows cannot feed {world_size} learner ranks; need at least one row per rank")
+    return [torch.arange(r * k, (r + 1) * k) for r in range(world_size)]
 
 
 @dataclass(frozen=True)
@@ -28,28 +41,41 @@ class RewardFit:
     reward_std: float  # saved with the model for reward normalization
 
 
-
 class SupervisedFits:
+    """The fits of one learner group.
+
+    call: runs {rank: fn(handle)} on the ranks and returns their values in rank order, or raises
+        the group's error naming the rank that failed (LearnerGroup._call).
+    put: what a rank's call receives for its data shard (ActorGroup.put).
+    compute_logprobs / compute_scores: the group's sharded forward passes (policy log-probs for
+        the DPO reference; reward-model scores for the held-out accuracy and normalisation)."""
+
+    def __init__(self, cfg: TidalConfig, world_size: int, call: RankCall, put: Callable[[Any], Any],
+                 compute_logprobs: Logprobs, compute_scores: Scores):
+        self.cfg, self.world_size, self.call, self.put = cfg, world_size, call, put
+        self.compute_logprobs, self.compute_scores = compute_logprobs, compute_scores
+        self.reward_stats: dict[str, float] = {}  # set by fit_reward; saved with the reward model
+
     def _fit(self, method: str, data, epochs: int, max_steps: int | None, lr: float,
              extra: tuple = (), on_progress: Progress | None = None,
              schedule: str | None = None) -> list[dict[str, float]]:
         """Shard `data` (SFTBatch or PreferenceBatch) once, then run the fit in windows of
         STEPS_PER_CALL optimizer steps, each window one remote call under the sync timeout."""
-        shards = self._train_shards(len(data))
+        shards = train_shards(len(data), self.world_size)
         mini = self.cfg.learner.mini_batch_size // self.world_size
         steps_per_epoch = len(shards[0]) // mini
         if steps_per_epoch == 0:
             raise ValueError(f"{method}: {len(data)} examples give {len(shards[0])} per rank, fewer than one minibatch "
                              f"({mini} per rank = learner.mini_batch_size / num_workers); add data or lower mini_batch_size")
         total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
-        refs = [self._put(data.select(s)) for s in shards]
+        refs = [self.put(data.select(s)) for s in shards]
         history: list[dict[str, float]] = []
         if on_progress:
             on_progress(history, total)
         for start in range(0, total, STEPS_PER_CALL):
             plan = FitPlan(lr, total, start, min(STEPS_PER_CALL, total - start), steps_per_epoch, schedule)
             calls = {r: (lambda a, ref=ref: getattr(a, method).remote(ref, plan, *extra)) for r, ref in enumerate(refs)}
-            history += self._call(method, calls)[0]  # rank 0 holds the averages
+            history += self.call(method, calls)[0]  # rank 0 holds the averages
             if on_progress:
                 on_progress(history, total)
         return history

@@ -5,8 +5,11 @@ Data is sliced per rank on the driver BEFORE `ray.put`, so each rank receives on
 the metrics a rank returns are already averaged over ranks. Every wait on an actor has the
 deadline cluster.sync_timeout_s; a failed, dead or silent rank raises `LearnerError` naming it
 as soon as it fails (fail-fast: its peers may be blocked in a collective). A process group
-cannot take back one member, so `restart()` replaces every rank (the caller reloads a
-checkpoint). `local=True` runs one rank (and the reference) in this process, without Ray.
+cannot take back one member, so a run that lost a rank resumes from its last checkpoint.
+`local=True` runs one rank (and the reference) in this process, without Ray.
+
+The supervised fits (SFT, DPO, reward model, expert-iteration rounds) live in
+tidal.learner.fits.SupervisedFits, which the group owns as `fits`.
 
 One experience path: `forward(rollout)` (old-policy, reference and critic forward passes) and
 `assemble(forward, scores, kl_coef)` (KL-penalised rewards, advantages) are two calls, so the
@@ -25,16 +28,18 @@ from typing import Any, Callable
 
 import torch
 
-from tidal.actors.actor_group import ActorCallAborted, ActorCallTimeout, ActorGroup, is_actor_death
+from tidal.actors.actor_group import ActorGroup
 from tidal.actors.threads import run_threads
 from tidal.common.config import TidalConfig
 from tidal.common.models import load_tokenizer
 from tidal.common.types import Experience, RolloutBatch
 from tidal.learner.algorithms import algorithm_for
+from tidal.learner.dpo import DPOBatch
 from tidal.learner.experience import (ForwardPass, assemble_experience, engine_old_logprobs, experience_metrics,
                                       old_in_update, pad_response_floats, pad_rollout)
+from tidal.learner.fits import RewardFit, SupervisedFits, train_shards
 from tidal.learner.reference import ReferenceWorker
-from tidal.learner.fits import SupervisedFits
+from tidal.learner.reward_model import PreferenceBatch
 from tidal.learner.sft import SFTBatch
 from tidal.learner.worker import ROLES, LearnerWorker, WorkerSpec
 
@@ -43,13 +48,16 @@ class LearnerError(RuntimeError):
     """A learner or reference actor failed, died, or missed its deadline."""
 
 
+SYNC_HINT = " (cluster.sync_timeout_s); a peer may have died or hung in a collective"
+
+
 def default_rl_total_steps(cfg: TidalConfig) -> int:
     """Optimizer steps of the RL stage, the horizon of the linear LR decay."""
     rows = cfg.algorithm.prompts_per_step * cfg.rollout.n_samples
     return cfg.algorithm.steps * cfg.algorithm.ppo_epochs * max(1, rows // cfg.learner.mini_batch_size)
 
 
-class LearnerGroup(SupervisedFits):
+class LearnerGroup:
     def __init__(self, cfg: TidalConfig, model_path: str | Path, role: str = "policy",
                  critic_path: str | Path | None = None, reference_path: str | Path | None = None, *,
                  local: bool = False, placement: Any = None, rl_total_steps: int | None = None,
@@ -61,7 +69,7 @@ class LearnerGroup(SupervisedFits):
         use; None: the group places itself (its own placement group, freed by shutdown).
         `critic_affine` (shift, scale): the critic's head outputs (raw - shift) / scale, e.g. the
         reward normalisation of the reward model it starts from (see driver/rl_stage.py)."""
-        self.cfg, self.role, self.local = cfg, role, local
+        self.cfg, self.role = cfg, role
         self.world_size = cfg.learner.num_workers
         self.timeout = cfg.cluster.sync_timeout_s
         self.algorithm = algorithm_for(cfg)
@@ -74,7 +82,6 @@ class LearnerGroup(SupervisedFits):
         self.tokenizer = load_tokenizer(model_path)  # the driver pads and tokenizes with it
         self.spec = WorkerSpec(role, str(model_path), None if critic_path is None else str(critic_path),
                                rl_total_steps or default_rl_total_steps(cfg), critic_affine)
-        self.reward_stats: dict[str, float] = {}
         self.ranks: ActorGroup | None = None
         self.reference: ActorGroup | None = None
         self._own_placement = None
@@ -93,15 +100,16 @@ class LearnerGroup(SupervisedFits):
             # a rank's old-logprob / critic forwards run beside the reference worker's: share the cores
             fwd_threads = self.threads.learner_forward if reference_path is not None else self.threads.learner
             self.ranks = ActorGroup(LearnerWorker, n, args=lambda r: (cfg, r, n, self.threads.learner, fwd_threads),
-                                    options=opts,
-                                    options_fn=placement.actor_options("learner") if placement else None,
-                                    local=local, name="learner", call_timeout_s=self.timeout)
+                                    options=opts, options_fn=placement.actor_options("learner") if placement else None,
+                                    local=local, name="learner", label=lambda r: f"learner rank {r}/{n}",
+                                    call_timeout_s=self.timeout)
             if reference_path is not None:
                 self.reference = ActorGroup(
                     ReferenceWorker, 1, args=(cfg, str(reference_path), self.threads.reference), options=opts,
                     options_fn=placement.actor_options("reference") if placement else None,
-                    local=local, name="reference", call_timeout_s=self.timeout)
+                    local=local, name="reference", label=lambda i: "reference worker", call_timeout_s=self.timeout)
             self.timings = self._setup()
+            self.fits = SupervisedFits(cfg, n, self._call, self.ranks.put, self.compute_logprobs, self.compute_scores)
         except BaseException:
             self.shutdown()  # no half-built group keeps its actors or placement group
             raise
@@ -125,54 +133,17 @@ class LearnerGroup(SupervisedFits):
                 "dist_init_s": max(s["dist_init_s"] for s in setup), "engines_s": max(s["engines_s"] for s in setup),
                 "autocast_bf16": setup[0]["autocast_bf16"]}
 
-    def restart(self) -> None:
-        """Replace every rank and the reference by fresh processes on the same placement slots,
-        set up as before (initial weights: reload a checkpoint to continue)."""
-        for group in (self.ranks, self.reference):
-            if group is not None:
-                for i in group.actor_ids:
-                    group.mark_unhealthy(i)
-                group.restore()
-        self.timings = self._setup()
-
-    def _label(self, group: ActorGroup, i: int) -> str:
-        return f"learner rank {i}/{self.world_size}" if group is self.ranks else "reference worker"
-
     def _collect(self, method: str, group: ActorGroup, started: dict[int, Any]) -> list:
-        """Values in rank order, or LearnerError naming the first rank that failed."""
-        results = group.collect(started, timeout_s=self.timeout, fail_fast=True)
-        bad = [r for r in results if not r.ok and not isinstance(r.error, ActorCallAborted)]
-        if not bad:
-            return [r.value for r in results]
-        late = [r for r in bad if isinstance(r.error, ActorCallTimeout)]
-        if len(late) == len(bad):
-            names = ", ".join(self._label(group, r.actor_id) for r in late)
-            raise LearnerError(f"{method}: {names} did not answer within {self.timeout:.0f} s "
-                               "(cluster.sync_timeout_s); a peer may have died or hung in a collective")
-        r = next(r for r in bad if not isinstance(r.error, ActorCallTimeout))
-        what = "died" if is_actor_death(r.error) else "failed"
-        raise LearnerError(f"{method}: {self._label(group, r.actor_id)} {what}: {r.error}") from r.error
+        """Values in rank order, or LearnerError naming the first rank that failed (fail-fast)."""
+        return group.collect_or_raise(started, method, LearnerError, self.timeout, fail_fast=True,
+                                      timeout_hint=SYNC_HINT)
 
     def _call(self, method: str, fn: Callable | dict[int, Callable], ranks: list[int] | None = None) -> list:
         """fn(handle) on every rank (or a dict: one call per rank), waited for fail-fast."""
         calls = fn if isinstance(fn, dict) else {r: fn for r in (ranks if ranks is not None else self.ranks.actor_ids)}
         return self._collect(method, self.ranks, self.ranks.start_each(calls))
 
-    def _put(self, value):
-        if self.local:
-            return value
-        import ray
-
-        return ray.put(value)
-
-    # ------------------------------------------------------------------ sharding
-
-    def _train_shards(self, n: int) -> list[torch.Tensor]:
-        """Equal contiguous row ranges per rank; the n % world_size trailing rows are left out."""
-        k = n // self.world_size
-        if k == 0:
-            raise ValueError(f"{n} rows cannot feed {self.world_size} learner ranks; need at least one row per rank")
-        return [torch.arange(r * k, (r + 1) * k) for r in range(self.world_size)]
+    # ------------------------------------------------------------------ sharded forward passes
 
     def _start_infer(self, method_of: Callable[[Any], Any], tensors: tuple[torch.Tensor, ...], extra: tuple) -> dict:
         """Start a forward pass over all rows: equal row ranges per rank (the last rows repeat to
@@ -182,7 +153,7 @@ class LearnerGroup(SupervisedFits):
         shards = torch.arange(k * self.world_size).clamp(max=n - 1).view(self.world_size, k)
         calls = {}
         for r, s in enumerate(shards):
-            args = tuple(self._put(t[s]) for t in tensors) + extra
+            args = tuple(self.ranks.put(t[s]) for t in tensors) + extra
             calls[r] = lambda a, args=args: method_of(a).remote(*args)
         return self.ranks.start_each(calls)
 
@@ -211,7 +182,7 @@ class LearnerGroup(SupervisedFits):
     def _start_ref(self, input_ids, attention_mask, response_len: int, temperature: float) -> dict:
         if self.reference is None:
             raise LearnerError("compute_ref_logprobs: this group has no reference worker; pass reference_path")
-        args = (self._put(input_ids), self._put(attention_mask), response_len, temperature)
+        args = (self.reference.put(input_ids), self.reference.put(attention_mask), response_len, temperature)
         return self.reference.start(lambda a: a.compute_logprobs.remote(*args))
 
     def _finish_ref(self, started: dict) -> torch.Tensor:
@@ -221,6 +192,28 @@ class LearnerGroup(SupervisedFits):
                              temperature: float) -> torch.Tensor:
         """Frozen reference logprobs (B, R), same temperature and position ids as the policy."""
         return self._finish_ref(self._start_ref(input_ids, attention_mask, response_len, temperature))
+
+    # ------------------------------------------------------------------ supervised fits (self.fits)
+
+    def fit_sft(self, data: SFTBatch, **options) -> list[dict[str, float]]:
+        """Supervised fine-tuning: SupervisedFits.fit_sft (epochs, max_steps, lr, on_progress)."""
+        return self.fits.fit_sft(data, **options)
+
+    def fit_dpo(self, data: DPOBatch, **options) -> list[dict[str, float]]:
+        """Direct preference optimisation: SupervisedFits.fit_dpo (epochs, max_steps, lr, on_progress)."""
+        return self.fits.fit_dpo(data, **options)
+
+    def fit_reward(self, train: PreferenceBatch, held_out: PreferenceBatch | None = None, **options) -> RewardFit:
+        """Reward-model training: SupervisedFits.fit_reward (loss, epochs, max_steps, lr, on_progress)."""
+        return self.fits.fit_reward(train, held_out, **options)
+
+    def update_sft(self, data: SFTBatch, epochs: int, lr: float) -> dict[str, float]:
+        """One expert-iteration round: SupervisedFits.update_sft."""
+        return self.fits.update_sft(data, epochs, lr)
+
+    def dpo_reference(self, data: DPOBatch) -> DPOBatch:
+        """`data` with the current policy's reference log-probs: SupervisedFits.dpo_reference."""
+        return self.fits.dpo_reference(data)
 
     # ------------------------------------------------------------------ RL: one experience path
 
@@ -266,13 +259,13 @@ class LearnerGroup(SupervisedFits):
         """algorithm.ppo_epochs passes of minibatch updates on `experience`, plus ptx_coef x SFT
         loss on `ptx` (PPO-ptx). With `is_weight_cap`, tokens are weighted by
         min(pi_old / pi_rollout, cap) (off-policy samples). Metrics averaged over minibatches and ranks."""
-        shards = self._train_shards(len(experience))
+        shards = train_shards(len(experience), self.world_size)
         ptx_refs = [None] * self.world_size
         if ptx is not None:
-            ptx_refs = [self._put(ptx.select(s)) for s in self._train_shards(len(ptx))]
+            ptx_refs = [self.ranks.put(ptx.select(s)) for s in train_shards(len(ptx), self.world_size)]
         calls = {}
         for r, (s, p) in enumerate(zip(shards, ptx_refs)):
-            exp_ref = self._put(experience.select(s))
+            exp_ref = self.ranks.put(experience.select(s))
             calls[r] = lambda a, e=exp_ref, p=p: a.update_rl.remote(e, p, is_weight_cap)
         metrics = self._call("update_rl", calls)[0]
         metrics["learner/rows_unused"] = float(len(experience) % self.world_size)
@@ -296,7 +289,7 @@ class LearnerGroup(SupervisedFits):
     def save_pretrained(self, out_dir: str | Path, extra: dict | None = None) -> Path:
         """HF folder + tokenizer: the policy (merged LoRA), or the reward model with `extra`
         metadata (default: the reward_mean/std measured by fit_reward)."""
-        extra = extra if extra is not None else (self.reward_stats or None)
+        extra = extra if extra is not None else (self.fits.reward_stats or None)
         return Path(self._call("save_pretrained", lambda a: a.save_pretrained.remote(str(out_dir), extra))[0])
 
     def checkpoint(self, ckpt_dir: str | Path) -> Path:

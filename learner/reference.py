@@ -13,7 +13,7 @@ import torch
 from tidal.actors.threads import apply_threads
 from tidal.common.config import TidalConfig
 from tidal.common.models import load_causal_lm, sequence_logprobs
-from tidal.common.precision import autocast, use_autocast
+from tidal.common.precision import autocast, torch_dtype, use_autocast
 
 
 class ReferenceWorker:
@@ -21,7 +21,7 @@ class ReferenceWorker:
         self.num_threads = apply_threads(num_threads)  # tidal.actors.threads
         self.use_gpu = cfg.learner.gpus_per_worker > 0
         self.device = torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")
-        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        dtype = torch_dtype(cfg.model.dtype)
         self.model = load_causal_lm(model_path, dtype).to(self.device).requires_grad_(False)
         # the policy's precision (learner.autocast), so KL to the reference is 0 at the start
         self.autocast = use_autocast(cfg.learner.autocast, dtype, self.device)

@@ -25,7 +25,8 @@ import torch
 
 from tidal.actors.threads import apply_threads, threads_during
 from tidal.common.config import TidalConfig
-from tidal.common.ops import logprobs_and_entropy, logprobs_from_logits, position_ids_from_mask
+from tidal.common.models import response_logits, sequence_logprobs
+from tidal.common.ops import logprobs_and_entropy
 from tidal.common.precision import autocast, use_autocast
 from tidal.learner.engine import (build_policy, build_value, free_port, init_distributed, linear_lr, make_engine,
                                   model_dtype, seed_everything)
@@ -117,20 +118,17 @@ class LearnerWorker:
     def policy_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                         temperature: float, entropy: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, P+R) inputs -> logprobs (B, R) of the response tokens under logits / temperature
-        (docs/implementation.md#d3), and their entropy (B, R): entropy="loss" with gradient, "metric" without
-        (no (B, R, V) graph kept alive), None not computed. Position ids from the mask (docs/implementation.md#d2)."""
+        (tidal.common.models.sequence_logprobs, as the reference worker computes them), and their
+        entropy (B, R): entropy="loss" with gradient, "metric" without (no (B, R, V) graph kept
+        alive), None not computed."""
         self._need(self.spec.role == "policy", "policy_logprobs", "a policy learner")
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        with autocast(self.autocast, self.device):
-            out = self.engine(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                              logits_to_keep=response_len + 1)
-        logits = out.logits[:, -response_len - 1:-1]  # (B, R, V): position P+t-1 predicts token t
         t = temperature if temperature > 0 else 1.0  # greedy rollouts: plain softmax logprobs
-        labels = input_ids[:, -response_len:]
-        if entropy is None:
-            return logprobs_from_logits(logits, labels, t), None
-        return logprobs_and_entropy(logits, labels, t, entropy_grad=entropy == "loss")
+        with autocast(self.autocast, self.device):
+            if entropy is None:
+                return sequence_logprobs(self.engine, input_ids, attention_mask, response_len, t), None
+            logits = response_logits(self.engine, input_ids, attention_mask, response_len)  # (B, R, V)
+        return logprobs_and_entropy(logits, input_ids[:, -response_len:], t, entropy_grad=entropy == "loss")
 
     def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
         """(B, P+R) -> (B, R): column t is V(state before response token t), read at position P+t-1."""
@@ -304,12 +302,6 @@ class LearnerWorker:
 
         self._need(self.spec.role == "policy", "iter_named_weights", "a policy learner")
         return iter_named_weights(self.engine.module, keep=self.rank == 0)
-
-    def iter_weight_buckets(self, bucket_mb: float) -> Iterator[dict[str, torch.Tensor]]:
-        """iter_named_weights grouped into dicts of about bucket_mb MB (same rule: all ranks exhaust it)."""
-        from tidal.actors.weights import iter_buckets
-
-        return (dict(bucket) for bucket in iter_buckets(self.iter_named_weights(), bucket_mb))
 
     def export_weights(self, version: int, bucket_mb: float, transport=None):
         """Publish the policy weights as `version` through `transport` (None: the collective

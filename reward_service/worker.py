@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from tidal.actors.actor_group import ActorGroup, call_error, is_actor_death
+
 
 class RewardWorkerError(RuntimeError):
     """A reward worker died, timed out or failed; the message names the worker."""
@@ -70,6 +72,7 @@ class RewardWorker:
                  device: str | None = None, num_threads: int = 0):
         from tidal.actors.threads import apply_threads
         from tidal.common.models import VALUE_HEAD_FILE, load_tokenizer, load_value_model, read_value_model_meta
+        from tidal.common.precision import torch_dtype
 
         apply_threads(num_threads)  # tidal.actors.threads
 
@@ -86,7 +89,7 @@ class RewardWorker:
                 f"save_value_model(..., tokenizer=tokenizer).") from e
         # None: the GPU when this process sees one (a Ray actor sees one only if it reserved it).
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_value_model(path, dtype=getattr(torch, dtype)).to(self.device)
+        self.model = load_value_model(path, dtype=torch_dtype(dtype)).to(self.device)
         self.micro_batch_size = micro_batch_size
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         meta = read_value_model_meta(path)
@@ -148,18 +151,19 @@ class RewardPool:
                  dtype: str = "float32", timeout_s: float = 300.0, num_cpus_per_worker: float = 1.0,
                  num_gpus_per_worker: float = 0.0, *, options_fn=None, local: bool = False, max_restarts: int = 2,
                  num_threads: int = 0):
-        from tidal.actors.actor_group import ActorGroup
-
         if num_workers < 1:
             raise ValueError(f"RewardPool needs num_workers >= 1, got {num_workers} (local=True runs one in-process)")
         self.model_path, self.timeout_s, self.max_restarts = str(model_path), timeout_s, max_restarts
         self.group = ActorGroup(
             RewardWorker, 1 if local else num_workers, args=(self.model_path, micro_batch_size, dtype, None, num_threads),
             options={"num_cpus": num_cpus_per_worker, "num_gpus": num_gpus_per_worker, "max_restarts": 0},
-            options_fn=options_fn, local=local, name="reward", call_timeout_s=timeout_s)
+            options_fn=options_fn, local=local, name="reward", label=lambda i: f"reward worker {i}",
+            call_timeout_s=timeout_s)
         try:
             # Model loading errors surface here, at construction, not at the first score().
-            self.fingerprint = self._gather(self.group.start(lambda a: a.ready.remote()), "start")[0]
+            started = self.group.start(lambda a: a.ready.remote())
+            self.fingerprint = self.group.collect_or_raise(started, f"reward model {self.model_path}: start",
+                                                           RewardWorkerError)[0]
         except BaseException:
             self.group.shutdown()
             raise
@@ -176,7 +180,7 @@ class RewardPool:
         n = max(1, min(self.group.num_healthy, len(batch)))
         bounds = [len(batch) * k // n for k in range(n + 1)]
         # Each chunk is put once; a worker receives only its own chunk.
-        todo = {k: self._payload(batch.slice(bounds[k], bounds[k + 1])) for k in range(n)}
+        todo = {k: self.group.put(batch.slice(bounds[k], bounds[k + 1])) for k in range(n)}
         done: dict[int, torch.Tensor] = {}
         for attempt in range(self.max_restarts + 1):
             if attempt:
@@ -188,39 +192,14 @@ class RewardPool:
                     if r.ok:
                         done[wave[r.actor_id]] = r.value
                         del todo[wave[r.actor_id]]
-                    elif not is_death(r.error):
-                        raise RewardWorkerError(f"reward worker {r.label} ({self.model_path}) failed during score: "
-                                                f"{r.error}") from r.error
+                    elif not is_actor_death(r.error):  # the same input would fail again: no retry
+                        raise call_error(f"reward model {self.model_path}: score", [r], RewardWorkerError,
+                                         self.timeout_s)
             if not todo:
                 self.group.restore()  # a worker lost in this call restarts now (its model loads meanwhile)
                 return torch.cat([done[k] for k in range(n)])
         raise RewardWorkerError(f"reward workers ({self.model_path}) died or did not answer within {self.timeout_s:.0f} s "
                                 f"in {self.max_restarts + 1} rounds of restarts; check their logs (e.g. out of memory).")
 
-    def _payload(self, chunk: RewardInput):
-        return chunk if self.group.local else _put(chunk)
-
-    def _gather(self, started: dict, what: str) -> list:
-        """Results in worker order, or a RewardWorkerError naming the workers that failed or hung."""
-        results = self.group.collect(started, timeout_s=self.timeout_s)
-        bad = [r for r in results if not r.ok]
-        if bad:
-            detail = "; ".join(f"{r.label}: {type(r.error).__name__}: {r.error}" for r in bad)
-            raise RewardWorkerError(f"reward worker(s) {[r.label for r in bad]} of {self.group.num_actors} "
-                                    f"({self.model_path}) failed during {what}: {detail}")
-        return [r.value for r in results]
-
     def shutdown(self) -> None:
         self.group.shutdown()
-
-
-def is_death(error: BaseException) -> bool:
-    from tidal.actors.actor_group import is_actor_death
-
-    return is_actor_death(error)
-
-
-def _put(obj):
-    import ray
-
-    return ray.put(obj)

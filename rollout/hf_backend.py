@@ -22,13 +22,10 @@ import torch
 
 from tidal.actors.weights import WeightHandle, WeightTransport, pull
 from tidal.common.config import RolloutConfig
-from tidal.common.ops import position_ids_from_mask
+from tidal.common.precision import torch_dtype
 from tidal.common.types import PromptBatch, RolloutBatch
 from tidal.rollout.sampling import Sampling, filtered_logprobs
 from tidal.rollout.worker import WorkerInfo, assemble, check_prompts, eos_token_ids
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class HFRolloutWorker:
     """transformers.generate with the RolloutWorker interface."""
@@ -41,12 +38,9 @@ class HFRolloutWorker:
         from tidal.common.models import load_causal_lm, load_tokenizer
 
         self.num_threads = apply_threads(num_threads)
-
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
         self.worker_id, self.weight_version, self.rollout, self.seed = worker_id, 0, rollout, seed
         self.device = torch.device("cuda" if torch.cuda.is_available() and rollout.gpus_per_worker > 0 else "cpu")
-        self.model = load_causal_lm(model_path, _DTYPES[dtype]).to(self.device)
+        self.model = load_causal_lm(model_path, torch_dtype(dtype)).to(self.device)
         self.tokenizer = load_tokenizer(model_path)
         self.eos_ids = eos_token_ids(Path(model_path), self.tokenizer)
         self.transports: dict[str, WeightTransport] = {}
@@ -96,7 +90,7 @@ class HFRolloutWorker:
 
     def _logprobs(self, seq: torch.Tensor, mask: torch.Tensor, R: int, sampling: Sampling) -> torch.Tensor:
         """(B, R) logprobs of the generated tokens under the sampling distribution."""
-        from tidal.common.models import sequence_logprobs
+        from tidal.common.models import response_logits, sequence_logprobs
 
         if R == 0:
             return torch.zeros(seq.shape[0], 0)
@@ -104,9 +98,7 @@ class HFRolloutWorker:
         # the (discarded) logprobs after the first EOS, never those before it (causal model).
         if not sampling.filtered:
             return sequence_logprobs(self.model, seq, mask, R, sampling.temperature or 1.0).float().cpu()
-        out = self.model(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                         use_cache=False, logits_to_keep=R + 1)
-        logits = out.logits[:, -R - 1:-1]  # (B, R, V)
+        logits = response_logits(self.model, seq, mask, R)  # (B, R, V)
         return filtered_logprobs(logits, seq[:, -R:], sampling.temperature, sampling.top_k, sampling.top_p).cpu()
 
     # ------------------------------------------------------------------ weights

@@ -17,8 +17,8 @@ Weights: `load_weights(handle or named tensors)` pushes a new version through th
 transport (Ray object store by default) with a hard timeout (WeightSyncError names the worker).
 With a group-bound transport (rollout.weight_transport=collective, set by `set_transport`) a
 new or restarted worker cannot load the current version alone: it boots, then the pool syncs
-the current version to it through the transport (which forms a group for it); the weight
-side lives in tidal.rollout.pool_weights.
+the current version to it through the transport (which forms a group for it). The transport
+and the current version are the pool's `weights` (tidal.rollout.pool_weights.PoolWeights).
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from tidal.actors.actor_group import ActorGroup, fetch, is_actor_death, wait_any
+from tidal.actors.actor_group import ActorGroup, call_error, is_actor_death, wait_any
 from tidal.actors.threads import run_threads
-from tidal.actors.weights import InProcessTransport, ObjectStoreTransport, WeightHandle, WeightTransport
+from tidal.actors.weights import (InProcessTransport, ObjectStoreTransport, WeightHandle, WeightSyncError,
+                                  WeightTransport)
 from tidal.common.config import TidalConfig
 from tidal.common.types import PromptBatch, RolloutBatch
-from tidal.rollout.pool_weights import PoolWeights
+from tidal.rollout.pool_weights import NamedTensors, PoolWeights
 from tidal.rollout.sampling import Sampling
 from tidal.rollout.worker import check_prompts, order_by_prompt
 
@@ -72,17 +73,16 @@ class GenerateStats:
     seconds: float = 0.0
 
 
-class RolloutPool(PoolWeights):
+class RolloutPool:
     """Rollout workers as Ray actors (or in-process objects with local=True).
 
     cfg: the run config (rollout.*, cluster.sync_timeout_s, model.dtype, seed).
     model_path: HF folder the engines start from (weight version 0).
     worker_cls: RolloutWorker / HFRolloutWorker by rollout.backend, or any class with their
         interface (tests inject misbehaving subclasses).
-    actor_options: Ray options per worker id, e.g. `BundlePlacement(pg, bundle_indices,
-        num_cpus, num_gpus)` (tidal.actors.actor_group) to run the workers on bundles of a
-        placement group (a restarted worker keeps its bundle, a removed one frees it); default:
-        plain actors with {num_cpus: rollout.cpus_per_worker, num_gpus: rollout.gpus_per_worker}.
+    actor_options: Ray options per worker id, e.g. `Placement.actor_options("rollout")`
+        (tidal.actors.placement: a restarted worker keeps its slot, a removed one frees it);
+        default: plain actors with {num_cpus: rollout.cpus_per_worker, num_gpus: rollout.gpus_per_worker}.
     chunks_per_worker: chunks per worker per call (more: finer balancing and re-queueing;
         fewer: bigger engine batches).
     """
@@ -94,12 +94,8 @@ class RolloutPool(PoolWeights):
                  wait_ready: bool = True):
         self.cfg, self.model_path = cfg, str(model_path)
         self.timeout_s = cfg.cluster.sync_timeout_s
-        self.transport = transport or (
-            InProcessTransport() if local else ObjectStoreTransport(get_timeout_s=self.timeout_s))
         self.chunks_per_worker, self.max_restarts = chunks_per_worker, max_restarts
         self.default_sampling = Sampling.from_config(cfg.rollout, cfg.seed)
-        self._handle: Optional[WeightHandle] = None
-        self._version = 0
         self._workers: dict[int, _Worker] = {}
         self._restarts_in_a_row: dict[int, int] = {}  # reset once a restarted worker is ready
         self._target = cfg.rollout.num_workers
@@ -113,6 +109,8 @@ class RolloutPool(PoolWeights):
             args=lambda wid: (self.model_path, rc, cfg.model.dtype, cfg.seed * 1000 + wid, wid, self.num_threads),
             options=base_options, options_fn=actor_options, local=local, name="rollout",
             call_timeout_s=self.timeout_s)
+        transport = transport or (InProcessTransport() if local else ObjectStoreTransport(get_timeout_s=self.timeout_s))
+        self.weights = PoolWeights(self.group, transport, rc.weight_bucket_mb, self.timeout_s)
         try:
             with self._op_lock:
                 self._resize()
@@ -126,7 +124,7 @@ class RolloutPool(PoolWeights):
 
     @property
     def weight_version(self) -> int:
-        return self._version
+        return self.weights.version
 
     @property
     def num_workers(self) -> int:
@@ -140,10 +138,7 @@ class RolloutPool(PoolWeights):
 
     def _start(self, wid: int) -> None:
         """Readiness call of a new or restarted worker: load the current weights if any."""
-        handle = self._handle
-        fn = (lambda a: a.load_weights.remote(handle)) if handle is not None and not self._group_bound() else (
-            lambda a: a.info.remote())
-        self._workers[wid] = _Worker("starting", self.group.submit(fn, wid))
+        self._workers[wid] = _Worker("starting", self.group.submit(self.weights.start_call(), wid))
 
     def _resize(self) -> None:
         """Move toward `_target` workers: add new ones, or drain the least busy."""
@@ -183,17 +178,17 @@ class RolloutPool(PoolWeights):
         starting = {w.ready_ref: i for i, w in self._workers.items() if w.status == "starting" and w.ready_ref is not None}
         for ref in wait_any(list(starting), timeout_s) if starting else []:
             wid = starting[ref]
-            try:
-                fetch(ref, 0.0)
+            r = self.group.result(wid, ref)
+            if r.ok:
                 self._workers[wid].ready_ref = None  # booted; still "starting" if it awaits weights
-                if not self._group_bound():
+                if not self.weights.group_bound:
                     self._workers[wid].status = "ready"
                     self._restarts_in_a_row.pop(wid, None)
-            except Exception as e:  # noqa: BLE001
-                # A constructor that raised (bad model path, out of memory) fails the same way
-                # on every restart: report it instead of retrying.
-                if not is_actor_death(e) or getattr(e, "actor_init_failed", False):
-                    raise PoolError(f"{self.group.label(wid)} failed to start: {type(e).__name__}: {e}") from e
+            # A constructor that raised (bad model path, out of memory) fails the same way on
+            # every restart: report it instead of retrying.
+            elif not is_actor_death(r.error) or getattr(r.error, "actor_init_failed", False):
+                raise call_error("start", [r], PoolError, timeout_s)
+            else:
                 self.group.mark_unhealthy(wid)
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -229,7 +224,7 @@ class RolloutPool(PoolWeights):
         chunks = []
         for cid, start in enumerate(range(0, len(prompts), size)):
             part = prompts.slice(start, start + size)
-            payload = part if self.group.local else _put(part)
+            payload = self.group.put(part)
             chunks.append(_Chunk(cid, payload, len(part), part.index[0]))
         return chunks
 
@@ -292,18 +287,17 @@ class RolloutPool(PoolWeights):
 
     def _collect(self, ref: Any, wid: int, queue: deque, results: dict, stats: GenerateStats) -> None:
         chunk, _ = self._workers[wid].in_flight.pop(ref)
-        try:
-            batch = fetch(ref, 0.0)
-        except Exception as e:  # noqa: BLE001
-            if not is_actor_death(e):
-                raise PoolError(f"{self.group.label(wid)} failed on a chunk of {chunk.size} prompts: "
-                                f"{type(e).__name__}: {e}") from e
+        r = self.group.result(wid, ref)
+        if r.ok:
+            results.setdefault(chunk.id, r.value)  # a late duplicate of a re-queued chunk is dropped
+        elif not is_actor_death(r.error):
+            raise call_error(f"generate (the {chunk.size} prompts from prompt {chunk.first_index})", [r], PoolError,
+                             self.timeout_s)
+        else:
             self._lose_worker(wid, queue, stats)
             if chunk.id not in results:
                 queue.appendleft(chunk)
                 stats.requeued_chunks += 1
-            return
-        results.setdefault(chunk.id, batch)  # a late duplicate of a re-queued chunk is dropped
 
     def _lose_worker(self, wid: int, queue: deque, stats: GenerateStats) -> None:
         """A worker died: mark it for restart and put everything it held back in the queue."""
@@ -328,16 +322,72 @@ class RolloutPool(PoolWeights):
             finally:
                 self._op_lock.release()
 
+    # ------------------------------------------------------------------ weights (self.weights)
+
+    def set_transport(self, transport: WeightTransport) -> None:
+        """Use another weight transport from the next push (e.g. the collective group, once the
+        learners that send through it are up)."""
+        with self._op_lock:
+            self.weights.set_transport(transport)
+
+    def publish(self, named_tensors: NamedTensors, version: int) -> WeightHandle:
+        """Put weights into the transport (rollout.weight_bucket_mb buckets)."""
+        return self.weights.publish(named_tensors, version)
+
+    def load_weights(self, weights: Union[WeightHandle, NamedTensors], version: Optional[int] = None,
+                     timeout_s: Optional[float] = None) -> float:
+        """Push a new weight version to every worker; returns the sync time in seconds.
+
+        weights: a WeightHandle (e.g. from LearnerGroup.export_weights) or (name, tensor)
+        pairs, published here as `version` (default: current + 1). Versions must increase.
+        Raises WeightSyncError naming every worker that failed or did not answer within
+        `timeout_s` (default cluster.sync_timeout_s); those workers are restarted with these
+        weights in the background."""
+        version = self.weights.next_version(weights, version)
+        with self._op_lock:
+            start = time.perf_counter()
+            self._probe_idle()
+            live = [i for i, w in self._workers.items() if w.status != "draining" and self.group.is_healthy(i)]
+            try:
+                self.weights.push(weights, version, timeout_s or self.timeout_s, live)
+            except WeightSyncError:
+                self._restart_dead()  # the failed workers start with this version
+                raise
+            for i in live:  # a starting worker that loaded this version is ready
+                if self._workers[i].status == "starting":
+                    self._workers[i].status, self._workers[i].ready_ref = "ready", None
+            self._restart_dead()  # workers found dead before the push start with this version
+            seconds = time.perf_counter() - start
+        self._apply_pending_scale()
+        return seconds
+
+    def _probe_idle(self) -> None:
+        """Find workers that died while idle (between calls), so that a push does not count
+        them as sync failures: they are restarted with the new weights instead."""
+        self._poll_starting(0.0)  # a start that finished since the last call counts as ready
+        idle = [i for i, w in self._workers.items() if w.status == "ready" and not w.in_flight]
+        self.group.probe_unhealthy(min(10.0, self.timeout_s), actor_ids=idle)
+
+    def _catch_up(self) -> None:
+        """Booted workers that await the current weights (group-bound transport) get them now,
+        in one sync of just those workers; the next push forms a group with every worker."""
+        ids = [i for i, w in self._workers.items()
+               if w.status == "starting" and w.ready_ref is None and self.group.is_healthy(i)]
+        if ids and self.weights.catch_up(ids):
+            for i in ids:
+                self._workers[i].status = "ready"
+                self._restarts_in_a_row.pop(i, None)
+
     def worker_infos(self) -> list:
         """WorkerInfo (id, pid, weight version, backend) of every serving worker."""
-        return [r.get() for r in self.group.call(lambda a: a.info.remote(), actor_ids=self.worker_ids())]
+        return self.group.collect_or_raise(self.group.start(lambda a: a.info.remote(), self.worker_ids()), "info",
+                                           PoolError)
 
     def shutdown(self) -> None:
         with self._op_lock:
             self.group.shutdown()
-            self.transport.close()
+            self.weights.close()
             self._workers.clear()
-            self._handle = None
 
 
 def _default_worker_cls(backend: str) -> type:
@@ -348,9 +398,3 @@ def _default_worker_cls(backend: str) -> type:
     from tidal.rollout.worker import RolloutWorker
 
     return RolloutWorker
-
-
-def _put(obj: Any) -> Any:
-    import ray
-
-    return ray.put(obj)

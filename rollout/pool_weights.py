@@ -1,101 +1,97 @@
-"""The rollout pool's weight side (a base class of RolloutPool, tidal.rollout.pool): pushing
-a new version to every worker through the weight transport, and, with a group-bound transport
-(rollout.weight_transport=collective), getting the current version to workers that booted
-without it. It works on the pool's state: transport, group, _workers, _handle, _version,
-_op_lock, timeout_s and the membership methods (_poll_starting, _restart_dead, ...)."""
+"""The weight side of a rollout pool (tidal.rollout.pool): the weight transport and the version
+every worker must hold. `RolloutPool` owns one `PoolWeights` (`pool.weights`) and decides who
+gets weights when (its live workers on a push, booted workers that await the current version);
+`PoolWeights` moves them through the transport and keeps the version that restarted workers load.
+
+With a group-bound transport (rollout.weight_transport=collective) a worker can load a version
+only as a member of the transport's group, so a new or restarted worker boots first and gets the
+current version from `catch_up`; with the object store it loads `start_call`'s handle as it boots.
+"""
 
 from __future__ import annotations
 
-import time
-from typing import Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
+from tidal.actors.actor_group import ActorGroup
 from tidal.actors.weights import WeightHandle, WeightSyncError, WeightTransport
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
 
 class PoolWeights:
-    """Weight pushes of RolloutPool; see the module docstring."""
+    """The transport and current weight version of the workers of `group`.
 
-    def _group_bound(self) -> bool:
+    bucket_mb: bucket size of a push (rollout.weight_bucket_mb); timeout_s: default timeout of
+    a sync (cluster.sync_timeout_s)."""
+
+    def __init__(self, group: ActorGroup, transport: WeightTransport, bucket_mb: float, timeout_s: float):
+        self.group, self.transport, self.bucket_mb, self.timeout_s = group, transport, bucket_mb, timeout_s
+        self.handle: Optional[WeightHandle] = None  # what restarted workers load (None: the initial weights)
+        self.version = 0
+
+    @property
+    def group_bound(self) -> bool:
         """Whether a worker can load the current weights only as a member of the transport's
-        group (collective); it then boots first and gets them from `_catch_up`."""
-        return self._handle is not None and getattr(self.transport, "group_bound", False)
+        group (collective); it then boots first and gets them from `catch_up`."""
+        return self.handle is not None and getattr(self.transport, "group_bound", False)
+
+    def start_call(self) -> Callable[[Any], Any]:
+        """The readiness call of a new or restarted worker: load the current weights, unless
+        there are none yet or the transport is group-bound (then it only reports that it is up)."""
+        handle = self.handle
+        if handle is not None and not self.group_bound:
+            return lambda a: a.load_weights.remote(handle)
+        return lambda a: a.info.remote()
 
     def set_transport(self, transport: WeightTransport) -> None:
-        """Use another weight transport from the next push (e.g. the collective group, once the
-        learners that send through it are up)."""
-        with self._op_lock:
-            self.transport.close()
-            self.transport = transport
-
-    def _catch_up(self) -> None:
-        """Booted workers that await the current weights (group-bound transport) get them now,
-        in one sync of just those workers; the next push forms a group with every worker."""
-        ids = [i for i, w in self._workers.items()
-               if w.status == "starting" and w.ready_ref is None and self.group.is_healthy(i)]
-        if not ids:
-            return
-        try:
-            self.transport.sync(self.group, self._handle, self.timeout_s, actor_ids=ids)
-        except WeightSyncError:
-            if all(self.group.is_healthy(i) for i in ids):  # the sender failed, not a worker
-                raise
-            return  # the failed workers are restarted and wait again
-        for i in ids:
-            self._workers[i].status = "ready"
-            self._restarts_in_a_row.pop(i, None)
+        """Use another transport from the next push (the old one is closed)."""
+        self.transport.close()
+        self.transport = transport
 
     def publish(self, named_tensors: NamedTensors, version: int) -> WeightHandle:
-        """Put weights into the transport (rollout.weight_bucket_mb buckets)."""
-        return self.transport.publish(named_tensors, version, self.cfg.rollout.weight_bucket_mb)
+        """Put weights into the transport (in bucket_mb buckets)."""
+        return self.transport.publish(named_tensors, version, self.bucket_mb)
 
-    def load_weights(self, weights: Union[WeightHandle, NamedTensors], version: Optional[int] = None,
-                     timeout_s: Optional[float] = None) -> float:
-        """Push a new weight version to every worker; returns the sync time in seconds.
-
-        weights: a WeightHandle (e.g. from LearnerGroup.export_weights) or (name, tensor)
-        pairs, published here as `version` (default: current + 1). Versions must increase.
-        Raises WeightSyncError naming every worker that failed or did not answer within
-        `timeout_s` (default cluster.sync_timeout_s); those workers are restarted with these
-        weights in the background."""
+    def next_version(self, weights: Union[WeightHandle, NamedTensors], version: Optional[int]) -> int:
+        """The version a push of `weights` makes current (a handle's own; else `version`, default
+        current + 1); raises ValueError unless it is newer than the current one."""
         version = weights.version if isinstance(weights, WeightHandle) else (
-            self._version + 1 if version is None else version)
-        if version <= self._version:
-            raise ValueError(f"weight version {version} is not newer than the pool's {self._version}")
-        timeout_s = timeout_s or self.timeout_s
-        with self._op_lock:
-            start = time.perf_counter()
-            self._probe_idle()
-            live = [i for i, w in self._workers.items() if w.status != "draining" and self.group.is_healthy(i)]
-            try:
-                if isinstance(weights, WeightHandle):
-                    self._handle, self._version = weights, version  # restarts load this from now on
-                    self.transport.sync(self.group, weights, timeout_s, actor_ids=live)
-                else:  # streamed: workers pull while later buckets are still being put
-                    self._handle = self.transport.push(self.group, weights, version,
-                                                       self.cfg.rollout.weight_bucket_mb, timeout_s, live)
-                    self._version = version
-            except WeightSyncError as e:
-                if e.handle is not None:  # the failed workers restart with this version
-                    self._handle, self._version = e.handle, version
-                self._restart_dead()
-                raise
-            for i in live:  # a starting worker that loaded this handle is ready
-                if self._workers[i].status == "starting":
-                    self._workers[i].status, self._workers[i].ready_ref = "ready", None
-            self._restart_dead()  # workers found dead before the push start with this version
-            seconds = time.perf_counter() - start
-        self._apply_pending_scale()
-        return seconds
+            self.version + 1 if version is None else version)
+        if version <= self.version:
+            raise ValueError(f"weight version {version} is not newer than the pool's {self.version}")
+        return version
 
-    def _probe_idle(self) -> None:
-        """Find workers that died while idle (between calls), so that a push does not count
-        them as sync failures: they are restarted with the new weights instead."""
-        self._poll_starting(0.0)  # a start that finished since the last call counts as ready
-        if self.group.local:
-            return
-        idle = [i for i, w in self._workers.items() if w.status == "ready" and not w.in_flight]
-        self.group.call(lambda a: a.__ray_ready__.remote(), actor_ids=idle, timeout_s=min(10.0, self.timeout_s))
+    def push(self, weights: Union[WeightHandle, NamedTensors], version: int, timeout_s: float,
+             actor_ids: list[int]) -> None:
+        """Workers `actor_ids` load `weights` (a handle, or named tensors streamed through the
+        transport) as `version`, which becomes current even when some of them fail: the
+        WeightSyncError names those, and they restart with this version."""
+        try:
+            if isinstance(weights, WeightHandle):
+                self.handle, self.version = weights, version  # restarts load this from now on
+                self.transport.sync(self.group, weights, timeout_s, actor_ids=actor_ids)
+            else:  # streamed: workers pull while later buckets are still being put
+                self.handle = self.transport.push(self.group, weights, version, self.bucket_mb, timeout_s, actor_ids)
+                self.version = version
+        except WeightSyncError as e:
+            if e.handle is not None:  # the failed workers restart with this version
+                self.handle, self.version = e.handle, version
+            raise
+
+    def catch_up(self, actor_ids: list[int]) -> bool:
+        """Booted workers that await the current weights (group-bound transport) load them, in
+        one sync of just those workers. False when a worker failed (it restarts and waits
+        again); a WeightSyncError of the sender's own is raised."""
+        try:
+            self.transport.sync(self.group, self.handle, self.timeout_s, actor_ids=actor_ids)
+        except WeightSyncError:
+            if all(self.group.is_healthy(i) for i in actor_ids):  # the sender failed, not a worker
+                raise
+            return False
+        return True
+
+    def close(self) -> None:
+        self.transport.close()
+        self.handle = None

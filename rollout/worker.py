@@ -21,6 +21,7 @@ import torch
 from tidal.actors.threads import apply_threads
 from tidal.actors.weights import WeightHandle, WeightTransport, pull
 from tidal.common.config import RolloutConfig
+from tidal.common.precision import torch_dtype
 from tidal.common.types import PromptBatch, RolloutBatch
 from tidal.rollout.sampling import Sampling, truncate_at_eos
 
@@ -140,7 +141,7 @@ class RolloutWorker:
             saved = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         try:
             self.llm = LLM(
-                model=str(model_path), dtype=dtype, enforce_eager=True, max_model_len=rollout.max_model_len,
+                model=str(model_path), dtype=torch_dtype(dtype), enforce_eager=True, max_model_len=rollout.max_model_len,
                 seed=seed, worker_extension_cls=WEIGHT_LOADER_EXT, logprobs_mode="processed_logprobs",
                 **extra)
         finally:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tidal.actors.actor_group import ActorCallTimeout, ActorGroup, BundlePlacement
+from tidal.actors.actor_group import ActorCallTimeout, ActorGroup
 
 # Ray workers cannot import this test module by name: ship its classes by value.
 try:
@@ -26,6 +26,9 @@ class Counter:
     def add(self, x: int) -> int:
         self.value += x
         return self.value
+
+    def add_all(self, xs: list[int]) -> int:
+        return self.add(sum(xs))
 
     def fail_if(self, value: int) -> int:
         if self.value == value:
@@ -87,6 +90,38 @@ def test_local_add_remove_and_restore():
     assert _values(group.call(lambda a: a.add.remote(0), actor_ids=[3])) == [0]  # a fresh object
 
 
+class GroupError(RuntimeError):
+    pass
+
+
+def test_collect_or_raise_names_the_failed_actor_by_its_label():
+    group = ActorGroup(Counter, 3, args=(10,), local=True, label=lambda i: f"counter {i}/3")
+    assert group.collect_or_raise(group.start(lambda a: a.add.remote(1)), "add", GroupError) == [11, 11, 11]
+    group.call(lambda a: a.add.remote(1), actor_ids=[0])  # actor 0 at 12, the others at 11
+    with pytest.raises(GroupError, match=r"^fail_if: counter 1/3 failed: ValueError: refusing at 11 "
+                                         r"\(also failed: counter 2/3\)$") as info:
+        group.collect_or_raise(group.start(lambda a: a.fail_if.remote(11)), "fail_if", GroupError)
+    assert isinstance(info.value.__cause__, ValueError)
+    results = group.call(lambda a: a.fail_if.remote(12))
+    assert results[0].label == "counter 0/3" and not results[0].ok
+
+
+@pytest.mark.ray
+def test_collect_or_raise_lists_every_actor_that_timed_out_with_the_hint(ray_cluster):
+    group = ActorGroup(Counter, 2, args=(0,), options={"num_cpus": 0}, label=lambda i: f"worker {i}")
+    try:
+        with pytest.raises(GroupError, match=r"^sleep: worker 0, worker 1 did not answer within 1 s \(some.setting\)$"):
+            group.collect_or_raise(group.start(lambda a: a.sleep.remote(60)), "sleep", GroupError, timeout_s=1.0,
+                                   timeout_hint=" (some.setting)")
+        assert group.unhealthy_actor_ids() == [0, 1]
+        group.restore()
+        ref = group.put([1, 2, 3])  # one object-store copy, resolved for the call like any argument
+        assert group.collect_or_raise(group.start(lambda a: a.add_all.remote(ref)), "add_all", GroupError,
+                                      timeout_s=60) == [6, 6]
+    finally:
+        group.shutdown()
+
+
 def test_negative_size_is_rejected():
     with pytest.raises(ValueError, match="num_actors"):
         ActorGroup(Counter, -1, local=True)
@@ -138,32 +173,3 @@ def test_ray_killed_actor_is_detected_and_restored(ray_cluster):
         assert group.actor_ids == [1]
     finally:
         group.shutdown()
-
-
-@pytest.mark.ray
-def test_bundle_placement_puts_actors_on_bundles(ray_cluster):
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    pg = placement_group([{"CPU": 1}, {"CPU": 1}])
-    ray.get(pg.ready(), timeout=60)
-    placement = BundlePlacement(pg, [0, 1], num_cpus=0.5)
-    group = ActorGroup(Counter, 3, args=(0,), options_fn=placement)
-    try:
-        assert sorted(placement.assigned.values()) == [0, 0, 1]  # three actors share two bundles
-        for r in group.call(lambda a: a.placement.remote(), timeout_s=60):
-            pg_id, resources = r.get()
-            assert pg_id == pg.id.hex() and resources.get("CPU") == 0.5
-        group.remove([1])
-        assert 1 not in placement.assigned
-        (new,) = group.add(1)
-        assert placement.assigned[new] == 1  # the freed bundle is reused
-        pid = group.call(lambda a: a.pid.remote(), actor_ids=[0], timeout_s=60)[0].get()
-        os.kill(pid, signal.SIGKILL)
-        group.mark_unhealthy(0)
-        group.restore()
-        assert placement.assigned[0] == 0  # a restarted actor keeps its bundle
-        assert group.call(lambda a: a.placement.remote(), actor_ids=[0], timeout_s=60)[0].get()[0] == pg.id.hex()
-    finally:
-        group.shutdown()
-        remove_placement_group(pg)

@@ -27,8 +27,8 @@ def _run(tmp_path, monkeypatch, name: str, kill_before_push: int | None = None) 
     real_shutdown, real_push = RolloutPool.shutdown, RLLoop._push
 
     def shutdown(pool):
-        if isinstance(pool.transport, CollectiveWeights) and "infos" not in seen:
-            seen.update(infos=pool.worker_infos(), builds=pool.transport.builds)
+        if isinstance(pool.weights.transport, CollectiveWeights) and "infos" not in seen:
+            seen.update(infos=pool.worker_infos(), builds=pool.weights.transport.builds)
         real_shutdown(pool)
 
     def push(loop, handle, version):

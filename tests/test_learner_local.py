@@ -211,7 +211,7 @@ def test_reward_model_learns_separable_preferences(reward_group, tmp_path):
     tok = reward_group.tokenizer
     train = build_preference_batch(tok, _comparisons(48, 0), 32, 16, False)
     held_out = build_preference_batch(tok, _comparisons(16, 100), 32, 16, False)
-    assert reward_group.evaluate_reward(held_out)["accuracy"] < 0.9  # not solved before training
+    assert reward_group.fits.evaluate_reward(held_out)["accuracy"] < 0.9  # not solved before training
     fit = reward_group.fit_reward(train, held_out, loss="pairwise", epochs=4)
     assert fit.history[-1]["losses/reward"] < fit.history[0]["losses/reward"]
     assert fit.eval_accuracy > 0.9, fit.eval_accuracy
@@ -242,14 +242,14 @@ def test_kwise_trainer_loss_is_the_mean_of_pairwise_terms(reward_group):
     rankings = [RankingRecord(f"Review {s}:", [f"It was {g}.", f"It was ok.", f"It was {b}."], [0, 1, 2])
                 for s, g, b in zip(_SUBJECTS[:4], _GOOD, _BAD)]
     batch = build_preference_batch(tok, rankings, 32, 16, False)
-    worker = reward_group.ranks.local_instance(0)
+    worker = reward_group.ranks.actor(0).obj
     loss, _ = reward_micro_loss(worker, batch, "ranking")
     with torch.no_grad():
         s = worker.reward_scores(batch.input_ids, batch.attention_mask).view(4, 3)
     pairs = [(0, 1), (0, 2), (1, 2)]  # (better, worse) under ranks [0, 1, 2]
     per_prompt = torch.stack([-torch.nn.functional.logsigmoid(s[:, i] - s[:, j]) for i, j in pairs], 1).mean(1)
     assert loss.item() == pytest.approx(per_prompt.mean().item(), rel=1e-5)
-    reward_group.ranks.local_instance(0).engine.zero_grad()  # the loss above was only inspected, never stepped
+    reward_group.ranks.actor(0).obj.engine.zero_grad()  # the loss above was only inspected, never stepped
 
 
 def test_values_are_invariant_to_padding(ppo_group):
@@ -269,7 +269,7 @@ def test_values_are_invariant_to_padding(ppo_group):
     assert info["max_dropout"] == 0.0 and info["has_critic"]
     assert info["zero_stage"] == 0  # zero_stage=2 on one rank runs as stage 0 (engine.effective_zero_stage)
     # ...and skips DeepSpeed's gradient all-reduce, an identity on one rank (engine.make_engine)
-    assert ppo_group.ranks.local_instance(0).engine.enable_backward_allreduce is False
+    assert ppo_group.ranks.actor(0).obj.engine.enable_backward_allreduce is False
 
 
 # ------------------------------------------------------------------ LoRA
@@ -288,7 +288,7 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tiny_model, tmp_pa
         changed = {k for k in before if not torch.equal(before[k], after[k])}
         assert changed and all("lora_" in k for k in changed)
         assert {k for k in before if "lora_" in k} == changed  # every adapter matrix trained
-        merged = {n: t for b in g.ranks.local_instance(0).iter_weight_buckets(1.0) for n, t in b.items()}
+        merged = dict(g.ranks.actor(0).obj.iter_named_weights())
         plain = AutoModelForCausalLM.from_pretrained(tiny_model)
         original = {k: v.clone() for k, v in plain.state_dict().items()}
         assert set(merged) == set(original)  # plain HF names, no lora_A/B or base_layer
@@ -338,7 +338,7 @@ def test_critic_from_the_reward_model_starts_on_the_normalised_reward(tiny_model
         rollout = make_rollout(["How was it?", "Tell me:"], ["It was lovely", "bad"], tokenizer=g.tokenizer)
         want = reward.score(rollout).scores  # (B,) what the RL loop will see at the last token
         fwd = g.forward(rollout, with_values=False)
-        critic = g.ranks.local_instance(0).critic
+        critic = g.ranks.actor(0).obj.critic
         with torch.no_grad():
             values = critic(fwd.input_ids, fwd.attention_mask)  # (B, P+R)
         last = fwd.input_ids.shape[1] - fwd.response_len + fwd.response_mask.sum(-1).long() - 1

@@ -1,6 +1,8 @@
 """The same fault tests for the role groups on the one actor layer: a worker killed in the middle
-of a call, the group restored afterwards, and local mode. (The rollout pool's versions of these
-live in test_rollout_pool.py: kill mid-batch, restart with the current weights, local mode.)"""
+of a call is named at once (learner) or restarted with its work redone (reward pool), and local
+mode. (The rollout pool's versions of these live in test_rollout_pool.py: kill mid-batch, restart
+with the current weights, local mode.) A learner group is not restarted in place: a process group
+cannot take back one member, so a run that lost a rank resumes from its checkpoint."""
 
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def _kill_during(call, kill, delay_s: float):
     return out
 
 
-def test_learner_rank_killed_mid_call_is_named_at_once_and_restart_recovers(ray_cluster, tiny_model):
+def test_learner_rank_killed_mid_call_is_named_at_once(ray_cluster, tiny_model):
     import ray
 
     cfg = load_config(None, ["learner.num_workers=2", "learner.mini_batch_size=4", "learner.micro_batch_size=2",
@@ -49,16 +51,10 @@ def test_learner_rank_killed_mid_call_is_named_at_once_and_restart_recovers(ray_
     try:
         recs = [DemonstrationRecord(f"Review {i}:", "It was lovely, thanks!") for i in range(64)]
         demos = build_sft_batch(group.tokenizer, recs, 32, 16, use_chat_template=False)
-        pids = [d["pid"] for d in group.describe()]
         # enough epochs that the fit cannot end before the kill on a fast machine (8 epochs took 2.7 s)
         out = _kill_during(lambda: group.fit_sft(demos, epochs=400), lambda: ray.kill(group.ranks.actor(1)), 3.0)
         assert isinstance(out.get("error"), LearnerError) and "learner rank 1/2 died" in str(out["error"])
         assert out["seconds"] < 60  # fail-fast: not after rank 0 times out in the collective (120 s)
-        group.restart()  # a process group cannot take back one member: every rank is replaced
-        new_pids = [d["pid"] for d in group.describe()]
-        assert not set(new_pids) & set(pids)
-        history = group.fit_sft(demos, max_steps=2)
-        assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["losses/sft"])) for h in history)
     finally:
         group.shutdown()
 
