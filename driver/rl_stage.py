@@ -17,7 +17,6 @@ algorithm.early_stop=gold_drop the final policy is the best-gold one it saw.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
