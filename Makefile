@@ -63,7 +63,7 @@ compare: install
 	    algorithm.name=grpo rollout.n_samples=4 algorithm.prompts_per_step=8
 	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=ei "stages.run=[rl]" algorithm.steps=$(COMPARE_STEPS) \
 	    algorithm.name=expert_iteration rollout.n_samples=4 algorithm.prompts_per_step=16 algorithm.ei_top_k=1 \
-	    algorithm.ppo_epochs=2 learner.mini_batch_size=16 learner.micro_batch_size=8
+	    algorithm.update_epochs=2 learner.mini_batch_size=16 learner.micro_batch_size=8
 	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=dpo "stages.run=[dpo]" stages.dpo.max_steps=$(COMPARE_STEPS)
 	$(BIN)/tidal eval configs/demo.yaml $(COMPARE_FROM) --sft $(COMPARE_DIR)/base/sft --best-of 4 --out $(COMPARE_DIR)/eval \
 	    --run ppo=$(COMPARE_DIR)/ppo --run grpo=$(COMPARE_DIR)/grpo --run expert_iteration=$(COMPARE_DIR)/ei --run dpo=$(COMPARE_DIR)/dpo

@@ -32,7 +32,7 @@ def case_overrides(name: str, model: str, mode: str, steps: int, out: Path) -> l
               f"data.data_dir={out / 'data'}"]
     if model == "smollm2-135m":
         common += ["model.policy=smollm2-135m", "model.critic=smollm2-135m-2l", "rollout.max_new_tokens=20",
-                   "data.max_prompt_tokens=16", "rollout.max_model_len=64", "algorithm.ppo_epochs=1",
+                   "data.max_prompt_tokens=16", "rollout.max_model_len=64", "algorithm.update_epochs=1",
                    "learner.lr=1e-5", "learner.critic_lr=1e-5"]
     return common
 

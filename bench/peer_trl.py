@@ -102,7 +102,7 @@ def tidal_overrides(work: Work, mode: str, out: Path, extra: list[str], precisio
             f"rollout.n_samples={work.samples}", f"rollout.max_new_tokens={work.new_tokens}",
             f"rollout.temperature={TEMPERATURE}", f"learner.lr={LR}", "learner.lr_schedule=linear",
             f"learner.mini_batch_size={work.rows}", f"learner.micro_batch_size={work.rows}",
-            "algorithm.name=grpo", f"algorithm.prompts_per_step={work.prompts}", "algorithm.ppo_epochs=1",
+            "algorithm.name=grpo", f"algorithm.prompts_per_step={work.prompts}", "algorithm.update_epochs=1",
             "algorithm.kl_coef=0.0", f"algorithm.kl_loss={BETA}", f"algorithm.mode={mode}",
             "algorithm.max_staleness=1", f"algorithm.steps={WARMUP + work.steps}", *extra]
 

@@ -61,6 +61,11 @@ def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode) -> dict
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
+# Keys that were renamed: the old name in a file or an override is an error naming the new one
+# (a silent alias would let two names for one setting drift apart in configs and docs).
+RENAMED_KEYS = {"algorithm.ppo_epochs": "algorithm.update_epochs"}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TidalConfig:
     """Read YAML (or start from defaults when path is None), apply `a.b=value` overrides, validate."""
     raw: dict = {}
@@ -128,6 +133,10 @@ def from_dict(cls: type, raw: Any, path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
+        if _join(path, key) in RENAMED_KEYS:
+            new = RENAMED_KEYS[_join(path, key)]
+            raise ConfigError(f"'{_join(path, key)}' was renamed to '{new}'; write {new.rsplit('.', 1)[1]}: "
+                              f"{raw[key]!r} in the {path or 'top'} section (or the override {new}={raw[key]!r}).")
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f" Did you mean '{_join(path, close[0])}'?" if close else ""

@@ -115,10 +115,10 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: Literal["ppo", "grpo", "rloo", "reinforce", "expert_iteration"] = doc("ppo", "RL algorithm: ppo (GAE critic), or critic-free grpo / rloo / reinforce (REINFORCE with a batch-mean baseline), or expert_iteration (SFT on each step's best samples; ppo_epochs = SFT passes over them).")
+    name: Literal["ppo", "grpo", "rloo", "reinforce", "expert_iteration"] = doc("ppo", "RL algorithm: ppo (GAE critic), or critic-free grpo / rloo / reinforce (REINFORCE with a batch-mean baseline), or expert_iteration (SFT on each step's best samples; update_epochs = SFT passes over them). grpo and rloo need rollout.n_samples >= 2.")
     steps: int = doc(20, "RL steps (generate -> score -> update -> sync).", min=1)
     prompts_per_step: int = doc(16, "Prompts per RL step (each sampled rollout.n_samples times).", min=1)
-    ppo_epochs: int = doc(1, "Passes (K) over each step's experience, in shuffled minibatches.", min=1)
+    update_epochs: int = doc(1, "Passes (K) over each step's experience: policy-gradient epochs in shuffled minibatches (PPO's K), or expert iteration's SFT passes over the kept samples. Was ppo_epochs.", min=1)
     clip_eps: float = doc(0.2, "Policy ratio clip.", min=0.0)
     value_clip_eps: float = doc(0.2, "Value clip.", min=0.0)
     value_coef: float = doc(0.1, "Value-loss coefficient.", min=0.0)
@@ -131,16 +131,16 @@ class AlgorithmConfig:
     adaptive_kl: bool = doc(False, "Adapt beta toward kl_target (Ziegler et al.).")
     kl_target: float = doc(6.0, "Target KL (nats per sequence) of the adaptive controller.", min=0.0)
     kl_horizon: int = doc(10000, "Horizon of the adaptive controller.", min=1)
-    early_stop_kl: Optional[float] = doc(None, "Stop the PPO epochs of a step once the approximate KL exceeds this.", min=0.0)
+    early_stop_kl: Optional[float] = doc(None, "Stop the update epochs of a step once the approximate KL(pi_old || pi) exceeds this.", min=0.0)
     whiten_advantages: bool = doc(True, "Whiten advantages over real tokens.")
     ptx_coef: float = doc(0.0, "PPO-ptx: weight gamma of the SFT log-likelihood added to the RL loss (0: off).", min=0.0)
-    ei_top_k: Optional[int] = doc(1, "expert_iteration: keep each prompt's k best samples (1 = best-of-n; None: no per-prompt cap, use ei_threshold).", min=1)
-    ei_threshold: Optional[float] = doc(None, "expert_iteration: keep only samples whose reward (after reward normalisation/clipping) is >= this; with ei_top_k both must hold. None: no bar.")
+    ei_top_k: Optional[int] = doc(1, "expert_iteration: keep each prompt's k best samples, ranked by the raw reward (the weighted sum of the terms, before normalisation, clipping and the EOS penalty; 1 = best-of-n; None: no per-prompt cap, use ei_threshold). Without ei_threshold it must be below rollout.n_samples, or every sample is kept.", min=1)
+    ei_threshold: Optional[float] = doc(None, "expert_iteration: keep only samples whose reward (after reward normalisation/clipping) is >= this; with ei_top_k both must hold. None: no bar. With reward.missing_eos_penalty set, a sample without EOS is never kept.")
     early_stop: Literal["none", "kl", "gold_drop"] = doc("none", "Stop the RL stage early: kl once a step's KL to the reference (rl/kl) exceeds stop_at_kl; gold_drop when the over-optimisation monitor (logging.gold_every) sees gold fall while the proxy rises; none: run all steps (the monitor still warns).")
-    stop_at_kl: Optional[float] = doc(None, "early_stop=kl: the KL bound (nats per sequence). Not early_stop_kl, which ends a step's PPO epochs.", min=0.0)
+    stop_at_kl: Optional[float] = doc(None, "early_stop=kl: the KL bound (nats per sequence). Not early_stop_kl, which ends a step's update epochs.", min=0.0)
     mode: Literal["sync", "async"] = doc("sync", "sync: generate, then train; async: generate step t+1 while step t trains.")
     max_staleness: int = doc(1, "Async: most weight versions a sample may lag the policy it trains.", min=0)
-    old_logprobs: Literal["auto", "engine", "trainer"] = doc("auto", "Where pi_old (the PPO ratio's denominator and the KL penalty's policy term) comes from. trainer: a forward pass of the learner ranks over every sample; engine: the rollout engine's log-probs of the sampled tokens, which in sync mode with unfiltered sampling are the same policy's (no forward pass; needs mode=sync, top_p=1, top_k=-1); auto: with one minibatch per epoch (prompts_per_step x n_samples = learner.mini_batch_size) and no KL penalty in the rewards (kl_coef 0, not adaptive), the update's own log-probs before its first optimizer step, with no forward pass at all (metric rl/old_logprobs_in_update); else engine where allowed, checked against the trainer every logprob_check_every steps - a mean gap above 1e-3 nats per token switches the run to trainer with a warning (metric rl/old_logprobs_engine).")
+    old_logprobs: Literal["auto", "engine", "trainer"] = doc("auto", "Where pi_old (the PPO ratio's denominator and the KL penalty's policy term) comes from (learner/pi_old.py). trainer: a forward pass of the learner ranks over every sample; engine: the rollout engine's log-probs of the sampled tokens, which in sync mode with unfiltered sampling and a float32 learner are the same policy's (no forward pass; refused before Ray starts unless mode=sync, top_p=1, top_k=-1, temperature > 0, learner.autocast=none); auto: when a step's rows fit in one minibatch (at most learner.mini_batch_size) and the rewards carry no KL penalty (kl_coef 0, not adaptive) and the update has a ratio (not expert_iteration), the update's own log-probs before its first optimizer step, with no forward pass at all (metric rl/old_logprobs_in_update); else engine where allowed, checked against the trainer at the first such step and every logprob_check_every steps - a mean gap above 1e-3 nats per token switches the run to trainer for good with a warning (metric rl/old_logprobs_engine); else trainer.")
     logprob_check_every: int = doc(10, "old_logprobs=auto: compute the trainer's log-probs as well every N steps (and at the first step) and compare (metric rollout/logprob_gap).", min=1)
 
 
@@ -247,34 +247,18 @@ class TidalConfig:
 
 def _check_cross_fields(c: TidalConfig) -> None:
     """Constraints between fields, each naming the keys and the fix."""
-    if c.algorithm.name in ("grpo", "rloo") and c.rollout.n_samples < 2:
-        raise ConfigError(f"algorithm.name={c.algorithm.name} needs a group: rollout.n_samples must be >= 2 (got {c.rollout.n_samples}).")
+    # What an algorithm-table entry cannot run (group sizes, expert iteration's selection) and where
+    # pi_old may not come from are checked by tidal.learner.algorithms.check_config and
+    # tidal.learner.pi_old.check_config, which read the table; preflight runs them before Ray starts.
     a = c.algorithm
-    if a.ei_top_k is not None and a.ei_top_k > c.rollout.n_samples:
-        raise ConfigError(f"algorithm.ei_top_k={a.ei_top_k} keeps more samples per prompt than rollout.n_samples="
-                          f"{c.rollout.n_samples} gives; lower ei_top_k or raise n_samples.")
-    if a.ei_top_k is None and a.ei_threshold is None:
-        raise ConfigError("algorithm.ei_top_k and algorithm.ei_threshold are both null: expert iteration would keep "
-                          "every sample; set at least one.")
     if a.early_stop == "kl" and a.stop_at_kl is None:
         raise ConfigError("algorithm.early_stop=kl needs the bound: set algorithm.stop_at_kl (nats per sequence).")
     if a.early_stop == "gold_drop" and c.logging.gold_every == 0:
         raise ConfigError("algorithm.early_stop=gold_drop needs the gold monitor: set logging.gold_every > 0.")
-    if a.old_logprobs == "engine":
-        filtered = c.rollout.top_p < 1.0 or c.rollout.top_k > 0
-        if a.mode != "sync" or filtered:
-            why = ("in async mode the engine's samples come from an older policy than the one trained" if a.mode != "sync"
-                   else "with top_p < 1 or top_k > 0 the engine's log-probs are those of the truncated distribution")
-            raise ConfigError(f"algorithm.old_logprobs=engine: {why}, so they are not pi_old; "
-                              "use algorithm.old_logprobs=auto (or trainer).")
     lc = c.learner
     if lc.autocast != "none" and c.model.dtype != "float32":
         raise ConfigError(f"learner.autocast={lc.autocast} needs model.dtype=float32 (got {c.model.dtype}, which is bf16 "
                           "throughout already); set learner.autocast=none or model.dtype=float32.")
-    if lc.autocast != "none" and a.old_logprobs == "engine":
-        raise ConfigError(f"algorithm.old_logprobs=engine with learner.autocast={lc.autocast}: the engine's float32 "
-                          "log-probs differ from the learner's bf16 ones (about 0.05 nats per token), so PPO ratios "
-                          "would start off 1; use algorithm.old_logprobs=auto (or trainer), or learner.autocast=none.")
     if lc.mini_batch_size % (lc.micro_batch_size * lc.num_workers) != 0:
         raise ConfigError(
             f"learner.mini_batch_size ({lc.mini_batch_size}) must be a multiple of learner.micro_batch_size x learner.num_workers "

@@ -69,6 +69,9 @@ class ScoredBatch:
     scores: torch.Tensor  # (B,) float32, combined reward (normalized/clipped as configured)
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) raw term values
     valid: torch.Tensor | None = None  # (B,) bool; False rows were dropped for NaN/inf rewards
+    # (B,) float32 weighted sum of the terms before normalization, clipping and the EOS penalty (0 where
+    # invalid): what a sample scored, for ranking samples (expert iteration). None: not recorded
+    raw_scores: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ key and the fix (`PreflightError`, a `ConfigError`, so the CLI prints it and exi
   models   model.policy / model.reward / model.critic / stages.rm.base / model reward terms:
            a registry name, or a folder with config.json (and a tokenizer where one is loaded)
   rewards  `kind: function` terms import and accept (prompts, completions, **meta)
+  algorithm  what the algorithm table's entry cannot run (group sizes, expert iteration's
+           selection) and where pi_old may not come from (tidal.learner.algorithms /
+           tidal.learner.pi_old check_config: they read the table, which the config cannot import)
   resume   the checkpoint a resume loads has readable files: an unreadable newest one (a
            truncated torch/safetensors file, bad JSON, a missing file) is named in a warning and
            the one before it is used; when none reads back, that is the error
@@ -233,10 +236,19 @@ def check_resume(run_dir: Path, cfg: TidalConfig | None = None) -> None:
         ck.resume_checkpoint(d)  # raises CheckpointError (a ConfigError: one line, exit 2) when none reads back
 
 
+def check_algorithm(cfg: TidalConfig) -> None:
+    from tidal.learner import algorithms, pi_old
+
+    algorithms.check_config(cfg)
+    pi_old.check_config(cfg)
+
+
 def preflight(cfg: TidalConfig, data: DataPaths | None = None, resume_dir: Path | None = None,
               files: bool = True) -> None:
-    """Every check above, cheapest first; raises PreflightError on the first problem.
-    files=False leaves the data rows out (the driver checks them after writing the task)."""
+    """Every check above, cheapest first; raises PreflightError (or the ConfigError of a config
+    key) on the first problem. files=False leaves the data rows out (the driver checks them after
+    writing the task)."""
+    check_algorithm(cfg)
     check_rewards(cfg)
     check_models(cfg)
     if resume_dir is not None:

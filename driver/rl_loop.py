@@ -5,10 +5,12 @@ One step reads as timed blocks (metrics `time/<block>_s`):
     score     the configured reward (rules, reward-model workers, HTTP) scores them
     forward   policy (old logprobs), frozen reference and critic forward passes
     advantages KL-penalised per-token rewards, GAE or group baselines, whitening
-    update    algorithm.ppo_epochs of minibatch updates on the DeepSpeed learners
+    update    the algorithm table's update: algorithm.update_epochs of minibatch updates on the
+              DeepSpeed learners (or expert iteration's select + SFT; tidal.learner.updates)
     sync      export the new weights (bucketed through the object store) to the pool
 Each role's idle fraction over the step (`idle/rollout`, `idle/learner`, `idle/reward`) is
-1 - busy / step wall time.
+1 - busy / step wall time. Rows with an invalid reward (reward.on_invalid: drop) are left out of
+the step (`update/rows_dropped`; whole groups for group baselines); the update trains on the rest.
 
 Sync and async modes (algorithm.mode) share this code; `tidal.driver.pipeline` schedules the
 rollout side. In async mode step t+1 is generated while step t trains, so a sample trained at
@@ -17,14 +19,10 @@ step s may come from weight version s - k, k <= algorithm.max_staleness (metric
 trainer recomputes old logprobs), and each token's loss is weighted by the truncated importance
 weight min(pi_old / pi_rollout, IS_WEIGHT_CAP), pi_rollout being the engine's logprob of the
 sampled token: the correction for sampling from an older (or numerically different) policy.
-Sync mode skips the weights (the engine and the trainer hold the same version), and there
-pi_old can be the engine's own logprobs of the sampled tokens, which saves the forward pass of
-the learner ranks (algorithm.old_logprobs; with `auto` the trainer's are computed as well at the
-first step and every logprob_check_every steps, and a gap above ENGINE_LOGPROB_TOL switches the
-run to the trainer's; metric `rl/old_logprobs_engine`). With one minibatch per epoch and no KL
-penalty in the rewards, pi_old is the update's own first-minibatch log-probs and no forward pass
-or engine log-probs are needed (tidal.learner.experience.old_in_update; metric
-`rl/old_logprobs_in_update`).
+Sync mode skips the weights (the engine and the trainer hold the same version). Where pi_old
+comes from each step - the learners' forward, the engine's own log-probs, or the update's first
+minibatch - is tidal.learner.pi_old's decision (algorithm.old_logprobs; metrics
+`rl/old_logprobs_engine`, `rl/old_logprobs_in_update`, `rollout/logprob_gap`).
 
 Determinism: generation is seeded per step (`step_sampling`) and per prompt (the pool derives
 each prompt's seed from the step seed and the prompt index), learners reseed their shuffles
@@ -50,8 +48,11 @@ from tidal.driver.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import MetricsLogger, Timer
 from tidal.common.types import ScoredBatch
-from tidal.learner.experience import engine_old_logprobs, old_in_update, usable_rows
+from tidal.driver.preflight import check_algorithm
+from tidal.learner.experience import usable_rows
 from tidal.learner.kl import AdaptiveKLController, FixedKLController
+from tidal.learner.pi_old import PiOld, PiOldStep
+from tidal.learner.updates import StepBatch, StepUpdate
 from tidal.rollout.sampling import Sampling
 
 if TYPE_CHECKING:
@@ -62,10 +63,6 @@ if TYPE_CHECKING:
     from tidal.rollout.pool import RolloutPool
 
 IS_WEIGHT_CAP = 2.0  # truncation of async importance weights (V-trace style rho-bar)
-# algorithm.old_logprobs=auto: the largest mean |engine - trainer| logprob gap (nats per token) at
-# which the engine's logprobs stand for pi_old. fp32 engine and trainer agree to ~2e-5 on CPU; a
-# bf16 engine, a mismatched kernel or a weight-sync bug is off by 1e-2 or more.
-ENGINE_LOGPROB_TOL = 1e-3
 ROLLOUTS_FILE = "rollouts.jsonl"  # per step: prompt indices, weight versions, scores
 
 
@@ -118,8 +115,8 @@ class RLLoop:
         # full softmax), are weighted by the truncated importance weight min(pi_old/pi_rollout, cap).
         filtered = Sampling.from_config(cfg.rollout).filtered
         self.is_weight_cap = IS_WEIGHT_CAP if self.async_mode or filtered else None
-        # pi_old from the engine where it is the same policy (sync, unfiltered; tidal.learner.experience)
-        self.engine_old = engine_old_logprobs(cfg)
+        check_algorithm(cfg)  # what preflight refuses, for a loop built without it
+        self.pi_old = PiOld(cfg)  # where each step's pi_old comes from
         self.step = self.start_step = 0
         self.pipeline: RolloutPipeline | None = None
         self._preloaded: list[Produced] = []
@@ -141,6 +138,8 @@ class RLLoop:
         from tidal.common.prompts import DataState
 
         self.parts.dataset.state = DataState(**state.data_state)
+        if "pi_old" in state.extra:
+            self.pi_old.load_state_dict(state.extra["pi_old"])
         self.step = state.step
         if "monitor" in state.extra:  # the window and the best go on where the checkpoint left them
             from tidal.driver.best_checkpoint import usable_best
@@ -229,56 +228,23 @@ class RLLoop:
             produced = self.pipeline.get(step, timeout_s=self.cfg.cluster.sync_timeout_s * 4)
         learners = self.parts.learners
         rollout, scores = usable_rows(produced.batch, learners.algorithm, self.cfg.rollout.n_samples)
-        in_update = old_in_update(self.cfg, len(rollout))  # pi_old from the update's first minibatch
-        check = not in_update and self._check_logprobs(step)
+        pi_old = self.pi_old.decide(step, rollout)
         with timer("forward"):
-            fwd = learners.forward(rollout, old_from_engine=self.engine_old and not check, old_in_update=in_update)
-        if check:
-            self._judge_gap(step, fwd.logprob_gap())
-        if learners.algorithm.update == "sft":  # expert iteration: no advantages, SFT on the kept samples
-            with timer("update"):
-                exp_metrics, update = self._expert_update(step, produced.batch, fwd)
-        else:
-            with timer("advantages"):
-                exp, exp_metrics = learners.assemble(fwd, scores, self.kl_ctl.value)
-            ptx = self.parts.ptx.for_step(step, len(exp)) if self.parts.ptx is not None else None
-            with timer("update"):
-                update = learners.update_rl(exp, ptx=ptx, is_weight_cap=self.is_weight_cap)
-            # pi_old taken in the update: its KL and engine gap come from there
-            from_update = [k for k in ("experience/kl_per_seq", "rollout/logprob_gap") if k in update]
-            exp_metrics.update({k: update.pop(k) for k in from_update})
+            fwd = learners.forward(rollout, pi_old)
+        if pi_old.check:
+            self.pi_old.observe(step, fwd.logprob_gap())
+        batch = StepBatch(step, produced.batch, scores, fwd, self.kl_ctl.value, self.parts.ptx, self.is_weight_cap)
+        result = learners.algorithm.update(learners, batch, timer)
         with timer("sync"):
             handle = learners.export_weights(step + 1)
             self.pipeline.push(handle, step + 1)
         if not self.async_mode:  # sync mode: the new weights are in the pool before the next step
             with timer("sync"):
                 self.pipeline.drain()
-        self.kl_ctl.update(exp_metrics["experience/kl_per_seq"], len(rollout))
+        self.kl_ctl.update(result.kl_per_seq, len(rollout))
         wall = time.perf_counter() - t0
         self._record_rollout(step, produced.batch)
-        exp_metrics["rl/old_logprobs_engine"] = float(fwd.old_from_engine)
-        exp_metrics["rl/old_logprobs_in_update"] = float(in_update)
-        gap = fwd.logprob_gap()
-        if gap is not None:
-            exp_metrics["rollout/logprob_gap"] = gap
-        return self._step_metrics(produced, exp_metrics, update, timer, wall)
-
-    def _check_logprobs(self, step: int) -> bool:
-        """algorithm.old_logprobs=auto: whether this step computes the trainer's old logprobs too,
-        to compare them with the engine's (the first step of a run and every logprob_check_every)."""
-        a = self.cfg.algorithm
-        return self.engine_old and a.old_logprobs == "auto" and (
-            step == self.start_step or step % a.logprob_check_every == 0)
-
-    def _judge_gap(self, step: int, gap: float | None) -> None:
-        """After a check: keep the engine's logprobs, or fall back to the trainer's for good."""
-        from tidal.driver.monitor import print_warning
-
-        if gap is None or gap > ENGINE_LOGPROB_TOL:
-            self.engine_old = False
-            what = "no engine logprobs" if gap is None else f"mean |engine - trainer| logprob gap {gap:.2e} nats/token"
-            print_warning(f"tidal: warning: rl step {step + 1}: {what} (bound {ENGINE_LOGPROB_TOL:g}); pi_old comes "
-                          "from the learners' forward pass from now on (algorithm.old_logprobs)")
+        return self._step_metrics(produced, batch, pi_old, result, timer, wall)
 
     def _watch(self, last: dict[str, float]) -> dict[str, float]:
         """The over-optimisation monitor after a step: the KL bound every step, the held-out
@@ -312,36 +278,21 @@ class RLLoop:
             publish_best(self.run_dir, self.checkpoint(), self.step, self.monitor.best_gold)
         return metrics, v
 
-    def _expert_update(self, step: int, scored: ScoredBatch, fwd) -> tuple[dict, dict]:
-        """Expert iteration's update (tidal.learner.expert_iteration): keep the selected samples,
-        fine-tune on them (algorithm.ppo_epochs passes at this step's lr). The forward pass is
-        only for the KL to the reference, logged as for the other algorithms."""
-        from tidal.learner.engine import linear_lr
-        from tidal.learner.expert_iteration import expert_batch, expert_rows, fill_to_multiple
-
-        a, lc, learners = self.cfg.algorithm, self.cfg.learner, self.parts.learners
-        kl = fwd.sequence_kl()  # (B,) k1 sequence KL
-        exp_metrics = {"experience/kl_per_seq": kl.mean().item(),
-                       "experience/response_len": fwd.response_mask.sum(-1).mean().item()}
-        rows = expert_rows(scored, self.cfg.rollout.n_samples, a.ei_top_k, a.ei_threshold)
-        update = {"ei/kept": float(len(rows))}
-        if len(rows):  # a round where nothing passes the threshold trains on nothing
-            update["ei/kept_score_mean"] = scored.scores[rows].float().mean().item()
-            tok = learners.tokenizer
-            batch = fill_to_multiple(expert_batch(scored, rows, tok.pad_token_id, tok.eos_token_id), lc.mini_batch_size)
-            update.update(learners.update_sft(batch, a.ppo_epochs, linear_lr(lc.lr, step, a.steps, lc.lr_schedule)))
-        return exp_metrics, update
-
-    def _step_metrics(self, produced: Produced, exp_m: dict, update: dict, timer: Timer,
-                      wall: float) -> dict[str, float]:
+    def _step_metrics(self, produced: Produced, batch: StepBatch, pi_old: PiOldStep, result: StepUpdate,
+                      timer: Timer, wall: float) -> dict[str, float]:
         scored = produced.batch
+        gap = batch.fwd.logprob_gap()  # trainer vs engine, where the forward computed both
+        pi_old_m = {"rl/old_logprobs_engine": float(pi_old.source == "engine"),
+                    "rl/old_logprobs_in_update": float(pi_old.source == "update"),
+                    "update/rows_dropped": float(len(scored.rollout) - len(batch.scores)),
+                    **({} if gap is None else {"rollout/logprob_gap": gap})}
         t = {**produced.timings, **timer.totals}
         versions = torch.tensor(produced.weight_versions, dtype=torch.float32)
         tokens = sum(len(r) for r in scored.rollout.response_ids)
         learner_busy = t.get("forward", 0) + t.get("advantages", 0) + t.get("update", 0) + t.get("sync", 0)
         m = {
             "rl/score_mean": scored.scores.mean().item(),
-            "rl/kl": exp_m["experience/kl_per_seq"],
+            "rl/kl": result.kl_per_seq,
             "rl/kl_coef": self.kl_ctl.value,
             "rl/staleness_max": float(produced.step - min(produced.weight_versions)),
             "rl/staleness_mean": float(produced.step - versions.mean().item()),
@@ -354,7 +305,7 @@ class RLLoop:
             **{f"time/{k}_s": v for k, v in t.items()},
             "time/step_s": wall,
             "time/load_weights_s": self._load_times[-1] if self._load_times else 0.0,
-            **exp_m, **update, **produced.metrics,
+            **result.metrics, **pi_old_m, **produced.metrics,
         }
         return m
 
@@ -374,7 +325,7 @@ class RLLoop:
         state = DriverState(step=self.step, weight_version=self.step, kl_controller=self.kl_ctl.state_dict(),
                             reward_state=self.parts.reward.state_dict(),
                             data_state=dataclasses.asdict(self.parts.dataset.state),
-                            extra={"monitor": self.monitor.state_dict()})
+                            extra={"monitor": self.monitor.state_dict(), "pi_old": self.pi_old.state_dict()})
         self._checkpointed = self.step
 
         def write(d: Path) -> None:

@@ -3,8 +3,10 @@
 No ray / deepspeed here. The one experience path (tidal.learner.group.LearnerGroup) is
 
     rollout, scores = usable_rows(scored, algorithm, n)   # drop rows with invalid rewards
-    fwd = group.forward(rollout)                           # ForwardPass: pad + old/ref/critic forwards
+    fwd = group.forward(rollout, pi_old)                   # ForwardPass: pad + old/ref/critic forwards
     exp, metrics = group.assemble(fwd, scores, kl_coef)    # assemble_experience + experience_metrics
+
+(pi_old: the step's tidal.learner.pi_old.PiOldStep.)
 
 Layout (tidal.common.types): [prompt LEFT-padded to P | response RIGHT-padded to R]; per-token
 tensors are (B, R), column t belongs to response token t.
@@ -16,10 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from tidal.common.ops import masked_mean, masked_whiten
 from tidal.common.types import Experience, RolloutBatch, ScoredBatch
-from tidal.learner.algorithms import Algorithm, algorithm_for
 from tidal.learner.kl import kl_estimate
+
+if TYPE_CHECKING:  # the table's updates build on this module: it imports the table only when asked
+    from tidal.learner.algorithms import Algorithm
 
 
 def pad_prompt_response(prompt_ids: list[list[int]], response_ids: list[list[int]],
@@ -107,15 +113,15 @@ class ForwardPass:
     input_ids: torch.Tensor  # (B, P+R) long
     attention_mask: torch.Tensor  # (B, P+R) long
     response_mask: torch.Tensor  # (B, R) float
-    old_logprobs: torch.Tensor | None  # (B, R) pi_old: trainer-recomputed, the engine's (old_from_engine), or
-    # None: taken inside the update (old_in_update)
+    old_logprobs: torch.Tensor | None  # (B, R) pi_old from `pi_old`: the trainer's, the engine's, or None: taken
+    # inside the update (tidal.learner.pi_old)
     ref_logprobs: torch.Tensor  # (B, R) frozen reference logprobs
     values: torch.Tensor | None = None  # (B, R) critic values; None without a critic
     # (B, R) engine logprobs of the sampled tokens, beside the trainer's (None when the engine's
     # ARE old_logprobs: there is nothing to compare or correct then)
     rollout_logprobs: torch.Tensor | None = None
     weight_version: torch.Tensor | None = None  # (B,) long, version that generated each row
-    old_from_engine: bool = False  # old_logprobs are the engine's (algorithm.old_logprobs)
+    pi_old: str = "trainer"  # where old_logprobs come from: "trainer" | "engine" | "update" (tidal.learner.pi_old)
 
     @property
     def response_len(self) -> int:
@@ -131,7 +137,7 @@ class ForwardPass:
         """(B,) k1 KL of each sampled response to the reference: the sum over its real tokens of
         log pi_old - log pi_ref (the held-out KL, and the KL expert iteration logs)."""
         if self.old_logprobs is None:
-            raise ValueError("sequence_kl needs pi_old; this forward pass left it to the update (old_in_update)")
+            raise ValueError("sequence_kl needs pi_old; this forward pass left it to the update (pi_old source update)")
         return ((self.old_logprobs.float() - self.ref_logprobs.float()) * self.response_mask).sum(-1)
 
     def kl(self, estimator: str) -> torch.Tensor:
@@ -150,12 +156,14 @@ def assemble_experience(fwd: ForwardPass, scores: torch.Tensor, algorithm: "Algo
     (docs/implementation.md#d5, #d8), or a group baseline plus the KL penalty to go.
     `whiten`: advantages to zero mean / unit variance over real tokens only (#d7), where the
     algorithm allows it (GRPO's advantages are already normalised per group). scores (B,)."""
+    from tidal.learner.algorithms import algorithm_for  # here, not above: the table's updates import this module
+
     algo = algorithm_for(algorithm) if isinstance(algorithm, str) else algorithm
     mask = fwd.response_mask.float()
     real = mask.bool()
     # logprobs and values at padded positions are meaningless: zero them (#d10)
     if fwd.old_logprobs is None and kl_coef != 0:
-        raise ValueError("pi_old is taken inside the update (old_in_update), so the rewards cannot carry a KL "
+        raise ValueError("pi_old is taken inside the update (pi_old source update), so the rewards cannot carry a KL "
                          f"penalty, but kl_coef is {kl_coef}")
     old_logprobs = None if fwd.old_logprobs is None else torch.where(real, fwd.old_logprobs.float(), 0.0)
     ref_logprobs = torch.where(real, fwd.ref_logprobs.float(), 0.0)
@@ -192,46 +200,29 @@ def experience_metrics(exp: Experience, kl_estimator: str) -> dict[str, float]:
 def old_logprob_metrics(exp: Experience, kl_estimator: str) -> dict[str, float]:
     """What pi_old tells about a batch: its KL to the reference (nats per sequence) and its gap to
     the engine's log-probs."""
+    out, gap = {"experience/kl_per_seq": kl_per_seq(exp, kl_estimator)}, engine_gap(exp)
+    return out if gap is None else {**out, "rollout/logprob_gap": gap}
+
+
+def kl_per_seq(exp: Experience, kl_estimator: str) -> float:
+    """Mean over rows of pi_old's KL to the reference, summed over each response (nats per sequence)."""
     kl = torch.where(exp.response_mask.bool(), kl_estimate(exp.old_logprobs, exp.ref_logprobs, kl_estimator), 0.0)
-    return {"experience/kl_per_seq": kl.sum(-1).mean().item(), **logprob_gap(exp)}
+    return kl.sum(-1).mean().item()
 
 
-def logprob_gap(exp: Experience) -> dict[str, float]:
+def engine_gap(exp: Experience) -> float | None:
     """Mean |trainer - engine| logprob of the sampled tokens (docs/implementation.md#c5): the
-    sampler and the trainer must agree, or the importance ratio is silently biased."""
+    sampler and the trainer must agree, or the importance ratio is silently biased. None without
+    engine log-probs."""
     if exp.rollout_logprobs is None:
-        return {}
-    return {"rollout/logprob_gap": mean_abs_gap(exp.old_logprobs, exp.rollout_logprobs, exp.response_mask)}
+        return None
+    return mean_abs_gap(exp.old_logprobs, exp.rollout_logprobs, exp.response_mask)
 
 
 def mean_abs_gap(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean |a - b| over the real tokens of (B, R) tensors."""
     gap = (a.float() - b.float()).abs() * mask
     return (gap.sum() / mask.sum().clamp(min=1)).item()
-
-
-def engine_old_logprobs(cfg) -> bool:
-    """Whether the engine's log-probs of the sampled tokens may stand for pi_old
-    (algorithm.old_logprobs): only in sync mode, where the engine holds the very weights being
-    trained, with unfiltered sampling, where its log-probs are the full softmax's, and with the
-    learner in float32 (learner.autocast none), where they are the same computation."""
-    a, r = cfg.algorithm, cfg.rollout
-    return (a.old_logprobs != "trainer" and a.mode == "sync" and r.top_p >= 1.0 and r.top_k <= 0
-            and r.temperature > 0  # greedy: the trainer's plain softmax is not what the engine reports
-            and cfg.learner.autocast == "none")  # bf16 learner log-probs are not the float32 engine's
-
-
-def old_in_update(cfg, rows: int | None = None) -> bool:
-    """Whether pi_old can be taken inside the update instead of by a forward pass
-    (algorithm.old_logprobs auto): with exactly one minibatch per PPO epoch (`rows`, default
-    prompts_per_step x n_samples, equal to learner.mini_batch_size) every row is in the first
-    minibatch, whose log-probs before its optimizer step ARE pi_old, and later epochs reuse them.
-    The rewards must carry no KL penalty (kl_coef 0, not adaptive): they are built before the
-    update. Expert iteration (an SFT update) has no ratio to take them for."""
-    a = cfg.algorithm
-    rows = a.prompts_per_step * cfg.rollout.n_samples if rows is None else rows
-    return (a.old_logprobs == "auto" and a.kl_coef == 0 and not a.adaptive_kl and a.name != "expert_iteration"
-            and rows == cfg.learner.mini_batch_size)
 
 
 def usable_rows(scored: ScoredBatch, algorithm: "Algorithm", group_size: int) -> tuple[RolloutBatch, torch.Tensor]:

@@ -1,12 +1,16 @@
-"""Expert iteration (Anthony et al. 2017; the seeds' "best-of-n -> SFT on them -> repeat"):
+"""Expert iteration (Anthony et al. 2017; best-of-n sampling, fine-tuning on the best, repeated):
 from one step's scored samples keep the selected ones and turn them into an SFT batch.
 
 Selection is `select_for_expert_iteration` (tidal.learner.selection): each prompt's
-algorithm.ei_top_k best samples, and/or those scoring >= algorithm.ei_threshold, on the scores
-the RL loop trains on (after reward normalisation and clipping: a threshold is on that scale;
-the top-k choice is the same on any increasing rescaling). Rows with an invalid reward are
-never kept. The kept rows become demonstrations exactly as the rollout produced them: the
-prompt tokens, and the response tokens up to and including the first EOS.
+algorithm.ei_top_k best samples, and/or those scoring >= algorithm.ei_threshold. The best are
+ranked by the raw reward (ScoredBatch.raw_scores, the weighted sum of the terms): the scores the
+RL loop trains on are the same order after normalisation, but reward.clip ties samples at the
+clip (the first would win, not the best) and reward.missing_eos_penalty replaces a truncated
+sample's score. The threshold is on the trained scores (after normalisation and clipping).
+Rows with an invalid reward are never kept, and with reward.missing_eos_penalty set (a response
+without EOS declared bad) neither is a sample that did not end with EOS (cut at max_new_tokens).
+The kept rows become demonstrations exactly as the rollout produced them: the prompt tokens, and
+the response tokens up to and including the first EOS.
 """
 
 from __future__ import annotations
@@ -19,9 +23,17 @@ from tidal.learner.selection import select_for_expert_iteration
 from tidal.learner.sft import SFTBatch
 
 
-def expert_rows(scored: ScoredBatch, group_size: int, top_k: int | None, threshold: float | None) -> torch.Tensor:
-    """Flat row indices (ascending) of the samples to fine-tune on; may be empty."""
-    return select_for_expert_iteration(scored.scores.float(), group_size, top_k, threshold, scored.valid)
+def expert_rows(scored: ScoredBatch, group_size: int, top_k: int | None, threshold: float | None,
+                keep_truncated: bool = True) -> torch.Tensor:
+    """Flat row indices (ascending) of the samples to fine-tune on; may be empty.
+    keep_truncated False: samples that did not end with EOS (finish_reason other than "stop")
+    are never kept."""
+    eligible = torch.ones(len(scored.rollout), dtype=torch.bool) if scored.valid is None else scored.valid.bool()
+    if not keep_truncated:
+        eligible = eligible & torch.tensor([f == "stop" for f in scored.rollout.finish_reason], dtype=torch.bool)
+    rank_by = scored.raw_scores if scored.raw_scores is not None else scored.scores
+    return select_for_expert_iteration(scored.scores.float(), group_size, top_k, threshold, eligible,
+                                       rank_by=rank_by.float())
 
 
 def expert_batch(scored: ScoredBatch, rows: torch.Tensor, pad_id: int, eos_id: int | None) -> SFTBatch:

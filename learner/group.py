@@ -11,9 +11,11 @@ cannot take back one member, so a run that lost a rank resumes from its last che
 The supervised fits (SFT, DPO, reward model, expert-iteration rounds) live in
 tidal.learner.fits.SupervisedFits, which the group owns as `fits`.
 
-One experience path: `forward(rollout)` (old-policy, reference and critic forward passes) and
-`assemble(forward, scores, kl_coef)` (KL-penalised rewards, advantages) are two calls, so the
-RL loop times them separately and evaluation reuses `forward`.
+One experience path: `forward(rollout, pi_old)` (old-policy, reference and critic forward passes;
+where pi_old comes from is the step's tidal.learner.pi_old decision) and `assemble(forward, scores,
+kl_coef)` (KL-penalised rewards, advantages) are two calls, so the RL loop times them separately
+and evaluation reuses `forward`; the algorithm table's update (tidal.learner.updates) calls
+`assemble` and `update_rl`.
 
 Shapes follow tidal.common.types: [left-padded prompt | right-padded response], (B, P+R)
 sequences and (B, R) per-token tensors.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,11 +38,13 @@ from tidal.common.models import load_tokenizer
 from tidal.common.types import Experience, RolloutBatch
 from tidal.learner.algorithms import algorithm_for
 from tidal.learner.dpo import DPOBatch
-from tidal.learner.experience import (ForwardPass, assemble_experience, engine_old_logprobs, experience_metrics,
-                                      old_in_update, pad_response_floats, pad_rollout)
+from tidal.learner.experience import (ForwardPass, assemble_experience, experience_metrics, pad_response_floats,
+                                      pad_rollout)
 from tidal.learner.fits import RewardFit, SupervisedFits, train_shards
+from tidal.learner.pi_old import TRAINER, PiOldStep, forward_planned, has_engine_logprobs
 from tidal.learner.reference import ReferenceWorker
 from tidal.learner.reward_model import PreferenceBatch
+from tidal.learner.rl import UpdateResult
 from tidal.learner.sft import SFTBatch
 from tidal.learner.worker import ROLES, LearnerWorker, WorkerSpec
 
@@ -54,7 +59,7 @@ SYNC_HINT = " (cluster.sync_timeout_s); a peer may have died or hung in a collec
 def default_rl_total_steps(cfg: TidalConfig) -> int:
     """Optimizer steps of the RL stage, the horizon of the linear LR decay."""
     rows = cfg.algorithm.prompts_per_step * cfg.rollout.n_samples
-    return cfg.algorithm.steps * cfg.algorithm.ppo_epochs * max(1, rows // cfg.learner.mini_batch_size)
+    return cfg.algorithm.steps * cfg.algorithm.update_epochs * max(1, rows // cfg.learner.mini_batch_size)
 
 
 class LearnerGroup:
@@ -95,8 +100,7 @@ class LearnerGroup:
                                                             name_prefix=f"tidal-{role}-{uuid.uuid4().hex[:8]}")
             lc, n = cfg.learner, self.world_size
             opts = {"num_cpus": lc.cpus_per_worker, "num_gpus": lc.gpus_per_worker}
-            no_old_forward = engine_old_logprobs(cfg) or old_in_update(cfg)
-            self.threads = run_threads(cfg, reference_alone=no_old_forward and not self.algorithm.uses_critic)
+            self.threads = run_threads(cfg, reference_alone=not (forward_planned(cfg) or self.algorithm.uses_critic))
             # a rank's old-logprob / critic forwards run beside the reference worker's: share the cores
             fwd_threads = self.threads.learner_forward if reference_path is not None else self.threads.learner
             self.ranks = ActorGroup(LearnerWorker, n, args=lambda r: (cfg, r, n, self.threads.learner, fwd_threads),
@@ -217,33 +221,33 @@ class LearnerGroup:
 
     # ------------------------------------------------------------------ RL: one experience path
 
-    def forward(self, rollout: RolloutBatch, with_values: bool | None = None,
-                old_from_engine: bool = False, old_in_update: bool = False) -> ForwardPass:
+    def forward(self, rollout: RolloutBatch, pi_old: PiOldStep = TRAINER,
+                with_values: bool | None = None) -> ForwardPass:
         """Pad a rollout (tokens after the first EOS cut) and run the forward passes on it at
         once: old-policy logprobs on the ranks, reference logprobs on the reference worker, and
         critic values when the algorithm uses a critic (with_values None) or when asked.
-        `old_from_engine`: take the engine's logprobs of the sampled tokens as pi_old instead of
-        a forward pass of the ranks (only where they are the same policy's: see
-        tidal.learner.experience.engine_old_logprobs); ignored when the rollout has none.
-        `old_in_update`: no pi_old here; the update takes it (tidal.learner.experience.old_in_update)."""
+        `pi_old`: the step's decision (tidal.learner.pi_old.PiOld.decide): the ranks' forward
+        (trainer), the engine's logprobs of the sampled tokens (engine), or none (update: the
+        update takes it)."""
         ids, mask, resp = pad_rollout(rollout, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         R, temperature, n = resp.shape[1], self.cfg.rollout.temperature, len(rollout)
-        has_engine_lp = len(rollout) > 0 and all(len(lp) > 0 for lp in rollout.response_logprobs)
-        engine_lp = pad_response_floats(rollout.response_logprobs, R) * resp if has_engine_lp else None
-        from_engine = old_from_engine and engine_lp is not None and not old_in_update
-        trainer_old = not (from_engine or old_in_update)
-        old = self._start_infer(lambda a: a.compute_logprobs, (ids, mask), (R, temperature)) if trainer_old else None
+        engine_lp = pad_response_floats(rollout.response_logprobs, R) * resp if has_engine_logprobs(rollout) else None
+        if pi_old.source == "engine" and engine_lp is None:
+            raise ValueError("pi_old from the engine, but the rollout carries no engine log-probs (PiOld.decide "
+                             "never asks for that)")
+        trainer, from_engine = pi_old.source == "trainer", pi_old.source == "engine"
+        old = self._start_infer(lambda a: a.compute_logprobs, (ids, mask), (R, temperature)) if trainer else None
         ref = self._start_ref(ids, mask, R, temperature)
         want_values = self.algorithm.uses_critic if with_values is None else with_values
         values = self._start_infer(lambda a: a.compute_values, (ids, mask), (R,)) if want_values else None
+        old_logprobs = self._finish_infer("compute_logprobs", old, n) if trainer else engine_lp if from_engine else None
         return ForwardPass(
-            input_ids=ids, attention_mask=mask, response_mask=resp,
-            old_logprobs=self._finish_infer("compute_logprobs", old, n) if trainer_old else engine_lp if from_engine else None,
+            input_ids=ids, attention_mask=mask, response_mask=resp, old_logprobs=old_logprobs,
             ref_logprobs=self._finish_ref(ref),
             values=None if values is None else self._finish_infer("compute_values", values, n),
-            rollout_logprobs=None if from_engine else engine_lp,
+            rollout_logprobs=None if from_engine else engine_lp,  # nothing to compare when they ARE pi_old
             weight_version=torch.tensor(rollout.weight_version, dtype=torch.long) if rollout.weight_version else None,
-            old_from_engine=from_engine)
+            pi_old=pi_old.source)
 
     def assemble(self, fwd: ForwardPass, scores: torch.Tensor, kl_coef: float) -> tuple[Experience, dict[str, float]]:
         """KL-penalised rewards and advantages of the algorithm's table entry, and the batch's
@@ -255,10 +259,11 @@ class LearnerGroup:
         return exp, experience_metrics(exp, a.kl_estimator)
 
     def update_rl(self, experience: Experience, ptx: SFTBatch | None = None,
-                  is_weight_cap: float | None = None) -> dict[str, float]:
-        """algorithm.ppo_epochs passes of minibatch updates on `experience`, plus ptx_coef x SFT
+                  is_weight_cap: float | None = None) -> UpdateResult:
+        """algorithm.update_epochs passes of minibatch updates on `experience`, plus ptx_coef x SFT
         loss on `ptx` (PPO-ptx). With `is_weight_cap`, tokens are weighted by
-        min(pi_old / pi_rollout, cap) (off-policy samples). Metrics averaged over minibatches and ranks."""
+        min(pi_old / pi_rollout, cap) (off-policy samples). Metrics averaged over minibatches and
+        ranks; with experience.old_logprobs None, pi_old's KL and engine gap taken in the update."""
         shards = train_shards(len(experience), self.world_size)
         ptx_refs = [None] * self.world_size
         if ptx is not None:
@@ -267,9 +272,9 @@ class LearnerGroup:
         for r, (s, p) in enumerate(zip(shards, ptx_refs)):
             exp_ref = self.ranks.put(experience.select(s))
             calls[r] = lambda a, e=exp_ref, p=p: a.update_rl.remote(e, p, is_weight_cap)
-        metrics = self._call("update_rl", calls)[0]
-        metrics["learner/rows_unused"] = float(len(experience) % self.world_size)
-        return metrics
+        result = self._call("update_rl", calls)[0]
+        unused = float(len(experience) % self.world_size)
+        return replace(result, metrics={**result.metrics, "learner/rows_unused": unused})
 
     # ------------------------------------------------------------------ weights and checkpoints
 

@@ -1,17 +1,22 @@
 """The RL update on one batch of experience: PPO (with a critic), PPO-ptx, and the critic-free
 GRPO / RLOO / REINFORCE-with-baseline (same clipped policy loss, advantages given).
 
-K = algorithm.ppo_epochs passes over the rank's shard in freshly shuffled minibatches; each
-minibatch is one optimizer step of the policy (and of the critic for PPO). Experience without
-pi_old (tidal.learner.experience.old_in_update) is one minibatch per epoch: its log-probs before
-the first optimizer step are pi_old, kept for later epochs and for the batch's KL metric. After each step the
-approximate KL(pi_old || pi_theta) is averaged over ranks, and the update stops early once it
-exceeds algorithm.early_stop_kl - the same decision on every rank, so collectives stay in step.
+K = algorithm.update_epochs passes over the rank's shard in freshly shuffled minibatches; each
+minibatch is one optimizer step of the policy (and of the critic for PPO). A shard smaller than
+a minibatch (rows dropped for invalid rewards, `reward.on_invalid: drop`) is trained as one
+smaller minibatch, split into the same number of micro-batches (zero-weight rows fill them when
+there are fewer rows than micro-batches), so every token still weighs the same and DeepSpeed's
+gradient-accumulation boundary stays at the end of the minibatch (metrics `update/short_minibatch`,
+`update/rows_padding`). Experience without pi_old (tidal.learner.pi_old, source `update`) fits in
+one minibatch: its log-probs before the first optimizer step are pi_old, kept for later epochs and
+for the batch's KL. After each step the approximate KL(pi_old || pi_theta) is averaged over ranks,
+and the update stops early once it exceeds algorithm.early_stop_kl - the same decision on every
+rank, so collectives stay in step.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,58 +24,56 @@ import torch
 from tidal.common.ops import masked_mean
 from tidal.common.types import Experience
 from tidal.learner.algorithms import algorithm_for
+from tidal.learner.engine import linear_lr
+from tidal.learner.experience import engine_gap, kl_per_seq
 from tidal.learner.kl import kl_estimate
 from tidal.learner.losses import policy_loss, sft_loss, truncated_is_weights, value_loss
-from tidal.learner.engine import linear_lr
-from tidal.learner.experience import old_logprob_metrics
 
 if TYPE_CHECKING:
     from tidal.learner.sft import SFTBatch
     from tidal.learner.worker import LearnerWorker
 
 
+@dataclass(frozen=True)
+class UpdateResult:
+    """What an RL update returns (LearnerWorker.update_rl, LearnerGroup.update_rl)."""
+
+    metrics: dict[str, float]  # losses/*, policy/*, critic/*, update/*, lr: means over minibatches and ranks
+    optimizer_steps: int  # minibatches trained, one optimizer step each (the worker's LR-schedule position)
+    # pi_old taken inside the update (Experience.old_logprobs None): what it says about the batch
+    kl_per_seq: float | None = None  # KL to the reference, nats per sequence (algorithm.kl_estimator)
+    logprob_gap: float | None = None  # mean |pi_old - engine| logprob per token; None without engine log-probs
+
+
 def rl_update(w: "LearnerWorker", exp: Experience, ptx: "SFTBatch | None",
-              is_weight_cap: float | None) -> dict[str, float]:
-    """Train on this rank's shard of `exp`; returns metrics averaged over minibatches and ranks."""
+              is_weight_cap: float | None) -> UpdateResult:
+    """Train on this rank's shard of `exp`, from the worker's counters (w.rl_steps: the LR
+    schedule's position; w.rl_updates: this call's shuffle salt), which the worker then moves."""
     algo, lc = w.cfg.algorithm, w.cfg.learner
-    use_critic = algorithm_for(w.cfg).uses_critic
-    if use_critic and w.critic is None:
-        raise RuntimeError(f"algorithm.name={algo.name} needs a critic: build the LearnerGroup with critic_path "
-                           "(the reward-model folder, docs/implementation.md#d9, or the policy for a fresh value head)")
-    if ptx is not None and algo.ptx_coef <= 0:
-        raise ValueError("a PPO-ptx batch was passed but algorithm.ptx_coef is 0; set it > 0 or pass no ptx batch")
-    mini = w.mini_per_rank
+    use_critic = _check_inputs(w, exp, ptx)
     n = len(exp)
-    if n < mini:
-        raise ValueError(f"rank {w.rank} got {n} experience rows but a minibatch needs {mini} per rank "
-                         f"(learner.mini_batch_size={lc.mini_batch_size} over {w.world_size} ranks); "
-                         "collect more samples per step or lower learner.mini_batch_size")
+    mini = min(n, w.mini_per_rank)  # fewer rows than a minibatch: one smaller minibatch
     per_epoch = n // mini  # rows beyond whole minibatches sit out this epoch (reshuffled each epoch)
-    derived: list[torch.Tensor] | None = None
-    if exp.old_logprobs is None:  # pi_old from the first minibatch, before its optimizer step
-        if n != mini:
-            raise ValueError(f"rank {w.rank} got {n} experience rows without pi_old; taking it inside the update "
-                             f"needs exactly one minibatch ({mini} rows per rank): compute old log-probs first")
-        derived = []
+    # no pi_old: the first minibatch's log-probs before its optimizer step (every row is in it)
+    derived: list[torch.Tensor] | None = [] if exp.old_logprobs is None else None
     sums: dict[str, float] = {}
-    done, stopped, first = 0, False, None
+    done, stopped, taken = 0, False, None
     ptx_cursor = [0]
-    for epoch in range(algo.ppo_epochs):
+    for epoch in range(algo.update_epochs):
         order = w.epoch_order(n, epoch, salt=1 + w.rl_updates)
         for k in range(per_epoch):
-            lr = linear_lr(lc.lr, w.rl_steps, w.spec.rl_total_steps, lc.lr_schedule)
+            lr = linear_lr(lc.lr, w.rl_steps + done, w.spec.rl_total_steps, lc.lr_schedule)
             w.set_lr(w.engine, lr)
             if use_critic:
-                w.set_lr(w.critic, linear_lr(lc.critic_lr, w.rl_steps, w.spec.rl_total_steps, lc.lr_schedule))
+                w.set_lr(w.critic, linear_lr(lc.critic_lr, w.rl_steps + done, w.spec.rl_total_steps, lc.lr_schedule))
             metrics = w.all_reduce_mean(_minibatch_step(w, exp.select(order[k * mini:(k + 1) * mini]), ptx, ptx_cursor,
                                                         is_weight_cap, use_critic, derived))
-            if derived:  # rows in `order`, now pi_old of the whole shard
+            if derived:  # rows in `order` (zero-weight fill rows after them), now pi_old of the whole shard
                 old = torch.empty_like(exp.response_mask)
-                old[order] = torch.cat(derived).float().cpu()
+                old[order] = torch.cat(derived)[:n].float().cpu()
                 exp, derived = replace(exp, old_logprobs=old * exp.response_mask), None
-                first = w.all_reduce_mean(old_logprob_metrics(exp, algo.kl_estimator))
+                taken = _pi_old_facts(w, exp)
             metrics["lr"] = lr
-            w.rl_steps += 1
             done += 1
             for key, v in metrics.items():
                 sums[key] = sums.get(key, 0.0) + v
@@ -79,13 +82,60 @@ def rl_update(w: "LearnerWorker", exp: Experience, ptx: "SFTBatch | None",
                 break
         if stopped:
             break
-    w.rl_updates += 1
     out = {k: v / done for k, v in sums.items()}
-    if first is not None:  # equal shards per rank: the mean over ranks is the batch's
-        out.update(first)
-    out.update({"ppo/early_stopped": float(stopped), "ppo/minibatches": float(done),
-                "ppo/minibatches_planned": float(per_epoch * algo.ppo_epochs), "ppo/rows_per_rank": float(n)})
-    return out
+    out.update({"update/early_stopped": float(stopped), "update/minibatches": float(done),
+                "update/minibatches_planned": float(per_epoch * algo.update_epochs), "update/rows_per_rank": float(n),
+                "update/short_minibatch": float(n < w.mini_per_rank),
+                "update/rows_padding": float(max(0, _micro_count(w) - n))})
+    return UpdateResult(out, done, *(taken or (None, None)))
+
+
+def _check_inputs(w: "LearnerWorker", exp: Experience, ptx: "SFTBatch | None") -> bool:
+    """Whether the update trains a critic, after refusing what it cannot train."""
+    algo = w.cfg.algorithm
+    use_critic = algorithm_for(w.cfg).uses_critic
+    if use_critic and w.critic is None:
+        raise RuntimeError(f"algorithm.name={algo.name} needs a critic: build the LearnerGroup with critic_path "
+                           "(the reward-model folder, docs/implementation.md#d9, or the policy for a fresh value head)")
+    if ptx is not None and algo.ptx_coef <= 0:
+        raise ValueError("a PPO-ptx batch was passed but algorithm.ptx_coef is 0; set it > 0 or pass no ptx batch")
+    if len(exp) == 0:
+        raise ValueError(f"rank {w.rank} got no experience rows; every rank needs at least one")
+    if exp.old_logprobs is None and len(exp) > w.mini_per_rank:  # rows past the first minibatch: no pi_old
+        raise ValueError(f"rank {w.rank} got {len(exp)} experience rows without pi_old; taking it inside the update "
+                         f"needs them in one minibatch (at most {w.mini_per_rank} rows per rank): compute old "
+                         "log-probs first")
+    return use_critic
+
+
+def _pi_old_facts(w: "LearnerWorker", exp: Experience) -> tuple[float, float | None]:
+    """(KL to the reference, engine gap) of pi_old taken in the update, averaged over ranks (equal
+    shards per rank: the mean over ranks is the batch's)."""
+    gap = engine_gap(exp)
+    facts = {"kl": kl_per_seq(exp, w.cfg.algorithm.kl_estimator)}
+    if gap is not None:  # the same on every rank: engine log-probs come with every row or none
+        facts["gap"] = gap
+    facts = w.all_reduce_mean(facts)
+    return facts["kl"], facts.get("gap")
+
+
+def _micro_count(w: "LearnerWorker") -> int:
+    """Micro-batches per minibatch on a rank: DeepSpeed's gradient-accumulation count, which puts
+    its optimizer-step boundary after that many micro-batches."""
+    return w.mini_per_rank // w.cfg.learner.micro_batch_size
+
+
+def fill_with_zero_weight(batch, size: int):
+    """`batch` (an Experience or SFTBatch) grown to `size` rows by repeating its rows with their
+    response mask zeroed: rows that run forward and backward but weigh nothing, since every
+    token's weight in a loss comes from the response mask."""
+    n = len(batch)
+    if n >= size:
+        return batch
+    filled = batch.select(torch.arange(size) % n)
+    mask = filled.response_mask.clone()
+    mask[n:] = 0
+    return replace(filled, response_mask=mask)
 
 
 def _minibatch_step(w: "LearnerWorker", mb: Experience, ptx: "SFTBatch | None", ptx_cursor: list[int],
@@ -97,57 +147,76 @@ def _minibatch_step(w: "LearnerWorker", mb: Experience, ptx: "SFTBatch | None", 
     micro-batches and ranks: a micro-batch's token-mean loss is scaled by its share of the
     minibatch's tokens on all ranks (`w.token_scale`), which undoes DeepSpeed's averaging over
     micro-batches and ranks. The logged losses are then the exact token means of the minibatch.
-    `derived` (a list): mb has no pi_old; each micro-batch's log-probs, taken before this step's
-    optimizer step, stand for it and are appended in order."""
-    algo, m = w.cfg.algorithm, w.cfg.learner.micro_batch_size
-    R = mb.response_mask.shape[1]
-    sums: dict[str, float] = {}
-    micro = [torch.arange(i, min(i + m, len(mb))) for i in range(0, len(mb), m)]
+    A short minibatch is split into the same number of (smaller) micro-batches, filled with
+    zero-weight rows where it has fewer rows than micro-batches: DeepSpeed steps the optimizer
+    after exactly that many. `derived` (a list): mb has no pi_old; each micro-batch's log-probs,
+    taken before this step's optimizer step, stand for it and are appended in order."""
+    k, rows = _micro_count(w), len(mb)
+    mb = fill_with_zero_weight(mb, k)
     total_tokens = w.global_sum(mb.response_mask.sum().item())
-    if ptx is not None:  # this minibatch's ptx rows, one per experience row, in order
-        p_all = ptx.select(torch.arange(ptx_cursor[0], ptx_cursor[0] + len(mb)) % len(ptx))
-        ptx_cursor[0] += len(mb)
+    p_all, ptx_tokens = None, 0.0
+    if ptx is not None:  # this minibatch's ptx rows, one per experience row, in order (none for fill rows)
+        p_all = fill_with_zero_weight(ptx.select(torch.arange(ptx_cursor[0], ptx_cursor[0] + rows) % len(ptx)), k)
+        ptx_cursor[0] += rows
         ptx_tokens = w.global_sum(p_all.response_mask.sum().item())
-    for idx in micro:
+    losses: dict[str, float] = {}
+    stats: dict[str, float] = {}
+    counted = 0  # micro-batches with real tokens: a fill-only one has no entropy, ratio, ... to average
+    for idx in torch.tensor_split(torch.arange(len(mb)), k):  # k micro-batches of <= micro_batch_size rows
         x = mb.select(idx)
-        mask = x.response_mask.to(w.device)  # (b, R)
-        scale = w.token_scale(mask.sum().item(), total_tokens, len(micro))
-        logprobs, entropy = w.policy_logprobs(x.input_ids, x.attention_mask, R, w.cfg.rollout.temperature,
-                                              entropy="loss" if algo.entropy_coef > 0 else "metric")  # (b, R) each
-        if derived is not None:
-            derived.append(logprobs.detach())
-        old = logprobs.detach() if derived is not None else x.old_logprobs.to(w.device)
-        is_weights = None
-        if is_weight_cap is not None and x.rollout_logprobs is not None:
-            is_weights = truncated_is_weights(old, x.rollout_logprobs.to(w.device), mask, is_weight_cap)
-        pg_loss, pm = policy_loss(logprobs, old, x.advantages.to(w.device), mask, algo.clip_eps, is_weights=is_weights)
-        ent = masked_mean(torch.where(mask.bool(), entropy, 0.0), mask)
-        loss = pg_loss - algo.entropy_coef * ent
-        if algo.kl_loss > 0:  # k3 KL(pi_theta || pi_ref) as a loss term, with gradient (GRPO paper)
-            kl3 = masked_mean(torch.where(mask.bool(), kl_estimate(logprobs, x.ref_logprobs.to(w.device), "k3"), 0.0), mask)
-            loss = loss + algo.kl_loss * kl3
-        loss = loss * scale
-        metrics = {"losses/policy": pg_loss.item() * scale, "policy/entropy": ent.item(),
-                   "policy/approx_kl": pm["approx_kl"].item(), "policy/clipfrac": pm["clipfrac"].item(),
-                   "policy/ratio_mean": pm["ratio_mean"].item()}
-        if algo.kl_loss > 0:
-            metrics["losses/kl"] = kl3.item() * scale
-        if ptx is not None:
-            p = p_all.select(idx)
-            p_mask = p.response_mask.to(w.device)
-            ptx_lp, _ = w.policy_logprobs(p.input_ids, p.attention_mask, p.response_len, 1.0)
-            ptx_l = sft_loss(ptx_lp, p_mask) * w.token_scale(p_mask.sum().item(), ptx_tokens, len(micro))
-            loss = loss + algo.ptx_coef * ptx_l  # PPO-ptx: + gamma * pretraining log-likelihood
-            metrics["losses/ptx"] = ptx_l.item()
-        w.engine.backward(loss)
-        w.engine.step()
-        if use_critic:
-            values = w.critic_values(x.input_ids, x.attention_mask, R)  # (b, R)
-            v_loss = value_loss(values, x.values.to(w.device), x.returns.to(w.device), mask, algo.value_clip_eps) * scale
-            w.critic.backward(algo.value_coef * v_loss)
-            w.critic.step()
-            metrics["losses/value"] = v_loss.item()
-            metrics["critic/value_mean"] = masked_mean(values.detach(), mask).item()
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + v
-    return {k: v / len(micro) for k, v in sums.items()}
+        real = x.response_mask.sum().item() > 0
+        counted += int(real)
+        for key, v in _micro_step(w, x, None if p_all is None else p_all.select(idx), total_tokens, ptx_tokens, k,
+                                  is_weight_cap, use_critic, derived).items():
+            if key.startswith("losses/"):
+                losses[key] = losses.get(key, 0.0) + v
+            elif real:
+                stats[key] = stats.get(key, 0.0) + v
+    # losses are token-scaled shares: their mean over the k micro-batches is the minibatch's token mean
+    return {**{key: v / k for key, v in losses.items()}, **{key: v / max(counted, 1) for key, v in stats.items()}}
+
+
+def _micro_step(w: "LearnerWorker", x: Experience, p: "SFTBatch | None", total_tokens: float, ptx_tokens: float,
+                k: int, is_weight_cap: float | None, use_critic: bool,
+                derived: list[torch.Tensor] | None) -> dict[str, float]:
+    """Forward and backward of one micro-batch `x` (and its ptx rows `p`); DeepSpeed steps the
+    optimizer after the minibatch's k-th. Returns the micro-batch's metrics (losses token-scaled)."""
+    algo, R = w.cfg.algorithm, x.response_mask.shape[1]
+    mask = x.response_mask.to(w.device)  # (b, R)
+    scale = w.token_scale(mask.sum().item(), total_tokens, k)
+    logprobs, entropy = w.policy_logprobs(x.input_ids, x.attention_mask, R, w.cfg.rollout.temperature,
+                                          entropy="loss" if algo.entropy_coef > 0 else "metric")  # (b, R) each
+    if derived is not None:
+        derived.append(logprobs.detach())
+    old = logprobs.detach() if derived is not None else x.old_logprobs.to(w.device)
+    is_weights = None
+    if is_weight_cap is not None and x.rollout_logprobs is not None:
+        is_weights = truncated_is_weights(old, x.rollout_logprobs.to(w.device), mask, is_weight_cap)
+    pg_loss, pm = policy_loss(logprobs, old, x.advantages.to(w.device), mask, algo.clip_eps, is_weights=is_weights)
+    ent = masked_mean(torch.where(mask.bool(), entropy, 0.0), mask)
+    loss = pg_loss - algo.entropy_coef * ent
+    if algo.kl_loss > 0:  # k3 KL(pi_theta || pi_ref) as a loss term, with gradient (GRPO paper)
+        kl3 = masked_mean(torch.where(mask.bool(), kl_estimate(logprobs, x.ref_logprobs.to(w.device), "k3"), 0.0), mask)
+        loss = loss + algo.kl_loss * kl3
+    loss = loss * scale
+    metrics = {"losses/policy": pg_loss.item() * scale, "policy/entropy": ent.item(),
+               "policy/approx_kl": pm["approx_kl"].item(), "policy/clipfrac": pm["clipfrac"].item(),
+               "policy/ratio_mean": pm["ratio_mean"].item()}
+    if algo.kl_loss > 0:
+        metrics["losses/kl"] = kl3.item() * scale
+    if p is not None:
+        p_mask = p.response_mask.to(w.device)
+        ptx_lp, _ = w.policy_logprobs(p.input_ids, p.attention_mask, p.response_len, 1.0)
+        ptx_l = sft_loss(ptx_lp, p_mask) * w.token_scale(p_mask.sum().item(), ptx_tokens, k)
+        loss = loss + algo.ptx_coef * ptx_l  # PPO-ptx: + gamma * pretraining log-likelihood
+        metrics["losses/ptx"] = ptx_l.item()
+    w.engine.backward(loss)
+    w.engine.step()
+    if use_critic:
+        values = w.critic_values(x.input_ids, x.attention_mask, R)  # (b, R)
+        v_loss = value_loss(values, x.values.to(w.device), x.returns.to(w.device), mask, algo.value_clip_eps) * scale
+        w.critic.backward(algo.value_coef * v_loss)
+        w.critic.step()
+        metrics["losses/value"] = v_loss.item()
+        metrics["critic/value_mean"] = masked_mean(values.detach(), mask).item()
+    return metrics

@@ -46,25 +46,29 @@ def best_of_n(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None) -
 
 
 def select_for_expert_iteration(scores: torch.Tensor, n: int, top_k: int | None = None,
-                                threshold: float | None = None,
-                                valid: torch.Tensor | None = None) -> torch.Tensor:
+                                threshold: float | None = None, valid: torch.Tensor | None = None,
+                                rank_by: torch.Tensor | None = None) -> torch.Tensor:
     """Flat row indices (ascending, long) of the samples expert iteration fine-tunes on.
 
-    top_k: keep each prompt's k best samples (ties to the earlier sample, as in best_of_n);
-    threshold: keep samples scoring >= threshold (an absolute bar: prompts where nothing is good
-    enough contribute nothing, rather than their least-bad sample).
+    top_k: keep each prompt's k best samples by `rank_by` (N*n,) (default: `scores`; ties to the
+    earlier sample, as in best_of_n);
+    threshold: keep samples whose `scores` are >= threshold (an absolute bar: prompts where nothing
+    is good enough contribute nothing, rather than their least-bad sample).
     Both: a sample must pass both (each prompt's top k, of which only those >= threshold).
-    At least one is required; top_k=1 alone is best-of-n. Invalid samples are never kept.
-    The result may be empty (every sample under the threshold); the caller decides whether an
-    empty round is an error."""
+    At least one is required; top_k=1 alone is best-of-n. Samples not `valid` (or NaN in either
+    tensor) are never kept. The result may be empty (every sample under the threshold); the
+    caller decides whether an empty round is an error."""
     if top_k is None and threshold is None:
         raise ValueError("expert iteration needs top_k and/or threshold; without either every sample would be kept")
     grouped, ok = _grouped(scores, n, valid)
+    ranked = grouped
+    if rank_by is not None:
+        ranked, ok = _grouped(rank_by, n, ok.flatten())
     keep = ok.clone()  # (N, n)
     if top_k is not None:
         if not 1 <= top_k <= n:
             raise ValueError(f"top_k={top_k} must be between 1 and the samples per prompt n={n}")
-        order = torch.sort(grouped, dim=1, descending=True, stable=True).indices[:, :top_k]  # (N, k)
+        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :top_k]  # (N, k)
         in_top = torch.zeros_like(keep).scatter_(1, order, True)
         keep &= in_top
     if threshold is not None:

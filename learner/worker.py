@@ -259,11 +259,14 @@ class LearnerWorker:
 
         return self.fit(data, plan, micro_loss)
 
-    def update_rl(self, experience, ptx, is_weight_cap: float | None = None) -> dict[str, float]:
+    def update_rl(self, experience, ptx, is_weight_cap: float | None = None):
         from tidal.learner.rl import rl_update
 
         self._need(self.spec.role == "policy", "update_rl", "a policy learner")
-        return rl_update(self, experience, ptx, is_weight_cap)
+        result = rl_update(self, experience, ptx, is_weight_cap)  # an UpdateResult; the counters move here only
+        self.rl_steps += result.optimizer_steps
+        self.rl_updates += 1
+        return result
 
     def global_sum(self, x: float) -> float:
         """x summed over the ranks (one small collective; every rank must call it)."""

@@ -12,7 +12,8 @@
   6. gives `missing_eos_penalty` as the final score of samples that did not end with EOS
      (finish_reason != "stop", docs/implementation.md#d4).
 ScoredBatch.terms keeps each term's raw values, NaN/inf included where `valid` is False (to
-inspect, never to train on); `scores` is always finite. `last_metrics` holds the metrics of the
+inspect, never to train on), and `raw_scores` their weighted sum of step 3 (0 where invalid);
+`scores` is always finite. `last_metrics` holds the metrics of the
 last `score` call (reward/mean, reward/dropped, reward/dropped_total, reward/missing_eos,
 reward/term/<name>). Normalization state is in `state_dict()` so the driver can checkpoint it.
 Not thread-safe: one caller at a time (the HTTP server serializes its requests).
@@ -146,8 +147,8 @@ class CombinedReward:
             if self.cfg.missing_eos_penalty is not None:
                 scores = torch.where(no_eos & valid, torch.full_like(scores, self.cfg.missing_eos_penalty), scores)
         self._record_metrics(terms, scores, valid, no_eos)
-        return ScoredBatch(rollout=rollout, scores=scores.float(),
-                           terms={k: v.float() for k, v in terms.items()}, valid=valid)
+        return ScoredBatch(rollout=rollout, scores=scores.float(), terms={k: v.float() for k, v in terms.items()},
+                           valid=valid, raw_scores=torch.where(valid, total, torch.zeros_like(total)).float())
 
     def score_texts(self, prompts: list[str], completions: list[str],
                     references: list[str | None] | None = None) -> list[float]:

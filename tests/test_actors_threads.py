@@ -1,5 +1,6 @@
-"""Threads per role (tidal.actors.threads) and the choice of pi_old's source
-(algorithm.old_logprobs): pure logic, plus one Ray test that the counts reach the actors."""
+"""Threads per role (tidal.actors.threads): pure logic, plus one Ray test that the counts reach
+the actors. (The choice of pi_old's source, which decides whether the reference forward runs
+alone, is tested in tests/test_learner_pi_old.py.)"""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import torch
 
 from tidal.actors import threads
 from tidal.actors.threads import ThreadPlan, apply_threads, plan_threads, threads_during
-from tidal.driver.rl_loop import ENGINE_LOGPROB_TOL, RLLoop
-from tidal.common.config import ConfigError, load_config
-from tidal.learner.experience import engine_old_logprobs
+from tidal.common.config import load_config
 
 
 def _cfg(*overrides):
@@ -62,31 +61,6 @@ def test_threads_during_switches_inside_an_actor_and_goes_back(monkeypatch):
             assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
-
-
-def test_engine_logprobs_stand_for_pi_old_only_where_they_are_the_same_policy():
-    assert engine_old_logprobs(_cfg())  # auto, sync, unfiltered
-    assert not engine_old_logprobs(_cfg("algorithm.mode=async"))
-    assert not engine_old_logprobs(_cfg("rollout.top_p=0.9"))
-    assert not engine_old_logprobs(_cfg("rollout.temperature=0"))
-    assert not engine_old_logprobs(_cfg("algorithm.old_logprobs=trainer"))
-    for bad in (["algorithm.mode=async"], ["rollout.top_k=5"]):
-        with pytest.raises(ConfigError, match="algorithm.old_logprobs=engine"):
-            _cfg("algorithm.old_logprobs=engine", *bad)
-
-
-def test_auto_checks_the_gap_on_schedule_and_falls_back_for_good(tmp_path, capsys):
-    loop = RLLoop(_cfg("algorithm.logprob_check_every=5"), tmp_path, parts=None, logger=None)
-    loop.start_step = 3  # a resumed run checks at its first step
-    assert [s for s in range(3, 16) if loop._check_logprobs(s)] == [3, 5, 10, 15]
-    loop._judge_gap(3, ENGINE_LOGPROB_TOL / 10)
-    assert loop.engine_old
-    loop._judge_gap(5, ENGINE_LOGPROB_TOL * 10)
-    assert not loop.engine_old and not loop._check_logprobs(10)
-    assert "rl step 6" in capsys.readouterr().err
-    forced = RLLoop(_cfg("algorithm.old_logprobs=engine"), tmp_path, parts=None, logger=None)
-    assert forced.engine_old and not forced._check_logprobs(0)  # engine: never second-guessed
-    assert not RLLoop(_cfg("algorithm.old_logprobs=trainer"), tmp_path, parts=None, logger=None).engine_old
 
 
 @pytest.mark.ray

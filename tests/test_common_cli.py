@@ -48,7 +48,10 @@ def test_config_show_overrides_without_file():
 
 
 def test_config_show_cross_field_error_exits_2():
-    res = tidal("config", "show", "algorithm.name=grpo")
+    res = tidal("config", "show", "learner.num_workers=3")
+    assert res.returncode == 2 and "learner.mini_batch_size (8) must be a multiple" in res.stderr
+    # what the algorithm table refuses, preflight checks (--check, and `tidal train`)
+    res = tidal("config", "show", "--check", "algorithm.name=grpo")
     assert res.returncode == 2 and "rollout.n_samples must be >= 2" in res.stderr
 
 

@@ -129,21 +129,37 @@ def test_literal_misspelling_suggests(override, match):
         load_config(None, [override])
 
 
-def test_config_checks_every_algorithms_minimum_group_size():
+def test_preflight_checks_every_algorithms_minimum_group_size():
+    from tidal.driver.preflight import check_algorithm
     from tidal.learner.algorithms import ALGORITHMS
 
-    for algo in ALGORITHMS.values():  # the config's load-time check agrees with the algorithm table
-        assert load_config(None, [f"algorithm.name={algo.name}", f"rollout.n_samples={algo.min_samples}"])
+    for algo in ALGORITHMS.values():  # the check reads the algorithm table (the config cannot import it)
+        extra = ["algorithm.ei_threshold=0.5"] if algo.selects else []  # a selection that selects
+        check_algorithm(load_config(None, [f"algorithm.name={algo.name}", f"rollout.n_samples={algo.min_samples}",
+                                           *extra]))
         if algo.min_samples > 1:
             with pytest.raises(ConfigError, match="needs a group"):
-                load_config(None, [f"algorithm.name={algo.name}", f"rollout.n_samples={algo.min_samples - 1}"])
+                check_algorithm(load_config(None, [f"algorithm.name={algo.name}",
+                                                   f"rollout.n_samples={algo.min_samples - 1}"]))
 
 
 @pytest.mark.parametrize("name", ["grpo", "rloo"])
 def test_group_algorithms_need_several_samples(name):
+    from tidal.driver.preflight import check_algorithm
+
     with pytest.raises(ConfigError, match=rf"algorithm\.name={name} needs a group: rollout\.n_samples must be >= 2 \(got 1\)"):
-        load_config(None, [f"algorithm.name={name}"])
-    assert load_config(None, [f"algorithm.name={name}", "rollout.n_samples=2"]).algorithm.name == name
+        check_algorithm(load_config(None, [f"algorithm.name={name}"]))
+    check_algorithm(load_config(None, [f"algorithm.name={name}", "rollout.n_samples=2"]))
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_a_renamed_key_names_its_new_name(tmp_path, where):
+    path = tmp_path / "old.yaml"
+    path.write_text("algorithm:\n  ppo_epochs: 2\n" if where == "file" else "algorithm:\n  steps: 2\n")
+    with pytest.raises(ConfigError, match="'algorithm.ppo_epochs' was renamed to 'algorithm.update_epochs'") as e:
+        load_config(path, [] if where == "file" else ["algorithm.ppo_epochs=2"])
+    assert "algorithm.update_epochs=2" in str(e.value) and "\n" not in str(e.value)
+    assert load_config(None, ["algorithm.update_epochs=2"]).algorithm.update_epochs == 2
 
 
 def test_mini_batch_must_split_into_micro_batches_over_ranks():
@@ -183,8 +199,8 @@ def test_frozen():
 
 def test_replace_revalidates():
     cfg = load_config()
-    with pytest.raises(ConfigError, match="n_samples"):
-        dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, name="grpo"))
+    with pytest.raises(ConfigError, match="stop_at_kl"):
+        dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, early_stop="kl"))
 
 
 def test_yaml_round_trip(tmp_path):

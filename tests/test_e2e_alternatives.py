@@ -111,7 +111,7 @@ def test_tidal_eval_on_two_runs_fills_every_column(dpo_runs, tmp_path, capsys):
 def test_expert_iteration_raises_the_letter_rate(ray_cluster, tmp_path):
     cfg = load_config(REPO / "configs" / "tiny_ppo.yaml", tiny_overrides(
         tmp_path, "ei", "algorithm.name=expert_iteration", "rollout.n_samples=8", "algorithm.ei_top_k=1",
-        "algorithm.steps=12", "algorithm.ppo_epochs=4"))
+        "algorithm.steps=12", "algorithm.update_epochs=4"))
     run_pipeline(cfg, tmp_path / "ei")
     recs = [r for r in read_jsonl(tmp_path / "ei" / "metrics.jsonl") if r["stage"] == "rl" and r["step"] > 0]
     assert [r["ei/kept"] for r in recs] == [16.0] * 12  # best-of-8: one sample per prompt, every step

@@ -70,7 +70,7 @@ def test_grpo_disaggregated_async_learns_within_its_staleness_bound(ray_cluster,
 
 def test_grpo_sync_takes_pi_old_inside_the_update(ray_cluster, tmp_path):
     # one minibatch per step (8 prompts x 4 samples = 32) and a KL loss instead of a KL penalty:
-    # no old-policy forward and no engine log-probs (learner/experience.py::old_in_update)
+    # no old-policy forward and no engine log-probs (learner/pi_old.py, source update)
     cfg, run_dir, summary = _run(tmp_path, "grpo_in_update", "tiny_grpo.yaml", "learner.mini_batch_size=32",
                                  "algorithm.kl_coef=0", "algorithm.kl_loss=0.01")
     recs = _assert_learned(run_dir, margin=0.2)

@@ -10,7 +10,7 @@ import torch
 
 from tidal.common import precision
 from tidal.common.config import ConfigError, load_config
-from tidal.learner.experience import engine_old_logprobs
+from tidal.learner.pi_old import check_config, engine_is_pi_old
 
 CPU = torch.device("cpu")
 
@@ -51,11 +51,11 @@ def test_autocast_context_runs_matmuls_in_bf16():
 def test_config_rules():
     with pytest.raises(ConfigError, match="learner.autocast=bf16 needs model.dtype=float32"):
         load_config(None, ["learner.autocast=bf16", "model.dtype=bfloat16"])
-    with pytest.raises(ConfigError, match="old_logprobs=engine with learner.autocast=auto"):
-        load_config(None, ["learner.autocast=auto", "algorithm.old_logprobs=engine"])
+    with pytest.raises(ConfigError, match="old_logprobs=engine: with learner.autocast=auto"):
+        check_config(load_config(None, ["learner.autocast=auto", "algorithm.old_logprobs=engine"]))  # preflight's
     sync = ["algorithm.mode=sync", "rollout.temperature=1.0"]
-    assert engine_old_logprobs(load_config(None, sync))  # float32: the engine's log-probs are pi_old
-    assert not engine_old_logprobs(load_config(None, sync + ["learner.autocast=auto"]))  # bf16: the trainer's
+    assert engine_is_pi_old(load_config(None, sync))  # float32: the engine's log-probs are pi_old
+    assert not engine_is_pi_old(load_config(None, sync + ["learner.autocast=auto"]))  # bf16: the trainer's
 
 
 @pytest.fixture(scope="module")

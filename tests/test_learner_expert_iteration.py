@@ -1,15 +1,23 @@
-"""Expert iteration keeps exactly the selected samples and trains on them as demonstrations;
-the algorithm table routes it to the SFT update; the config checks its selection fields."""
+"""Expert iteration keeps exactly the selected samples and trains on them as demonstrations; it
+ranks them by the raw reward (not the clipped or EOS-penalised one) and, with the EOS penalty,
+never keeps a truncated sample; the algorithm table routes it to its select + SFT update and
+refuses selection settings that would keep every sample."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tidal.common.config import ConfigError, load_config
+from reward_fixtures import make_rollout
+
+from tidal.common.config import ConfigError, RewardConfig, RewardTerm, load_config
 from tidal.common.types import RolloutBatch, ScoredBatch
-from tidal.learner.algorithms import ALGORITHMS, algorithm_for
+from tidal.learner.algorithms import ALGORITHMS, algorithm_for, check_config
 from tidal.learner.expert_iteration import expert_batch, expert_rows, fill_to_multiple
+from tidal.learner.updates import expert_iteration_update, policy_gradient_update
+from tidal.reward_service.combine import build_reward
+
+NUMBER = RewardTerm(kind="function", target="reward_fixtures:as_number")  # the completion text as a number
 
 PAD, EOS = 0, 2
 
@@ -57,16 +65,79 @@ def test_fill_to_multiple_repeats_rows_and_drops_none():
     assert fill_to_multiple(batch, 3) is batch
 
 
-def test_the_table_routes_expert_iteration_to_the_sft_update():
+def test_samples_tied_at_the_reward_clip_rank_by_their_raw_reward():
+    scored = build_reward(RewardConfig(terms=(NUMBER,), clip=1.0)).score(
+        make_rollout(["p"] * 6, ["0.5", "3", "7", "-2", "2", "-0.5"]))  # 2 prompts x 3 samples
+    assert scored.scores.tolist() == [0.5, 1.0, 1.0, -1.0, 1.0, -0.5]  # 3 and 7 tie at the clip
+    assert expert_rows(scored, 3, top_k=1, threshold=None).tolist() == [2, 4]  # 7, not the first of the tie
+    assert expert_rows(scored, 3, top_k=None, threshold=1.0).tolist() == [1, 2, 4]  # the bar: on the trained scores
+
+
+def test_with_the_eos_penalty_a_truncated_sample_is_never_kept():
+    scored = build_reward(RewardConfig(terms=(NUMBER,), missing_eos_penalty=0.0)).score(
+        make_rollout(["p"] * 3, ["-1", "5", "-3"], finish=["stop", "length", "stop"]))
+    assert scored.scores.tolist() == [-1.0, 0.0, -3.0]  # the penalty (0) beats the complete samples
+    assert expert_rows(scored, 3, top_k=1, threshold=None, keep_truncated=False).tolist() == [0]
+    assert expert_rows(scored, 3, top_k=None, threshold=-5.0, keep_truncated=False).tolist() == [0, 2]
+    # without the penalty a truncated sample competes on what it scored (tests/test_e2e_alternatives.py:
+    # the tiny model never ends within max_new_tokens)
+    assert expert_rows(scored, 3, top_k=1, threshold=None).tolist() == [1]
+
+
+def test_the_table_routes_expert_iteration_to_its_select_and_sft_update():
     ei = algorithm_for("expert_iteration")
-    assert ei.update == "sft" and not ei.uses_critic and ei.advantages is None
-    assert {a.update for n, a in ALGORITHMS.items() if n != "expert_iteration"} == {"policy_gradient"}
+    assert ei.update is expert_iteration_update and not ei.uses_critic and ei.advantages is None
+    assert not ei.ratio and ei.selects  # no ratio: pi_old is never taken inside its update
+    others = [a for n, a in ALGORITHMS.items() if n != "expert_iteration"]
+    assert all(a.update is policy_gradient_update and a.ratio and not a.selects for a in others)
 
 
-def test_config_checks_the_selection_fields():
-    cfg = load_config(None, ["algorithm.name=expert_iteration", "rollout.n_samples=4", "algorithm.ei_top_k=2"])
-    assert cfg.algorithm.ei_top_k == 2 and cfg.algorithm.ei_threshold is None
-    with pytest.raises(ConfigError, match="ei_top_k=5"):
-        load_config(None, ["algorithm.name=expert_iteration", "rollout.n_samples=4", "algorithm.ei_top_k=5"])
-    with pytest.raises(ConfigError, match="ei_threshold are both null"):
-        load_config(None, ["algorithm.ei_top_k=null"])
+EI = ["algorithm.name=expert_iteration"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["rollout.n_samples=4", "algorithm.ei_top_k=5"], "ei_top_k=5"),
+    (["rollout.n_samples=4", "algorithm.ei_top_k=null"], "ei_threshold are both null"),
+    ([], r"ei_top_k=1 of rollout\.n_samples=1 and no algorithm\.ei_threshold keeps every sample"),
+    (["rollout.n_samples=4", "algorithm.ei_top_k=4"], "keeps every sample"),
+])
+def test_selection_settings_that_keep_every_sample_are_refused(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        check_config(load_config(None, EI + overrides))
+
+
+def test_selection_settings_that_select():
+    for overrides in (["rollout.n_samples=4", "algorithm.ei_top_k=2"], ["algorithm.ei_threshold=0.5"],
+                      ["rollout.n_samples=4", "algorithm.ei_top_k=4", "algorithm.ei_threshold=0.5"]):
+        check_config(load_config(None, EI + overrides))
+    check_config(load_config(None, ["algorithm.ei_top_k=null"]))  # not expert iteration: its fields are unused
+
+
+def test_the_update_trains_only_complete_samples_under_the_eos_penalty():
+    """The update's selection (pure logic; the group is a stand-in that records what it is asked to
+    fine-tune on, tests/test_e2e_alternatives.py trains for real)."""
+    from types import SimpleNamespace
+
+    from tidal.common.metrics import Timer
+    from tidal.learner.experience import ForwardPass, pad_prompt_response
+    from tidal.learner.updates import StepBatch
+
+    def run(*overrides):
+        cfg = load_config(None, EI + ["rollout.n_samples=3", "learner.mini_batch_size=4", "learner.micro_batch_size=4",
+                                      *overrides])
+        reward = build_reward(RewardConfig(terms=(NUMBER,), missing_eos_penalty=cfg.reward.missing_eos_penalty))
+        scored = reward.score(make_rollout(["p"] * 3, ["-1", "5", "-3"], finish=["stop", "length", "stop"]))
+        ids, attn, mask = pad_prompt_response(scored.rollout.prompt_ids, scored.rollout.response_ids, PAD)
+        trained = []
+        group = SimpleNamespace(cfg=cfg, tokenizer=SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS),
+                                update_sft=lambda batch, epochs, lr: trained.append(batch) or {"losses/sft": 1.0})
+        fwd = ForwardPass(ids, attn, mask, -mask, -2 * mask)
+        out = expert_iteration_update(group, StepBatch(0, scored, scored.scores, fwd, 0.0), Timer())
+        return out, trained[0]
+
+    out, batch = run("reward.missing_eos_penalty=0.0")
+    assert out.metrics["ei/kept"] == 1 and out.metrics["ei/kept_score_mean"] == -1.0  # row 0, not the penalised row 1
+    assert out.kl_per_seq == pytest.approx(1.0)  # one token, log pi_old - log pi_ref = -1 - -2
+    assert batch.response_mask.sum(-1).tolist() == [1.0] * 4  # row 0 filled to the minibatch, never row 1
+    out, batch = run()  # no penalty: the truncated sample competes on its raw score and wins
+    assert out.metrics["ei/kept"] == 1 and out.metrics["ei/kept_score_mean"] == 5.0

@@ -17,11 +17,12 @@ from tidal.common.models import load_value_model, sequence_logprobs
 from tidal.common.types import Experience, RolloutBatch, ScoredBatch
 from tidal.learner.experience import assemble_experience, pad_prompt_response, usable_rows
 from tidal.learner.group import LearnerGroup
+from tidal.learner.pi_old import PiOldStep
 from tidal.learner.reward_model import build_preference_batch, reward_micro_loss
 from tidal.learner.sft import build_sft_batch
 
 BASE = ["learner.num_workers=1", "learner.zero_stage=2", "learner.mini_batch_size=4", "learner.micro_batch_size=2",
-        "learner.lr=1e-3", "learner.critic_lr=1e-4", "learner.lr_schedule=constant", "algorithm.ppo_epochs=2"]
+        "learner.lr=1e-3", "learner.critic_lr=1e-4", "learner.lr_schedule=constant", "algorithm.update_epochs=2"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,10 +79,12 @@ def test_ppo_update_follows_the_advantage_sign(ppo_group):
     sign = torch.tensor([1.0, -1.0] * 4)
     exp = _ppo_experience(ppo_group, sign)
     ppo_group.compute_logprobs(exp.input_ids, exp.attention_mask, exp.response_mask.shape[1], 1.0)
-    metrics = ppo_group.update_rl(exp)
+    metrics = ppo_group.update_rl(exp).metrics
     delta = _row_delta(ppo_group, exp, exp.old_logprobs)
     assert (delta[sign > 0] > 0).all() and (delta[sign < 0] < 0).all(), delta
-    assert metrics["ppo/early_stopped"] == 0 and metrics["ppo/minibatches"] == metrics["ppo/minibatches_planned"] == 4
+    assert metrics["update/early_stopped"] == 0
+    assert metrics["update/minibatches"] == metrics["update/minibatches_planned"] == 4
+    assert metrics["update/short_minibatch"] == 0 and metrics["update/rows_padding"] == 0
     for key in ("losses/policy", "losses/value", "policy/approx_kl", "policy/clipfrac", "policy/entropy"):
         assert key in metrics and torch.isfinite(torch.tensor(metrics[key])), key
     # the critic regresses toward the returns (values + 1), by at most the value clip per update
@@ -96,7 +99,7 @@ def test_ppo_ptx_adds_the_sft_likelihood(ppo_group):
                             32, 16, use_chat_template=False)
     exp = _ppo_experience(ppo_group, torch.zeros(8))  # zero advantages: only the ptx term pulls
     before = ppo_group.compute_logprobs(demos.input_ids, demos.attention_mask, demos.response_len, 1.0)
-    metrics = ppo_group.update_rl(exp, ptx=demos)
+    metrics = ppo_group.update_rl(exp, ptx=demos).metrics
     after = ppo_group.compute_logprobs(demos.input_ids, demos.attention_mask, demos.response_len, 1.0)
     m = demos.response_mask
     assert ((after - before) * m).sum() / m.sum() > 0.05  # demonstrations became more likely
@@ -119,14 +122,14 @@ def test_checkpoint_restores_weights_optimizer_and_counters(ppo_group, tmp_path)
 
 
 def test_kl_early_stop_triggers_with_a_tiny_target(tiny_model):
-    g = LearnerGroup(_cfg("algorithm.early_stop_kl=1e-7", "algorithm.ppo_epochs=4"), tiny_model,
+    g = LearnerGroup(_cfg("algorithm.early_stop_kl=1e-7", "algorithm.update_epochs=4"), tiny_model,
                      critic_path=tiny_model, reference_path=tiny_model, local=True)
     try:
-        metrics = g.update_rl(_ppo_experience(g, torch.tensor([1.0, -1.0] * 4)))
+        metrics = g.update_rl(_ppo_experience(g, torch.tensor([1.0, -1.0] * 4))).metrics
     finally:
         g.shutdown()
-    assert metrics["ppo/early_stopped"] == 1.0
-    assert 1 <= metrics["ppo/minibatches"] < metrics["ppo/minibatches_planned"] == 8
+    assert metrics["update/early_stopped"] == 1.0
+    assert 1 <= metrics["update/minibatches"] < metrics["update/minibatches_planned"] == 8
 
 
 def test_critic_free_updates_follow_group_advantages(tiny_model):
@@ -142,8 +145,8 @@ def test_critic_free_updates_follow_group_advantages(tiny_model):
         kept, kept_scores = usable_rows(ScoredBatch(rollout, scores), g.algorithm, 4)
         fwd = g.forward(kept)  # the one experience path: forward, then assemble (GRPO)
         # pi_old from the engine (algorithm.old_logprobs): no rank forward, nothing left to compare
-        eng = g.forward(kept, old_from_engine=True)
-        assert eng.old_from_engine and not fwd.old_from_engine and eng.rollout_logprobs is None
+        eng = g.forward(kept, PiOldStep("engine"))
+        assert eng.pi_old == "engine" and fwd.pi_old == "trainer" and eng.rollout_logprobs is None
         assert torch.equal(eng.old_logprobs, fwd.rollout_logprobs * fwd.response_mask)  # the engine's -1.0s
         assert torch.equal(eng.ref_logprobs, fwd.ref_logprobs) and eng.logprob_gap() is None
         assert fwd.logprob_gap() > 0.5  # the trainer's logprobs are not the fake -1.0s
@@ -156,7 +159,7 @@ def test_critic_free_updates_follow_group_advantages(tiny_model):
                 exp = assemble_experience(fwd, scores, algorithm=algo, group_size=4, kl_coef=0.0, kl_estimator="k1",
                                           gamma=1.0, lam=1.0, whiten=True)
             seq_adv = exp.advantages[:, 0]
-            metrics = g.update_rl(exp)
+            metrics = g.update_rl(exp).metrics
             assert "losses/value" not in metrics
             delta = _row_delta(g, exp, exp.old_logprobs)
             pos, neg = seq_adv > 0.1, seq_adv < -0.1
@@ -175,7 +178,7 @@ def test_entropy_bonus_raises_policy_entropy(tiny_model):
         old = g.compute_logprobs(ids, attn, rmask.shape[1], 1.0)
         zeros = torch.zeros_like(rmask)  # no advantage: the entropy term alone drives the update
         exp = Experience(ids, attn, rmask, old, old, zeros, zeros, zeros, torch.zeros(8))
-        first, second = g.update_rl(exp), g.update_rl(exp)
+        first, second = g.update_rl(exp).metrics, g.update_rl(exp).metrics
         assert second["policy/entropy"] > first["policy/entropy"]
     finally:
         g.shutdown()
@@ -308,12 +311,12 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tiny_model, tmp_pa
 
 
 def test_kl_loss_term_pulls_the_policy_toward_the_reference(tiny_model):
-    g = LearnerGroup(_cfg("algorithm.kl_loss=5.0", "algorithm.ppo_epochs=4"), tiny_model, critic_path=tiny_model,
+    g = LearnerGroup(_cfg("algorithm.kl_loss=5.0", "algorithm.update_epochs=4"), tiny_model, critic_path=tiny_model,
                      reference_path=tiny_model, local=True)
     try:
         exp = _ppo_experience(g, torch.tensor([1.0, -1.0] * 4))
         exp = dataclasses.replace(exp, ref_logprobs=exp.old_logprobs - 1.0)  # a reference far from the policy
-        metrics = g.update_rl(dataclasses.replace(exp, advantages=torch.zeros_like(exp.advantages)))
+        metrics = g.update_rl(dataclasses.replace(exp, advantages=torch.zeros_like(exp.advantages))).metrics
         assert metrics["losses/kl"] > 0
         delta = _row_delta(g, exp, exp.old_logprobs)
         assert (delta < 0).all(), delta  # only the KL term pulls: toward the (lower) reference logprobs

@@ -156,8 +156,8 @@ def test_group_baselines_match_loops():
     grpo_t = grpo_advantages(scores, g).reshape(-1, g)
     torch.testing.assert_close(grpo_t.mean(-1), torch.zeros(3, dtype=torch.float64))  # zero-mean per group
     for algo in ALGORITHMS.values():  # one shared signature for every table entry that has advantages
-        if algo.advantages is None:  # expert iteration: an SFT update, no advantages
-            assert algo.update == "sft", algo.name
+        if algo.advantages is None:  # expert iteration: select + SFT, no advantages and no ratio
+            assert algo.selects and not algo.ratio, algo.name
             continue
         values = None if not algo.uses_critic else torch.zeros(12, 3)
         adv, ret = algo.advantages(scores, torch.zeros(12, 3), torch.ones(12, 3), values, 0.1, g, 1.0, 0.95)

@@ -105,8 +105,8 @@ def test_zero3_ppo_step_from_a_scored_rollout(zero3, tiny_model, tmp_path):
     assert torch.allclose(exp.ref_logprobs * exp.response_mask, ref * exp.response_mask, atol=1e-5)
     assert exp.values.abs().sum() > 0 and torch.equal(exp.values * (1 - exp.response_mask), torch.zeros(B, R))
     zero3.checkpoint(tmp_path / "ckpt")
-    metrics = zero3.update_rl(exp)
-    assert metrics["ppo/minibatches"] == 2 and metrics["learner/rows_unused"] == 0  # 4 rows per rank, 2 per step
+    metrics = zero3.update_rl(exp).metrics
+    assert metrics["update/minibatches"] == 2 and metrics["learner/rows_unused"] == 0  # 4 rows per rank, 2 per step
     after = zero3.compute_logprobs(exp.input_ids, exp.attention_mask, R, 1.0)
     delta = ((after - exp.old_logprobs) * exp.response_mask).sum(-1) / exp.response_mask.sum(-1)
     adv = (exp.advantages * exp.response_mask).sum(-1)

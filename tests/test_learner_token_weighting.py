@@ -14,7 +14,7 @@ from tidal.learner.group import LearnerGroup
 from tidal.learner.sft import build_sft_batch
 
 BASE = ["learner.zero_stage=0", "learner.mini_batch_size=16", "learner.lr=1e-2", "learner.critic_lr=1e-2",
-        "learner.lr_schedule=constant", "algorithm.ppo_epochs=1", "learner.max_grad_norm=0", "rollout.n_samples=1"]
+        "learner.lr_schedule=constant", "algorithm.update_epochs=1", "learner.max_grad_norm=0", "rollout.n_samples=1"]
 WORDS = ["great", "truly wonderful and moving, a delight from start to end", "ok", "lovely, thanks"]
 
 
