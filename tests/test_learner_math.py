@@ -405,3 +405,26 @@ def test_logprobs_and_entropy_equal_the_separate_ops(temperature):
     (g,) = torch.autograd.grad(ent2.sum(), logits)
     (want,) = torch.autograd.grad(entropy_from_logits(logits, temperature).sum(), logits)
     assert torch.allclose(g, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_temperature_divides_the_float32_logits(temperature):
+    """bf16 logits (autocast): the temperature divides their float32 values, so the quotient is
+    not rounded to bf16's 8 mantissa bits before the log-softmax; the gradient still reaches them."""
+    from tidal.common.ops import entropy_from_logits, logprobs_from_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 1000, generator=g) * 4).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 1000, (3, 5), generator=g)
+    want = torch.log_softmax(logits.detach().float() / temperature, -1)  # (3, 5, V)
+    lp = logprobs_from_logits(logits, labels, temperature)
+    assert lp.dtype == torch.float32
+    assert torch.equal(lp, want.gather(-1, labels[..., None]).squeeze(-1))
+    assert torch.equal(entropy_from_logits(logits.detach(), temperature), -(want.exp() * want).sum(-1))
+    lp.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and logits.grad.abs().sum() > 0
+    # float32 logits are not modified in place by the division
+    f32 = logits.detach().float()
+    before = f32.clone()
+    logprobs_from_logits(f32, labels, temperature)
+    assert torch.equal(f32, before)
