@@ -26,9 +26,10 @@ import torch
 from tidal.actors.threads import apply_threads, threads_during
 from tidal.common.config import TidalConfig
 from tidal.common.ops import logprobs_and_entropy, logprobs_from_logits, position_ids_from_mask
-from tidal.common.precision import autocast, use_autocast
+from tidal.common import precision
+from tidal.common.precision import autocast
 from tidal.learner.engine import (build_policy, build_value, free_port, init_distributed, linear_lr, make_engine,
-                                  model_dtype, seed_everything)
+                                  seed_everything)
 
 ROLES = ("policy", "reward")
 CKPT_TAG = "state"
@@ -43,6 +44,7 @@ class WorkerSpec:
     critic_path: str | None = None  # policy role: value-model init (RM folder or LM); None: no critic
     rl_total_steps: int = 1  # optimizer steps of the RL stage (the linear LR decay's horizon)
     critic_affine: tuple[float, float] | None = None  # (shift, scale) folded into the critic's head
+    autocast: bool = False  # bf16 autocast forwards: the group's one decision (precision.decide_autocast)
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,13 @@ class LearnerWorker:
         self.rl_steps = 0  # optimizer steps taken by update_rl (drives the RL LR schedule)
         self.rl_updates = 0  # update_rl calls (seeds each call's shuffling)
         self.weight_sender = None  # rollout.weight_transport=collective: rank 0's CollectiveTransport
-        self.autocast = use_autocast(cfg.learner.autocast, model_dtype(cfg), self.device)  # tidal.common.precision
+        self.autocast = False  # set by setup from WorkerSpec.autocast: decided by the group, not by this rank
 
     # ------------------------------------------------------------------ setup
+
+    def bf16_native(self) -> bool:
+        """Whether this rank's device multiplies bf16 in hardware (the group's autocast decision asks)."""
+        return precision.bf16_native(self.device)
 
     def master_address(self) -> tuple[str, int]:
         """(address, free port) of this rank's node: rank 0's answer is everyone's rendezvous."""
@@ -97,7 +103,7 @@ class LearnerWorker:
         seed_everything(self.seed)
         from tidal.common.models import load_tokenizer
 
-        self.spec = spec
+        self.spec, self.autocast = spec, spec.autocast
         self.tokenizer = load_tokenizer(spec.model_path)
         cfg, lc, n = self.cfg, self.cfg.learner, self.world_size
         if spec.role == "policy":
