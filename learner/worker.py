@@ -198,21 +198,18 @@ class LearnerWorker:
 
     def run_step(self, micro_batches: list, loss_fn: Callable) -> dict[str, float]:
         """One optimizer step of the main engine over `micro_batches` (DeepSpeed accumulates the
-        gradient-accumulation count of micro-batches and steps at the boundary). Token-level
-        losses (batches with a response_mask: SFT) weigh every token of the step alike across
-        micro-batches and ranks (token_scale); a preference batch's loss is a mean over prompts,
-        and every micro-batch holds the same number of prompts, so it needs no scaling."""
+        gradient-accumulation count of micro-batches and steps at the boundary). Each micro-batch's
+        loss is a mean over its tokens (SFT: a response_mask) or over its weighted pairs/prompts
+        (DPO, RM: `loss_mass`, their total weight); token_scale makes the step's loss that mean
+        over the whole minibatch, across micro-batches and ranks, however it is split."""
         sums: dict[str, float] = {}
-        # A batch says whether its loss is a token mean (SFT) or a mean over prompts/pairs (DPO).
-        counts = [mb.response_mask.sum().item() if getattr(mb, "token_mean_loss", hasattr(mb, "response_mask")) else None
-                  for mb in micro_batches]
-        total = self.global_sum(sum(counts)) if counts and counts[0] is not None else None
+        counts = [mb.loss_mass if hasattr(mb, "loss_mass") else mb.response_mask.sum().item() for mb in micro_batches]
+        total = self.global_sum(sum(counts))
         for mb, count in zip(micro_batches, counts):
             loss, metrics = loss_fn(mb)
-            if total is not None:
-                scale = self.token_scale(count, total, len(micro_batches))
-                loss = loss * scale
-                metrics = {k: v * scale if k.startswith("losses/") else v for k, v in metrics.items()}
+            scale = self.token_scale(count, total, len(micro_batches))
+            loss = loss * scale
+            metrics = {k: v * scale if k.startswith("losses/") else v for k, v in metrics.items()}
             self.engine.backward(loss)
             self.engine.step()
             for k, v in metrics.items():
@@ -284,10 +281,11 @@ class LearnerWorker:
         return t.item()
 
     def token_scale(self, micro_tokens: float, total_tokens: float, num_micro: int) -> float:
-        """Factor turning a micro-batch's token-mean loss into its share of the minibatch's
-        token-mean over all ranks: micro_tokens / total_tokens, times the micro-batch count and
-        the world size that DeepSpeed divides the gradients by."""
-        return micro_tokens * num_micro * self.world_size / max(total_tokens, 1.0)
+        """Factor turning a micro-batch's token-mean (or weighted-mean) loss into its share of the
+        minibatch's mean over all ranks: micro_tokens / total_tokens (tokens, or weights), times
+        the micro-batch count and the world size that DeepSpeed divides the gradients by. Weights
+        may total less than 1 (pairs of K-wise rankings weigh 1 / C(K, 2)): no floor at 1."""
+        return micro_tokens * num_micro * self.world_size / total_tokens if total_tokens > 0 else 0.0
 
     def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
         """Average each metric over ranks (every rank must pass the same keys)."""
