@@ -13,8 +13,9 @@ the reference worker as a plain bool.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import ContextManager, Sequence
+from typing import ContextManager
 
 import torch
 

@@ -26,8 +26,7 @@ import torch
 from tidal.actors.threads import apply_threads, threads_during
 from tidal.common.config import TidalConfig
 from tidal.common.ops import logprobs_and_entropy, logprobs_from_logits, position_ids_from_mask
-from tidal.common import precision
-from tidal.common.precision import autocast
+from tidal.common.precision import autocast, bf16_native
 from tidal.learner.engine import (build_policy, build_value, free_port, init_distributed, linear_lr, make_engine,
                                   seed_everything)
 
@@ -79,7 +78,7 @@ class LearnerWorker:
 
     def bf16_native(self) -> bool:
         """Whether this rank's device multiplies bf16 in hardware (the group's autocast decision asks)."""
-        return precision.bf16_native(self.device)
+        return bf16_native(self.device)
 
     def master_address(self) -> tuple[str, int]:
         """(address, free port) of this rank's node: rank 0's answer is everyone's rendezvous."""
