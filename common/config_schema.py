@@ -211,9 +211,9 @@ class RMStage:
 @dataclass(frozen=True)
 class DPOStage:
     beta: float = doc(0.1, "DPO temperature: the implicit reward is beta x log(pi / pi_ref); larger keeps the policy closer to the SFT reference.", min=1e-6)
-    loss: Literal["sigmoid", "ipo"] = doc("sigmoid", "sigmoid: DPO's -log sigmoid(beta h) (Rafailov et al. 2023); ipo: (h - 1/(2 beta))^2 (Azar et al. 2023), which does not push the margin to infinity on deterministic preferences.")
+    loss: Literal["sigmoid", "ipo", "ipo_mean"] = doc("sigmoid", "sigmoid: DPO's -log sigmoid(beta h) (Rafailov et al. 2023); ipo: (h - 1/(2 beta))^2 (Azar et al. 2023), which does not push the margin to infinity on deterministic preferences, with h from summed sequence log-probs as in the paper; ipo_mean: the same on per-token mean log-probs (TRL's loss_type=ipo), whose beta is TRL's (docs/alternatives.md).")
     label_smoothing: float = doc(0.0, "sigmoid loss only: the chance each preference label is wrong (conservative DPO); 0 = plain DPO.", min=0.0, max=0.49)
-    data: Literal["comparisons", "rankings"] = doc("comparisons", "Preference file DPO reads: data.comparisons (pairs) or data.rankings (each K-wise ranking gives its C(K,2) pairs).")
+    data: Literal["comparisons", "rankings"] = doc("comparisons", "Preference file DPO reads: data.comparisons (pairs, each with its optional weight) or data.rankings (each K-wise ranking gives its C(K,2) pairs, each weighing 1/C(K,2)); the loss is the weighted mean over pairs.")
     epochs: int = doc(1, "Passes over the preference pairs.", min=1)
     max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps.", min=1)
     lr: Optional[float] = doc(None, "Learning rate (None: learner.lr).", min=0.0)
@@ -255,6 +255,10 @@ def _check_cross_fields(c: TidalConfig) -> None:
         raise ConfigError("algorithm.early_stop=kl needs the bound: set algorithm.stop_at_kl (nats per sequence).")
     if a.early_stop == "gold_drop" and c.logging.gold_every == 0:
         raise ConfigError("algorithm.early_stop=gold_drop needs the gold monitor: set logging.gold_every > 0.")
+    dpo = c.stages.dpo
+    if dpo.label_smoothing > 0 and dpo.loss != "sigmoid":
+        raise ConfigError(f"stages.dpo.label_smoothing={dpo.label_smoothing} applies to stages.dpo.loss=sigmoid only "
+                          f"(got {dpo.loss}); set stages.dpo.label_smoothing=0 or stages.dpo.loss=sigmoid.")
     lc = c.learner
     if lc.autocast != "none" and c.model.dtype != "float32":
         raise ConfigError(f"learner.autocast={lc.autocast} needs model.dtype=float32 (got {c.model.dtype}, which is bf16 "

@@ -4,7 +4,9 @@ and chat-template rendering (prompt batches for the RL driver: tidal.common.prom
 Record kinds and their row fields (unknown extra fields are ignored):
   prompts         prompt | messages, [reference]
   demonstrations  prompt + response, or messages whose last turn is the assistant's (= response)
-  comparisons     prompt | messages, chosen, rejected
+  comparisons     prompt | messages, chosen, rejected, [weight] (> 0, default 1: a pair's share
+                  of its prompt; `tidal label export --format comparisons` writes 1 / C(K, 2) for
+                  each pair of a K-wise ranking, as the InstructGPT ranking loss weighs them)
   rankings        prompt | messages, responses (K >= 2), ranking (ranking[i] = rank of
                   responses[i], 0 = best; a permutation of range(K))
 `prompt` is a string; `messages` is a chat list of {role, content} (the prompt conversation).
@@ -14,6 +16,7 @@ Files are chosen by suffix: .jsonl / .json (JSON lines) or .parquet.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,7 @@ class ComparisonRecord:
     prompt: Prompt
     chosen: str
     rejected: str
+    weight: float = 1.0  # the pair's weight in the rm and dpo losses' weighted means
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ _PROMPT_FIELDS = [("prompt", pa.string()), ("messages", _MESSAGES)]
 SCHEMAS: dict[str, pa.Schema] = {
     "prompts": pa.schema(_PROMPT_FIELDS + [("reference", pa.string())]),
     "demonstrations": pa.schema(_PROMPT_FIELDS + [("response", pa.string())]),
-    "comparisons": pa.schema(_PROMPT_FIELDS + [("chosen", pa.string()), ("rejected", pa.string())]),
+    "comparisons": pa.schema(_PROMPT_FIELDS + [("chosen", pa.string()), ("rejected", pa.string()),
+                                               ("weight", pa.float64())]),
     "rankings": pa.schema(_PROMPT_FIELDS + [("responses", pa.list_(pa.string())), ("ranking", pa.list_(pa.int64()))]),
 }
 _KIND_OF = {PromptRecord: "prompts", DemonstrationRecord: "demonstrations",
@@ -76,7 +81,7 @@ _KIND_OF = {PromptRecord: "prompts", DemonstrationRecord: "demonstrations",
 _HINTS = {
     "prompts": "Each prompt row needs 'prompt' (a string) or 'messages' (a list of {role, content}); 'reference' is optional.",
     "demonstrations": "Each demonstration row needs 'prompt' and 'response' strings, or 'messages' whose last turn is the assistant's response.",
-    "comparisons": "Each comparison row needs prompt (or messages), chosen and rejected.",
+    "comparisons": "Each comparison row needs prompt (or messages), chosen and rejected; 'weight' (a number > 0, default 1) is optional.",
     "rankings": "Each ranking row needs prompt (or messages), 'responses' (K >= 2 strings) and 'ranking' (rank of each response, 0 = best, a permutation of 0..K-1).",
 }
 
@@ -162,8 +167,13 @@ def _parse_comparison(row: _Row) -> ComparisonRecord:
     for field in ("chosen", "rejected"):
         if field not in row.data:
             raise row.fail(field, "missing")
+    weight = row.data.get("weight")
+    weight = 1.0 if weight is None else weight  # parquet files without weights read as null
+    number = type(weight) in (int, float)
+    if not number or not math.isfinite(weight) or weight <= 0:
+        raise row.fail("weight", f"expected a finite number > 0 (omit it for 1), got {weight if number else _describe(weight)}")
     record = ComparisonRecord(row.prompt(), row.response("chosen", row.data["chosen"]),
-                              row.response("rejected", row.data["rejected"]))
+                              row.response("rejected", row.data["rejected"]), float(weight))
     if record.chosen.strip() == record.rejected.strip():  # a pair that teaches nothing, most likely a copy slip
         raise row.fail("rejected", "the same text as 'chosen'; a comparison needs two different responses (fix or drop the row)")
     return record

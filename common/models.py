@@ -210,7 +210,12 @@ class ValueModel(nn.Module):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         hidden = out.last_hidden_state  # (B, T, H)
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        # The head runs outside autocast, in its own dtype (float32 unless model.dtype is bf16):
+        # under learner.autocast a bf16 head would round every score, and with them the
+        # reward_mean/std a reward model is saved with, away from the float32 reward service's.
+        with torch.autocast(hidden.device.type, enabled=False):
+            values = self.value_head(hidden.to(self.value_head.weight.dtype))  # (B, T, 1)
+        return values.squeeze(-1).float()
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B,) value at the last real token; works with left, right or mixed padding."""

@@ -3,7 +3,9 @@
 rankings     one row per (task, labeler) ranking: {prompt, responses, ranking} with
              ranking[i] = rank of responses[i], 0 = best; a task ranked by two labelers (overlap)
              gives two rows, so disagreement stays in the data as it was collected.
-comparisons  every C(K,2) pair of each ranking: {prompt, chosen, rejected} (chosen ranked better).
+comparisons  every C(K,2) pair of each ranking: {prompt, chosen, rejected, weight} (chosen ranked
+             better), weight = 1 / C(K,2), so each ranking weighs as much as one comparison in the
+             rm and dpo losses (InstructGPT's ranking loss; a K=9 ranking would otherwise count 36x).
 ratings      one row per labeled response: {prompt, response, likert, flags, ...} (tidal's own
              format; no stage reads it yet).
 Ties: the page collects a strict order, so there are none to export. Skips (with their reason)
@@ -15,6 +17,7 @@ Every row also carries task_id, labeler, sources and versions (readers ignore un
 from __future__ import annotations
 
 import json
+import math
 from itertools import combinations
 from pathlib import Path
 
@@ -39,10 +42,11 @@ def ranking_rows(store: FeedbackStore, include_gold: bool = False) -> list[dict]
 def comparison_rows(store: FeedbackStore, include_gold: bool = False) -> list[dict]:
     rows = []
     for lab, task in _labeled(store, include_gold):
+        weight = 1.0 / math.comb(len(task.responses), 2)  # the ranking's pairs share one comparison's weight
         for i, j in combinations(range(len(task.responses)), 2):
             win, lose = (i, j) if lab.ranking[i] < lab.ranking[j] else (j, i)
             rows.append({"prompt": task.prompt, "chosen": task.responses[win].text, "rejected": task.responses[lose].text,
-                         "task_id": task.id, "labeler": lab.labeler,
+                         "weight": weight, "task_id": task.id, "labeler": lab.labeler,
                          "sources": [task.responses[win].source, task.responses[lose].source],
                          "versions": [task.responses[win].version, task.responses[lose].version]})
     return rows
@@ -65,7 +69,8 @@ def ranking_records(store: FeedbackStore, include_gold: bool = False) -> list[Ra
 
 
 def comparison_records(store: FeedbackStore, include_gold: bool = False) -> list[ComparisonRecord]:
-    return [ComparisonRecord(r["prompt"], r["chosen"], r["rejected"]) for r in comparison_rows(store, include_gold)]
+    return [ComparisonRecord(r["prompt"], r["chosen"], r["rejected"], r["weight"])
+            for r in comparison_rows(store, include_gold)]
 
 
 def export_rows(store: FeedbackStore, fmt: str, include_gold: bool = False) -> list[dict]:

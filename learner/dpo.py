@@ -1,8 +1,12 @@
 """DPO data: comparisons and K-wise rankings -> (chosen, rejected) pairs -> one padded batch.
 
 The same files the reward-model stage reads feed DPO. A comparison is one pair; a ranking of K
-responses gives all C(K, 2) pairs of its prompt, the better-ranked response as `chosen`
-(the pairwise decomposition the InstructGPT reward model uses, here applied to the policy).
+responses gives all C(K, 2) pairs of its prompt, the better-ranked response as `chosen`, each
+weighing 1 / C(K, 2) (the pairwise decomposition and weighting the InstructGPT reward model
+uses, here applied to the policy): a ranking weighs as much as one comparison, not C(K, 2) of
+them. A comparison row's own `weight` (tidal.common.data; the comparisons export writes
+1 / C(K, 2)) is kept. The loss is the weighted mean over a minibatch's pairs, exact for any
+micro-batch split and rank count (`DPOBatch.loss_mass`, LearnerWorker.run_step).
 Tokenization is exactly `build_preference_batch`'s (tidal.learner.reward_model): the prompt
 like an RL prompt (left cut), each response with EOS appended and cut to max_response_tokens, so
 a DPO policy and a reward model trained on one file see the same token sequences.
@@ -16,14 +20,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import ClassVar
-
 import torch
 
 from tidal.common.data import ComparisonRecord, RankingRecord, render_prompt
 from tidal.learner.experience import pad_prompt_response
 from tidal.learner.losses import dpo_loss
 from tidal.learner.sft import tokenize_prompt, tokenize_response
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "ipo_mean")  # stages.dpo.loss
 
 
 def ranking_pairs(ranking: list[int]) -> list[tuple[int, int]]:
@@ -35,16 +40,18 @@ def ranking_pairs(ranking: list[int]) -> list[tuple[int, int]]:
 
 
 def preference_pairs(records: list[ComparisonRecord | RankingRecord]) -> tuple[list[ComparisonRecord], list[int]]:
-    """Every record as comparisons: a comparison as is, a ranking as its C(K, 2) pairs (better
-    first). Returns (pairs, source) with source[j] = index of the record pair j came from."""
+    """Every record as comparisons: a comparison as is (with its weight), a ranking as its
+    C(K, 2) pairs (better first), each of weight 1 / C(K, 2). Returns (pairs, source) with
+    source[j] = index of the record pair j came from."""
     pairs, source = [], []
     for i, rec in enumerate(records):
         if isinstance(rec, ComparisonRecord):
             pairs.append(rec)
             source.append(i)
         elif isinstance(rec, RankingRecord):
+            weight = 1.0 / math.comb(len(rec.responses), 2)
             for better, worse in ranking_pairs(rec.ranking):
-                pairs.append(ComparisonRecord(rec.prompt, rec.responses[better], rec.responses[worse]))
+                pairs.append(ComparisonRecord(rec.prompt, rec.responses[better], rec.responses[worse], weight))
                 source.append(i)
         else:
             raise TypeError(f"record {i} is a {type(rec).__name__}; DPO needs comparisons or rankings")
@@ -60,11 +67,17 @@ class DPOBatch:
     attention_mask: torch.Tensor  # (2N, P+R) long
     response_mask: torch.Tensor  # (2N, R) float, 1 on response tokens (EOS included)
     source: torch.Tensor  # (N,) long, index of the input record each pair came from
+    weight: torch.Tensor  # (N,) float, each pair's weight in the loss's weighted mean
     ref_logps: torch.Tensor | None = None  # (2N,) float, reference sequence log-probs, once known
-    token_mean_loss: ClassVar[bool] = False  # the loss is a mean over pairs: run_step must not token-scale it
 
     def __len__(self) -> int:
         return self.source.shape[0]
+
+    @property
+    def loss_mass(self) -> float:
+        """What this batch's loss is a mean over, its pairs' total weight: run_step weighs each
+        micro-batch's loss by it, so a minibatch's loss is its pairs' weighted mean however it is split."""
+        return float(self.weight.sum())
 
     @property
     def response_len(self) -> int:
@@ -79,7 +92,7 @@ class DPOBatch:
         rows = self.rows(idx)
         ref = None if self.ref_logps is None else self.ref_logps[rows]
         return DPOBatch(self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows],
-                        self.source[idx], ref)
+                        self.source[idx], self.weight[idx], ref)
 
     def with_reference(self, ref_logps: torch.Tensor) -> "DPOBatch":
         """The batch carrying the frozen reference model's sequence log-probs (2N,), computed
@@ -106,7 +119,8 @@ def build_dpo_batch(tokenizer, records: list[ComparisonRecord | RankingRecord], 
         rejected.append(tokenize_response(tokenizer, rec.rejected, max_response_tokens))
     input_ids, attention_mask, response_mask = pad_prompt_response(prompts + prompts, chosen + rejected,
                                                                    tokenizer.pad_token_id)
-    return DPOBatch(input_ids, attention_mask, response_mask, torch.tensor(source, dtype=torch.long))
+    return DPOBatch(input_ids, attention_mask, response_mask, torch.tensor(source, dtype=torch.long),
+                    torch.tensor([p.weight for p in pairs], dtype=torch.float32))
 
 
 def sequence_logps(token_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -119,15 +133,25 @@ def sequence_logps(token_logprobs: torch.Tensor, response_mask: torch.Tensor) ->
 def dpo_batch_loss(policy_token_logprobs: torch.Tensor, batch: DPOBatch, beta: float, loss_type: str = "sigmoid",
                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """DPO/IPO loss of one (micro-)batch from the policy's token log-probs of its 2N rows,
-    `sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_len)`.
-    The batch must carry reference log-probs (`with_reference`)."""
+    `sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.response_len)`: the
+    weighted mean over its pairs (`batch.weight`). The batch must carry reference log-probs
+    (`with_reference`). loss_type: sigmoid (DPO) or ipo on summed sequence log-probs, or
+    ipo_mean: IPO on per-token mean log-probs (policy and reference both divided by each
+    response's token count), TRL's length-normalised IPO, whose beta is comparable with TRL's."""
     if batch.ref_logps is None:
         raise ValueError("DPOBatch has no reference log-probs; compute them with the frozen SFT model "
                          "and attach them with batch.with_reference(...) before training")
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown dpo loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSSES)}")
     n = len(batch)
-    logps = sequence_logps(policy_token_logprobs, batch.response_mask.to(policy_token_logprobs.device))  # (2N,)
-    ref = batch.ref_logps.to(logps.device, logps.dtype)
-    loss, metrics = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type, label_smoothing)
+    mask = batch.response_mask.to(policy_token_logprobs.device)
+    logps = sequence_logps(policy_token_logprobs, mask)  # (2N,)
+    ref = batch.ref_logps.to(logps.device, logps.dtype)  # (2N,)
+    if loss_type == "ipo_mean":
+        lengths = mask.sum(-1).clamp(min=1.0).to(logps.dtype)  # (2N,) response tokens, EOS included
+        logps, ref, loss_type = logps / lengths, ref / lengths, "ipo"
+    loss, metrics = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type, label_smoothing,
+                             weights=batch.weight)
     out = {"losses/dpo": loss.item(), **{f"dpo/{k}": v.item() for k, v in metrics.items()}}
     out["dpo/pairs"] = float(n)
     return loss, out

@@ -23,6 +23,7 @@ sequences and (B, R) per-token tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import replace
@@ -35,8 +36,10 @@ from tidal.actors.actor_group import ActorGroup
 from tidal.actors.threads import run_threads
 from tidal.common.config import TidalConfig
 from tidal.common.models import load_tokenizer
+from tidal.common.precision import decide_autocast
 from tidal.common.types import Experience, RolloutBatch
 from tidal.learner.algorithms import algorithm_for
+from tidal.learner.engine import model_dtype
 from tidal.learner.dpo import DPOBatch
 from tidal.learner.experience import (ForwardPass, assemble_experience, experience_metrics, pad_response_floats,
                                       pad_rollout)
@@ -107,9 +110,11 @@ class LearnerGroup:
                                     options=opts, options_fn=placement.actor_options("learner") if placement else None,
                                     local=local, name="learner", label=lambda r: f"learner rank {r}/{n}",
                                     call_timeout_s=self.timeout)
+            self.spec = dataclasses.replace(self.spec, autocast=self._decide_autocast())
             if reference_path is not None:
                 self.reference = ActorGroup(
-                    ReferenceWorker, 1, args=(cfg, str(reference_path), self.threads.reference), options=opts,
+                    ReferenceWorker, 1, args=(cfg, str(reference_path), self.threads.reference, self.spec.autocast),
+                    options=opts,
                     options_fn=placement.actor_options("reference") if placement else None,
                     local=local, name="reference", label=lambda i: "reference worker", call_timeout_s=self.timeout)
             self.timings = self._setup()
@@ -123,6 +128,14 @@ class LearnerGroup:
                   flush=True)
 
     # ------------------------------------------------------------------ actors
+
+    def _decide_autocast(self) -> bool:
+        """learner.autocast decided once for every rank and the reference worker, from the ranks'
+        hardware (each says whether its device multiplies bf16 natively): processes that decided
+        for themselves could disagree on mixed hardware (tidal.common.precision.decide_autocast)."""
+        setting = self.cfg.learner.autocast
+        native = [] if setting == "none" else self._call("bf16_native", lambda a: a.bf16_native.remote())
+        return decide_autocast(setting, model_dtype(self.cfg), native)
 
     def _setup(self) -> dict[str, float]:
         """Rendezvous at rank 0's address, build every rank's engines, wait for the reference."""

@@ -96,19 +96,31 @@ def value_loss(
     return 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mask)
 
 
-def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry loss for a reward model: mean of -log sigmoid(r_chosen - r_rejected).
+def weighted_mean(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """sum(w x) / sum(w) over (B,) values, or their plain mean without weights."""
+    if weights is None:
+        return x.mean()
+    if weights.shape != x.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} and values {tuple(x.shape)} differ")
+    weights = weights.to(x.device, x.dtype)
+    return (x * weights).sum() / weights.sum()
+
+
+def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor,
+                         weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley-Terry loss for a reward model: mean of -log sigmoid(r_chosen - r_rejected), weighted
+    by `weights` (B,) when given (a comparison's weight, see tidal.common.data).
     chosen, rejected (B,). logsigmoid stays finite for large margins where log(sigmoid) is -inf."""
     if chosen.shape != rejected.shape:
         raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ")
-    return -F.logsigmoid(chosen - rejected).mean()
+    return weighted_mean(-F.logsigmoid(chosen - rejected), weights)
 
 
-def ranking_reward_loss(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+def ranking_reward_loss(scores: torch.Tensor, ranks: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """InstructGPT reward-model loss (Ouyang et al. 2022; docs/implementation.md#d11): K ranked
     responses per prompt give C(K, 2) comparisons; each prompt's sum over its pairs is scaled by
-    1 / C(K, 2), then averaged over prompts. scores (B, K) float, ranks (B, K) long with
-    0 = best; every row of ranks must be a permutation of 0..K-1 (no ties)."""
+    1 / C(K, 2), then averaged over prompts (weighted by `weights` (B,) when given). scores (B, K)
+    float, ranks (B, K) long with 0 = best; every row of ranks must be a permutation of 0..K-1 (no ties)."""
     if scores.dim() != 2 or scores.shape != ranks.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and ranks {tuple(ranks.shape)} must both be (B, K)")
     B, K = scores.shape
@@ -121,7 +133,7 @@ def ranking_reward_loss(scores: torch.Tensor, ranks: torch.Tensor) -> torch.Tens
     margin = scores[:, :, None] - scores[:, None, :]  # (B, K, K): s_i - s_j
     i_better = ranks[:, :, None] < ranks[:, None, :]  # (B, K, K): pair (i, j) with i preferred
     pair_losses = torch.where(i_better, -F.logsigmoid(margin), 0.0)  # one term per ordered pair
-    return (pair_losses.sum((1, 2)) / math.comb(K, 2)).mean()
+    return weighted_mean(pair_losses.sum((1, 2)) / math.comb(K, 2), weights)
 
 
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,8 +156,12 @@ def dpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    weights: torch.Tensor | None = None,  # (B,) each pair's weight; None: all 1
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Direct preference optimisation on sequence log-probs, mean over the B pairs.
+    """Direct preference optimisation on sequence log-probs, mean over the B pairs, weighted by
+    `weights` when given: sum(w_i loss_i) / sum(w_i). The pairs of one K-wise ranking each weigh
+    1 / C(K, 2) (tidal.learner.dpo), so a ranking counts as one comparison, as in InstructGPT's
+    ranking loss, instead of C(K, 2) of them.
 
     With the log-ratios rho_c = pc - rc and rho_r = pr - rr and h = rho_c - rho_r:
       sigmoid (DPO, Rafailov et al. 2023):  -log sigmoid(beta * h); with label_smoothing eps
@@ -153,9 +169,12 @@ def dpo_loss(
           -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h);
       ipo (IPO, Azar et al. 2023):  (h - 1 / (2 beta))^2, which regresses the margin to a finite
           target instead of pushing it to infinity when the preferences are deterministic.
+          On summed log-probs as the paper writes it; pass per-token means for TRL's
+          length-normalised form (`dpo_batch_loss` with loss_type "ipo_mean").
     Reference log-probs are constants (detached). Metrics (detached): rewards/chosen and
     rewards/rejected are the implicit rewards beta * rho averaged over pairs, rewards/margin
-    their difference, rewards/accuracy the share of pairs with chosen reward > rejected reward.
+    their difference, rewards/accuracy the share of pairs with chosen reward > rejected reward
+    (per pair, unweighted).
     """
     shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
@@ -183,4 +202,4 @@ def dpo_loss(
             "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
             "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
         }
-    return losses.mean(), metrics
+    return weighted_mean(losses, weights), metrics

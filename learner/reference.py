@@ -13,18 +13,19 @@ import torch
 from tidal.actors.threads import apply_threads
 from tidal.common.config import TidalConfig
 from tidal.common.models import load_causal_lm, sequence_logprobs
-from tidal.common.precision import autocast, torch_dtype, use_autocast
+from tidal.common.precision import autocast, torch_dtype
 
 
 class ReferenceWorker:
-    def __init__(self, cfg: TidalConfig, model_path: str, num_threads: int = 0):
+    def __init__(self, cfg: TidalConfig, model_path: str, num_threads: int = 0, autocast_bf16: bool = False):
         self.num_threads = apply_threads(num_threads)  # tidal.actors.threads
         self.use_gpu = cfg.learner.gpus_per_worker > 0
         self.device = torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")
         dtype = torch_dtype(cfg.model.dtype)
         self.model = load_causal_lm(model_path, dtype).to(self.device).requires_grad_(False)
-        # the policy's precision (learner.autocast), so KL to the reference is 0 at the start
-        self.autocast = use_autocast(cfg.learner.autocast, dtype, self.device)
+        # the policy's precision, as its group decided it (precision.decide_autocast), whatever this
+        # process's hardware would choose: the KL to the reference must be 0 at the start
+        self.autocast = autocast_bf16
         self.micro_batch_size = cfg.learner.micro_batch_size
 
     @torch.no_grad()

@@ -3,8 +3,11 @@
 A prompt with K ranked responses becomes K rows [left-padded prompt | right-padded response +
 EOS]; the K rows of one prompt are adjacent and always travel together (same rank, same
 micro-batch), so all C(K, 2) pairs of a prompt are in the same batch (InstructGPT; docs/implementation.md#d11).
-A comparison is the K = 2 case with ranks (0, 1). The score is the value head at the last real
-token (docs/implementation.md#d1), which makes it independent of the amount of padding.
+A comparison is the K = 2 case with ranks (0, 1), weighted by its `weight` (tidal.common.data:
+the comparisons export gives each pair of a K-wise ranking 1 / C(K, 2), the weight the ranking
+loss gives it); the loss is the weighted mean over prompts, exact for any micro-batch split
+(`PreferenceBatch.loss_mass`). The score is the value head at the last real token
+(docs/implementation.md#d1), which makes it independent of the amount of padding.
 """
 
 from __future__ import annotations
@@ -30,9 +33,15 @@ class PreferenceBatch:
     input_ids: torch.Tensor  # (N*K, T) long, [left-padded prompt | right-padded response]
     attention_mask: torch.Tensor  # (N*K, T) long
     ranks: torch.Tensor  # (N, K) long, rank of each response, 0 = best
+    weight: torch.Tensor  # (N,) float, each prompt's weight in the loss (a comparison's weight; rankings 1)
 
     def __len__(self) -> int:
         return self.ranks.shape[0]
+
+    @property
+    def loss_mass(self) -> float:
+        """The prompts' total weight, what the loss is a mean over (see LearnerWorker.run_step)."""
+        return float(self.weight.sum())
 
     @property
     def group_size(self) -> int:
@@ -42,19 +51,19 @@ class PreferenceBatch:
         """Prompts `idx` (N indices), each with all of its K rows."""
         K = self.group_size
         rows = (idx[:, None] * K + torch.arange(K)).flatten()
-        return PreferenceBatch(self.input_ids[rows], self.attention_mask[rows], self.ranks[idx])
+        return PreferenceBatch(self.input_ids[rows], self.attention_mask[rows], self.ranks[idx], self.weight[idx])
 
 
 def build_preference_batch(tokenizer, records: list[ComparisonRecord | RankingRecord], max_prompt_tokens: int,
                            max_response_tokens: int, use_chat_template: bool) -> PreferenceBatch:
     """Tokenize comparisons (chosen ranked 0, rejected 1) or K-wise rankings; every record of a
     batch must have the same K."""
-    prompts, responses, ranks = [], [], []
+    prompts, responses, ranks, weights = [], [], [], []
     for i, rec in enumerate(records):
         if isinstance(rec, ComparisonRecord):
-            texts, ranking = [rec.chosen, rec.rejected], [0, 1]
+            texts, ranking, weight = [rec.chosen, rec.rejected], [0, 1], rec.weight
         else:
-            texts, ranking = list(rec.responses), list(rec.ranking)
+            texts, ranking, weight = list(rec.responses), list(rec.ranking), 1.0
         if ranks and len(ranking) != len(ranks[0]):
             raise ValueError(f"record {i} has {len(ranking)} responses but record 0 has {len(ranks[0])}; "
                              "a preference batch needs the same K for every prompt (split the file by K)")
@@ -64,13 +73,17 @@ def build_preference_batch(tokenizer, records: list[ComparisonRecord | RankingRe
             prompts.append(prompt)
             responses.append(tokenize_response(tokenizer, text, max_response_tokens))
         ranks.append(ranking)
+        weights.append(weight)
     input_ids, attention_mask, _ = pad_prompt_response(prompts, responses, tokenizer.pad_token_id)
-    return PreferenceBatch(input_ids, attention_mask, torch.tensor(ranks, dtype=torch.long))
+    return PreferenceBatch(input_ids, attention_mask, torch.tensor(ranks, dtype=torch.long),
+                           torch.tensor(weights, dtype=torch.float32))
 
 
-def preference_loss(scores: torch.Tensor, ranks: torch.Tensor, kind: str) -> torch.Tensor:
-    """scores (N, K), ranks (N, K) -> scalar. pairwise: Bradley-Terry on K = 2;
-    ranking: the mean over prompts of 1/C(K,2) x the sum of the prompt's pairwise terms."""
+def preference_loss(scores: torch.Tensor, ranks: torch.Tensor, kind: str,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """scores (N, K), ranks (N, K), weights (N,) or None -> scalar. pairwise: Bradley-Terry on
+    K = 2; ranking: the mean over prompts of 1/C(K,2) x the sum of the prompt's pairwise terms.
+    Both means over prompts are weighted by `weights` when given."""
     if kind == "pairwise":
         if scores.shape[1] != 2:
             raise ValueError(f"rm loss 'pairwise' needs 2 responses per prompt, got {scores.shape[1]}; "
@@ -78,9 +91,9 @@ def preference_loss(scores: torch.Tensor, ranks: torch.Tensor, kind: str) -> tor
         chosen_first = ranks[:, 0] < ranks[:, 1]  # (N,)
         chosen = torch.where(chosen_first, scores[:, 0], scores[:, 1])
         rejected = torch.where(chosen_first, scores[:, 1], scores[:, 0])
-        return pairwise_reward_loss(chosen, rejected)
+        return pairwise_reward_loss(chosen, rejected, weights)
     if kind == "ranking":
-        return ranking_reward_loss(scores, ranks)
+        return ranking_reward_loss(scores, ranks, weights)
     raise ValueError(f"unknown reward-model loss {kind!r}; choose 'pairwise' or 'ranking'")
 
 
@@ -97,7 +110,7 @@ def reward_micro_loss(worker: "LearnerWorker", batch: PreferenceBatch, kind: str
     scores = worker.reward_scores(batch.input_ids, batch.attention_mask)  # (N*K,)
     scores = scores.view(-1, batch.group_size)  # (N, K)
     ranks = batch.ranks.to(scores.device)
-    loss = preference_loss(scores, ranks, kind)
+    loss = preference_loss(scores, ranks, kind, batch.weight)
     correct, pairs = pair_accuracy(scores.detach(), ranks)
     return loss, {"losses/reward": loss.item(), "reward/train_accuracy": correct / max(pairs, 1),
                   "reward/score_mean": scores.mean().item()}

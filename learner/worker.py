@@ -27,9 +27,9 @@ from tidal.actors.threads import apply_threads, threads_during
 from tidal.common.config import TidalConfig
 from tidal.common.models import response_logits, sequence_logprobs
 from tidal.common.ops import logprobs_and_entropy
-from tidal.common.precision import autocast, use_autocast
+from tidal.common.precision import autocast, bf16_native
 from tidal.learner.engine import (build_policy, build_value, free_port, init_distributed, linear_lr, make_engine,
-                                  model_dtype, seed_everything)
+                                  seed_everything)
 
 ROLES = ("policy", "reward")
 CKPT_TAG = "state"
@@ -44,6 +44,7 @@ class WorkerSpec:
     critic_path: str | None = None  # policy role: value-model init (RM folder or LM); None: no critic
     rl_total_steps: int = 1  # optimizer steps of the RL stage (the linear LR decay's horizon)
     critic_affine: tuple[float, float] | None = None  # (shift, scale) folded into the critic's head
+    autocast: bool = False  # bf16 autocast forwards: the group's one decision (precision.decide_autocast)
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,13 @@ class LearnerWorker:
         self.rl_steps = 0  # optimizer steps taken by update_rl (drives the RL LR schedule)
         self.rl_updates = 0  # update_rl calls (seeds each call's shuffling)
         self.weight_sender = None  # rollout.weight_transport=collective: rank 0's CollectiveTransport
-        self.autocast = use_autocast(cfg.learner.autocast, model_dtype(cfg), self.device)  # tidal.common.precision
+        self.autocast = False  # set by setup from WorkerSpec.autocast: decided by the group, not by this rank
 
     # ------------------------------------------------------------------ setup
+
+    def bf16_native(self) -> bool:
+        """Whether this rank's device multiplies bf16 in hardware (the group's autocast decision asks)."""
+        return bf16_native(self.device)
 
     def master_address(self) -> tuple[str, int]:
         """(address, free port) of this rank's node: rank 0's answer is everyone's rendezvous."""
@@ -98,7 +103,7 @@ class LearnerWorker:
         seed_everything(self.seed)
         from tidal.common.models import load_tokenizer
 
-        self.spec = spec
+        self.spec, self.autocast = spec, spec.autocast
         self.tokenizer = load_tokenizer(spec.model_path)
         cfg, lc, n = self.cfg, self.cfg.learner, self.world_size
         if spec.role == "policy":
@@ -190,21 +195,18 @@ class LearnerWorker:
 
     def run_step(self, micro_batches: list, loss_fn: Callable) -> dict[str, float]:
         """One optimizer step of the main engine over `micro_batches` (DeepSpeed accumulates the
-        gradient-accumulation count of micro-batches and steps at the boundary). Token-level
-        losses (batches with a response_mask: SFT) weigh every token of the step alike across
-        micro-batches and ranks (token_scale); a preference batch's loss is a mean over prompts,
-        and every micro-batch holds the same number of prompts, so it needs no scaling."""
+        gradient-accumulation count of micro-batches and steps at the boundary). Each micro-batch's
+        loss is a mean over its tokens (SFT: a response_mask) or over its weighted pairs/prompts
+        (DPO, RM: `loss_mass`, their total weight); token_scale makes the step's loss that mean
+        over the whole minibatch, across micro-batches and ranks, however it is split."""
         sums: dict[str, float] = {}
-        # A batch says whether its loss is a token mean (SFT) or a mean over prompts/pairs (DPO).
-        counts = [mb.response_mask.sum().item() if getattr(mb, "token_mean_loss", hasattr(mb, "response_mask")) else None
-                  for mb in micro_batches]
-        total = self.global_sum(sum(counts)) if counts and counts[0] is not None else None
+        counts = [mb.loss_mass if hasattr(mb, "loss_mass") else mb.response_mask.sum().item() for mb in micro_batches]
+        total = self.global_sum(sum(counts))
         for mb, count in zip(micro_batches, counts):
             loss, metrics = loss_fn(mb)
-            if total is not None:
-                scale = self.token_scale(count, total, len(micro_batches))
-                loss = loss * scale
-                metrics = {k: v * scale if k.startswith("losses/") else v for k, v in metrics.items()}
+            scale = self.token_scale(count, total, len(micro_batches))
+            loss = loss * scale
+            metrics = {k: v * scale if k.startswith("losses/") else v for k, v in metrics.items()}
             self.engine.backward(loss)
             self.engine.step()
             for k, v in metrics.items():
@@ -279,10 +281,11 @@ class LearnerWorker:
         return t.item()
 
     def token_scale(self, micro_tokens: float, total_tokens: float, num_micro: int) -> float:
-        """Factor turning a micro-batch's token-mean loss into its share of the minibatch's
-        token-mean over all ranks: micro_tokens / total_tokens, times the micro-batch count and
-        the world size that DeepSpeed divides the gradients by."""
-        return micro_tokens * num_micro * self.world_size / max(total_tokens, 1.0)
+        """Factor turning a micro-batch's token-mean (or weighted-mean) loss into its share of the
+        minibatch's mean over all ranks: micro_tokens / total_tokens (tokens, or weights), times
+        the micro-batch count and the world size that DeepSpeed divides the gradients by. Weights
+        may total less than 1 (pairs of K-wise rankings weigh 1 / C(K, 2)): no floor at 1."""
+        return micro_tokens * num_micro * self.world_size / total_tokens if total_tokens > 0 else 0.0
 
     def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
         """Average each metric over ranks (every rank must pass the same keys)."""

@@ -170,6 +170,13 @@ def test_mini_batch_must_split_into_micro_batches_over_ranks():
         load_config(None, ["learner.mini_batch_size=6", "learner.micro_batch_size=4"])
 
 
+@pytest.mark.parametrize("loss", ["ipo", "ipo_mean"])
+def test_dpo_label_smoothing_is_for_the_sigmoid_loss_only(loss):
+    with pytest.raises(ConfigError, match=rf"stages\.dpo\.label_smoothing=0\.1 applies to stages\.dpo\.loss=sigmoid only \(got {loss}\)"):
+        load_config(None, [f"stages.dpo.loss={loss}", "stages.dpo.label_smoothing=0.1"])
+    assert load_config(None, [f"stages.dpo.loss={loss}"]).stages.dpo.loss == loss
+
+
 def test_custom_data_needs_prompts_for_rl():
     with pytest.raises(ConfigError, match="data.prompts is required"):
         load_config(None, ["data.task=null"])

@@ -20,7 +20,7 @@ CHAT = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "
 RECORDS = {
     "prompts": [PromptRecord("The food was"), PromptRecord(CHAT, reference="hi"), PromptRecord("é ünïcode", None)],
     "demonstrations": [DemonstrationRecord("Hello", " world"), DemonstrationRecord(CHAT, "Hi there!")],
-    "comparisons": [ComparisonRecord("Q", "good", "bad"), ComparisonRecord(CHAT, "nice", "rude")],
+    "comparisons": [ComparisonRecord("Q", "good", "bad"), ComparisonRecord(CHAT, "nice", "rude", 1 / 6)],
     "rankings": [RankingRecord("Q", ["a", "b", "c"], [2, 0, 1]), RankingRecord(CHAT, ["x", "y"], [0, 1])],
 }
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|>\n{% endfor %}"
@@ -144,6 +144,9 @@ BAD = [  # kind, bad row (JSON text), field named in the error
     ("prompts", '{"prompt": "p", "reference": 5}', "reference"),
     ("prompts", '{"prompt": ["not", "messages"]}', "prompt[0]"),
     ("comparisons", '{"prompt": "p", "chosen": "same", "rejected": "same "}', "rejected"),  # teaches nothing
+    ("comparisons", '{"prompt": "p", "chosen": "c", "rejected": "r", "weight": 0}', "weight"),
+    ("comparisons", '{"prompt": "p", "chosen": "c", "rejected": "r", "weight": "1/6"}', "weight"),
+    ("comparisons", '{"prompt": "p", "chosen": "c", "rejected": "r", "weight": true}', "weight"),
     ("rankings", '{"prompt": "p", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}', "responses[2]"),
 ]
 

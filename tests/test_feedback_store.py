@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from tidal.commands.cli import main
 from tidal.common.data import ComparisonRecord, RankingRecord, read_records
@@ -109,7 +110,9 @@ def test_exports_read_back_and_build_a_kwise_batch(tmp_path, tiny_model):
     comp = tmp_path / "comparisons.jsonl"
     assert export.write_export(store, comp, "comparisons") == 2 * math.comb(4, 2)
     pairs = read_records(comp, "comparisons")
-    assert pairs[0] == ComparisonRecord("prompt 0", "response 0.1", "response 0.0")  # rank 1 beats rank 3
+    # rank 1 beats rank 3; each of a K = 4 ranking's 6 pairs weighs 1/6 (one comparison's weight in all)
+    assert pairs[0] == ComparisonRecord("prompt 0", "response 0.1", "response 0.0", 1 / 6)
+    assert pairs == export.comparison_records(store) and json.loads(comp.read_text().splitlines()[0])["weight"] == 1 / 6
     ratings = [json.loads(x) for x in export.to_jsonl(export.rating_rows(store)).splitlines()]
     assert len(ratings) == 8 and ratings[1]["flags"] == ["made-up facts"] and ratings[3]["likert"] == 7
 
@@ -117,6 +120,34 @@ def test_exports_read_back_and_build_a_kwise_batch(tmp_path, tiny_model):
     batch = build_preference_batch(tok, records, max_prompt_tokens=16, max_response_tokens=16, use_chat_template=False)
     assert batch.ranks.tolist() == [[3, 1, 0, 2], [0, 1, 2, 3]]
     assert batch.input_ids.shape[0] == 2 * 4
+
+
+def test_weighted_comparisons_train_as_the_rankings_do(tmp_path):
+    """Rankings of different K exported as comparisons: with the export's 1 / C(K, 2) weights the
+    reward model's weighted pairwise loss equals the InstructGPT ranking loss on the rankings
+    (each prompt weighs the same), and DPO's pairs get the weights they get from the rankings."""
+    from tidal.learner.dpo import preference_pairs
+    from tidal.learner.losses import pairwise_reward_loss, ranking_reward_loss
+
+    store = FeedbackStore(tmp_path / "fb", create=True)
+    ids = store.add_tasks([_task(0, k=4), _task(1, k=2)], overlap_fraction=0.0)
+    ann = store.session(store.login(store.add_labeler("ann"))[0])["labeler_id"]
+    store.submit(ann, "sub-k4-000", ids[0], [2, 0, 3, 1])
+    store.submit(ann, "sub-k2-000", ids[1], [1, 0])
+    export.write_export(store, tmp_path / "r.jsonl", "rankings")
+    export.write_export(store, tmp_path / "c.jsonl", "comparisons")
+    rankings, comparisons = read_records(tmp_path / "r.jsonl", "rankings"), read_records(tmp_path / "c.jsonl", "comparisons")
+    assert [c.weight for c in comparisons] == [1 / 6] * 6 + [1.0]
+    score = {f"response {i}.{j}": 0.7 * j - 0.4 * i + 0.1 * j * j for i in range(2) for j in range(4)}  # any scores
+    per_prompt = [ranking_reward_loss(torch.tensor([[score[r] for r in rec.responses]]), torch.tensor([rec.ranking]))
+                  for rec in rankings]
+    chosen, rejected = (torch.tensor([score[getattr(c, f)] for c in comparisons]) for f in ("chosen", "rejected"))
+    weights = torch.tensor([c.weight for c in comparisons])
+    torch.testing.assert_close(pairwise_reward_loss(chosen, rejected, weights), sum(per_prompt) / 2)
+    assert abs(pairwise_reward_loss(chosen, rejected) - sum(per_prompt) / 2) > 1e-3  # unweighted, it is not
+    from_rankings, _ = preference_pairs(rankings)
+    assert sorted((p.chosen, p.rejected, p.weight) for p in from_rankings) == \
+        sorted((c.chosen, c.rejected, c.weight) for c in comparisons)
 
 
 def test_label_cli_errors_are_one_line(tmp_path, capsys):

@@ -27,17 +27,18 @@ def caps(monkeypatch):
 def test_autocast_decision(caps, native, caplog):
     caps["avx512_bf16"] = native
     assert precision.bf16_native(CPU) is native
-    assert precision.use_autocast("none", torch.float32, CPU) is False
-    assert precision.use_autocast("auto", torch.float32, CPU) is native
+    assert precision.decide_autocast("none", torch.float32, [True]) is False
+    assert precision.decide_autocast("auto", torch.float32, [native]) is native
+    assert precision.decide_autocast("auto", torch.float32, [True, native]) is native  # every rank must be native
     with caplog.at_level(logging.WARNING, logger="tidal.precision"):
-        assert precision.use_autocast("bf16", torch.float32, CPU) is True  # asked for: on, even if emulated
+        assert precision.decide_autocast("bf16", torch.float32, [True, native]) is True  # asked for: on, even if emulated
     assert ("emulated" in caplog.text) is (not native)
-    assert precision.use_autocast("bf16", torch.bfloat16, CPU) is False  # a bf16 model is bf16 already
+    assert precision.decide_autocast("bf16", torch.bfloat16, [True]) is False  # a bf16 model is bf16 already
 
 
 def test_amx_counts_as_native(caps):
     caps["amx_bf16"] = True
-    assert precision.use_autocast("auto", torch.float32, CPU) is True
+    assert precision.bf16_native(CPU) is True
 
 
 def test_autocast_context_runs_matmuls_in_bf16():
@@ -114,4 +115,38 @@ def test_bf16_learner_and_reference(group_pair):
     after = bf16.compute_logprobs(ids, attn, R, 1.0)
     delta = ((after - lp16) * rmask).sum(-1) / rmask.sum(-1)
     assert (delta[sign > 0] > 0).all() and (delta[sign < 0] < 0).all(), delta
-    assert all(p.dtype == torch.float32 for p in bf16.parameter_snapshots()[0].values())
+    # the live engine's weights and AdamW moments, not parameter_snapshot's float32 copies
+    engine = bf16.ranks.local_instance(0).engine
+    assert {p.dtype for p in engine.module.parameters()} == {torch.float32}
+    moments = [t for state in engine.optimizer.state.values() for t in state.values() if t.dim() > 0]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+
+
+def test_one_decision_for_learner_and_reference(tiny_model, caps, monkeypatch):
+    """Mixed hardware: the learner rank's CPU multiplies bf16 natively, the reference worker's
+    does not. learner.autocast=auto is decided once, by the group, and the reference obeys it
+    whatever its own CPU says, so the KL to the reference is exactly 0 before any update."""
+    from tidal.learner.group import LearnerGroup
+    from tidal.learner.reference import ReferenceWorker
+
+    built = ReferenceWorker.__init__
+
+    def on_a_cpu_without_bf16(self, *args, **kwargs):
+        caps.clear()  # from here on this (in-process) worker's CPU has no native bf16
+        built(self, *args, **kwargs)
+
+    caps["avx512_bf16"] = True
+    monkeypatch.setattr(ReferenceWorker, "__init__", on_a_cpu_without_bf16)
+    cfg = load_config(None, ["learner.num_workers=1", "learner.mini_batch_size=4", "learner.micro_batch_size=2",
+                             "algorithm.name=grpo", "rollout.n_samples=2", "learner.autocast=auto"])
+    group = LearnerGroup(cfg, tiny_model, reference_path=tiny_model, local=True)
+    try:
+        assert not precision.bf16_native(CPU)  # the reference's hardware was "built" after the decision
+        assert group.describe()[0]["autocast_bf16"] is True
+        assert group.reference.local_instance(0).describe()["autocast_bf16"] is True
+        ids, attn, rmask = _batch(group)
+        R = rmask.shape[1]
+        lp = group.compute_logprobs(ids, attn, R, 1.0)
+        assert torch.equal(group.compute_ref_logprobs(ids, attn, R, 1.0) * rmask, lp * rmask)
+    finally:
+        group.shutdown()

@@ -283,6 +283,9 @@ def test_pairwise_reward_loss_hand_and_stable():
     assert loss.item() == pytest.approx((0.693147 + 0.313262) / 2, abs=1e-6)
     big = pairwise_reward_loss(torch.tensor([-200.0]), torch.tensor([0.0]))  # log(sigmoid) would be -inf
     assert big.item() == pytest.approx(200.0)
+    # weights 1 and 1/6 (a pair of a K = 4 ranking): (0.693147 + 0.313262 / 6) / (7 / 6)
+    weighted = pairwise_reward_loss(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1 / 6]))
+    assert weighted.item() == pytest.approx((0.693147 + 0.313262 / 6) / (7 / 6), abs=1e-6)
 
 
 def test_ranking_loss_k2_equals_pairwise():
@@ -304,6 +307,9 @@ def test_ranking_loss_k4_is_mean_of_pairwise_terms():
         assert len(pairs) == math.comb(K, 2) == 6
         per_prompt.append(sum(math.log1p(math.exp(-(scores[b, i] - scores[b, j]).item())) for i, j in pairs) / 6)
     assert ranking_reward_loss(scores, ranks).item() == pytest.approx(sum(per_prompt) / 3, rel=1e-12)
+    w = torch.tensor([2.0, 1.0, 0.5], dtype=scores.dtype)  # weighted mean over prompts
+    want = sum(wi * p for wi, p in zip(w.tolist(), per_prompt)) / 3.5
+    assert ranking_reward_loss(scores, ranks, w).item() == pytest.approx(want, rel=1e-12)
     with pytest.raises(ValueError, match=r"rows \[1\]"):
         ranking_reward_loss(scores, torch.tensor([[0, 1, 2, 3], [0, 0, 2, 3], [3, 2, 1, 0]]))
 
@@ -405,3 +411,26 @@ def test_logprobs_and_entropy_equal_the_separate_ops(temperature):
     (g,) = torch.autograd.grad(ent2.sum(), logits)
     (want,) = torch.autograd.grad(entropy_from_logits(logits, temperature).sum(), logits)
     assert torch.allclose(g, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_temperature_divides_the_float32_logits(temperature):
+    """bf16 logits (autocast): the temperature divides their float32 values, so the quotient is
+    not rounded to bf16's 8 mantissa bits before the log-softmax; the gradient still reaches them."""
+    from tidal.common.ops import entropy_from_logits, logprobs_from_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 1000, generator=g) * 4).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 1000, (3, 5), generator=g)
+    want = torch.log_softmax(logits.detach().float() / temperature, -1)  # (3, 5, V)
+    lp = logprobs_from_logits(logits, labels, temperature)
+    assert lp.dtype == torch.float32
+    assert torch.equal(lp, want.gather(-1, labels[..., None]).squeeze(-1))
+    assert torch.equal(entropy_from_logits(logits.detach(), temperature), -(want.exp() * want).sum(-1))
+    lp.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and logits.grad.abs().sum() > 0
+    # float32 logits are not modified in place by the division
+    f32 = logits.detach().float()
+    before = f32.clone()
+    logprobs_from_logits(f32, labels, temperature)
+    assert torch.equal(f32, before)
