@@ -12,7 +12,7 @@ import pytest
 
 from tidal.common.data import (
     ComparisonRecord, DataError, DemonstrationRecord, PromptRecord, RankingRecord, iter_records, read_records,
-    render_demonstration, render_prompt, write_records,
+    ranking_problem, render_demonstration, render_prompt, write_records,
 )
 from tidal.common.prompts import DataState, PromptDataset
 
@@ -145,7 +145,20 @@ BAD = [  # kind, bad row (JSON text), field named in the error
     ("prompts", '{"prompt": ["not", "messages"]}', "prompt[0]"),
     ("comparisons", '{"prompt": "p", "chosen": "same", "rejected": "same "}', "rejected"),  # teaches nothing
     ("rankings", '{"prompt": "p", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}', "responses[2]"),
+    ("rankings", '{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}', "ranking"),  # a tie skips
+    ("rankings", '{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [1, 1, 1]}', "ranking"),
+    ("rankings", '{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 0]}', "ranking"),  # no preference
+    ("rankings", '{"prompt": "p", "responses": ["a", "b"], "ranking": [0, true]}', "ranking"),
 ]
+
+
+def test_rankings_may_hold_ties_as_shared_ranks(tmp_path):
+    path = tmp_path / "ties.jsonl"
+    path.write_text('{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 2]}\n'
+                    '{"prompt": "q", "responses": ["a", "b", "c", "d"], "ranking": [3, 1, 0, 1]}\n')
+    assert [r.ranking for r in read_records(path, "rankings")] == [[0, 0, 2], [3, 1, 0, 1]]
+    assert ranking_problem([2, 0, 1], 3) is None and ranking_problem([0, 1, 1], 3) is None
+    assert "share rank 0" in ranking_problem([0, 0], 2)
 
 
 @pytest.mark.parametrize("kind,bad,field", BAD)
