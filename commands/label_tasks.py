@@ -110,7 +110,7 @@ def tasks_from_cli(folder: str, config: str | None, overrides: list[str], source
         disconnect(conn)
     try:
         ids = store.add_tasks([NewTask(p, rows) for p, rows in zip(prompts, responses)], overlap_fraction=overlap,
-                              seed=cfg.seed)
+                              seed=cfg.seed, duplicates="drop")  # samples may repeat; a ranking row may not
     except FeedbackError as e:
         return _fail(str(e))
     print(f"added {len(ids)} tasks ({len(responses[0])} responses each) to {folder}; "

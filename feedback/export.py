@@ -3,11 +3,14 @@
 rankings     one row per (task, labeler) ranking: {prompt, responses, ranking} with
              ranking[i] = rank of responses[i], 0 = best; a task ranked by two labelers (overlap)
              gives two rows, so disagreement stays in the data as it was collected.
-comparisons  every C(K,2) pair of each ranking: {prompt, chosen, rejected} (chosen ranked better).
+comparisons  every C(K,2) pair of each ranking but the tied ones: {prompt, chosen, rejected}
+             (chosen ranked better).
 ratings      one row per labeled response: {prompt, response, likert, flags, ...} (tidal's own
              format; no stage reads it yet).
-Ties: the page collects a strict order, so there are none to export. Skips (with their reason)
-are never exported as preferences; they show in the stats. Gold tasks are left out unless
+Ties: a labeler may tie responses (they share a rank, [0, 0, 2]); rankings keep them as they are
+(the rm stage's ranking loss and DPO leave tied pairs out), comparisons skip tied pairs (a pair
+says one response is better). Only the current version of an edited label is exported.
+Skips (with their reason) are never exported as preferences; they show in the stats. Gold tasks are left out unless
 `include_gold` (their labels grade labelers, their answers were not collected here).
 Every row also carries task_id, labeler, sources and versions (readers ignore unknown fields).
 """
@@ -40,6 +43,8 @@ def comparison_rows(store: FeedbackStore, include_gold: bool = False) -> list[di
     rows = []
     for lab, task in _labeled(store, include_gold):
         for i, j in combinations(range(len(task.responses)), 2):
+            if lab.ranking[i] == lab.ranking[j]:  # a tie prefers neither
+                continue
             win, lose = (i, j) if lab.ranking[i] < lab.ranking[j] else (j, i)
             rows.append({"prompt": task.prompt, "chosen": task.responses[win].text, "rejected": task.responses[lose].text,
                          "task_id": task.id, "labeler": lab.labeler,
