@@ -42,6 +42,12 @@ def label_view(label: Label, labeler_id: int, k: int) -> dict:
     return view
 
 
+def _text(value: str, limit: int) -> str:
+    """At most `limit` characters that SQLite can store: JSON may carry lone surrogates (\\ud800)
+    that no UTF-8 encoder takes; they become '?'."""
+    return value[:limit].encode("utf-8", "replace").decode("utf-8")
+
+
 def _int(value, field: str) -> int:
     if type(value) is not int:
         raise FeedbackError(f"'{field}' must be a whole number, got {type(value).__name__}")
@@ -83,7 +89,7 @@ def to_stored(req, labeler_id: int, task: Task | None, settings: Settings) -> di
     if req.get("skip_reason") is not None:
         if not isinstance(req["skip_reason"], str):
             raise FeedbackError("'skip_reason' must be a string")
-        return {**common, "skip_reason": req["skip_reason"][:MAX_SKIP_REASON]}
+        return {**common, "skip_reason": _text(req["skip_reason"], MAX_SKIP_REASON)}
     if task is None:
         raise FeedbackError(f"no task {task_id}")
     k = len(task.responses)
@@ -96,4 +102,4 @@ def to_stored(req, labeler_id: int, task: Task | None, settings: Settings) -> di
     if comment is not None and not isinstance(comment, str):
         raise FeedbackError("'comment' must be a string")
     return {**common, "ranking": [by_slot[perm.index(i)] for i in range(k)], "likert": likert,
-            "flags": _per_slot(req.get("flags"), "flags", k, perm), "comment": (comment or "")[:MAX_COMMENT] or None}
+            "flags": _per_slot(req.get("flags"), "flags", k, perm), "comment": _text(comment or "", MAX_COMMENT) or None}

@@ -238,8 +238,8 @@ class FeedbackStore:
         same submission id again returns the first label and stores nothing. A new label needs
         the task's lease (`_check_lease`); `replaces` = the id of this labeler's current label
         of the task makes it an edit, allowed for `edit_s` after the first version was sent."""
-        if not (isinstance(submission_id, str) and 8 <= len(submission_id) <= 100):
-            raise FeedbackError("'submission_id' must be a string of 8 to 100 characters made by the client")
+        if not (isinstance(submission_id, str) and 8 <= len(submission_id) <= 100 and submission_id.isprintable()):
+            raise FeedbackError("'submission_id' must be a string of 8 to 100 printable characters made by the client")
         if seconds is not None and not (type(seconds) in (int, float) and 0 <= seconds <= MAX_SECONDS):
             raise FeedbackError(f"'seconds' must be the time spent on the task, 0 to {MAX_SECONDS:.0f}")
         now = time.time()

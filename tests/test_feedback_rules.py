@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from feedback_support import CappedStore
+
 from tidal.commands.cli import main
 from tidal.common.data import read_records
 from tidal.feedback import export, stats
@@ -182,25 +184,6 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path):
 def _write(store, tmp_path):
     export.write_export(store, tmp_path / "r.jsonl", "rankings")
     return tmp_path / "r.jsonl"
-
-
-class CappedStore(FeedbackStore):
-    """A store whose file may not grow past `pages` pages: SQLite's own SQLITE_FULL, the error a
-    full disk gives, without filling a disk (max_page_count is per connection)."""
-
-    pages = 0
-
-    def _tx(self):
-        from contextlib import contextmanager
-
-        from tidal.feedback import schema
-
-        @contextmanager
-        def capped():
-            with schema.transaction(self.path) as db:
-                db.execute(f"PRAGMA max_page_count={self.pages}")
-                yield db
-        return capped()
 
 
 def test_a_full_disk_is_a_storage_error_507(tmp_path):
