@@ -116,3 +116,19 @@ def chromium_or_skip():
 def quit_browser(driver) -> None:
     driver.quit()
     shutil.rmtree(driver.tidal_profile, ignore_errors=True)
+
+
+def wait_for(cond, timeout=15.0, what="condition"):
+    """Polls `cond`; an element of the page being replaced (navigation) just means: not yet."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+        except (StaleElementReferenceException, NoSuchElementException):
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
