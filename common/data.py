@@ -6,9 +6,7 @@ Record kinds and their row fields (unknown extra fields are ignored):
   demonstrations  prompt + response, or messages whose last turn is the assistant's (= response)
   comparisons     prompt | messages, chosen, rejected
   rankings        prompt | messages, responses (K >= 2, all different), ranking (ranking[i] =
-                  rank of responses[i], 0 = best; a permutation of range(K), or with ties the
-                  standard competition ranking: tied responses share a rank and the ranks after
-                  them skip, [0, 0, 2]; not all K tied: see `ranking_problem`)
+                  rank of responses[i], 0 = best; ties share a rank: `ranking_problem`)
 `prompt` is a string; `messages` is a chat list of {role, content} (the prompt conversation).
 Files are chosen by suffix: .jsonl / .json (JSON lines) or .parquet.
 """
@@ -174,11 +172,10 @@ def _parse_comparison(row: _Row) -> ComparisonRecord:
 
 
 def ranking_problem(ranking, k: int) -> str | None:
-    """Why `ranking` is not a ranking of k responses (None when it is one). ranking[i] = rank of
-    response i, 0 = best: a permutation of 0..k-1, or with ties the standard competition ranking
-    (tied responses share a rank, and the ranks after them skip as many places: [0, 0, 2] = the
-    first two tie for best; [0, 0, 1] is not one). All k tied is refused: such a row holds no
-    preference. The one rule for ranking files, the feedback store's labels and gold rankings."""
+    """Why `ranking` is not a ranking of k responses, or None. ranking[i] = rank of response i,
+    0 = best: a permutation of 0..k-1, or with ties the standard competition ranking ([0, 0, 2]:
+    tied responses share a rank, the next skips their places). Not all k tied (no preference).
+    The one rule for ranking files and the feedback store's labels and gold rankings."""
     if not isinstance(ranking, list) or len(ranking) != k or not all(type(r) is int for r in ranking):
         return f"expected {k} integer ranks, one per response, got {ranking if isinstance(ranking, list) else _describe(ranking)}"
     ranks = sorted(ranking)
@@ -301,9 +298,7 @@ def read_prompt_lines(lines: Iterable[bytes], name: str, fmt: str) -> list[Promp
     if fmt == "jsonl":
         records = []
         for number, data in _json_lines(lines, name):
-            if not isinstance(data, dict):
-                raise DataError(f"{name}:{number}: expected a JSON object, got {_describe(data)}. {_HINTS['prompts']}")
-            records.append(_parse_prompt(_Row(f"{name}:{number}", "prompts", data)))
+            records.append(validate_row(data, "prompts", f"{name}:{number}"))
         return records
     if fmt != "txt":
         raise ValueError(f"unknown prompt line format {fmt!r}; expected 'jsonl' or 'txt'.")

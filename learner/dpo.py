@@ -14,7 +14,6 @@ under `response_mask` with `sequence_logps` and hand the halves to `dpo_loss`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
