@@ -288,13 +288,14 @@ class FeedbackStore:
 
     def progress(self, labeler_id: int, session: str | None = None) -> dict:
         """{done: this labeler's labels and skips, open: tasks still short of labels}, and with a
-        session {labels: sent in it (edits not counted), seconds_per_label: their median time}."""
+        session {labels: sent in it (not skips, edits not counted), seconds_per_label: their median time}."""
         with self._read() as db:
             done = db.execute("SELECT count(*) FROM labels WHERE labeler_id=? AND superseded_at IS NULL", (labeler_id,)).fetchone()[0]
             open_ = db.execute("SELECT count(*) FROM tasks t WHERE (SELECT count(*) FROM labels l WHERE l.task_id=t.id "
                                "AND l.skip_reason IS NULL AND l.superseded_at IS NULL) < t.want_labels").fetchone()[0]
             times = [] if session is None else db.execute(
-                "SELECT seconds FROM labels WHERE session=? AND labeler_id=? AND replaces IS NULL", (session, labeler_id)).fetchall()
+                "SELECT seconds FROM labels WHERE session=? AND labeler_id=? AND replaces IS NULL AND skip_reason IS NULL",
+                (session, labeler_id)).fetchall()
         out = {"done": done, "open": open_}
         if session is not None:
             known = [t for (t,) in times if t is not None]

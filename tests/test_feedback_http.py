@@ -119,3 +119,19 @@ def test_a_full_disk_answers_507(tmp_path):
                            "likert": [4, 4, 4]}).status_code == 200
     finally:
         server.close()
+
+
+def test_an_uncaught_error_is_a_json_500_without_traceback(tmp_path):
+    class Broken(FeedbackStore):  # a fault where no handler expects one
+        def progress(self, *args, **kwargs):
+            raise RuntimeError("a bug, with a secret path /srv/x in its message")
+
+    store = Broken(tmp_path / "fb", create=True)
+    token = store.add_labeler("ann")
+    server = WebServer(build_app(store)).start()
+    try:
+        r = Labeler(server.url, token).http.get(server.url + "/api/next", timeout=10)
+        check_json_error(r, 500, "internal error (RuntimeError)")
+        assert "/srv/x" not in r.text
+    finally:
+        server.close()
