@@ -138,6 +138,17 @@ class LabelAddTasksArgs:
 
 
 @dataclass(frozen=True)
+class LabelSetArgs:
+    dir: str = positional("feedback folder")
+    guidelines: Optional[str] = option(None, "a Markdown or text file of labeling guidelines, shown on the page "
+                                             "(headings, lists, bold, italics and code; no HTML)", metavar="FILE")
+    likert: Optional[str] = option(None, "the 1-7 scores: required, optional or off",
+                                   choices=("required", "optional", "off"))
+    edit_minutes: Optional[float] = option(None, "how long a labeler may edit a label after sending it (0: never)",
+                                           metavar="N")
+
+
+@dataclass(frozen=True)
 class LabelTasksArgs:
     dir: str = positional("feedback folder (created if missing; its tasks stay)")
     config: Optional[str] = positional("YAML config: prompt data, rollout settings", nargs="?")

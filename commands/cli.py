@@ -95,6 +95,12 @@ def _label_add_tasks(a: A.LabelAddTasksArgs) -> int:
     return add_tasks(a.dir, a.file, a.overlap, a.flags)
 
 
+def _label_set(a: A.LabelSetArgs) -> int:
+    from tidal.feedback.cli import configure
+
+    return configure(a.dir, a.guidelines, a.likert, a.edit_minutes)
+
+
 def _label_status(a: A.LabelStatusArgs) -> int:
     from tidal.feedback.cli import status
 
@@ -143,6 +149,8 @@ COMMANDS: tuple[Command, ...] = (
             "register a labeler and print its token (once)"),
     Command(("label", "add-tasks"), A.LabelAddTasksArgs, _label_add_tasks,
             "add tasks from a JSON-lines file {prompt, responses, [gold_ranking]}"),
+    Command(("label", "set"), A.LabelSetArgs, _label_set,
+            "the page's settings for a feedback folder: guidelines, Likert scores, edit window"),
     Command(("label", "tasks"), A.LabelTasksArgs, _label_tasks,
             "add tasks sampled from models (runs, the SFT model) and reference answers"),
     Command(("label", "status"), A.LabelStatusArgs, _label_status, "queue, per-labeler counts, agreement"),

@@ -68,7 +68,7 @@ def tasks_from_cli(args: LabelTasksArgs) -> int:
     with ray_session(cfg.cluster, min_cpus=cfg.rollout.num_workers):
         responses = _responses(cfg, planned, models, batch, prompts, args.responses)
     ids = store.add_tasks([NewTask(p, rows) for p, rows in zip(prompts, responses)], overlap_fraction=args.overlap,
-                          seed=cfg.seed)
+                          seed=cfg.seed, duplicates="drop")  # samples may repeat; a ranking row may not
     print(f"added {len(ids)} tasks ({len(responses[0])} responses each) to {args.dir}; "
           f"serve them with `tidal label serve {args.dir}`")
     return 0

@@ -7,8 +7,8 @@ Record kinds and their row fields (unknown extra fields are ignored):
   comparisons     prompt | messages, chosen, rejected, [weight] (> 0, default 1: a pair's share
                   of its prompt; `tidal label export --format comparisons` writes 1 / C(K, 2) for
                   each pair of a K-wise ranking, as the InstructGPT ranking loss weighs them)
-  rankings        prompt | messages, responses (K >= 2), ranking (ranking[i] = rank of
-                  responses[i], 0 = best; a permutation of range(K))
+  rankings        prompt | messages, responses (K >= 2, all different), ranking (ranking[i] =
+                  rank of responses[i], 0 = best; ties share a rank: `ranking_problem`)
 `prompt` is a string; `messages` is a chat list of {role, content} (the prompt conversation).
 Files are chosen by suffix: .jsonl / .json (JSON lines) or .parquet.
 """
@@ -82,20 +82,22 @@ _HINTS = {
     "prompts": "Each prompt row needs 'prompt' (a string) or 'messages' (a list of {role, content}); 'reference' is optional.",
     "demonstrations": "Each demonstration row needs 'prompt' and 'response' strings, or 'messages' whose last turn is the assistant's response.",
     "comparisons": "Each comparison row needs prompt (or messages), chosen and rejected; 'weight' (a number > 0, default 1) is optional.",
-    "rankings": "Each ranking row needs prompt (or messages), 'responses' (K >= 2 strings) and 'ranking' (rank of each response, 0 = best, a permutation of 0..K-1).",
+    "rankings": "Each ranking row needs prompt (or messages), 'responses' (K >= 2 different strings) and 'ranking' (rank of each response, 0 = best: a permutation of 0..K-1, tied responses sharing a rank as in [0, 0, 2]).",
 }
 
 
 # ---------------------------------------------------------------------------- validation
 
 class _Row:
-    """One raw row being validated; knows where it came from so errors can say so."""
+    """One raw row being validated; knows where it came from (`where`, e.g. FILE:ROW) so errors
+    can say so, and what to tell the user about the row's format (`hint`)."""
 
-    def __init__(self, src: str, number: int, kind: str, data: dict):
-        self.src, self.number, self.kind, self.data = src, number, kind, data
+    def __init__(self, where: str, kind: str, data: dict, hint: str | None = None):
+        self.where, self.kind, self.data = where, kind, data
+        self.hint = _HINTS[kind] if hint is None else hint
 
     def fail(self, field: str, problem: str) -> DataError:
-        return DataError(f"{self.src}:{self.number}: field '{field}': {problem}. {_HINTS[self.kind]}")
+        return DataError(f"{self.where}: field '{field}': {problem}. {self.hint}")
 
     def text(self, field: str) -> str:
         if field not in self.data:
@@ -179,6 +181,22 @@ def _parse_comparison(row: _Row) -> ComparisonRecord:
     return record
 
 
+def ranking_problem(ranking, k: int) -> str | None:
+    """Why `ranking` is not a ranking of k responses, or None. ranking[i] = rank of response i,
+    0 = best: a permutation of 0..k-1, or with ties the standard competition ranking ([0, 0, 2]:
+    tied responses share a rank, the next skips their places). Not all k tied (no preference).
+    The one rule for ranking files and the feedback store's labels and gold rankings."""
+    if not isinstance(ranking, list) or len(ranking) != k or not all(type(r) is int for r in ranking):
+        return f"expected {k} integer ranks, one per response, got {ranking if isinstance(ranking, list) else _describe(ranking)}"
+    ranks = sorted(ranking)
+    if any(r != i and (i == 0 or r != ranks[i - 1]) for i, r in enumerate(ranks)):
+        return (f"expected a permutation of 0..{k - 1}, or tied responses sharing a rank with the next rank skipping "
+                f"their places (as in [0, 0, 2]), got {ranking}")
+    if ranks[-1] == 0:
+        return f"all {k} responses share rank 0, so the row prefers nothing (drop it)"
+    return None
+
+
 def _parse_ranking(row: _Row) -> RankingRecord:
     prompt = row.prompt()
     responses, ranking = row.data.get("responses"), row.data.get("ranking")
@@ -187,15 +205,14 @@ def _parse_ranking(row: _Row) -> RankingRecord:
                        + (f" of length {len(responses)}" if isinstance(responses, list) else ""))
     responses = [row.response(f"responses[{i}]", r) for i, r in enumerate(responses)]
     first: dict[str, int] = {}
-    for i, r in enumerate(responses):  # two equal responses cannot have different ranks
+    for i, r in enumerate(responses):  # two equal responses are one response ranked twice
         if r.strip() in first:
             raise row.fail(f"responses[{i}]", f"the same text as responses[{first[r.strip()]}]; "
                                               f"each ranked response must be different (drop the duplicate and its rank)")
         first[r.strip()] = i
-    ok = isinstance(ranking, list) and all(type(r) is int for r in ranking)
-    if not ok or sorted(ranking) != list(range(len(responses))):
-        raise row.fail("ranking", f"expected a permutation of 0..{len(responses) - 1} (one rank per response), "
-                                  f"got {ranking if isinstance(ranking, list) else _describe(ranking)}")
+    problem = ranking_problem(ranking, len(responses))
+    if problem is not None:
+        raise row.fail("ranking", problem)
     return RankingRecord(prompt, responses, list(ranking))
 
 
@@ -266,11 +283,17 @@ def iter_records(path: str | Path, kind: str, batch_rows: int = 1024) -> Iterato
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     rows = _jsonl_rows(path) if _format(path) == "jsonl" else _parquet_rows(path, kind, batch_rows)
-    parse = _PARSERS[kind]
     for number, data in rows:
-        if not isinstance(data, dict):
-            raise DataError(f"{path.name}:{number}: expected a JSON object, got {_describe(data)}. {_HINTS[kind]}")
-        yield parse(_Row(path.name, number, kind, data))
+        yield validate_row(data, kind, f"{path.name}:{number}")
+
+
+def validate_row(data, kind: str, where: str, hint: str | None = None) -> Record:
+    """One row (a parsed JSON object) checked by the rules a file of `kind` is read with; DataError
+    names `where` (e.g. FILE:ROW) and the field, then `hint` (default: the kind's format)."""
+    _check_kind(kind)
+    if not isinstance(data, dict):
+        raise DataError(f"{where}: expected a JSON object, got {_describe(data)}. {_HINTS[kind] if hint is None else hint}")
+    return _PARSERS[kind](_Row(where, kind, data, hint))
 
 
 def read_records(path: str | Path, kind: str) -> list[Record]:
@@ -285,9 +308,7 @@ def read_prompt_lines(lines: Iterable[bytes], name: str, fmt: str) -> list[Promp
     if fmt == "jsonl":
         records = []
         for number, data in _json_lines(lines, name):
-            if not isinstance(data, dict):
-                raise DataError(f"{name}:{number}: expected a JSON object, got {_describe(data)}. {_HINTS['prompts']}")
-            records.append(_parse_prompt(_Row(name, number, "prompts", data)))
+            records.append(validate_row(data, "prompts", f"{name}:{number}"))
         return records
     if fmt != "txt":
         raise ValueError(f"unknown prompt line format {fmt!r}; expected 'jsonl' or 'txt'.")

@@ -1,15 +1,20 @@
 """The web stack tidal's HTTP services share (reward server, labeling app): Starlette apps run
-by uvicorn on a socket bound before serving, so port 0 works and the URL is known up front."""
+by uvicorn on a socket bound before serving, so port 0 works and the URL is known up front;
+bodies read up to a limit, JSON parsed so that no body can make a server answer anything but a
+JSON 4xx, and JSON answers for unknown paths, wrong methods and uncaught errors."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import socket
 import threading
+from typing import Callable
 
 import uvicorn
 from starlette.requests import Request
+from starlette.responses import Response
 
 # An error answer is sent after reading (and discarding) the body up to this size: closing a
 # socket with unread input resets the connection, and the client would never see the 401/413.
@@ -18,6 +23,43 @@ DRAIN_BYTES = 64 * 1024 * 1024
 
 class BodyTooLarge(Exception):
     pass
+
+
+class BadJSON(ValueError):
+    """A request body that is not JSON the server can read; the message says why (a 400)."""
+
+
+def parse_json(body: bytes):
+    """The JSON value of a request body, or BadJSON: not UTF-8, not JSON, nested deeper than
+    Python's recursion limit (json.loads raises RecursionError there, which a server would turn
+    into a 500 with a traceback), or an integer longer than Python converts (ValueError)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadJSON("the body is not UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadJSON(f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise BadJSON("the body nests JSON arrays or objects too deeply for this server; send a flat object") from None
+    except ValueError as e:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise BadJSON(f"the body is not JSON this server can read ({e})") from None
+
+
+def error_handlers(respond: Callable[[int, str], Response], endpoints: str) -> dict:
+    """Starlette exception handlers that answer with `respond(status, message)` (JSON): an
+    unknown path (404) or a wrong method (405) names the `endpoints` there are, and any uncaught
+    exception is a 500 that names its type only (Starlette still logs the traceback)."""
+    async def http_error(request: Request, exc) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            await drain(request)
+        what = "no such endpoint" if exc.status_code == 404 else f"{request.method} is not allowed on"
+        return respond(exc.status_code, f"{what} {request.url.path}; use {endpoints}")
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return respond(500, f"internal error ({type(exc).__name__}); the server's log has the details")
+    return {404: http_error, 405: http_error, Exception: server_error}
 
 
 def is_loopback(host: str) -> bool:

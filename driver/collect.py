@@ -91,7 +91,8 @@ def run_collect(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, po
     store = FeedbackStore(folder, create=True)
     if not store.tasks():  # a resumed round keeps the tasks (and labels) it already has
         tasks = sample_tasks(cfg, policy, data.prompts, round_, source=f"{stage}:{policy}")
-        store.add_tasks(tasks, overlap_fraction=0.0 if fb.labeler == "simulated" else None, seed=cfg.seed + round_)
+        store.add_tasks(tasks, overlap_fraction=0.0 if fb.labeler == "simulated" else None, seed=cfg.seed + round_,
+                        duplicates="drop")  # samples may repeat; a ranking row may not
         print(f"tidal: collect round {round_}: {len(tasks)} prompts x {fb.responses} responses of {policy} in {folder}",
               flush=True)
     if fb.labeler == "simulated":

@@ -1,19 +1,22 @@
 """The labeling web app (`tidal label serve DIR`): a Starlette app over a FeedbackStore.
 
 Pages: /login (token -> session cookie), /label (labelers), /admin (researchers, admin token).
-API (JSON, same origin): GET /api/me, GET /api/next, POST /api/submit, GET /api/stats,
+API (JSON, same origin): GET /api/me, GET /api/next, POST /api/submit (a label, a skip, or an
+edit of an own label), GET /api/labels/{id} (an own label, to edit it); for admins GET /api/stats,
+GET /api/tasks?offset=&limit=, GET /api/tasks/{id} (a task with every label version) and
 GET /export/{rankings|comparisons|ratings}. Every POST needs the session's CSRF token
 (X-CSRF-Token header, or the form field `csrf`); the login form uses a double-submit cookie.
 Model text only ever reaches the page as JSON that the page's script puts in with textContent,
 and the Content-Security-Policy allows no inline script, so a completion cannot run code.
+Every error is JSON {"error"}: 400 a malformed request, 401/403 auth, 404/405, 409 the store's
+state (already labeled, task not leased to you, edit window over), 413 a body over the limit,
+507 a full disk and 503 a store that cannot be used, 500 anything else (no traceback).
 """
 
 from __future__ import annotations
 
 import hmac
 import html
-import json
-import random
 import secrets
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -25,13 +28,15 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from tidal.common.web import BodyTooLarge, drain, read_body
+from tidal.common.web import BadJSON, BodyTooLarge, drain, error_handlers, parse_json, read_body
 from tidal.feedback import export, stats
+from tidal.feedback.page import label_view, task_view, to_stored
 from tidal.feedback.store import FeedbackError, FeedbackStore
 
 STATIC = Path(__file__).parent / "static"
 SESSION_COOKIE, LOGIN_COOKIE = "tidal_session", "tidal_login_csrf"
 MAX_BODY_BYTES = 256 * 1024  # a label is a few hundred bytes; nothing here needs more
+PAGE_SIZE = 50  # tasks per page of the researcher's task list (the most a request may ask: 500)
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
@@ -39,14 +44,12 @@ SECURITY_HEADERS = {
 }
 
 
-def display_order(task_id: int, labeler_id: int, k: int) -> list[int]:
-    """perm[slot] = stored index of the response shown at `slot`: random per (task, labeler), so
-    neither the source nor the order the tasks were written in shows, and a reload keeps it."""
-    return random.Random(f"{task_id}:{labeler_id}").sample(range(k), k)
-
-
 def _json(payload, status: int = 200) -> JSONResponse:
     return JSONResponse(payload, status_code=status, headers=SECURITY_HEADERS)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return _json({"error": message}, status)
 
 
 def _page(name: str, status: int = 200, **values: str) -> HTMLResponse:
@@ -54,6 +57,10 @@ def _page(name: str, status: int = 200, **values: str) -> HTMLResponse:
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", html.escape(value))
     return HTMLResponse(text, status_code=status, headers=SECURITY_HEADERS)
+
+
+async def _store_error(request: Request, exc: FeedbackError) -> Response:
+    return _error(exc.status, str(exc))
 
 
 class LabelApp:
@@ -66,12 +73,21 @@ class LabelApp:
         sid = request.cookies.get(SESSION_COOKIE)
         return None if not sid else await run_in_threadpool(self.store.session, sid)
 
+    async def user(self, request: Request, admin: bool = False) -> dict | Response:
+        """The request's session, or the 401/403 answer to give instead."""
+        sess = await self.session(request)
+        if sess is None:
+            return _error(401, "log in first")
+        if admin and not sess["is_admin"]:
+            return _error(403, "the researcher API and exports need an admin session")
+        return sess
+
     async def body_or_error(self, request: Request) -> bytes | Response:
         try:
             return await read_body(request, self.max_body_bytes)
         except BodyTooLarge as e:
             await drain(request)
-            return _json({"error": f"body of {e.args[0]} bytes is over the limit of {self.max_body_bytes}"}, 413)
+            return _error(413, f"body of {e.args[0]} bytes is over the limit of {self.max_body_bytes}")
 
     def csrf_ok(self, sess: dict, request: Request, form: dict | None = None) -> bool:
         sent = request.headers.get("x-csrf-token") or (form or {}).get("csrf", "")
@@ -108,7 +124,7 @@ class LabelApp:
             return body
         form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
         if sess is None or not self.csrf_ok(sess, request, form):
-            return _json({"error": "not logged in, or the CSRF token is missing"}, 403)
+            return _error(403, "not logged in, or the CSRF token is missing")
         await run_in_threadpool(self.store.logout, request.cookies[SESSION_COOKIE])
         resp = RedirectResponse("/login", status_code=303, headers=SECURITY_HEADERS)
         resp.delete_cookie(SESSION_COOKIE)
@@ -126,65 +142,109 @@ class LabelApp:
             return RedirectResponse("/admin" if sess["is_admin"] else "/label", status_code=303)
         return _page("label.html")
 
+    async def progress(self, sess: dict) -> dict:
+        return await run_in_threadpool(self.store.progress, sess["labeler_id"], sess["session"])
+
     async def me(self, request: Request) -> Response:
-        sess = await self.session(request)
-        if sess is None:
-            return _json({"error": "log in first"}, 401)
-        prog = await run_in_threadpool(self.store.progress, sess["labeler_id"])
-        return _json({"name": sess["name"], "admin": sess["is_admin"], "csrf": sess["csrf"],
-                      "flags": list(self.store.settings.flags), "progress": prog})
+        sess = await self.user(request)
+        if isinstance(sess, Response):
+            return sess
+        s = self.store.settings
+        return _json({"name": sess["name"], "admin": sess["is_admin"], "csrf": sess["csrf"], "flags": list(s.flags),
+                      "likert": s.likert, "edit_s": s.edit_s, "guidelines": s.guidelines,
+                      "progress": await self.progress(sess)})
 
     async def next_task(self, request: Request) -> Response:
-        sess = await self.session(request)
-        if sess is None:
-            return _json({"error": "log in first"}, 401)
+        sess = await self.user(request)
+        if isinstance(sess, Response):
+            return sess
         task = await run_in_threadpool(self.store.next_task, sess["labeler_id"])
-        prog = await run_in_threadpool(self.store.progress, sess["labeler_id"])
-        if task is None:
-            return _json({"task": None, "progress": prog})
-        perm = display_order(task.id, sess["labeler_id"], len(task.responses))
-        return _json({"task": {"id": task.id, "prompt": task.prompt,
-                               "responses": [{"slot": s, "text": task.responses[i].text} for s, i in enumerate(perm)]},
-                      "progress": prog})
+        return _json({"task": None if task is None else task_view(task, sess["labeler_id"]),
+                      "progress": await self.progress(sess)})
 
     async def submit(self, request: Request) -> Response:
-        sess = await self.session(request)
-        if sess is None:
+        sess = await self.user(request)
+        if isinstance(sess, Response):
             await drain(request)
-            return _json({"error": "log in first"}, 401)
+            return sess
         if not self.csrf_ok(sess, request):
             await drain(request)
-            return _json({"error": "missing or wrong X-CSRF-Token header"}, 403)
+            return _error(403, "missing or wrong X-CSRF-Token header")
         body = await self.body_or_error(request)
         if isinstance(body, Response):
             return body
-        def store_label(req) -> tuple[int, bool]:  # in a worker thread: SQLite blocks
-            return self.store.submit(sess["labeler_id"], **_to_stored(req, sess["labeler_id"], self.store))
-
         try:
-            label_id, new = await run_in_threadpool(store_label, json.loads(body))
-        except (ValueError, TypeError, KeyError) as e:  # FeedbackError is a ValueError
-            status = 409 if isinstance(e, FeedbackError) and "already" in str(e) else 400
-            return _json({"error": str(e) if isinstance(e, FeedbackError) else f"malformed submission: {e}"}, status)
-        prog = await run_in_threadpool(self.store.progress, sess["labeler_id"])
-        return _json({"label_id": label_id, "duplicate": not new, "progress": prog})
+            req = parse_json(body)
+        except BadJSON as e:
+            return _error(400, f"malformed submission: {e}")
+
+        def store_label() -> tuple[int, bool]:  # in a worker thread: SQLite blocks
+            task_id = req.get("task_id") if isinstance(req, dict) else None
+            task = self.store.tasks_by_id([task_id]).get(task_id) if type(task_id) is int else None
+            stored = to_stored(req, sess["labeler_id"], task, self.store.settings)
+            return self.store.submit(sess["labeler_id"], session=sess["session"], **stored)
+
+        label_id, new = await run_in_threadpool(store_label)  # a FeedbackError answers with its status
+        label = await run_in_threadpool(self.store.label, label_id)
+        return _json({"label_id": label_id, "duplicate": not new, "editable_until": self.editable_until(label),
+                      "progress": await self.progress(sess)})
+
+    def editable_until(self, label) -> float | None:
+        edit_s = self.store.settings.edit_s
+        return None if label is None or edit_s <= 0 or label.superseded_at is not None else label.first_at + edit_s
+
+    async def own_label(self, request: Request) -> Response:
+        """GET /api/labels/{id}: the labeler's own label with its task, as the page shows them."""
+        sess = await self.user(request)
+        if isinstance(sess, Response):
+            return sess
+        label = await run_in_threadpool(self.store.label, _path_int(request, "label_id"))
+        if label is None or label.labeler != sess["name"]:
+            return _error(404, "no such label of yours")
+        task = (await run_in_threadpool(self.store.tasks_by_id, [label.task_id]))[label.task_id]
+        return _json({"task": task_view(task, sess["labeler_id"]),
+                      "label": label_view(label, sess["labeler_id"], len(task.responses)),
+                      "editable_until": self.editable_until(label)})
 
     async def api_stats(self, request: Request) -> Response:
-        sess = await self.session(request)
-        if sess is None or not sess["is_admin"]:
-            return _json({"error": "the researcher API needs an admin session"}, 401 if sess is None else 403)
+        sess = await self.user(request, admin=True)
+        if isinstance(sess, Response):
+            return sess
 
         def compute() -> dict:
             return stats.summary(self.store.labels(), self.store.tasks(), self.store.settings.flags, self.store.counts())
         return _json(await run_in_threadpool(compute))
 
+    async def api_tasks(self, request: Request) -> Response:
+        """GET /api/tasks?offset=&limit=: one page of the task list (admins)."""
+        sess = await self.user(request, admin=True)
+        if isinstance(sess, Response):
+            return sess
+        offset = _query_int(request, "offset", 0, 0, 10**12)
+        limit = _query_int(request, "limit", PAGE_SIZE, 1, 500)
+        return _json({"offset": offset, "limit": limit, **await run_in_threadpool(self.store.task_page, offset, limit)})
+
+    async def api_task(self, request: Request) -> Response:
+        """GET /api/tasks/{id}: a task in stored order with sources, and every version of its labels (admins)."""
+        sess = await self.user(request, admin=True)
+        if isinstance(sess, Response):
+            return sess
+        task_id = _path_int(request, "task_id")
+        task = (await run_in_threadpool(self.store.tasks_by_id, [task_id])).get(task_id)
+        if task is None:
+            return _error(404, f"no task {task_id}")
+        labels = await run_in_threadpool(lambda: self.store.labels(task_id, history=True))
+        return _json({"task": {"id": task.id, "prompt": task.prompt, "want": task.want_labels, "gold": task.gold_ranking,
+                               "responses": [r.__dict__ for r in task.responses]},
+                      "labels": [lab.__dict__ for lab in labels]})
+
     async def export_file(self, request: Request) -> Response:
-        sess = await self.session(request)
-        if sess is None or not sess["is_admin"]:
-            return _json({"error": "exports need an admin session"}, 401 if sess is None else 403)
+        sess = await self.user(request, admin=True)
+        if isinstance(sess, Response):
+            return sess
         fmt = request.path_params["fmt"]
         if fmt not in export.FORMATS:
-            return _json({"error": f"unknown format {fmt!r}; choose one of {', '.join(export.FORMATS)}"}, 404)
+            return _error(404, f"unknown format {fmt!r}; choose one of {', '.join(export.FORMATS)}")
         rows = await run_in_threadpool(export.export_rows, self.store, fmt)
         return Response(export.to_jsonl(rows), media_type="application/jsonl",
                         headers={**SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="{fmt}.jsonl"'})
@@ -195,49 +255,30 @@ class LabelApp:
             Route("/login", self.login_page, methods=["GET"]), Route("/login", self.login, methods=["POST"]),
             Route("/logout", self.logout, methods=["POST"]),
             Route("/api/me", self.me), Route("/api/next", self.next_task),
-            Route("/api/submit", self.submit, methods=["POST"]),
-            Route("/api/stats", self.api_stats), Route("/export/{fmt}", self.export_file),
+            Route("/api/submit", self.submit, methods=["POST"]), Route("/api/labels/{label_id}", self.own_label),
+            Route("/api/stats", self.api_stats), Route("/api/tasks", self.api_tasks),
+            Route("/api/tasks/{task_id}", self.api_task), Route("/export/{fmt}", self.export_file),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ]
 
 
+def _path_int(request: Request, name: str) -> int:
+    value = request.path_params[name]
+    if not value.isdigit() or len(value) > 18:
+        raise FeedbackError(f"{request.url.path}: '{value}' is not an id")
+    return int(value)
+
+
+def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    if not value.isdigit() or not low <= int(value[:19]) <= high:
+        raise FeedbackError(f"query parameter {name}={value[:40]!r}: expected a whole number from {low} to {high}")
+    return int(value)
+
+
 def build_app(store: FeedbackStore, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
-    return Starlette(routes=LabelApp(store, max_body_bytes).routes())
-
-
-def _to_stored(req: dict, labeler_id: int, store: FeedbackStore) -> dict:
-    """Maps a page submission (by display slot) onto the task's stored response order."""
-    if not isinstance(req, dict):
-        raise FeedbackError("the body must be a JSON object")
-    task_id, sub_id = req.get("task_id"), req.get("submission_id")
-    if not isinstance(task_id, int):
-        raise FeedbackError("'task_id' must be a task number")
-    if req.get("skip_reason") is not None:
-        if not isinstance(req["skip_reason"], str):
-            raise FeedbackError("'skip_reason' must be a string")
-        return {"submission_id": sub_id, "task_id": task_id, "skip_reason": req["skip_reason"][:500]}
-    task = store.tasks_by_id([task_id]).get(task_id)
-    if task is None:
-        raise FeedbackError(f"no task {task_id}")
-    k = len(task.responses)
-    perm = display_order(task_id, labeler_id, k)
-    order = req.get("order")
-    if not isinstance(order, list) or sorted(x for x in order if isinstance(x, int)) != list(range(k)):
-        raise FeedbackError(f"'order' must list the {k} display slots best to worst")
-    ranking = [0] * k
-    for rank, slot in enumerate(order):
-        ranking[perm[slot]] = rank
-    likert, flags = req.get("likert"), req.get("flags")
-    if likert is not None:
-        if not isinstance(likert, list) or len(likert) != k:
-            raise FeedbackError(f"'likert' must hold one score per display slot ({k})")
-        likert = [likert[perm.index(i)] for i in range(k)]
-    if flags is not None:
-        if not isinstance(flags, list) or len(flags) != k:
-            raise FeedbackError(f"'flags' must hold one list per display slot ({k})")
-        flags = [flags[perm.index(i)] for i in range(k)]
-    comment = req.get("comment")
-    if comment is not None and not isinstance(comment, str):
-        raise FeedbackError("'comment' must be a string")
-    return {"submission_id": sub_id, "task_id": task_id, "ranking": ranking, "likert": likert, "flags": flags,
-            "comment": (comment or "")[:5000] or None}
+    handlers = {**error_handlers(_error, "the pages /login, /label, /admin or the /api endpoints (docs/feedback.md)"),
+                FeedbackError: _store_error}
+    return Starlette(routes=LabelApp(store, max_body_bytes).routes(), exception_handlers=handlers)

@@ -59,6 +59,23 @@ def add_tasks(folder: str, file: str, overlap: float | None, flags: str | None =
     return 0
 
 
+def configure(folder: str, guidelines: str | None, likert: str | None, edit_minutes: float | None) -> int:
+    """`tidal label set`: the page's guidelines, Likert mode and edit window."""
+    text = None
+    if guidelines is not None:
+        try:
+            text = Path(guidelines).read_text(encoding="utf-8")
+        except OSError as e:
+            raise FeedbackError(f"{guidelines}: cannot read it ({e.strerror}); give a Markdown or text file") from None
+        except UnicodeDecodeError as e:
+            raise FeedbackError(f"{guidelines}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    s = FeedbackStore(folder).configure(likert=likert, edit_s=None if edit_minutes is None else edit_minutes * 60.0,
+                                        guidelines=text)
+    print(f"{folder}: Likert scores {s.likert}; edits for {s.edit_s / 60:g} minutes after sending; "
+          f"guidelines: {f'{len(s.guidelines)} characters' if s.guidelines else 'none'}")
+    return 0
+
+
 def add_labeler(folder: str, name: str, admin: bool) -> int:
     token = FeedbackStore(folder, create=True).add_labeler(name, admin=admin)
     print(f"{'admin' if admin else 'labeler'} {name}: token {token}")

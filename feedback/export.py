@@ -3,13 +3,15 @@
 rankings     one row per (task, labeler) ranking: {prompt, responses, ranking} with
              ranking[i] = rank of responses[i], 0 = best; a task ranked by two labelers (overlap)
              gives two rows, so disagreement stays in the data as it was collected.
-comparisons  every C(K,2) pair of each ranking: {prompt, chosen, rejected, weight} (chosen ranked
+comparisons  every C(K,2) pair of each ranking but the tied ones: {prompt, chosen, rejected, weight} (chosen ranked
              better), weight = 1 / C(K,2), so each ranking weighs as much as one comparison in the
              rm and dpo losses (InstructGPT's ranking loss; a K=9 ranking would otherwise count 36x).
 ratings      one row per labeled response: {prompt, response, likert, flags, ...} (tidal's own
              format; no stage reads it yet).
-Ties: the page collects a strict order, so there are none to export. Skips (with their reason)
-are never exported as preferences; they show in the stats. Gold tasks are left out unless
+Ties: a labeler may tie responses (they share a rank, [0, 0, 2]); rankings keep them as they are
+(the rm stage's ranking loss and DPO leave tied pairs out), comparisons skip tied pairs (a pair
+says one response is better). Only the current version of an edited label is exported.
+Skips (with their reason) are never exported as preferences; they show in the stats. Gold tasks are left out unless
 `include_gold` (their labels grade labelers, their answers were not collected here).
 Every row also carries task_id, labeler, sources and versions (readers ignore unknown fields).
 """
@@ -44,6 +46,8 @@ def comparison_rows(store: FeedbackStore, include_gold: bool = False) -> list[di
     for lab, task in _labeled(store, include_gold):
         weight = 1.0 / math.comb(len(task.responses), 2)  # the ranking's pairs share one comparison's weight
         for i, j in combinations(range(len(task.responses)), 2):
+            if lab.ranking[i] == lab.ranking[j]:  # a tie prefers neither
+                continue
             win, lose = (i, j) if lab.ranking[i] < lab.ranking[j] else (j, i)
             rows.append({"prompt": task.prompt, "chosen": task.responses[win].text, "rejected": task.responses[lose].text,
                          "weight": weight, "task_id": task.id, "labeler": lab.labeler,

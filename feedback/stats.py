@@ -1,15 +1,17 @@
 """Label statistics for the researcher page and `tidal label status`.
 
-Rankings here are lists with ranking[i] = rank of response i (0 = best), no ties (the page
-collects a strict order). Agreement between two rankings of the same K responses:
-  pairwise agreement = share of the C(K,2) response pairs both put in the same order (0..1);
-  Kendall's tau      = (concordant - discordant) / C(K,2) (-1..1; tau = 2 * agreement - 1).
+Rankings here are lists with ranking[i] = rank of response i (0 = best); tied responses share a
+rank. Agreement between two rankings of the same K responses, over the pairs neither ties:
+  pairwise agreement = share of those pairs both put in the same order (0..1);
+  Kendall's tau      = (concordant - discordant) / (concordant + discordant) (-1..1; without ties
+                       Kendall's tau-a, with ties Goodman and Kruskal's gamma; = 2 * agreement - 1).
 Agreement is computed on overlap tasks (two or more labelers ranked the same task) and against
 the known ranking of gold tasks; skips are left out of every figure except the counts.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import Counter, defaultdict
 from itertools import combinations
@@ -79,16 +81,21 @@ def gold_agreement(labels: list[Label], tasks: dict[int, Task]) -> dict:
 
 
 def rates(labels: list[Label], now: float | None = None) -> dict:
-    """Labels in the last hour, overall and per labeler, and each labeler's mean rate over the
-    span between its first and last label (at least 1 minute, so one label is not infinite)."""
+    """Labels in the last hour, overall and per labeler, each labeler's mean rate over the span
+    between its first and last label (at least 1 minute, so one label is not infinite), and the
+    median time the page measured per label (seconds; None when no page sent one)."""
     now = time.time() if now is None else now
     times: dict[str, list[float]] = defaultdict(list)
+    spent: dict[str, list[float]] = defaultdict(list)
     for lab in labels:
-        times[lab.labeler].append(lab.created_at)
+        times[lab.labeler].append(lab.first_at if lab.first_at is not None else lab.created_at)
+        if lab.seconds is not None:
+            spent[lab.labeler].append(lab.seconds)
     per = {}
     for who, ts in sorted(times.items()):
         span_h = max(max(ts) - min(ts), 60.0) / 3600.0
-        per[who] = {"last_hour": sum(t > now - 3600 for t in ts), "per_hour": round(len(ts) / span_h, 2)}
+        per[who] = {"last_hour": sum(t > now - 3600 for t in ts), "per_hour": round(len(ts) / span_h, 2),
+                    "median_s": statistics.median(spent[who]) if spent[who] else None}
     return {"last_hour": sum(v["last_hour"] for v in per.values()), "per_labeler": per}
 
 

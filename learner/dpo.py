@@ -18,7 +18,6 @@ under `response_mask` with `sequence_logps` and hand the halves to `dpo_loss`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 import torch
 
@@ -32,11 +31,13 @@ DPO_LOSSES = ("sigmoid", "ipo", "ipo_mean")  # stages.dpo.loss
 
 
 def ranking_pairs(ranking: list[int]) -> list[tuple[int, int]]:
-    """All C(K, 2) (better, worse) index pairs of one ranking (ranking[i] = rank of response i,
-    0 = best), ordered by the better response's rank, then the worse one's, so the output does
-    not depend on the order the responses were listed in."""
+    """The (better, worse) index pairs of one ranking (ranking[i] = rank of response i, 0 = best):
+    all C(K, 2) pairs but the tied ones (equal ranks prefer neither), ordered by the better
+    response's rank, then the worse one's, so the output does not depend on the order the
+    responses were listed in."""
     by_rank = sorted(range(len(ranking)), key=lambda i: ranking[i])  # indices best first
-    return [(by_rank[a], by_rank[b]) for a in range(len(by_rank)) for b in range(a + 1, len(by_rank))]
+    return [(by_rank[a], by_rank[b]) for a in range(len(by_rank)) for b in range(a + 1, len(by_rank))
+            if ranking[by_rank[a]] < ranking[by_rank[b]]]
 
 
 def preference_pairs(records: list[ComparisonRecord | RankingRecord]) -> tuple[list[ComparisonRecord], list[int]]:
@@ -158,5 +159,5 @@ def dpo_batch_loss(policy_token_logprobs: torch.Tensor, batch: DPOBatch, beta: f
 
 
 def pairs_per_record(record: ComparisonRecord | RankingRecord) -> int:
-    """How many DPO pairs a record gives (1 or C(K, 2)); for sizing epochs and logs."""
-    return 1 if isinstance(record, ComparisonRecord) else math.comb(len(record.responses), 2)
+    """How many DPO pairs a record gives (1, or C(K, 2) less the tied pairs); for sizing epochs and logs."""
+    return 1 if isinstance(record, ComparisonRecord) else len(ranking_pairs(record.ranking))

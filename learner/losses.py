@@ -120,16 +120,22 @@ def ranking_reward_loss(scores: torch.Tensor, ranks: torch.Tensor, weights: torc
     """InstructGPT reward-model loss (Ouyang et al. 2022; docs/implementation.md#d11): K ranked
     responses per prompt give C(K, 2) comparisons; each prompt's sum over its pairs is scaled by
     1 / C(K, 2), then averaged over prompts (weighted by `weights` (B,) when given). scores (B, K)
-    float, ranks (B, K) long with 0 = best; every row of ranks must be a permutation of 0..K-1 (no ties)."""
+    float, ranks (B, K) long with 0 = best; every row of ranks is a permutation of 0..K-1 or, with
+    ties, a standard competition ranking ([0, 0, 2]; tidal.common.data.ranking_problem). A tied pair
+    is no comparison: it adds no term (the 1 / C(K, 2) stays, so a prompt with ties weighs what its
+    preferences hold)."""
     if scores.dim() != 2 or scores.shape != ranks.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and ranks {tuple(ranks.shape)} must both be (B, K)")
     B, K = scores.shape
     if K < 2:
         raise ValueError(f"ranking needs K >= 2 responses per prompt, got K={K}")
-    expected = torch.arange(K, device=ranks.device)
-    bad = (ranks.sort(-1).values != expected).any(-1).nonzero().flatten()
+    ordered = ranks.sort(-1).values  # (B, K): each place holds its index, or ties the place before
+    before = torch.cat([torch.full_like(ordered[:, :1], -1), ordered[:, :-1]], dim=1)
+    place = torch.arange(K, device=ranks.device)
+    bad = ((ordered != place) & (ordered != before)).any(-1).nonzero().flatten()
     if len(bad):
-        raise ValueError(f"ranks rows {bad.tolist()} are not permutations of 0..{K - 1} (0 = best, no ties)")
+        raise ValueError(f"ranks rows {bad.tolist()} are not rankings of 0..{K - 1} (0 = best; ties share a rank "
+                         "and the next rank skips their places: [0, 0, 2])")
     margin = scores[:, :, None] - scores[:, None, :]  # (B, K, K): s_i - s_j
     i_better = ranks[:, :, None] < ranks[:, None, :]  # (B, K, K): pair (i, j) with i preferred
     pair_losses = torch.where(i_better, -F.logsigmoid(margin), 0.0)  # one term per ordered pair

@@ -7,14 +7,15 @@ The served reward is the weighted sum of the config's reward terms (`CombinedRew
 normalization, clipping and the EOS penalty stay with the trainer that calls it.
 Security: binds 127.0.0.1 unless told otherwise; with a token every /score call needs
 `Authorization: Bearer <token>` (401 otherwise), and a non-loopback bind without a token is
-refused. Bodies over `max_body_bytes` get 413 without being read; malformed JSON or fields 400;
-a reward that fails or gives NaN/inf 500. Errors are {"error": "..."}.
+refused. Bodies over `max_body_bytes` get 413 without being read; malformed JSON (not UTF-8,
+nested too deep, an integer too long to convert) or fields 400; a reward that fails or gives
+NaN/inf 500. Every error, an unknown path (404), a wrong method (405) and an uncaught exception
+(500) included, is JSON: {"error": "..."}.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import math
 import os
 import sys
@@ -28,7 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tidal.common.config import ConfigError
-from tidal.common.web import BodyTooLarge, WebServer, drain, is_loopback, read_body
+from tidal.common.web import BadJSON, BodyTooLarge, WebServer, drain, error_handlers, is_loopback, parse_json, read_body
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 ScoreFn = Callable[[list[str], list[str], "list[str | None] | None"], list[float]]
@@ -41,11 +42,9 @@ class BadRequest(ValueError):
 def parse_request(body: bytes) -> tuple[list[str], list[str], list[str | None] | None]:
     """(prompts, completions, references) of a /score body, or BadRequest naming the field."""
     try:
-        req = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise BadRequest("the body is not UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise BadRequest(f"the body is not valid JSON ({e})") from None
+        req = parse_json(body)
+    except BadJSON as e:
+        raise BadRequest(str(e)) from None
     if not isinstance(req, dict):
         raise BadRequest("the body must be a JSON object with 'prompts' and 'completions'")
     unknown = set(req) - {"prompts", "completions", "references"}
@@ -112,13 +111,8 @@ def build_app(score_fn: ScoreFn, token: str | None = None, max_body_bytes: int =
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    async def not_found(request: Request, exc) -> JSONResponse:
-        if request.method == "POST":
-            await drain(request)
-        return _error(exc.status_code, f"no such endpoint {request.url.path}; use POST /score or GET /health")
-
     return Starlette(routes=[Route("/score", post_score, methods=["POST"]), Route("/health", health, methods=["GET"])],
-                     exception_handlers={404: not_found, 405: not_found})
+                     exception_handlers=error_handlers(_error, "POST /score or GET /health"))
 
 
 class RewardServer(WebServer):

@@ -16,7 +16,26 @@ from contextlib import contextmanager
 import pytest
 import requests
 
+from tidal.feedback import schema
+from tidal.feedback.store import FeedbackStore
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+class CappedStore(FeedbackStore):
+    """A store whose file may not grow past `pages` pages (0: no cap) in a write: SQLite's own
+    SQLITE_FULL ("database or disk is full"), the error a full disk gives, without filling a
+    disk (PRAGMA max_page_count holds per connection, so each write transaction sets it)."""
+
+    pages = 0
+
+    def _tx(self):
+        @contextmanager
+        def capped():
+            with schema.transaction(self.path) as db:
+                db.execute(f"PRAGMA max_page_count={self.pages}")
+                yield db
+        return capped()
 
 
 @contextmanager
@@ -97,3 +116,19 @@ def chromium_or_skip():
 def quit_browser(driver) -> None:
     driver.quit()
     shutil.rmtree(driver.tidal_profile, ignore_errors=True)
+
+
+def wait_for(cond, timeout=15.0, what="condition"):
+    """Polls `cond`; an element of the page being replaced (navigation) just means: not yet."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+        except (StaleElementReferenceException, NoSuchElementException):
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -12,7 +12,6 @@ import io
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import yaml
 
-from tidal.common.config import LoggingConfig
-from tidal.common.metrics import MetricsLogger
 
 TIDAL = shutil.which("tidal", path=str(Path(sys.executable).parent)) or shutil.which("tidal")
 

@@ -4,7 +4,6 @@ and the built-in sentiment task."""
 import json
 import statistics
 import tracemalloc
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +11,7 @@ import pytest
 
 from tidal.common.data import (
     ComparisonRecord, DataError, DemonstrationRecord, PromptRecord, RankingRecord, iter_records, read_records,
-    render_demonstration, render_prompt, write_records,
+    ranking_problem, render_demonstration, render_prompt, write_records,
 )
 from tidal.common.prompts import DataState, PromptDataset
 
@@ -148,7 +147,20 @@ BAD = [  # kind, bad row (JSON text), field named in the error
     ("comparisons", '{"prompt": "p", "chosen": "c", "rejected": "r", "weight": "1/6"}', "weight"),
     ("comparisons", '{"prompt": "p", "chosen": "c", "rejected": "r", "weight": true}', "weight"),
     ("rankings", '{"prompt": "p", "responses": ["a", "b", "a"], "ranking": [0, 1, 2]}', "responses[2]"),
+    ("rankings", '{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}', "ranking"),  # a tie skips
+    ("rankings", '{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [1, 1, 1]}', "ranking"),
+    ("rankings", '{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 0]}', "ranking"),  # no preference
+    ("rankings", '{"prompt": "p", "responses": ["a", "b"], "ranking": [0, true]}', "ranking"),
 ]
+
+
+def test_rankings_may_hold_ties_as_shared_ranks(tmp_path):
+    path = tmp_path / "ties.jsonl"
+    path.write_text('{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 2]}\n'
+                    '{"prompt": "q", "responses": ["a", "b", "c", "d"], "ranking": [3, 1, 0, 1]}\n')
+    assert [r.ranking for r in read_records(path, "rankings")] == [[0, 0, 2], [3, 1, 0, 1]]
+    assert ranking_problem([2, 0, 1], 3) is None and ranking_problem([0, 1, 1], 3) is None
+    assert "share rank 0" in ranking_problem([0, 0], 2)
 
 
 @pytest.mark.parametrize("kind,bad,field", BAD)

@@ -3,7 +3,6 @@
 import os
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -4,12 +4,11 @@ the export holds exactly those labels; a `<script>` completion renders as text. 
 HTTP-level guards: a wrong token is 401, a POST without the CSRF token is refused."""
 
 import json
-import time
 
 import pytest
 import requests
 
-from feedback_support import Labeler, chromium_or_skip, label_server, quit_browser
+from feedback_support import Labeler, chromium_or_skip, label_server, quit_browser, wait_for
 from tidal.feedback.store import FeedbackStore, NewTask, TaskResponse
 
 XSS = "<script>window.__pwned = 1</script><b>bold?</b> & <img src=x onerror=\"window.__pwned=2\">"
@@ -27,22 +26,6 @@ def served(tmp_path):
     tokens = {"ann": store.add_labeler("ann"), "boss": store.add_labeler("boss", admin=True)}
     with label_server(tmp_path / "fb") as (url, _):
         yield url, tokens, store
-
-
-def wait_for(cond, timeout=15.0, what="condition"):
-    """Polls `cond`; an element of the page being replaced (navigation) just means: not yet."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = cond()
-        except (StaleElementReferenceException, NoSuchElementException):
-            value = None
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def order(driver) -> list[str]:
@@ -100,6 +83,10 @@ def test_label_in_the_browser_and_export(served):
         for flag in ("harmful or toxic", "made-up facts"):
             xss_li.find_element(By.CSS_SELECTOR, f".flags input[value='{flag}']").click()
         driver.find_element(By.ID, "comment").send_keys("the second one is code")
+        driver.find_element(By.ID, "submit").click()
+        # ranked first with score 2, second with 6: a warning, not a block; a second press sends
+        wait_for(lambda: "lower score (2)" in driver.find_element(By.ID, "warning").text, what="the contradiction warning")
+        assert driver.find_element(By.ID, "prompt").text == "Greet the user warmly." and store.labels() == []
         driver.find_element(By.ID, "submit").click()
         wait_for(lambda: driver.find_element(By.ID, "prompt").text == "Say something kind.", what="the next task")
         assert "Labeled 1" in driver.find_element(By.ID, "progress").text

@@ -11,7 +11,7 @@ import torch
 from tidal.commands.cli import main
 from tidal.common.data import ComparisonRecord, RankingRecord, read_records
 from tidal.feedback import export, stats
-from tidal.feedback.store import FeedbackError, FeedbackStore, Label, NewTask, Settings, Task, TaskResponse
+from tidal.feedback.store import Conflict, FeedbackError, FeedbackStore, Label, NewTask, Settings, Task, TaskResponse
 
 
 def _task(i: int, k: int = 3, gold=None) -> NewTask:
@@ -76,7 +76,7 @@ def test_assignment_leases_overlap_and_gold_first(tmp_path):
     assert sum(t is not None and t.id == both for t in nxt.values()) == 1  # its second label
     with pytest.raises(FeedbackError, match="already labeled by you"):
         store.submit(holder, "another-id-1", both, [0, 1, 2])
-    with pytest.raises(FeedbackError, match="distinct rank"):
+    with pytest.raises(FeedbackError, match="'ranking': expected a permutation"):
         store.submit(ann, "bad-rank-1", ids[1], [0, 0, 1])
     with pytest.raises(FeedbackError, match="unknown flags"):
         store.submit(ann, "bad-flag-1", ids[1], [0, 1, 2], flags=[["nope"], [], []])
@@ -91,10 +91,12 @@ def test_exports_read_back_and_build_a_kwise_batch(tmp_path, tiny_model):
     store = FeedbackStore(tmp_path / "fb", create=True)
     ids = store.add_tasks([_task(i, k=4) for i in range(3)] + [_task(9, k=4, gold=[0, 1, 2, 3])], overlap_fraction=0.0)
     ann = store.session(store.login(store.add_labeler("ann"))[0])["labeler_id"]
-    rankings = {ids[0]: [3, 1, 0, 2], ids[1]: [0, 1, 2, 3], ids[3]: [0, 1, 2, 3]}
-    for task, ranking in rankings.items():
-        store.submit(ann, f"sub-{task:06d}", task, ranking, [4, 5, 6, 7], [[], ["made-up facts"], [], []])
-    store.submit(ann, "sub-skip-01", ids[2], skip_reason="broken prompt")
+    rankings = {ids[0]: [3, 1, 0, 2], ids[1]: [0, 0, 2, 3], ids[3]: [0, 1, 2, 3]}  # ids[1]: a tie for best
+    while (task := store.next_task(ann)) is not None:  # the gold task first, then in id order
+        if task.id == ids[2]:
+            store.submit(ann, "sub-skip-01", ids[2], skip_reason="broken prompt")
+        else:
+            store.submit(ann, f"sub-{task.id:06d}", task.id, rankings[task.id], [4, 5, 6, 7], [[], ["made-up facts"], [], []])
 
     out = tmp_path / "rankings.jsonl"
     assert export.write_export(store, out, "rankings") == 2  # the skip and the gold task are left out
@@ -107,8 +109,9 @@ def test_exports_read_back_and_build_a_kwise_batch(tmp_path, tiny_model):
         export.write_export(store, out, "rankings")
     assert export.write_export(store, tmp_path / "gold.jsonl", "rankings", include_gold=True) == 3
 
+    assert records[1].ranking == [0, 0, 2, 3]  # rankings keep the tie
     comp = tmp_path / "comparisons.jsonl"
-    assert export.write_export(store, comp, "comparisons") == 2 * math.comb(4, 2)
+    assert export.write_export(store, comp, "comparisons") == 2 * math.comb(4, 2) - 1  # the tied pair is no comparison
     pairs = read_records(comp, "comparisons")
     # rank 1 beats rank 3; each of a K = 4 ranking's 6 pairs weighs 1/6 (one comparison's weight in all)
     assert pairs[0] == ComparisonRecord("prompt 0", "response 0.1", "response 0.0", 1 / 6)
@@ -118,7 +121,7 @@ def test_exports_read_back_and_build_a_kwise_batch(tmp_path, tiny_model):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     batch = build_preference_batch(tok, records, max_prompt_tokens=16, max_response_tokens=16, use_chat_template=False)
-    assert batch.ranks.tolist() == [[3, 1, 0, 2], [0, 1, 2, 3]]
+    assert batch.ranks.tolist() == [[3, 1, 0, 2], [0, 0, 2, 3]]
     assert batch.input_ids.shape[0] == 2 * 4
 
 
@@ -172,6 +175,7 @@ def test_label_cli_errors_are_one_line(tmp_path, capsys):
     store = FeedbackStore(tmp_path / "fb")
     assert store.tasks()[1].responses[1] == TaskResponse("b", "sft", "3")
     ann = store.session(store.login(store.add_labeler("bob"))[0])["labeler_id"]
+    assert store.next_task(ann).id == 1
     store.submit(ann, "submission-1", 1, [1, 0], flags=[["off topic"], []])
     with pytest.raises(FeedbackError, match="before labeling starts"):
         store.set_flags(["something else"])
@@ -194,6 +198,14 @@ def test_an_expired_lease_frees_the_task(tmp_path):
     assert store.counts()["leased"] == 1
     time.sleep(0.4)
     assert store.next_task(bob).id == task  # ann walked away; the task goes on
-    # ann's late submission still counts (nobody's work is thrown away); bob's lease then sees it done
-    assert store.submit(ann, "late-label-1", task, [0, 1, 2])[1] is True
-    assert store.progress(bob) == {"done": 0, "open": 0}
+    # ann's late label is refused: bob holds the task now, and it wants one label
+    with pytest.raises(Conflict, match="lease on task 1 ran out and the task went to another labeler"):
+        store.submit(ann, "late-label-1", task, [0, 1, 2])
+    assert store.submit(bob, "bobs-label-1", task, [0, 1, 2])[1] is True
+    assert store.progress(bob) == {"done": 1, "open": 0}
+    # a lapsed lease nobody took over still takes the label: nobody's work is thrown away
+    (later,) = store.add_tasks([_task(1)], overlap_fraction=0.0)
+    assert store.next_task(ann).id == later
+    time.sleep(0.4)
+    assert store.submit(ann, "late-label-2", later, [2, 1, 0])[1] is True
+    assert [lab.labeler for lab in store.labels()] == ["bob", "ann"]

@@ -93,6 +93,9 @@ def test_ranking_pairs_are_all_pairs_better_first():
     assert len(ranking_pairs([3, 1, 0, 2])) == math.comb(4, 2)
     for better, worse in ranking_pairs([3, 1, 0, 2]):
         assert [3, 1, 0, 2][better] < [3, 1, 0, 2][worse]
+    # a tie (responses 0 and 2 share rank 0) is no preference: no pair for it
+    assert ranking_pairs([0, 2, 0]) == [(0, 1), (2, 1)]
+    assert pairs_per_record(RankingRecord("p", ["a", "b", "c"], [0, 2, 0])) == 2
 
 
 RECORDS = [

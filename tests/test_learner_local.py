@@ -242,7 +242,7 @@ def test_reward_score_is_invariant_to_padding(reward_group):
 
 def test_kwise_trainer_loss_is_the_mean_of_pairwise_terms(reward_group):
     tok = reward_group.tokenizer
-    rankings = [RankingRecord(f"Review {s}:", [f"It was {g}.", f"It was ok.", f"It was {b}."], [0, 1, 2])
+    rankings = [RankingRecord(f"Review {s}:", [f"It was {g}.", "It was ok.", f"It was {b}."], [0, 1, 2])
                 for s, g, b in zip(_SUBJECTS[:4], _GOOD, _BAD)]
     batch = build_preference_batch(tok, rankings, 32, 16, False)
     worker = reward_group.ranks.actor(0).obj

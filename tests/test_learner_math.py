@@ -311,7 +311,17 @@ def test_ranking_loss_k4_is_mean_of_pairwise_terms():
     want = sum(wi * p for wi, p in zip(w.tolist(), per_prompt)) / 3.5
     assert ranking_reward_loss(scores, ranks, w).item() == pytest.approx(want, rel=1e-12)
     with pytest.raises(ValueError, match=r"rows \[1\]"):
-        ranking_reward_loss(scores, torch.tensor([[0, 1, 2, 3], [0, 0, 2, 3], [3, 2, 1, 0]]))
+        ranking_reward_loss(scores, torch.tensor([[0, 1, 2, 3], [0, 0, 1, 3], [3, 2, 1, 0]]))
+
+
+def test_ranking_loss_leaves_tied_pairs_out():
+    # ranks [0, 0, 2]: responses 0 and 1 tie for best; only (0, 2) and (1, 2) are comparisons,
+    # each -log sigmoid(s_i - s_2), over C(3, 2) = 3 as without ties
+    scores = torch.tensor([[2.0, -1.0, 0.5]])
+    want = (math.log1p(math.exp(-(2.0 - 0.5))) + math.log1p(math.exp(-(-1.0 - 0.5)))) / 3
+    assert ranking_reward_loss(scores, torch.tensor([[0, 0, 2]])).item() == pytest.approx(want, rel=1e-6)
+    # swapping the tied pair's scores changes nothing the tie says nothing about
+    assert ranking_reward_loss(scores[:, [1, 0, 2]], torch.tensor([[0, 0, 2]])).item() == pytest.approx(want, rel=1e-6)
 
 
 def test_sft_loss_and_entropy_hand():

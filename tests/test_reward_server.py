@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 
+from http_corpus import BODIES, BODY_IDS, check_json_error
 from tidal.common.config import ConfigError, RewardConfig, RewardTerm
 from tidal.reward_service.client import RemoteReward, RemoteRewardError
 from tidal.reward_service.combine import build_reward
@@ -102,6 +104,23 @@ def test_oversized_body_is_413(server):
 def test_malformed_requests_are_400(server, body, message):
     status, reply = post(server.url, body)
     assert status == 400 and message in reply["error"]
+
+
+@pytest.mark.parametrize("body,status,message", [case[1:] for case in BODIES], ids=BODY_IDS)
+def test_http_corpus_bodies_are_json_400s(local_reward, body, status, message):
+    with serving(local_reward.score_texts, token=TOKEN) as s:  # the default body limit (8 MiB)
+        r = requests.post(s.url + "/score", data=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        check_json_error(r, status, message)
+
+
+@pytest.mark.parametrize("method,path,status,message", [
+    ("GET", "/score", 405, "GET is not allowed on /score"),
+    ("POST", "/health", 405, "POST is not allowed on /health"),
+    ("GET", "/nope", 404, "no such endpoint /nope; use POST /score"),
+    ("POST", "/score/extra", 404, "no such endpoint"),
+], ids=["get-score", "post-health", "unknown-get", "unknown-post"])
+def test_http_corpus_paths_and_methods_are_json(server, method, path, status, message):
+    check_json_error(requests.request(method, server.url + path, data=b"{}", timeout=10), status, message)
 
 
 def test_lone_surrogates_in_json_are_scored(server, local_reward):

@@ -1,207 +1,192 @@
-// The labeler page. Model text is only ever set with textContent: never parsed as HTML.
+// The labeler page: fetches a task, sends a ranking (or a skip), lets the labeler edit a label
+// sent in this tab while the folder's edit window is open. Model text is only ever set with
+// textContent: never parsed as HTML. The response list: ranking.js; keys: keys.js.
 "use strict";
-(function () {
-  const $ = (id) => document.getElementById(id);
-  let me = null, task = null, submissionId = null, sending = false;
 
-  function newId() {  // made once per shown task, so a double click or a retry reuses it
-    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
-    const b = new Uint8Array(16); crypto.getRandomValues(b);
-    return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
-  }
+import { bindKeys, fillLegend, togglePanel } from "./keys.js";
+import { renderMarkdown } from "./markdown.js";
+import { items, renumber, responseItem, restore, state, warnings } from "./ranking.js";
 
-  async function api(path, body) {
-    const opts = body === undefined ? {} : {method: "POST", body: JSON.stringify(body),
-      headers: {"Content-Type": "application/json", "X-CSRF-Token": me.csrf}};
-    const r = await fetch(path, {credentials: "same-origin", ...opts});
-    if (r.status === 401) { location.href = "/login"; throw new Error("logged out"); }
-    const data = await r.json();
-    if (!r.ok) throw new Error(data.error || ("HTTP " + r.status));
-    return data;
-  }
+const $ = (id) => document.getElementById(id);
+const HISTORY = "tidal-label-history";  // [{id, until}] of labels sent from this tab, newest last
+let me = null, task = null, submissionId = null, sending = false, shownAt = 0, editing = null, confirmed = null;
 
-  function showProgress(p) {
-    $("progress").textContent = "Labeled " + p.done + " \u00b7 " + p.open + " open in the queue";
-  }
+function newId() {  // made once per shown task, so a double click or a retry reuses it
+  if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+  const b = new Uint8Array(16); crypto.getRandomValues(b);
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
 
-  function el(tag, cls, text) {
-    const e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined) e.textContent = text;
-    return e;
-  }
+async function api(path, body) {
+  const opts = body === undefined ? {} : {method: "POST", body: JSON.stringify(body),
+    headers: {"Content-Type": "application/json", "X-CSRF-Token": me.csrf}};
+  const r = await fetch(path, {credentials: "same-origin", ...opts});
+  if (r.status === 401) { location.href = "/login"; throw new Error("logged out"); }
+  const data = await r.json();
+  if (!r.ok) { const err = new Error(data.error || ("HTTP " + r.status)); err.status = r.status; throw err; }
+  return data;
+}
 
-  function promptText(p) {
-    if (typeof p === "string") return p;
-    return p.map((m) => m.role + ": " + m.content).join("\n\n");
-  }
+function showProgress(p) {
+  $("progress").textContent = "Labeled " + p.done + " \u00b7 " + p.open + " open in the queue";
+  const s = p.session;
+  if (!s) return;
+  const pace = s.seconds_per_label === null ? "" : " \u00b7 " + Math.round(s.seconds_per_label) + " s per label";
+  $("session-progress").textContent = "This session: " + s.labels + (s.labels === 1 ? " label" : " labels") + pace;
+}
 
-  function items() { return Array.from($("responses").children); }
+function history() {
+  try { return JSON.parse(sessionStorage.getItem(HISTORY) || "[]"); } catch (e) { return []; }
+}
 
-  function renumber() {
-    items().forEach((li, i) => {
-      li.querySelector(".rank").textContent = String(i + 1);
-      li.setAttribute("aria-label", "Response ranked " + (i + 1) + " of " + items().length);
-    });
-  }
+function remember(id, until, replaced) {
+  const h = history().filter((x) => x.id !== replaced);
+  if (until) h.push({id: id, until: until});
+  sessionStorage.setItem(HISTORY, JSON.stringify(h.slice(-20)));
+  showUndo();
+}
 
-  function move(li, delta) {
-    const list = $("responses"), all = items(), i = all.indexOf(li), j = i + delta;
-    if (j < 0 || j >= all.length) return;
-    if (delta < 0) list.insertBefore(li, all[j]); else list.insertBefore(li, all[j].nextSibling);
-    renumber();
-    li.focus();
-  }
+function lastEditable() {
+  const h = history();
+  const last = h[h.length - 1];
+  return last && last.until * 1000 > Date.now() && (!editing || editing.id !== last.id) ? last : null;
+}
 
-  function setLikert(li, value) {
-    li.dataset.likert = String(value);
-    li.querySelectorAll(".likert button").forEach((b) => b.setAttribute("aria-pressed", String(b.value === String(value))));
-  }
+function showUndo() { $("undo").hidden = !lastEditable(); }
 
-  function responseItem(r) {
-    const li = el("li", "resp");
-    li.tabIndex = 0;
-    li.dataset.slot = String(r.slot);
-    const side = el("div", "side");
-    const up = el("button", "move", "\u25b2"), down = el("button", "move", "\u25bc");
-    up.type = down.type = "button";
-    up.title = "move up"; down.title = "move down";
-    up.tabIndex = down.tabIndex = -1;
-    up.addEventListener("click", () => move(li, -1));
-    down.addEventListener("click", () => move(li, 1));
-    const handle = el("span", "handle", "\u2261");
-    handle.title = "drag to reorder";
-    side.append(el("span", "rank"), up, handle, down);
-    const body = el("div", "body");
-    body.append(el("div", "text", r.text));
-    const likert = el("div", "likert");
-    likert.append(el("span", "hint", "Score:"));
-    for (let v = 1; v <= 7; v++) {
-      const b = el("button", "", String(v));
-      b.type = "button"; b.value = String(v); b.tabIndex = -1;
-      b.setAttribute("aria-pressed", "false");
-      b.addEventListener("click", () => setLikert(li, v));
-      likert.append(b);
-    }
-    const flags = el("div", "flags");
-    me.flags.forEach((f) => {
-      const lab = el("label"), box = el("input");
-      box.type = "checkbox"; box.value = f; box.tabIndex = -1;
-      lab.append(box, document.createTextNode(f));
-      flags.append(lab);
-    });
-    body.append(likert, flags);
-    li.append(side, body);
-    li.addEventListener("keydown", (e) => {
-      if (e.target !== li) return;
-      if (e.key === "ArrowUp" || e.key === "ArrowDown") { e.preventDefault(); move(li, e.key === "ArrowUp" ? -1 : 1); }
-      else if (e.key >= "1" && e.key <= "7") { e.preventDefault(); setLikert(li, Number(e.key)); }
-    });
-    dragWith(handle, li);
-    return li;
-  }
+function promptText(p) {
+  if (typeof p === "string") return p;
+  return p.map((m) => m.role + ": " + m.content).join("\n\n");
+}
 
-  // Dragging with pointer events (mouse, pen and touch alike): the item follows the pointer's
-  // vertical position among its siblings while the button is held.
-  function dragWith(handle, li) {
-    handle.addEventListener("pointerdown", (e) => {
-      e.preventDefault();
-      handle.setPointerCapture(e.pointerId);
-      li.classList.add("dragging");
-      const onMove = (ev) => {
-        const list = $("responses");
-        const others = items().filter((x) => x !== li);
-        const after = others.find((x) => { const b = x.getBoundingClientRect(); return ev.clientY < b.top + b.height / 2; });
-        if (after) { if (after !== li.nextSibling) list.insertBefore(li, after); }
-        else if (li !== list.lastElementChild) list.append(li);
-        renumber();
-      };
-      const onUp = () => {
-        li.classList.remove("dragging");
-        handle.removeEventListener("pointermove", onMove);
-        handle.removeEventListener("pointerup", onUp);
-        handle.removeEventListener("pointercancel", onUp);
-        li.focus();
-      };
-      handle.addEventListener("pointermove", onMove);
-      handle.addEventListener("pointerup", onUp);
-      handle.addEventListener("pointercancel", onUp);
-    });
-  }
+function say(message, warning) {
+  $("message").textContent = message || "";
+  $("warning").textContent = warning || "";
+  $("warning").hidden = !warning;
+}
 
-  function render(data) {
-    showProgress(data.progress);
-    task = data.task;
-    $("message").textContent = "";
-    if (!task) { $("task").hidden = true; $("empty").hidden = false; return; }
-    submissionId = newId();
-    $("prompt").textContent = promptText(task.prompt);
-    $("responses").replaceChildren(...task.responses.map(responseItem));
-    $("comment").value = "";
-    $("skip-reason").value = "";
-    renumber();
-    $("empty").hidden = true; $("task").hidden = false;
-  }
+function render(data, edit) {
+  if (data.progress) showProgress(data.progress);
+  task = data.task;
+  editing = edit || null;
+  confirmed = null;
+  say("");
+  $("submit").textContent = "Submit ranking";
+  if (!task) { $("task").hidden = true; $("empty").hidden = false; showUndo(); return; }
+  submissionId = newId();
+  shownAt = Date.now();
+  $("prompt").textContent = promptText(task.prompt);
+  $("responses").replaceChildren(...task.responses.map((r) => responseItem(r, me)));
+  delete $("responses").dataset.touched;
+  $("comment").value = edit ? edit.comment : "";
+  $("skip-reason").value = edit && edit.skip_reason ? edit.skip_reason : "";
+  $("skip-box").open = Boolean(edit && edit.skip_reason);
+  if (edit) restore(edit);
+  renumber();
+  $("editing").hidden = !edit;
+  if (edit) $("editing-until").textContent = "(until " + new Date(data.editable_until * 1000).toLocaleTimeString() + ")";
+  $("empty").hidden = true; $("task").hidden = false;
+  showUndo();
+}
 
-  async function send(body) {
-    if (sending) return;  // the same submission id would make a repeat harmless; this avoids the noise
-    sending = true;
-    $("submit").disabled = $("skip").disabled = true;
-    try {
-      for (let attempt = 0; ; attempt++) {
-        try { await api("/api/submit", body); break; }
-        catch (err) {
-          if (err instanceof TypeError && attempt < 4) {  // network error: retry with the same id
-            $("message").textContent = "Connection problem, retrying\u2026";
-            await new Promise((r) => setTimeout(r, 500 * (attempt + 1)));
-            continue;
-          }
-          throw err;
+async function send(body) {
+  if (sending) return;  // the same submission id would make a repeat harmless; this avoids the noise
+  sending = true;
+  $("submit").disabled = $("skip").disabled = true;
+  try {
+    if (editing) body.replaces = editing.id;
+    body.seconds = Math.min((Date.now() - shownAt) / 1000, 86400);
+    let sent;
+    for (let attempt = 0; ; attempt++) {
+      try { sent = await api("/api/submit", body); break; }
+      catch (err) {
+        if (err instanceof TypeError && attempt < 4) {  // network error: retry with the same id
+          say("Connection problem, retrying\u2026");
+          await new Promise((r) => setTimeout(r, 500 * (attempt + 1)));
+          continue;
         }
+        throw err;
       }
-      render(await api("/api/next"));
-    } catch (err) {
-      $("message").textContent = String(err.message || err);
-    } finally {
-      sending = false;
-      $("submit").disabled = $("skip").disabled = false;
     }
+    remember(sent.label_id, sent.editable_until, editing ? editing.id : null);
+    render(await api("/api/next"));
+  } catch (err) {
+    say(String(err.message || err));
+    if (err.status === 409 && !editing) setTimeout(async () => render(await api("/api/next")), 2500);  // lease lost
+  } finally {
+    sending = false;
+    $("submit").disabled = $("skip").disabled = false;
   }
+}
 
-  function submit() {
-    const all = items(), bySlot = all.slice().sort((a, b) => a.dataset.slot - b.dataset.slot);
-    const missing = all.findIndex((li) => !li.dataset.likert);
-    if (missing >= 0) {
-      $("message").textContent = "Give response " + (missing + 1) + " a score from 1 to 7.";
-      all[missing].focus();
-      return;
-    }
-    send({submission_id: submissionId, task_id: task.id,
-          order: all.map((li) => Number(li.dataset.slot)),
-          likert: bySlot.map((li) => Number(li.dataset.likert)),
-          flags: bySlot.map((li) => Array.from(li.querySelectorAll(".flags input:checked"), (b) => b.value)),
-          comment: $("comment").value});
+function submit() {
+  if (!task || sending) return;
+  const s = state(), k = s.order.length;
+  const missing = items().findIndex((li) => !li.dataset.likert);
+  if (me.likert === "required" && missing >= 0) {
+    say("Give response " + (missing + 1) + " a score from 1 to 7.");
+    items()[missing].focus();
+    return;
   }
+  const key = JSON.stringify(s);
+  const warn = warnings(s, k);
+  if (warn.length && confirmed !== key) {  // a second press with nothing changed sends it
+    confirmed = key;
+    say("", warn.join(" ") + " Press Submit again to send it as it is.");
+    $("submit").textContent = "Submit anyway";
+    return;
+  }
+  send({submission_id: submissionId, task_id: task.id, order: s.order, tie: s.tie,
+        likert: me.likert === "off" ? null : s.likert, flags: s.flags, comment: $("comment").value});
+}
 
-  function skip() {
-    const reason = $("skip-reason").value;
-    if (!reason) { $("message").textContent = "Choose why you skip this task."; return; }
-    send({submission_id: submissionId, task_id: task.id, skip_reason: reason});
-  }
+function skip() {
+  const reason = $("skip-reason").value;
+  if (!reason) { say("Choose why you skip this task."); $("skip-reason").focus(); return; }
+  send({submission_id: submissionId, task_id: task.id, skip_reason: reason});
+}
 
-  async function start() {
-    try {
-      const r = await fetch("/api/me", {credentials: "same-origin"});
-      if (r.status === 401) { location.href = "/login"; return; }
-      me = await r.json();
-      $("logout-csrf").value = me.csrf;
-      $("submit").addEventListener("click", submit);
-      $("skip").addEventListener("click", skip);
-      render(await api("/api/next"));
-      document.body.dataset.ready = "1";
-    } catch (err) {
-      $("message").textContent = String(err.message || err);
-    }
+async function undo() {
+  const last = lastEditable();
+  if (!last || sending) return;
+  try {
+    const data = await api("/api/labels/" + last.id);
+    if (!data.editable_until) { remember(null, null, last.id); say("That label can no longer be edited."); return; }
+    render({task: data.task, editable_until: data.editable_until}, data.label);
+  } catch (err) {
+    say(String(err.message || err));
   }
-  start();
-})();
+}
+
+function showGuidelines() {
+  const text = (me.guidelines || "").trim();
+  $("guidelines-toggle").hidden = !text;
+  if (!text) return;
+  renderMarkdown(text, $("guidelines"));
+  togglePanel("guidelines-panel", "guidelines-toggle", window.innerWidth >= 1000);  // beside the task when it fits
+}
+
+async function start() {
+  try {
+    const r = await fetch("/api/me", {credentials: "same-origin"});
+    if (r.status === 401) { location.href = "/login"; return; }
+    me = await r.json();
+    $("logout-csrf").value = me.csrf;
+    document.body.dataset.likert = me.likert;
+    fillLegend();
+    showGuidelines();
+    $("submit").addEventListener("click", submit);
+    $("skip").addEventListener("click", skip);
+    $("skip-reason").addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); skip(); } });
+    $("undo").addEventListener("click", undo);
+    $("cancel-edit").addEventListener("click", async () => render(await api("/api/next")));
+    $("keys-toggle").addEventListener("click", () => togglePanel("keys", "keys-toggle"));
+    $("guidelines-toggle").addEventListener("click", () => togglePanel("guidelines-panel", "guidelines-toggle"));
+    bindKeys({submit: submit, undo: undo, hasGuidelines: () => Boolean((me.guidelines || "").trim())});
+    render(await api("/api/next"));
+    document.body.dataset.ready = "1";
+  } catch (err) {
+    say(String(err.message || err));
+  }
+}
+start();
