@@ -18,7 +18,9 @@ under `response_mask` with `sequence_logps` and hand the halves to `dpo_loss`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
+
 import torch
 
 from tidal.common.data import ComparisonRecord, RankingRecord, render_prompt
