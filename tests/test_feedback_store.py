@@ -135,8 +135,10 @@ def test_weighted_comparisons_train_as_the_rankings_do(tmp_path):
     store = FeedbackStore(tmp_path / "fb", create=True)
     ids = store.add_tasks([_task(0, k=4), _task(1, k=2)], overlap_fraction=0.0)
     ann = store.session(store.login(store.add_labeler("ann"))[0])["labeler_id"]
-    store.submit(ann, "sub-k4-000", ids[0], [2, 0, 3, 1])
-    store.submit(ann, "sub-k2-000", ids[1], [1, 0])
+    ranking = {ids[0]: [2, 0, 3, 1], ids[1]: [1, 0]}
+    for _ in ids:  # label what the store leases, as the page does
+        task = store.next_task(ann)
+        store.submit(ann, f"sub-task-{task.id:04d}", task.id, ranking[task.id])
     export.write_export(store, tmp_path / "r.jsonl", "rankings")
     export.write_export(store, tmp_path / "c.jsonl", "comparisons")
     rankings, comparisons = read_records(tmp_path / "r.jsonl", "rankings"), read_records(tmp_path / "c.jsonl", "comparisons")
