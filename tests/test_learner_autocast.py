@@ -116,7 +116,7 @@ def test_bf16_learner_and_reference(group_pair):
     delta = ((after - lp16) * rmask).sum(-1) / rmask.sum(-1)
     assert (delta[sign > 0] > 0).all() and (delta[sign < 0] < 0).all(), delta
     # the live engine's weights and AdamW moments, not parameter_snapshot's float32 copies
-    engine = bf16.ranks.local_instance(0).engine
+    engine = bf16.ranks.actor(0).obj.engine
     assert {p.dtype for p in engine.module.parameters()} == {torch.float32}
     moments = [t for state in engine.optimizer.state.values() for t in state.values() if t.dim() > 0]
     assert moments and {t.dtype for t in moments} == {torch.float32}
@@ -143,7 +143,7 @@ def test_one_decision_for_learner_and_reference(tiny_model, caps, monkeypatch):
     try:
         assert not precision.bf16_native(CPU)  # the reference's hardware was "built" after the decision
         assert group.describe()[0]["autocast_bf16"] is True
-        assert group.reference.local_instance(0).describe()["autocast_bf16"] is True
+        assert group.reference.actor(0).obj.describe()["autocast_bf16"] is True
         ids, attn, rmask = _batch(group)
         R = rmask.shape[1]
         lp = group.compute_logprobs(ids, attn, R, 1.0)
