@@ -10,6 +10,7 @@ run's. A stage that was interrupted before finishing (sft, rm) restarts from its
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,9 +66,11 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
         return 0
     except WorkersLost as e:  # not the user's input, nor a bug: the cluster lost the nodes of a role
         ckpt = ck.latest_checkpoint(run_dir)
+        how = (f"tidal submit --resume {run_dir.absolute()} --address http://HEAD:8265" if os.environ.get(
+            "RAY_JOB_CONFIG_JSON_ENV_VAR") else f"tidal train --resume {run_dir}")  # a Ray job, or not
         print(f"tidal: error: {e}. The run stopped{f' (newest checkpoint {ckpt})' if ckpt else ''}. Once the cluster "
-              f"has room for them again (or with cluster.* overrides that fit the nodes left), continue with: "
-              f"tidal train --resume {run_dir}", file=sys.stderr, flush=True)
+              f"has room for them again (or with cluster.* overrides that fit the nodes left), continue with: {how}",
+              file=sys.stderr, flush=True)
         return 1
     except (Interrupted, KeyboardInterrupt) as e:
         done = "; checkpoint written" if isinstance(e, Interrupted) and e.checkpointed else ""

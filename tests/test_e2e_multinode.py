@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from e2e_support import DATA_DIR, LETTER_REWARD, rl_records
+from e2e_support import rl_records, tiny_overrides
 from raystart_support import RayNodes, tidal_submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -29,11 +29,9 @@ WAIT_S = 20  # cluster.node_wait_s: how long the job waits for a replacement of 
 
 
 def _overrides(out, name):
-    return [f"logging.output_dir={out}", f"logging.run_name={name}", f"data.data_dir={DATA_DIR}",
-            "logging.wandb_mode=disabled", "logging.progress=false", f"reward.terms={LETTER_REWARD}",
-            f"algorithm.steps={STEPS}", "logging.checkpoint_every=1", "logging.eval_samples=4",
-            "cluster.placement=disaggregated", "cluster.learner_node_resource=learner_node",
-            "cluster.rollout_node_resource=rollout_node", f"cluster.node_wait_s={WAIT_S}"]
+    return tiny_overrides(out, name, f"algorithm.steps={STEPS}", "logging.checkpoint_every=1", "logging.eval_samples=4",
+                          "cluster.placement=disaggregated", "cluster.learner_node_resource=learner_node",
+                          "cluster.rollout_node_resource=rollout_node", f"cluster.node_wait_s={WAIT_S}")
 
 
 def _wait_for_checkpoint(proc, run, step, timeout_s=600):
@@ -64,7 +62,7 @@ def test_rollout_node_lost_mid_run_stops_clearly_and_resumes_on_the_nodes_left(t
         assert proc.returncode == 1, out[-4000:]
         assert f"tidal: run directory {run} (on the cluster's storage)" in out  # printed before the job ran
         stop = next(ln for ln in out.splitlines() if "were lost and none restarted" in ln)
-        assert "rollout-0" in stop and f"tidal train --resume {run}" in stop, stop
+        assert "rollout-0" in stop and f"tidal submit --resume {run} --address" in stop, stop
         stopped_at = max(r["step"] for r in rl_records(run))
         assert 2 <= stopped_at < STEPS, out[-3000:]
 

@@ -149,6 +149,18 @@ def test_an_address_without_a_scheme_is_one_line_at_once(tmp_path):
     assert time.monotonic() - t0 < 30
 
 
+def _serve(app) -> tuple[asyncio.AbstractEventLoop, int]:
+    """Serve an aiohttp app on a free port from a background thread; (its loop, the port)."""
+    from aiohttp import web
+
+    loop, port = asyncio.new_event_loop(), free_ports(1)[0]
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    return loop, port
+
+
 class _FakeJobServer:
     """A job server whose agent is 'not up yet' for the first `busy` submissions (what Ray's
     dashboard answers right after `ray start`), then accepts; every package already exists."""
@@ -161,11 +173,7 @@ class _FakeJobServer:
         app.router.add_get("/api/version", lambda r: web.json_response({"ray_version": "2.60.0", "version": "4"}))
         app.router.add_get("/api/packages/{protocol}/{name}", lambda r: web.Response(status=200))
         app.router.add_post("/api/jobs/", self._post)
-        self.loop, self.port = asyncio.new_event_loop(), free_ports(1)[0]
-        runner = web.AppRunner(app)
-        self.loop.run_until_complete(runner.setup())
-        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.loop, self.port = _serve(app)
 
     async def _post(self, request):
         from aiohttp import web
@@ -263,11 +271,7 @@ def test_submit_without_a_token_says_what_to_set(tmp_path):
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", deny)
-    loop, port = asyncio.new_event_loop(), free_ports(1)[0]
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-    threading.Thread(target=loop.run_forever, daemon=True).start()
+    loop, port = _serve(app)
     try:
         env = {**user_env(tmp_path), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"}
         res = tidal_submit(env, "configs/tiny_grpo.yaml", "--address", f"http://127.0.0.1:{port}",
