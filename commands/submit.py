@@ -246,10 +246,11 @@ def submit(config: str | None, overrides: list[str], address: str, follow: bool 
     check_address(address)
     wd = Path(working_dir or os.getcwd()).resolve()
     cfg = _job_config(config, list(overrides), resume)  # fail fast, locally
-    run_dir = Path(resume) if resume is not None else None
     if resume is None:
         run_dir, overrides = run_directory(cfg, config, list(overrides))
         config = _relative_config(config, wd)
+    else:
+        run_dir = Path(resume)
     if cfg is not None:
         check_uploaded(cfg, wd)
     entrypoint = build_entrypoint(config, list(overrides), resume)
