@@ -18,6 +18,7 @@ placement groups and hands out `.options(...)` for each actor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from tidal.common.config import TidalConfig
@@ -126,6 +127,68 @@ def plan_placement(cfg: TidalConfig, counts: dict[str, int]) -> PlacementPlan:
     return PlacementPlan("disaggregated", groups, slots, rollout_bundle(cfg))
 
 
+_NODE_KEYS = {"learner": "cluster.learner_node_resource", "rollout": "cluster.rollout_node_resource"}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def plan_shortfall(plan: PlacementPlan, nodes: list[dict[str, float]]) -> list[str]:
+    """What `plan` asks for that a cluster whose live nodes have these total resources
+    (`ray.util.state.list_nodes(...).resources_total`) lacks, each with its fix; [] when it fits.
+    Checked, most specific first: every custom node resource a bundle asks for exists on a node;
+    each bundle fits on one node; the CPUs/GPUs of the bundles pinned to a node resource fit the
+    nodes that advertise it; the plan's CPUs/GPUs fit the cluster. Totals, not free resources,
+    and no bin-packing proof: a cluster that passes can still be busy or fragmented."""
+    bundles = [(name, b) for name, group in plan.groups.items() for b in group]
+    custom = sorted({k for _, b in bundles for k in b if k not in ("CPU", "GPU")})
+    for key in custom:
+        if not any(key in n for n in nodes):
+            role = next(name for name, b in bundles if key in b).split("-")[0]
+            return [f"no node advertises the custom resource {key!r} ({_NODE_KEYS.get(role, 'cluster.*')}); start "
+                    f"{role} nodes with `ray start --address=HEAD:6379 --resources='{{\"{key}\": 1}}'`"]
+    for name, b in bundles:
+        if not any(all(n.get(k, 0.0) >= v for k, v in b.items()) for n in nodes):
+            flags = f"--num-cpus={math.ceil(b.get('CPU', 0.0))}" + (
+                f" --num-gpus={math.ceil(b['GPU'])}" if b.get("GPU") else "")
+            return [f"one bundle of placement group {name!r} needs {_resources(b)}, and no node has that much "
+                    f"(the largest: {_resources(max(nodes, key=lambda n: n.get('CPU', 0.0), default={}))}); start a "
+                    f"node with enough (`ray start ... {flags}`), or lower *.cpus_per_worker / *.gpus_per_worker"]
+    problems = []
+    for key in custom + [None]:
+        want = [b for _, b in bundles if key is None or key in b]
+        have = [n for n in nodes if key is None or key in n]
+        for res, flag in (("CPU", "--num-cpus"), ("GPU", "--num-gpus")):
+            need, got = sum(b.get(res, 0.0) for b in want), sum(n.get(res, 0.0) for n in have)
+            if need > got + 1e-9:
+                where = f"the nodes with {key!r} have" if key else "the cluster has"
+                fix = (f"add {key} nodes or give them more (`ray start --address=HEAD:6379 {flag}=N "
+                       f"--resources='{{\"{key}\": 1}}'`)") if key else \
+                    f"add nodes, or start the head with enough (`ray start --head {flag}={math.ceil(need)}`)"
+                problems.append(f"it needs {_fmt(need)} {res}s ({_plan_parts(plan, key, res)}) and {where} "
+                                f"{_fmt(got)}; {fix}, or lower *.num_workers / *.{res.lower()}s_per_worker")
+    return problems
+
+
+def _resources(bundle: dict[str, float]) -> str:
+    """'4 CPU, 1 GPU on a node with learner_node': amounts, and the node resources it must sit on."""
+    amounts = ", ".join(f"{_fmt(bundle.get(k, 0.0))} {k}" for k in ("CPU", "GPU") if k == "CPU" or bundle.get(k))
+    marks = [k for k in bundle if k not in ("CPU", "GPU") and not k.startswith("node:") and "memory" not in k]
+    return amounts + (f" on a node with {', '.join(marks)}" if marks and bundle[marks[0]] < 1 else "")
+
+
+def _plan_parts(plan: PlacementPlan, key: str | None, res: str) -> str:
+    """'learner 1 x 2, rollout 2 x 1': which roles ask for the CPUs (or GPUs) counted."""
+    per_role: dict[str, list[float]] = {}
+    for role, slots in plan.slots.items():
+        for s in slots:
+            bundle = plan.groups[s.group][s.bundle_index]
+            if key is None or key in bundle:
+                per_role.setdefault(role, []).append(s.num_cpus if res == "CPU" else s.num_gpus)
+    return ", ".join(f"{role} {len(v)} x {_fmt(max(v))}" for role, v in per_role.items() if sum(v) > 0)
+
+
 class Placement:
     """Live placement groups for a plan. `options(role, i)` gives `ActorClass.options(**...)`."""
 
@@ -195,6 +258,29 @@ class Placement:
         slot = self.rollout_slots.pop(worker_id, None)
         if slot is not None and slot.group.startswith("rollout-"):
             remove_placement_group(self.pgs.pop(slot.group))
+
+    def node_of(self, role: str, index: int) -> str:
+        """Node id hosting the bundle of actor `index` of `role` (for tests and logs)."""
+        from ray.util.placement_group import placement_group_table
+
+        slot = self._slot(role, index)
+        return placement_group_table(self.pgs[slot.group])["bundles_to_node_id"][slot.bundle_index]
+
+    def where(self) -> dict:
+        """Where each role's actors run, for RUN/placement.json: {"mode", "roles": {role: [node id
+        of actor i, ...]}, "nodes": {node id: {"address", "hostname", "resources"}}} (resources:
+        CPUs, GPUs and the custom ones such as learner_node / rollout_node)."""
+        import ray
+
+        counts = {role: len(slots) for role, slots in self.plan.slots.items() if role != "rollout"}
+        roles = {role: [self.node_of(role, i) for i in range(n)] for role, n in counts.items()}
+        roles["rollout"] = [self.node_of("rollout", i) for i in sorted(self.rollout_slots)]
+        used = {n for ids in roles.values() for n in ids}
+        nodes = {n["NodeID"]: {"address": n["NodeManagerAddress"], "hostname": n["NodeManagerHostname"],
+                               "resources": {k: v for k, v in n["Resources"].items()
+                                             if "memory" not in k and not k.startswith(("node:", "accelerator_type"))}}
+                 for n in ray.nodes() if n["NodeID"] in used}
+        return {"mode": self.plan.mode, "roles": roles, "nodes": nodes}
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -64,9 +64,13 @@ class TrainArgs:
 
 @dataclass(frozen=True)
 class SubmitArgs:
-    config: str = positional("YAML config, inside the current folder (it is uploaded)")
+    config: Optional[str] = positional("YAML config, inside the current folder (it is uploaded); none with --resume",
+                                       nargs="?")
     overrides: tuple[str, ...] = positional(OVERRIDES_HELP, nargs="*", default=())
     address: str = option("", "Ray dashboard address, e.g. http://HOST:8265", required=True)
+    resume: Optional[str] = option(None, "continue a run on the cluster from its last checkpoint: the run's absolute "
+                                         "directory on the cluster's storage (overrides as for `tidal train --resume`)",
+                                   metavar="RUN_DIR")
     no_wait: bool = option(False, "return after submission instead of following logs")
 
 

@@ -32,7 +32,7 @@ def _train(a: A.TrainArgs) -> int:
 def _submit(a: A.SubmitArgs) -> int:
     from tidal.commands.submit import submit
 
-    return submit(a.config, list(a.overrides), address=a.address, follow=not a.no_wait)
+    return submit(a.config, list(a.overrides), address=a.address, follow=not a.no_wait, resume=a.resume)
 
 
 def _eval(a: A.EvalArgs) -> int:

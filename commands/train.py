@@ -1,7 +1,7 @@
 """`tidal train`: a new run, or `--resume RUN` of an earlier one; the job itself is tidal.driver.job.
 
-`tidal train --resume RUN [algorithm.steps=N logging.*=...]` re-reads RUN/config.yaml (a resume
-may extend the steps or change logging; any other changed key is refused), says so and changes
+`tidal train --resume RUN [algorithm.steps=N logging.*=... cluster.*=...]` re-reads RUN/config.yaml
+(a resume may extend the steps, change logging or where it runs; any other changed key is refused), says so and changes
 nothing when every stage already finished, skips finished stages (their outputs are on disk),
 and continues the RL stage from its newest complete checkpoint; log records written
 after that checkpoint are dropped first, so the resumed run's records equal an uninterrupted
@@ -10,6 +10,7 @@ run's. A stage that was interrupted before finishing (sft, rm) restarts from its
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,8 +23,11 @@ from tidal.driver.interrupt import Interrupted
 from tidal.driver.job import prepare_data, run_pipeline
 from tidal.driver.preflight import PreflightError, check_data, preflight
 from tidal.driver.run_folder import read_run_state, stage_keys
+from tidal.rollout.pool import WorkersLost
 
-RESUMABLE_KEYS = ("algorithm.steps", "logging.")  # what a resume may change without breaking exactness
+# What a resume may change without breaking exactness: the length, the logging, and where the run
+# runs (a node died: resume on the nodes left); generation is seeded per prompt, not per worker.
+RESUMABLE_KEYS = ("algorithm.steps", "logging.", "cluster.")
 
 
 def train_from_cli(config_path: str | None, overrides: list[str], resume: str | None = None,
@@ -33,7 +37,7 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
     if resume is not None:
         if config_path is not None:
             raise ConfigError(f"--resume {resume} continues with {resume}/config.yaml; drop {config_path} "
-                              f"(overrides of algorithm.steps and logging.* are allowed).")
+                              f"(overrides of algorithm.steps, logging.* and cluster.* are allowed).")
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {resume}: no config.yaml there; pass the run directory of an earlier `tidal train`.")
@@ -60,6 +64,14 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
     except WaitingForLabels as e:  # not an error: the run goes on once people have labeled
         print(f"tidal: {e}", flush=True)
         return 0
+    except WorkersLost as e:  # not the user's input, nor a bug: the cluster lost the nodes of a role
+        ckpt = ck.latest_checkpoint(run_dir)
+        how = (f"tidal submit --resume {run_dir.absolute()} --address http://HEAD:8265" if os.environ.get(
+            "RAY_JOB_CONFIG_JSON_ENV_VAR") else f"tidal train --resume {run_dir}")  # a Ray job, or not
+        print(f"tidal: error: {e}. The run stopped{f' (newest checkpoint {ckpt})' if ckpt else ''}. Once the cluster "
+              f"has room for them again (or with cluster.* overrides that fit the nodes left), continue with: {how}",
+              file=sys.stderr, flush=True)
+        return 1
     except (Interrupted, KeyboardInterrupt) as e:
         done = "; checkpoint written" if isinstance(e, Interrupted) and e.checkpointed else ""
         where = f"after rl step {e.step} of {e.total}" if isinstance(e, Interrupted) else "before its next checkpoint"
@@ -77,7 +89,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> TidalConfig:
     refused = [k for k in changed if not k.startswith(RESUMABLE_KEYS)]
     if refused:
         raise ConfigError(f"--resume {run_dir}: {refused[0]} cannot change on resume (the resumed run must continue "
-                          f"the same way); only algorithm.steps and logging.* can. Start a new run to change it.")
+                          f"the same way); only algorithm.steps, logging.* and cluster.* can. Start a new run to change it.")
     return new
 
 
@@ -87,8 +99,13 @@ def _leaves(tree, prefix: str = "") -> dict:
     return {prefix[:-1]: tree}
 
 
+def default_run_name(config_path: str | None) -> str:
+    """The run directory's name when logging.run_name is unset: the config's name and the time."""
+    return f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def new_run_dir(cfg: TidalConfig, config_path: str | None) -> Path:
-    name = cfg.logging.run_name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.logging.run_name or default_run_name(config_path)
     run_dir = Path(cfg.logging.output_dir) / name
     if (run_dir / METRICS_FILE).is_file() and (run_dir / METRICS_FILE).stat().st_size > 0:
         raise ConfigError(f"run directory {run_dir} already holds a run; continue it with `tidal train --resume {run_dir}` "

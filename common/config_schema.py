@@ -46,6 +46,7 @@ class ClusterConfig:
     num_cpus: Optional[int] = doc(None, "Logical CPUs of the embedded cluster (None: Ray's default). Logical CPUs only schedule actors; they do not pin cores.", min=1)
     placement: Literal["colocated", "disaggregated"] = doc("colocated", "colocated: all roles share the same resources; disaggregated: the rollout pool gets its own placement-group bundles (its own nodes on a cluster), sized by rollout.num_workers independently of the learners.")
     sync_timeout_s: float = doc(300.0, "Hard timeout of every weight sync and remote call that could hang; a peer that does not answer is an error that names it.", min=1.0)
+    node_wait_s: float = doc(300.0, "When every rollout worker was lost (e.g. the only rollout node died), how long the pool waits for one to restart - on a node that comes back or replaces it (an autoscaler, KubeRay) - before the run stops with an error naming its newest checkpoint and the resume command.", min=1.0)
     ray_temp_dir: Optional[str] = doc(None, "Temp dir of the embedded Ray cluster (None: Ray's default). Set a private one to keep runs apart.")
     rollout_node_resource: Optional[str] = doc(None, "Disaggregated placement: a custom Ray resource that marks rollout nodes (nodes started with --resources='{\"NAME\": 1}'); every rollout bundle asks for a sliver of it, so the pool lands on those nodes. None: any node with free resources.")
     learner_node_resource: Optional[str] = doc(None, "Like rollout_node_resource, for the learner (and reference/critic/reward-model) bundles.")

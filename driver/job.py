@@ -12,7 +12,8 @@ recorded as 'rm2', 'rl2', ... and writes RUN/reward_model-<k>/, RUN/round-<k>/.
 Run directory (logging.output_dir / logging.run_name): config.yaml, metrics.jsonl, wandb files,
 run_state.json (finished stages), checkpoints/, rollouts.jsonl (prompt indices per step),
 samples_before.jsonl / samples_after.jsonl (held-out completions with reward-model and VADER
-scores), summary.json, dashboard.png (the first look), plots/ (every metric group).
+scores), summary.json, dashboard.png (the first look), plots/ (every metric group),
+placement.json (the node each role's actors run on).
 
 Before Ray starts, `tidal.driver.preflight` checks the config, every data row the stages read, the
 models, user reward functions and (on resume) the checkpoint files; a user error stops there.

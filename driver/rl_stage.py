@@ -30,6 +30,8 @@ from tidal.driver.rl_loop import RLLoop, RLParts
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import MetricsLogger
 
+PLACEMENT_FILE = "placement.json"  # node ids of each role's actors, written when the roles are up
+
 
 def _critic_path(cfg: TidalConfig, policy: str, reward_model: str | None) -> str | None:
     from tidal.learner.algorithms import algorithm_for
@@ -190,6 +192,7 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
     summary: dict = {}
     judge = None
     try:
+        (run_dir / PLACEMENT_FILE).write_text(json.dumps(placement.where(), indent=2))  # the nodes of each role
         if heldout.selection is not None:
             from tidal.driver.heldout import build_gold, gold_term
             from tidal.driver.monitor import HeldOutJudge

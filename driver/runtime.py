@@ -11,6 +11,7 @@ job submitted with `tidal submit`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -43,15 +44,27 @@ RUNTIME_ENV_VARS: dict[str, str] = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": str(8 << 30),
 }
-# Passed through when set in the driver (model cache, GPU visibility).
+# Passed through when set in the driver (model cache, GPU visibility), and every variable whose
+# name starts with a PASS_THROUGH_PREFIXES entry (NCCL's interface, transport and debug settings,
+# which every learner rank and rollout worker of a GPU cluster needs alike).
 PASS_THROUGH_VARS = ("TIDAL_CACHE", "PYTHONPATH", "HF_HOME", "CUDA_VISIBLE_DEVICES", "TORCH_EXTENSIONS_DIR")
+PASS_THROUGH_PREFIXES = ("NCCL_",)
 
 
 def worker_env() -> dict[str, str]:
     """Environment of every Ray worker: RUNTIME_ENV_VARS, overridden by the driver's own values."""
     env = {k: os.environ.get(k, v) for k, v in RUNTIME_ENV_VARS.items()}
-    env.update({k: os.environ[k] for k in PASS_THROUGH_VARS if k in os.environ})
+    env.update({k: v for k, v in os.environ.items() if k in PASS_THROUGH_VARS or k.startswith(PASS_THROUGH_PREFIXES)})
     return env
+
+
+def _job_env_vars() -> set[str]:
+    """The variables the Ray job this driver runs in already sets (its runtime_env's env_vars):
+    ray.init inside a job merges its own runtime_env with the job's and refuses a key set twice."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    return set(((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}))
 
 
 def apply_driver_env() -> None:
@@ -89,9 +102,15 @@ def connect(cfg: ClusterConfig, min_cpus: float = 0, verbose: bool = True) -> Ra
                  log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
         return RayConnection(started_here=True, embedded=True, address="local",
                              temp_dir=None if cfg.ray_temp_dir else os.path.abspath(temp_dir))
-    # A submitted job runs with RAY_ADDRESS set; joining keeps its job runtime_env (working dir).
+    # A job (`tidal submit`, a KubeRay RayJob, `ray job submit`) runs with RAY_ADDRESS set; joining
+    # keeps its runtime_env (working dir, its env_vars) and adds the worker variables it lacks: a
+    # RayJob manifest names a few, and a worker without e.g. DS_ACCELERATOR or the vLLM settings
+    # would not behave as under `tidal train`.
     address = cfg.address or os.environ["RAY_ADDRESS"]
-    ray.init(address=address, runtime_env=runtime_env if cfg.address is not None else None, log_to_driver=verbose,
+    if cfg.address is None:
+        job_has = _job_env_vars()
+        runtime_env = {"env_vars": {k: v for k, v in worker_env().items() if k not in job_has}}
+    ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose,
              logging_level=logging.INFO if verbose else logging.ERROR)
     return RayConnection(started_here=True, embedded=False, address=address)
 

@@ -9,7 +9,8 @@ the workers meanwhile:
     at the front of the queue for the others; results are kept per chunk, so a late duplicate
     is dropped and no prompt is answered twice;
   * a dead worker is restarted in the background and loads the current weights (and version)
-    before it gets any work;
+    before it gets any work; when no worker can serve (all lost, none restarted, e.g. the
+    only rollout node died) for cluster.node_wait_s, the call raises WorkersLost;
   * `scale(n)` may be called from another thread while a generate call runs: new workers join
     once their engine is up and holds the current weights; removed workers finish what they
     hold, then leave.
@@ -44,6 +45,11 @@ from tidal.rollout.worker import check_prompts, order_by_prompt
 
 class PoolError(RuntimeError):
     """The pool cannot finish a call (no worker left, restarts exhausted, bad worker output)."""
+
+
+class WorkersLost(PoolError):
+    """Every worker was lost and none came back within cluster.node_wait_s: typically the
+    rollout nodes died and no node with room for a restarted worker took their place."""
 
 
 @dataclass
@@ -94,11 +100,13 @@ class RolloutPool:
                  wait_ready: bool = True):
         self.cfg, self.model_path = cfg, str(model_path)
         self.timeout_s = cfg.cluster.sync_timeout_s
+        self.node_wait_s = cfg.cluster.node_wait_s  # for a restart when no worker is left to serve
         self.chunks_per_worker, self.max_restarts = chunks_per_worker, max_restarts
         self.default_sampling = Sampling.from_config(cfg.rollout, cfg.seed)
         self._workers: dict[int, _Worker] = {}
         self._restarts_in_a_row: dict[int, int] = {}  # reset once a restarted worker is ready
         self._target = cfg.rollout.num_workers
+        self._stalled_since: Optional[float] = None  # when the pool last had no worker able to serve
         self._op_lock = threading.RLock()  # one generate / load_weights / resize at a time
         self.last_stats = GenerateStats()
         rc = cfg.rollout
@@ -241,6 +249,7 @@ class RolloutPool:
             stats = self.last_stats = GenerateStats()  # live: readable while the call runs
             start = time.perf_counter()
             queue = deque(self._chunks(prompts))
+            self._stalled_since = None
             stats.chunks = len(queue)
             results: dict[int, RolloutBatch] = {}
             while len(results) < stats.chunks:
@@ -262,11 +271,26 @@ class RolloutPool:
         starting = [w.ready_ref for w in self._workers.values() if w.status == "starting" and w.ready_ref is not None]
         if not in_flight and not any(w.status in ("starting", "ready") for w in self._workers.values()):
             raise PoolError("no rollout worker left to serve the remaining prompts")
+        self._check_stalled(bool(in_flight))
         # Short waits keep the loop responsive to scale() calls and worker start-ups.
         for ref in wait_any(list(in_flight) + starting, 0.5):
             if ref in in_flight:
                 self._collect(ref, in_flight[ref], queue, results, stats)
         self._requeue_stuck(queue, stats)
+
+    def _check_stalled(self, in_flight: bool) -> None:
+        """Bound the wait for restarts when no worker can serve: a restarted worker whose node
+        died waits for a node with room for it, which may never come."""
+        if in_flight or any(w.status == "ready" for w in self._workers.values()):
+            self._stalled_since = None
+            return
+        now = time.monotonic()
+        self._stalled_since = self._stalled_since or now
+        if now - self._stalled_since > self.node_wait_s:
+            lost = [self.group.label(i) for i, w in self._workers.items() if w.status == "starting"]
+            raise WorkersLost(f"the rollout workers {lost} were lost and none restarted within {self.node_wait_s:.0f} s "
+                              f"(cluster.node_wait_s): their node died and no node with room for them took its place, "
+                              f"or they start slower than that (`ray status` shows the nodes)")
 
     def _dispatch(self, queue: deque, sampling: Sampling, stats: GenerateStats) -> None:
         """Hand one chunk to each idle ready worker (lowest id first) while chunks remain."""
