@@ -156,14 +156,16 @@ class Placement:
         """Ray actor options placing actor `index` of `role` on its bundle."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from tidal.actors.devices import with_device_env
+
         slot = self._slot(role, index)
-        return {
+        return with_device_env({
             "num_cpus": slot.num_cpus,
             "num_gpus": slot.num_gpus,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.pgs[slot.group], placement_group_bundle_index=slot.bundle_index,
                 placement_group_capture_child_tasks=True),
-        }
+        })
 
     def _slot(self, role: str, index: int) -> RoleSlot:
         slots = self.rollout_slots if role == "rollout" else dict(enumerate(self.plan.slots.get(role, ())))
