@@ -115,23 +115,23 @@ def check_devices(cfg: TidalConfig) -> None:
     lc, r, colocated = cfg.learner, cfg.rollout, cfg.cluster.placement == "colocated"
     learner_gpu, rollout_gpu = lc.gpus_per_worker > 0, r.gpus_per_worker > 0
     if learner_gpu and lc.gpus_per_worker != 1:
-        raise ConfigError(f"learner.gpus_per_worker={lc.gpus_per_worker}: a DeepSpeed rank drives exactly one GPU (a "
+        raise ConfigError(f"learner.gpus_per_worker={lc.gpus_per_worker:g}: a DeepSpeed rank drives exactly one GPU (a "
                           "fraction lets Ray put two ranks on one device, which NCCL refuses; more are never used); "
                           "set it to 1 (or 0 on CPU) and use learner.num_workers for more GPUs.")
     if rollout_gpu and r.gpus_per_worker != r.tensor_parallel_size:
-        raise ConfigError(f"rollout.gpus_per_worker={r.gpus_per_worker}: a vLLM engine owns whole GPUs, "
+        raise ConfigError(f"rollout.gpus_per_worker={r.gpus_per_worker:g}: a vLLM engine owns whole GPUs, "
                           f"rollout.tensor_parallel_size={r.tensor_parallel_size} of them; set rollout.gpus_per_worker="
                           f"{r.tensor_parallel_size} (colocated placement shares them with the learner ranks by itself).")
     if r.tensor_parallel_size > 1 and not (rollout_gpu and r.backend == "vllm" and not colocated):
         raise ConfigError(f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs vLLM engines on GPUs "
                           f"(rollout.backend=vllm, rollout.gpus_per_worker={r.tensor_parallel_size}) with "
                           "cluster.placement=disaggregated: a colocated bundle holds one GPU.")
-    if r.sleep == "on" and not (rollout_gpu and r.backend == "vllm"):
-        raise ConfigError("rollout.sleep=on is vLLM's GPU sleep mode: it needs rollout.backend=vllm and "
-                          "rollout.gpus_per_worker > 0; set rollout.sleep=off (or auto).")
-    if r.sleep == "on" and cfg.algorithm.mode != "sync":
-        raise ConfigError("rollout.sleep=on frees the engines' GPU memory while the learners update, so they cannot "
-                          "generate meanwhile: set algorithm.mode=sync, or rollout.sleep=off with "
+    if r.sleep and not (rollout_gpu and r.backend == "vllm"):
+        raise ConfigError("rollout.sleep=true is vLLM's GPU sleep mode: it needs rollout.backend=vllm and "
+                          "rollout.gpus_per_worker > 0; set rollout.sleep=false (or null).")
+    if r.sleep and cfg.algorithm.mode != "sync":
+        raise ConfigError("rollout.sleep=true frees the engines' GPU memory while the learners update, so they cannot "
+                          "generate meanwhile: set algorithm.mode=sync, or rollout.sleep=false with "
                           "cluster.placement=disaggregated for async.")
     _check_transport(cfg, learner_gpu, rollout_gpu, colocated)
 

@@ -71,7 +71,7 @@ class RolloutConfig:
     tensor_parallel_size: int = doc(1, "GPUs one vLLM engine spans (tensor parallel). > 1 needs rollout.gpus_per_worker equal to it and cluster.placement=disaggregated: each worker's one-bundle placement group holds all its GPUs.", min=1)
     gpu_memory_utilization: Optional[float] = doc(None, "vLLM on GPU: the share of each GPU's memory the engine takes (weights, activations, KV cache). None: 0.85 when the engine has its GPUs alone (disaggregated), 0.35 when it shares them with a learner rank (colocated); decided when the config is built.", min=0.05, max=0.98)
     cuda_graphs: bool = doc(True, "vLLM on GPU: capture CUDA graphs for decoding (faster steps; costs start-up time and some memory); false runs eager. On CPU the engine always runs eager: compiling costs 15-37 s per start there (docs/platform.md#p-runtime-env).")
-    sleep: Literal["auto", "on", "off"] = doc("auto", "vLLM sleep mode on GPU: between its calls the engine offloads its weights to host memory and frees its KV cache (vLLM sleep level 1), waking for each generate and weight load, so colocated learners can use that memory for their update. auto: on when colocated with vllm on GPU, else off; decided when the config is built. on needs algorithm.mode=sync.")
+    sleep: Optional[bool] = doc(None, "vLLM sleep mode on GPU: between its calls the engine offloads its weights to host memory and frees its KV cache (vLLM sleep level 1), waking for each generate and weight load, so colocated learners can use that memory for their update. None: true when colocated with vllm on GPU, else false; decided when the config is built. true needs algorithm.mode=sync.")
     num_threads: int = doc(0, "Math threads of each rollout worker (0: auto - on an embedded cluster the machine's cores split among the processes that run at the same time, docs/performance.md; on a joined cluster cpus_per_worker).", min=0)
 
 
@@ -270,8 +270,8 @@ def _resolve_auto(c: TidalConfig) -> None:
     r = c.rollout
     engine_gpu = r.gpus_per_worker > 0 and r.backend == "vllm"
     sleep = r.sleep
-    if sleep == "auto":
-        sleep = "on" if engine_gpu and c.cluster.placement == "colocated" else "off"
+    if sleep is None:
+        sleep = engine_gpu and c.cluster.placement == "colocated"
     share = r.gpu_memory_utilization
     if share is None and r.gpus_per_worker > 0:
         share = ENGINE_GPU_SHARE[c.cluster.placement]

@@ -54,13 +54,13 @@ def engine_options(rollout: RolloutConfig, dtype: str, seed: int, on_gpu: bool) 
     15-37 s per start there) and a KV cache of rollout.kv_cache_gb. GPU: CUDA graphs unless
     rollout.cuda_graphs is off, rollout.gpu_memory_utilization of each GPU, tensor parallel over the
     actor's rollout.tensor_parallel_size GPUs (child processes of this actor, on its bundle's GPUs),
-    and the sleep-mode allocator when rollout.sleep is on."""
+    and the sleep-mode allocator when rollout.sleep is true."""
     options = dict(dtype=torch_dtype(dtype), max_model_len=rollout.max_model_len, seed=seed,
                    worker_extension_cls=WEIGHT_LOADER_EXT, logprobs_mode="processed_logprobs")
     if not on_gpu:
         return {**options, "enforce_eager": True, "kv_cache_memory_bytes": int(rollout.kv_cache_gb * 2**30)}
     options.update(enforce_eager=not rollout.cuda_graphs, gpu_memory_utilization=rollout.gpu_memory_utilization,
-                   tensor_parallel_size=rollout.tensor_parallel_size, enable_sleep_mode=rollout.sleep == "on")
+                   tensor_parallel_size=rollout.tensor_parallel_size, enable_sleep_mode=rollout.sleep)
     if rollout.tensor_parallel_size > 1:
         options["distributed_executor_backend"] = "mp"  # not "ray": its bundles would be one GPU each
     return options
@@ -165,7 +165,7 @@ class RolloutWorker:
         self.eos_ids = eos_token_ids(model_path, self.tokenizer)
         self.transports: dict[str, WeightTransport] = {}
         self.asleep = False
-        if rollout.sleep == "on":  # free the GPU before the learners start beside it
+        if rollout.sleep:  # free the GPU before the learners start beside it
             self._sleep()
 
     # ------------------------------------------------------------------ generation
@@ -222,7 +222,7 @@ class RolloutWorker:
     @contextmanager
     def _awake(self) -> Iterator[None]:
         """The engine awake inside the block (all of it: a partly woken engine must not serve), asleep
-        again after it when rollout.sleep is on; the learners use the memory in between."""
+        again after it when rollout.sleep is true; the learners use the memory in between."""
         if not self.asleep:
             yield
             return
@@ -253,7 +253,7 @@ class RolloutWorker:
         """Every bucket of `version` is loaded: it is the engine's weights now."""
         self.llm.reset_prefix_cache()
         self.weight_version = int(version)
-        if self.rollout.sleep == "on":
+        if self.rollout.sleep:
             self._sleep()
         return self.weight_version
 
