@@ -70,7 +70,8 @@ class CollectiveSpec:
     master_port: int
     world_size: int  # sender + number of receivers
     group_name: str = "tidal-weights"
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # of each broadcast
+    start_timeout_s: Optional[float] = None  # how long receivers wait for a send to begin (None: timeout_s)
 
 
 # Read by ProcessGroupNCCL when it is built: wait() blocks the calling thread until the op is done or
@@ -241,11 +242,12 @@ class CollectiveTransport(WeightTransport):
     def pull(self, handle: WeightHandle) -> Iterator[tuple[str, torch.Tensor]]:
         """The version's tensors, views into each received bucket, once the sender has begun."""
         self._sends += 1
+        wait_s = self.spec.start_timeout_s or self.spec.timeout_s
         try:
-            self.store.wait([f"send-{self._sends}"], datetime.timedelta(seconds=self.spec.timeout_s))
+            self.store.wait([f"send-{self._sends}"], datetime.timedelta(seconds=wait_s))
         except Exception as e:  # noqa: BLE001
             raise CollectiveError(f"weight version {handle.version}: the sender (rank 0 of group {self.spec.group_name}) "
-                                  f"did not start sending within {self.spec.timeout_s:.0f} s: {e}") from e
+                                  f"did not start sending within {wait_s:.0f} s: {e}") from e
         for bucket in itertools.count():
             sizes = torch.empty(2, dtype=torch.int64, device=self.device)
             self._broadcast(sizes, handle.version, bucket)

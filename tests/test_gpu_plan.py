@@ -174,6 +174,8 @@ def test_memory_that_cannot_fit_is_refused_naming_the_bundle_and_the_fixes():
     two = REPO / "configs" / "gpu" / "grpo_7b_2node.yaml"
     with pytest.raises(ConfigError, match="leaves no KV cache"):
         check_gpu_memory(load_config(two, ["rollout.gpu_memory_utilization=0.15"]), _sizes(two))
+    with pytest.raises(ConfigError, match=r"cluster.gpu_memory_gb=24: GPU bundle learner\[0\] needs about 30.5 GB"):
+        check_gpu_memory(load_config(two, ["cluster.gpu_memory_gb=24"]), _sizes(two))  # a 24 GB card
     check_gpu_memory(load_config(two, ["cluster.gpu_memory_gb=24"]), ModelSizes(None))  # size unknown: no check
 
 
