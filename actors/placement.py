@@ -5,7 +5,8 @@ Two modes (`cluster.placement`), one code path:
 * colocated: one placement group, one bundle per learner rank (or per rollout worker, whichever
   is more). Bundle k hosts learner rank k (whose actor also holds the PPO critic), rollout
   worker k mod n, and the reference / reward-model workers spread the same way. Actors that share a bundle split its
-  GPU (time-slicing); each keeps its own CPUs.
+  GPU (one GPU: a DeepSpeed rank never shares it with another rank, tidal.actors.devices; the vLLM
+  engine sleeps while the rank updates, rollout.sleep); each keeps its own CPUs.
 * disaggregated: the learner-side roles (learner, reference, reward model) get one
   placement group; every rollout worker gets a placement group of its own with one bundle, so
   the pool can grow and shrink while the job runs (`Placement.actor_options("rollout")` adds a
