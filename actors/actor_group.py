@@ -204,8 +204,11 @@ class ActorGroup(Generic[T]):
             return LocalHandle(self.cls(*args))
         import ray
 
+        from tidal.actors.devices import with_device_env
+
         opts = {**self.options, **(self.options_fn(actor_id) if self.options_fn else {})}
-        return ray.remote(self.cls).options(**opts).remote(*args)
+        # the device variables of what Ray gives it (tidal.actors.devices): every actor, by construction
+        return ray.remote(self.cls).options(**with_device_env(opts)).remote(*args)
 
     def add(self, n: int) -> list[int]:
         """Create n more actors; returns their ids (their constructors may still be running)."""

@@ -5,7 +5,8 @@ Two modes (`cluster.placement`), one code path:
 * colocated: one placement group, one bundle per learner rank (or per rollout worker, whichever
   is more). Bundle k hosts learner rank k (whose actor also holds the PPO critic), rollout
   worker k mod n, and the reference / reward-model workers spread the same way. Actors that share a bundle split its
-  GPU (time-slicing); each keeps its own CPUs.
+  GPU (one GPU: a DeepSpeed rank never shares it with another rank, tidal.actors.devices; the vLLM
+  engine sleeps while the rank updates, rollout.sleep); each keeps its own CPUs.
 * disaggregated: the learner-side roles (learner, reference, reward model) get one
   placement group; every rollout worker gets a placement group of its own with one bundle, so
   the pool can grow and shrink while the job runs (`Placement.actor_options("rollout")` adds a
@@ -219,14 +220,16 @@ class Placement:
         """Ray actor options placing actor `index` of `role` on its bundle."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from tidal.actors.devices import with_device_env
+
         slot = self._slot(role, index)
-        return {
+        return with_device_env({
             "num_cpus": slot.num_cpus,
             "num_gpus": slot.num_gpus,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.pgs[slot.group], placement_group_bundle_index=slot.bundle_index,
                 placement_group_capture_child_tasks=True),
-        }
+        })
 
     def _slot(self, role: str, index: int) -> RoleSlot:
         slots = self.rollout_slots if role == "rollout" else dict(enumerate(self.plan.slots.get(role, ())))

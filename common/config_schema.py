@@ -37,7 +37,7 @@ class ModelConfig:
     policy: str = doc("tiny-random", "Initial policy: a registry name (tiny-random, smollm2-135m, smollm2-135m-2l), a local HF folder, or a hub id (only with hub access). The SFT stage fine-tunes it; its output becomes the RL policy and the frozen reference.")
     reward: Optional[str] = doc(None, "Reward-model folder (a value model saved by the rm stage). None: use the rm stage's output when the rm stage runs, else rule rewards only.")
     critic: Optional[str] = doc(None, "Critic initialisation. None: the reward model when there is one (docs/implementation.md#d9), else the policy backbone with a fresh value head.")
-    dtype: Literal["float32", "bfloat16"] = doc("float32", "Parameter dtype of all models (bfloat16 needs hardware support; float32 on CPU).")
+    dtype: Literal["auto", "float32", "bfloat16"] = doc("auto", "Parameter dtype of all models. auto: bfloat16 when the learner ranks train on GPUs (learner.gpus_per_worker > 0, and learner.autocast none), else float32; decided once when the config is built (`tidal config show` prints the result). bfloat16 needs hardware support.")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ class ClusterConfig:
     ray_temp_dir: Optional[str] = doc(None, "Temp dir of the embedded Ray cluster (None: Ray's default). Set a private one to keep runs apart.")
     rollout_node_resource: Optional[str] = doc(None, "Disaggregated placement: a custom Ray resource that marks rollout nodes (nodes started with --resources='{\"NAME\": 1}'); every rollout bundle asks for a sliver of it, so the pool lands on those nodes. None: any node with free resources.")
     learner_node_resource: Optional[str] = doc(None, "Like rollout_node_resource, for the learner (and reference/critic/reward-model) bundles.")
+    num_gpus: Optional[int] = doc(None, "GPUs of the embedded cluster (None: the GPUs Ray detects). On a machine without GPUs a number > 0 gives Ray logical GPUs, so a GPU config's actors are placed as on GPUs (they see no CUDA device: tests of the device plan).", min=0)
+    gpu_memory_gb: float = doc(80.0, "Memory of one GPU (GB). Preflight adds up what each GPU holds before activations (learner weights, gradients and optimizer states, reference, reward model, vLLM's share) and refuses a run that cannot fit.", min=1.0)
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,13 @@ class RolloutConfig:
     max_model_len: int = doc(512, "Prompt + response token budget of the engine.", min=16)
     kv_cache_gb: float = doc(1.0, "KV-cache size of each vLLM engine on CPU (GB).", min=0.1)
     weight_bucket_mb: int = doc(64, "Bucket size of a weight push (MB), through the object store or the collective group.", min=1)
-    weight_transport: Literal["object_store", "collective"] = doc("object_store", "How new weights reach the rollout workers: object_store (buckets put in the Ray object store, each worker pulls them) or collective (a broadcast from learner rank 0 to every rollout worker over a dedicated process group, NCCL on GPU, gloo on CPU; the path GPU clusters want).")
+    weight_transport: Literal["object_store", "collective", "ipc"] = doc("object_store", "How new weights reach the rollout workers: object_store (buckets put in the Ray object store, each worker pulls them); collective (learner rank 0 streams buckets from its device into a broadcast to every rollout worker over a dedicated process group, NCCL on GPU, gloo on CPU; the rollout workers must sit on other GPUs: disaggregated placement); ipc (colocated on GPU: learner rank k shares each bucket's GPU memory with the rollout worker on its own GPU by CUDA IPC handle; needs rollout.num_workers = learner.num_workers).")
     cpus_per_worker: float = doc(1.0, "Logical CPUs reserved per rollout worker.", min=0.0)
-    gpus_per_worker: float = doc(0.0, "GPUs per rollout worker (0 on CPU).", min=0.0)
+    gpus_per_worker: float = doc(0.0, "GPUs per rollout worker (0 on CPU). On GPU an engine owns whole GPUs: rollout.tensor_parallel_size of them (colocated placement shares each with a learner rank).", min=0.0)
+    tensor_parallel_size: int = doc(1, "GPUs one vLLM engine spans (tensor parallel). > 1 needs rollout.gpus_per_worker equal to it and cluster.placement=disaggregated: each worker's one-bundle placement group holds all its GPUs.", min=1)
+    gpu_memory_utilization: Optional[float] = doc(None, "vLLM on GPU: the share of each GPU's memory the engine takes (weights, activations, KV cache). None: 0.85 when the engine has its GPUs alone (disaggregated), 0.35 when it shares them with a learner rank (colocated); decided when the config is built.", min=0.05, max=0.98)
+    cuda_graphs: bool = doc(True, "vLLM on GPU: capture CUDA graphs for decoding (faster steps; costs start-up time and some memory); false runs eager. On CPU the engine always runs eager: compiling costs 15-37 s per start there (docs/platform.md#p-runtime-env).")
+    sleep: Optional[bool] = doc(None, "vLLM sleep mode on GPU: between its calls the engine offloads its weights to host memory and frees its KV cache (vLLM sleep level 1), waking for each generate and weight load, so colocated learners can use that memory for their update. None: true when colocated with vllm on GPU, else false; decided when the config is built. true needs algorithm.mode=sync.")
     num_threads: int = doc(0, "Math threads of each rollout worker (0: auto - on an embedded cluster the machine's cores split among the processes that run at the same time, docs/performance.md; on a joined cluster cpus_per_worker).", min=0)
 
 
@@ -243,7 +249,35 @@ class TidalConfig:
     feedback: FeedbackConfig = doc(FeedbackConfig(), "Collect stages: labels of the current policy's samples (iterative RLHF).")
 
     def __post_init__(self) -> None:
+        _resolve_auto(self)
         _check_cross_fields(self)
+
+
+# Defaults of rollout.gpu_memory_utilization: an engine alone on its GPUs takes most of them (vLLM's
+# own default is 0.9; a little is left for NCCL buffers and CUDA graphs); beside a learner rank it
+# takes about a third, leaving the rest to the rank's weights, gradients, optimizer states and
+# activations (the memory arithmetic of configs/gpu/*.yaml).
+ENGINE_GPU_SHARE = {"disaggregated": 0.85, "colocated": 0.35}
+
+
+def _resolve_auto(c: TidalConfig) -> None:
+    """The `auto` settings that follow from the placement and the devices, decided once here so
+    every role, the preflight and `config show` see the same values (frozen dataclasses: set
+    through object.__setattr__ on this new object only)."""
+    on_gpu = c.learner.gpus_per_worker > 0
+    if c.model.dtype == "auto":  # bf16 where the learners train on GPUs, unless autocast keeps float32 weights
+        dtype = "bfloat16" if on_gpu and c.learner.autocast == "none" else "float32"
+        object.__setattr__(c, "model", dataclasses.replace(c.model, dtype=dtype))
+    r = c.rollout
+    engine_gpu = r.gpus_per_worker > 0 and r.backend == "vllm"
+    sleep = r.sleep
+    if sleep is None:
+        sleep = engine_gpu and c.cluster.placement == "colocated"
+    share = r.gpu_memory_utilization
+    if share is None and r.gpus_per_worker > 0:
+        share = ENGINE_GPU_SHARE[c.cluster.placement]
+    if (sleep, share) != (r.sleep, r.gpu_memory_utilization):
+        object.__setattr__(c, "rollout", dataclasses.replace(r, sleep=sleep, gpu_memory_utilization=share))
 
 
 def _check_cross_fields(c: TidalConfig) -> None:

@@ -11,6 +11,10 @@ key and the fix (`PreflightError`, a `ConfigError`, so the CLI prints it and exi
   algorithm  what the algorithm table's entry cannot run (group sizes, expert iteration's
            selection) and where pi_old may not come from (tidal.learner.algorithms /
            tidal.learner.pi_old check_config: they read the table, which the config cannot import)
+  devices  the device plan's combinations that cannot work (fractional GPUs for DeepSpeed ranks,
+           NCCL between two actors on one GPU, tensor parallel without its GPUs, sleep mode in
+           async mode, ...) and whether each GPU holds its share before activations
+           (tidal.actors.devices, tidal.actors.gpu_memory; model sizes from config.json)
   resume   the checkpoint a resume loads has readable files: an unreadable newest one (a
            truncated torch/safetensors file, bad JSON, a missing file) is named in a warning and
            the one before it is used; when none reads back, that is the error
@@ -243,12 +247,56 @@ def check_algorithm(cfg: TidalConfig) -> None:
     pi_old.check_config(cfg)
 
 
+def model_params(name: str | None) -> int | None:
+    """Parameter count of a model from its config.json: a local folder, or a hub id already in the
+    local hub cache (no download). None for registry names (tiny CPU models) and unknown models."""
+    from tidal.actors.gpu_memory import count_params
+
+    if not name:
+        return None
+    path = Path(name).expanduser() / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(name, "config.json") if name.count("/") == 1 else None
+        except Exception:  # noqa: BLE001 - not a valid repo id: nothing cached
+            found = None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    try:
+        return count_params(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def check_devices(cfg: TidalConfig) -> None:
+    """The device plan (raises the ConfigError of the keys that cannot work together), then the
+    GPU memory arithmetic where any role has GPUs and the policy's size is known."""
+    from tidal.actors.devices import check_devices as check_plan
+    from tidal.actors.gpu_memory import ModelSizes, check_gpu_memory
+    from tidal.learner.algorithms import algorithm_for
+
+    check_plan(cfg)
+    if cfg.learner.gpus_per_worker == 0 and cfg.rollout.gpus_per_worker == 0:
+        return
+    policy = model_params(cfg.model.policy)
+    critic = None
+    if algorithm_for(cfg).uses_critic:
+        critic = model_params(cfg.model.critic or cfg.model.reward) or policy
+    rewards = [model_params(t.target or cfg.model.reward) for t in cfg.reward.terms if t.kind == "model"]
+    reward = max((n for n in rewards if n), default=None)
+    check_gpu_memory(cfg, ModelSizes(policy, critic, reward))
+
+
 def preflight(cfg: TidalConfig, data: DataPaths | None = None, resume_dir: Path | None = None,
               files: bool = True) -> None:
     """Every check above, cheapest first; raises PreflightError (or the ConfigError of a config
     key) on the first problem. files=False leaves the data rows out (the driver checks them after
     writing the task)."""
     check_algorithm(cfg)
+    check_devices(cfg)
     check_rewards(cfg)
     check_models(cfg)
     if resume_dir is not None:

@@ -78,6 +78,10 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
                                         cfg.cluster.sync_timeout_s)
             weights.connect(pool.group, pool.worker_ids())
             pool.set_transport(weights)
+        elif cfg.rollout.weight_transport == "ipc":  # learner rank k -> the rollout worker on its GPU
+            from tidal.actors.ipc import IpcWeights
+
+            pool.set_transport(IpcWeights(learners.ranks, cfg.cluster.sync_timeout_s))
     except BaseException:
         stop_parts(placement, learners, pool, reward)
         raise

@@ -23,13 +23,14 @@ from typing import Iterator
 
 from tidal.common.config import RAY_TEMP_DIR_MAX, ClusterConfig
 
-# Single-threaded math, CPU DeepSpeed, in-process vLLM, offline hubs (docs/platform.md#p-runtime-env explains each).
-# A value already set in the driver's environment wins, so a GPU machine can override them.
+# Single-threaded math, in-process vLLM, offline hubs (docs/platform.md#p-runtime-env explains each).
+# A value already set in the driver's environment wins, so a GPU machine can override them. Nothing
+# about devices: DeepSpeed's accelerator and the visible GPUs are each actor's own, from what Ray
+# gives it (tidal.actors.devices.actor_env); a job-wide value would reach GPU and CPU actors alike.
 RUNTIME_ENV_VARS: dict[str, str] = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    "DS_ACCELERATOR": "cpu",
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -44,10 +45,12 @@ RUNTIME_ENV_VARS: dict[str, str] = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": str(8 << 30),
 }
-# Passed through when set in the driver (model cache, GPU visibility), and every variable whose
+# Passed through when set in the driver (model cache, code, compiled ops), and every variable whose
 # name starts with a PASS_THROUGH_PREFIXES entry (NCCL's interface, transport and debug settings,
-# which every learner rank and rollout worker of a GPU cluster needs alike).
-PASS_THROUGH_VARS = ("TIDAL_CACHE", "PYTHONPATH", "HF_HOME", "CUDA_VISIBLE_DEVICES", "TORCH_EXTENSIONS_DIR")
+# which every learner rank and rollout worker of a GPU cluster needs alike). Never
+# CUDA_VISIBLE_DEVICES: Ray sets it for each GPU actor from its own assignment; the submitter's
+# value would pin every actor on every node to the submitter's devices.
+PASS_THROUGH_VARS = ("TIDAL_CACHE", "PYTHONPATH", "HF_HOME", "TORCH_EXTENSIONS_DIR")
 PASS_THROUGH_PREFIXES = ("NCCL_",)
 
 
@@ -86,7 +89,8 @@ class RayConnection:
 def connect(cfg: ClusterConfig, min_cpus: float = 0, verbose: bool = True) -> RayConnection:
     """Start or join Ray for a run. Reuses an already initialised Ray (tests, `ray job` entrypoints).
     An embedded cluster gets cluster.num_cpus logical CPUs, or else enough for `min_cpus` (what the
-    run's placement needs; logical CPUs only schedule actors, they do not pin cores).
+    run's placement needs; logical CPUs only schedule actors, they do not pin cores), and
+    cluster.num_gpus GPUs (None: the ones Ray detects; logical ones on a machine without GPUs).
     verbose=False: workers' and engines' output stays in their log files (Ray's session logs,
     copied to the run folder by `disconnect`) instead of reaching the console."""
     import ray
@@ -98,14 +102,14 @@ def connect(cfg: ClusterConfig, min_cpus: float = 0, verbose: bool = True) -> Ra
     if cfg.address is None and "RAY_ADDRESS" not in os.environ:
         temp_dir = cfg.ray_temp_dir or _embedded_temp_dir()
         num_cpus = cfg.num_cpus or max(math.ceil(min_cpus), os.cpu_count() or 1)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=os.path.abspath(temp_dir), runtime_env=runtime_env,
+        ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, _temp_dir=os.path.abspath(temp_dir), runtime_env=runtime_env,
                  log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
         return RayConnection(started_here=True, embedded=True, address="local",
                              temp_dir=None if cfg.ray_temp_dir else os.path.abspath(temp_dir))
     # A job (`tidal submit`, a KubeRay RayJob, `ray job submit`) runs with RAY_ADDRESS set; joining
     # keeps its runtime_env (working dir, its env_vars) and adds the worker variables it lacks: a
-    # RayJob manifest names a few, and a worker without e.g. DS_ACCELERATOR or the vLLM settings
-    # would not behave as under `tidal train`.
+    # RayJob manifest names a few, and a worker without e.g. the vLLM or malloc settings would not
+    # behave as under `tidal train` (the accelerator is each actor's own: tidal.actors.devices).
     address = cfg.address or os.environ["RAY_ADDRESS"]
     if cfg.address is None:
         job_has = _job_env_vars()

@@ -79,14 +79,21 @@ def model_dtype(cfg: TidalConfig) -> torch.dtype:
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, use_gpu: bool) -> None:
-    """Join the learners' process group (a no-op when this process is already in one)."""
-    if not use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    """Join the learners' process group (a no-op when this process is already in one), on the device
+    of the rank's plan (tidal.actors.devices): DeepSpeed's accelerator must be the same, and it is
+    fixed once deepspeed is imported, so a process that imported it for another device is refused."""
+    accelerator = "cuda" if use_gpu else "cpu"
+    os.environ.setdefault("DS_ACCELERATOR", accelerator)  # an actor has it from its runtime_env already
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK="0")  # Ray gives each rank its own device 0
     import deepspeed
     import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() != accelerator:
+        raise RuntimeError(f"learner rank {rank} trains on {accelerator} but DeepSpeed's accelerator in this process is "
+                           f"{get_accelerator().device_name()} (DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')}); "
+                           "DeepSpeed fixes it at import: run each rank in its own process (tidal.actors.devices)")
     # The shared-memory comm op compiles with g++ for ~70 s at init; gloo does not need it.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():

@@ -73,9 +73,10 @@ def _merged_lora(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def iter_named_weights(model: nn.Module, keep: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, CPU tensor) of every weight the plain HF model needs. `keep=False` (ranks other
-    than 0) still gathers each unit - the collective needs every rank - but yields nothing."""
+def iter_named_weights(model: nn.Module, keep: bool, to_cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every weight the plain HF model needs: copies, on the CPU, or with
+    to_cpu=False on the parameters' own device (a streamed send packs them there). `keep=False`
+    (ranks other than 0) still gathers each unit - the collective needs every rank - but yields nothing."""
     hf = unwrap_hf(model)
     seen: set[int] = set()  # tied parameters are exported once
     for prefix, module, is_lora in _units(hf):
@@ -95,7 +96,7 @@ def iter_named_weights(model: nn.Module, keep: bool) -> Iterator[tuple[str, torc
                     if b is not None and name not in module._non_persistent_buffers_set:
                         tensors[name] = b.detach().clone()
             for name, t in tensors.items():
-                yield prefix + name, t.cpu().contiguous()
+                yield prefix + name, (t.cpu() if to_cpu else t).contiguous()
 
 
 def write_hf_folder(out_dir: str | Path, state: dict[str, torch.Tensor], hf_model: nn.Module, tokenizer) -> Path:

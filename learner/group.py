@@ -295,7 +295,8 @@ class LearnerGroup:
         """Publish the policy weights as `version`: HF names, LoRA merged, ZeRO-3 gathered (every
         rank takes part), sent by rank 0 through `transport` (default by rollout.weight_transport:
         the object store in ~bucket_mb buckets, rollout.weight_bucket_mb, no driver in the data
-        path; or rank 0's collective sender, tidal.actors.collective.CollectiveWeights). Returns
+        path; or the collective / ipc push, tidal.learner.weights_out: a live version that the ranks
+        send from their devices when the pool syncs, or in async mode a copy rank 0 staged). Returns
         the tidal.actors.weights.WeightHandle that rollout workers load. Needs Ray up, also locally."""
         from tidal.actors.weights import ObjectStoreTransport
 

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from tidal.actors.devices import enter_device
 from tidal.actors.threads import apply_threads
 from tidal.common.config import TidalConfig
 from tidal.common.models import load_causal_lm, sequence_logprobs
@@ -20,7 +21,7 @@ class ReferenceWorker:
     def __init__(self, cfg: TidalConfig, model_path: str, num_threads: int = 0, autocast_bf16: bool = False):
         self.num_threads = apply_threads(num_threads)  # tidal.actors.threads
         self.use_gpu = cfg.learner.gpus_per_worker > 0
-        self.device = torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")
+        self.device = enter_device(self.use_gpu, "reference worker")  # tidal.actors.devices
         dtype = torch_dtype(cfg.model.dtype)
         self.model = load_causal_lm(model_path, dtype).to(self.device).requires_grad_(False)
         # the policy's precision, as its group decided it (precision.decide_autocast), whatever this

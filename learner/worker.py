@@ -23,11 +23,13 @@ from typing import Callable, Iterator
 
 import torch
 
+from tidal.actors.devices import enter_device
 from tidal.actors.threads import apply_threads, threads_during
 from tidal.common.config import TidalConfig
 from tidal.common.models import response_logits, sequence_logprobs
 from tidal.common.ops import logprobs_and_entropy
 from tidal.common.precision import autocast, bf16_native
+from tidal.learner.weights_out import PolicyWeightsOut
 from tidal.learner.engine import (build_policy, build_value, free_port, init_distributed, linear_lr, make_engine,
                                   seed_everything)
 
@@ -66,13 +68,15 @@ class LearnerWorker:
         self.forward_threads = forward_threads  # while computing beside the reference worker (ThreadPlan)
         self.seed = cfg.seed + rank  # a different stream per data-parallel rank (docs/implementation.md#d10)
         self.use_gpu = cfg.learner.gpus_per_worker > 0
+        self._device = enter_device(self.use_gpu, f"learner rank {rank}")  # the plan's device (tidal.actors.devices)
         self.spec: WorkerSpec | None = None
         self.engine = None  # policy LM (policy role) or value model (reward role)
         self.critic = None
         self.tokenizer = None
         self.rl_steps = 0  # optimizer steps taken by update_rl (drives the RL LR schedule)
         self.rl_updates = 0  # update_rl calls (seeds each call's shuffling)
-        self.weight_sender = None  # rollout.weight_transport=collective: rank 0's CollectiveTransport
+        self.weights_out = PolicyWeightsOut(self)  # the weight push to the rollout workers
+        self.checkpoint_loads = 0  # they change the weights without an optimizer step (PolicyWeightsOut.stamp)
         self.autocast = False  # set by setup from WorkerSpec.autocast: decided by the group, not by this rank
 
     # ------------------------------------------------------------------ setup
@@ -95,8 +99,6 @@ class LearnerWorker:
         """Join the process group and build the engines. Returns timings in seconds."""
         if spec.role not in ROLES:
             raise ValueError(f"unknown learner role {spec.role!r}; expected one of {ROLES}")
-        if self.use_gpu and not torch.cuda.is_available():
-            raise RuntimeError("learner.gpus_per_worker > 0 but this rank sees no CUDA device; set it to 0 on CPU")
         t0 = time.perf_counter()
         init_distributed(self.rank, self.world_size, master_addr, master_port, self.use_gpu)
         t1 = time.perf_counter()
@@ -116,7 +118,13 @@ class LearnerWorker:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if self.use_gpu else torch.device("cpu")
+        return self._device
+
+    def release_cached_memory(self) -> None:
+        """Hand the GPU memory the caching allocator keeps after an update back to the device: a
+        colocated vLLM engine wakes into it for the next generation (rollout.sleep)."""
+        if self.use_gpu:
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ forward passes
 
@@ -234,6 +242,7 @@ class LearnerWorker:
             self.set_lr(self.engine, lr)
             metrics = self.run_step([data.select(rows[i:i + m]) for i in range(0, mini, m)], loss_fn)
             history.append({**self.all_reduce_mean(metrics), "lr": lr, "step": float(step + 1), "epoch": float(epoch)})
+        self.release_cached_memory()
         return history
 
     def fit_sft(self, data, plan: FitPlan) -> list[dict[str, float]]:
@@ -268,6 +277,7 @@ class LearnerWorker:
         result = rl_update(self, experience, ptx, is_weight_cap)  # an UpdateResult; the counters move here only
         self.rl_steps += result.optimizer_steps
         self.rl_updates += 1
+        self.release_cached_memory()
         return result
 
     def global_sum(self, x: float) -> float:
@@ -301,7 +311,7 @@ class LearnerWorker:
     # ------------------------------------------------------------------ weights out, checkpoints
 
     def iter_named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor) of the policy: LoRA merged, ZeRO-3 gathered. Rank 0 gets every
+        """(HF name, CPU tensor) of the policy: LoRA merged, ZeRO-3 gathered. Rank 0 gets every
         tensor; the other ranks get nothing but MUST exhaust the iterator too (the gathers are
         collective)."""
         from tidal.learner.export import iter_named_weights
@@ -309,37 +319,25 @@ class LearnerWorker:
         self._need(self.spec.role == "policy", "iter_named_weights", "a policy learner")
         return iter_named_weights(self.engine.module, keep=self.rank == 0)
 
+    # the weight push (tidal.learner.weights_out): Ray calls these on the actor
     def export_weights(self, version: int, bucket_mb: float, transport=None):
-        """Publish the policy weights as `version` through `transport` (None: the collective
-        sender this rank keeps, rollout.weight_transport=collective). Rank 0 returns the
-        WeightHandle; the other ranks only gather, return None."""
-        if self.rank != 0:
-            for _ in self.iter_named_weights():
-                pass
-            return None
-        return (transport or self._weight_sender()).publish(self.iter_named_weights(), version, bucket_mb)
-
-    def _weight_sender(self):
-        """Rank 0's collective sender: stages published versions; broadcasts once joined."""
-        if self.weight_sender is None:
-            from tidal.actors.collective import CollectiveSpec, CollectiveTransport, collective_backend
-
-            staging = CollectiveSpec(collective_backend(self.use_gpu), "", 0, 1, "staging")  # no group yet
-            self.weight_sender = CollectiveTransport(staging, rank=0)
-        return self.weight_sender
+        """Publish the policy as `version`; rank 0 returns the WeightHandle (PolicyWeightsOut.export)."""
+        return self.weights_out.export(version, bucket_mb, transport)
 
     def join_weight_sender(self, spec) -> None:
-        """Join a new weight broadcast group as its sender (rank 0); the staged versions carry over."""
-        from tidal.actors.collective import CollectiveTransport
-
-        sender = CollectiveTransport(spec, rank=0)
-        sender.adopt(self.weight_sender)
-        self.weight_sender = sender
-        sender.join()
+        self.weights_out.join_collective(spec)
 
     def send_weights(self, handle) -> int:
-        """Broadcast a published version to the current group (the driver starts the loads)."""
-        return self._weight_sender().send(handle)
+        return self.weights_out.send_collective(handle)
+
+    def ipc_open(self, handle) -> None:
+        self.weights_out.ipc_open(handle)
+
+    def ipc_next(self):
+        return self.weights_out.ipc.next()
+
+    def ipc_close(self) -> None:
+        self.weights_out.ipc.close()
 
     def save_pretrained(self, out_dir: str, extra: dict | None = None) -> str | None:
         """HF folder with the tokenizer, written by rank 0: the merged policy, or for the reward
@@ -364,6 +362,7 @@ class LearnerWorker:
     def load_checkpoint(self, ckpt_dir: str) -> None:
         from tidal.learner.export import load_rng_state
 
+        self.checkpoint_loads += 1
         d = Path(ckpt_dir)
         for name, engine in (("model", self.engine), ("critic", self.critic)):
             if engine is None:

@@ -34,12 +34,13 @@ class HFRolloutWorker:
 
     def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str = "float32",
                  seed: int = 0, worker_id: int = 0, num_threads: int = 0):
+        from tidal.actors.devices import enter_device
         from tidal.actors.threads import apply_threads
         from tidal.common.models import load_causal_lm, load_tokenizer
 
         self.num_threads = apply_threads(num_threads)
         self.worker_id, self.weight_version, self.rollout, self.seed = worker_id, 0, rollout, seed
-        self.device = torch.device("cuda" if torch.cuda.is_available() and rollout.gpus_per_worker > 0 else "cpu")
+        self.device = enter_device(rollout.gpus_per_worker > 0, f"rollout worker {worker_id}")  # tidal.actors.devices
         self.model = load_causal_lm(model_path, torch_dtype(dtype)).to(self.device)
         self.tokenizer = load_tokenizer(model_path)
         self.eos_ids = eos_token_ids(Path(model_path), self.tokenizer)
@@ -122,6 +123,18 @@ class HFRolloutWorker:
     def join_transport(self, transport: WeightTransport) -> None:
         transport.join()
         self.transports[transport.name] = transport
+
+    def load_ipc_bucket(self, bucket) -> int:
+        """rollout.weight_transport=ipc: one bucket shared by the learner rank on this GPU."""
+        from tidal.actors.ipc import opened
+
+        with opened(bucket) as named:
+            self.load_named_tensors(named, self.weight_version)  # the version changes at finish_ipc
+        return len(bucket.names)
+
+    def finish_ipc(self, version: int) -> int:
+        self.weight_version = int(version)
+        return self.weight_version
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.worker_id, os.getpid(), self.weight_version, self.backend, self.num_threads)

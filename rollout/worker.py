@@ -3,7 +3,8 @@
 A plain class; `RolloutPool` runs it as a Ray actor (or in-process in local mode). The engine
 runs in the actor's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0: starts in seconds, and the
 weight iterator reaches the vLLM worker as tensors, docs/platform.md#p-vllm-reload), with an explicit dtype
-(without one vLLM on CPU drops to bf16), eager mode, and the `WeightLoader` extension.
+(without one vLLM on CPU drops to bf16), the `WeightLoader` extension, and the device options of
+`engine_options` (eager on CPU; CUDA graphs, memory share, tensor parallel and sleep mode on GPU).
 
 Actor calls run one at a time, so a generate call never sees a weight change half-way: every
 sample of a call carries the one weight version it was generated with.
@@ -12,14 +13,16 @@ sample of a call carries the one weight version it was generated with.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
+from tidal.actors.devices import enter_device
 from tidal.actors.threads import apply_threads
-from tidal.actors.weights import WeightHandle, WeightTransport, pull
+from tidal.actors.weights import WeightHandle, WeightTransport, iter_buckets, pull
 from tidal.common.config import RolloutConfig
 from tidal.common.precision import torch_dtype
 from tidal.common.types import PromptBatch, RolloutBatch
@@ -43,6 +46,24 @@ class WorkerInfo:
     weight_version: int
     backend: str
     num_threads: int = 0
+
+
+def engine_options(rollout: RolloutConfig, dtype: str, seed: int, on_gpu: bool) -> dict:
+    """vLLM engine arguments besides the model: the explicit dtype, the logprobs of the distribution
+    sampled from, the weight-loader extension; then per device. CPU: eager (graph compilation costs
+    15-37 s per start there) and a KV cache of rollout.kv_cache_gb. GPU: CUDA graphs unless
+    rollout.cuda_graphs is off, rollout.gpu_memory_utilization of each GPU, tensor parallel over the
+    actor's rollout.tensor_parallel_size GPUs (child processes of this actor, on its bundle's GPUs),
+    and the sleep-mode allocator when rollout.sleep is true."""
+    options = dict(dtype=torch_dtype(dtype), max_model_len=rollout.max_model_len, seed=seed,
+                   worker_extension_cls=WEIGHT_LOADER_EXT, logprobs_mode="processed_logprobs")
+    if not on_gpu:
+        return {**options, "enforce_eager": True, "kv_cache_memory_bytes": int(rollout.kv_cache_gb * 2**30)}
+    options.update(enforce_eager=not rollout.cuda_graphs, gpu_memory_utilization=rollout.gpu_memory_utilization,
+                   tensor_parallel_size=rollout.tensor_parallel_size, enable_sleep_mode=rollout.sleep)
+    if rollout.tensor_parallel_size > 1:
+        options["distributed_executor_backend"] = "mp"  # not "ray": its bundles would be one GPU each
+    return options
 
 
 def check_prompts(prompts: PromptBatch, max_model_len: int, max_new_tokens: int) -> None:
@@ -131,25 +152,21 @@ class RolloutWorker:
         from tidal.common.models import load_tokenizer
 
         self.worker_id, self.weight_version, self.rollout = worker_id, 0, rollout
-        extra = {}
-        # CPU: the KV cache lives in host memory, sized by rollout.kv_cache_gb. vLLM's CPU
-        # platform lets VLLM_CPU_KVCACHE_SPACE (whole GB) override the explicit size, so it is
-        # hidden while the engine is configured.
-        saved = None
-        if not torch.cuda.is_available():
-            extra["kv_cache_memory_bytes"] = int(rollout.kv_cache_gb * 2**30)
-            saved = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        on_gpu = enter_device(rollout.gpus_per_worker > 0, f"rollout worker {worker_id}").type == "cuda"
+        # CPU: vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE (whole GB) override the explicit KV-cache
+        # size, so it is hidden while the engine is configured.
+        saved = None if on_gpu else os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         try:
-            self.llm = LLM(
-                model=str(model_path), dtype=torch_dtype(dtype), enforce_eager=True, max_model_len=rollout.max_model_len,
-                seed=seed, worker_extension_cls=WEIGHT_LOADER_EXT, logprobs_mode="processed_logprobs",
-                **extra)
+            self.llm = LLM(model=str(model_path), **engine_options(rollout, dtype, seed, on_gpu))
         finally:
             if saved is not None:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
         self.tokenizer = load_tokenizer(model_path)
         self.eos_ids = eos_token_ids(model_path, self.tokenizer)
         self.transports: dict[str, WeightTransport] = {}
+        self.asleep = False
+        if rollout.sleep:  # free the GPU before the learners start beside it
+            self._sleep()
 
     # ------------------------------------------------------------------ generation
 
@@ -163,7 +180,8 @@ class RolloutWorker:
             seed=sampling.prompt_seed(idx), stop_token_ids=sorted(self.eos_ids),
         ) for idx in prompts.index]
         inputs = [{"prompt_token_ids": list(ids)} for ids in prompts.token_ids]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        with self._awake():
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
         responses, logprobs, texts = [], [], []
         for out in outputs:  # same order as the inputs
             completions = sorted(out.outputs, key=lambda c: c.index)
@@ -182,15 +200,62 @@ class RolloutWorker:
     def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Load HF-named tensors in place (all of them in one reload, see vllm_ext), then drop
         the prefix cache: cached KV blocks were computed by the old weights (docs/platform.md#p-vllm-prefix-cache)."""
-        self.llm.collective_rpc("tidal_load_weights", args=(named_tensors,))
-        self.llm.reset_prefix_cache()
+        with self._awake():
+            if self.rollout.tensor_parallel_size > 1:
+                # the engine's tensor-parallel workers are other processes, which an iterator cannot
+                # reach: the push goes to them a bucket at a time (on GPU a partial load is fine)
+                for chunk in iter_buckets(named_tensors, self.rollout.weight_bucket_mb):
+                    self.llm.collective_rpc("tidal_load_weights", args=(chunk,))
+            else:
+                self.llm.collective_rpc("tidal_load_weights", args=(named_tensors,))
+            self.llm.reset_prefix_cache()
         self.weight_version = int(version)
         return self.weight_version
+
+    # ------------------------------------------------------------------ sleep mode (rollout.sleep)
+
+    def _sleep(self) -> None:
+        """vLLM sleep level 1: weights to host memory, KV cache freed (and the prefix cache with it)."""
+        self.llm.sleep(level=1)
+        self.asleep = True
+
+    @contextmanager
+    def _awake(self) -> Iterator[None]:
+        """The engine awake inside the block (all of it: a partly woken engine must not serve), asleep
+        again after it when rollout.sleep is true; the learners use the memory in between."""
+        if not self.asleep:
+            yield
+            return
+        self.llm.wake_up()
+        self.asleep = False
+        try:
+            yield
+        finally:
+            self._sleep()
 
     def join_transport(self, transport: WeightTransport) -> None:
         """Register a receiver-side transport (e.g. a collective group) for later handles."""
         transport.join()
         self.transports[transport.name] = transport
+
+    def load_ipc_bucket(self, bucket) -> int:
+        """rollout.weight_transport=ipc: load one bucket shared by the learner rank on this GPU
+        (tidal.actors.ipc); the engine wakes at the first and stays awake until finish_ipc."""
+        from tidal.actors.ipc import opened
+
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        with opened(bucket) as named:
+            return self.llm.collective_rpc("tidal_load_weights", args=(named,))[0]
+
+    def finish_ipc(self, version: int) -> int:
+        """Every bucket of `version` is loaded: it is the engine's weights now."""
+        self.llm.reset_prefix_cache()
+        self.weight_version = int(version)
+        if self.rollout.sleep:
+            self._sleep()
+        return self.weight_version
 
     # ------------------------------------------------------------------ probes
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tidal.actors.actor_group import ActorGroup
+from tidal.actors.collective import LIVE, STAGED
 from tidal.actors.weights import (FlatBucket, InProcessTransport, ObjectStoreTransport, WeightHandle,
                                    WeightSyncError, iter_buckets, pull)
 
@@ -163,8 +164,22 @@ class Sender:
     def publish(self, version: int) -> WeightHandle:
         return self.transport.publish([(n, t.to(self.device)) for n, t in _weights()], version, bucket_mb=20 / 1024)
 
-    def send(self, handle: WeightHandle) -> int:
-        return self.transport.send(handle)
+    def live_handle(self, version: int) -> WeightHandle:
+        return self.transport.live_handle(version)
+
+    def send(self, handle: WeightHandle, delay_s: float = 0.0) -> int:
+        """A staged version from its host copy; a live one streamed from the tensors as they come."""
+        time.sleep(delay_s)  # e.g. an update still running on the learner
+        if handle.meta == (STAGED,):
+            return self.transport.send(handle)
+        live = ((n, t.to(self.device)) for n, t in _weights())
+        return self.transport.send(handle, live, bucket_mb=20 / 1024)
+
+
+# Sender and each receiver on a GPU of its own: NCCL refuses a group with two ranks on one device,
+# and fractional requests let Ray pack all of them onto GPU 0 (tests/test_cluster_gpu_plan.py checks
+# where these options land on a cluster of logical GPUs).
+NCCL_ACTOR_OPTIONS = {"num_gpus": 1}
 
 
 def _free_port() -> int:
@@ -175,15 +190,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _collective_round_trip(backend: str, device: str, hang: bool):
+def _collective_round_trip(backend: str, device: str, hang: bool, live: bool = False, send_delay_s: float = 0.0):
     import ray
 
     from tidal.actors.collective import CollectiveSpec, CollectiveTransport
 
     n = 2
-    spec = CollectiveSpec(backend, "127.0.0.1", _free_port(), world_size=n + 1, group_name=f"t-{backend}-{hang}",
-                          timeout_s=5.0)
-    gpu = {"num_gpus": 0.1} if device == "cuda" else {}
+    spec = CollectiveSpec(backend, "127.0.0.1", _free_port(), world_size=n + 1,
+                          group_name=f"t-{backend}-{hang}-{live}", timeout_s=5.0, start_timeout_s=30.0)
+    gpu = NCCL_ACTOR_OPTIONS if device == "cuda" else {}
     sender = ray.remote(Sender).options(num_cpus=0, **gpu).remote(spec, device)
     group = ActorGroup(Receiver, n, args=lambda i: (hang and i == 1,), options={"num_cpus": 0, **gpu}, name="receiver")
     try:
@@ -191,9 +206,10 @@ def _collective_round_trip(backend: str, device: str, hang: bool):
             group.submit(lambda a, i=i: a.join_transport.remote(CollectiveTransport(spec, rank=i + 1)), i)
             for i in range(n)]
         ray.get(joins, timeout=60)
-        handle = ray.get(sender.publish.remote(3), timeout=60)
-        assert handle.transport == "collective" and handle.bucket_refs == () and len(handle.meta) > 1
-        coordinator = CollectiveTransport(spec, start_send=lambda h: sender.send.remote(h))
+        handle = ray.get((sender.live_handle if live else sender.publish).remote(3), timeout=60)
+        assert handle.transport == "collective" and handle.bucket_refs == ()
+        assert handle.meta == ((LIVE,) if live else (STAGED,)) and handle.num_bytes == (0 if live else handle.num_bytes)
+        coordinator = CollectiveTransport(spec, start_send=lambda h: sender.send.remote(h, send_delay_s))
         start = time.monotonic()
         if hang:
             with pytest.raises(WeightSyncError) as info:
@@ -221,8 +237,35 @@ def test_collective_transport_names_a_receiver_that_never_answers(ray_cluster):
 
 
 @pytest.mark.ray
+def test_collective_live_version_streams_and_receivers_wait_for_the_send_to_start(ray_cluster):
+    """A live version goes from the sender's tensors into the broadcast bucket by bucket (nothing
+    staged); receivers that started loading 7 s before the sender began (its update still running)
+    wait on the group's store (up to the 30 s the start may take), not in a broadcast, whose 5 s
+    timeout would have failed them."""
+    _collective_round_trip("gloo", "cpu", hang=False, live=True, send_delay_s=7.0)
+
+
+@pytest.mark.ray
+def test_a_sender_that_never_starts_is_named_by_the_waiting_receivers(ray_cluster):
+    from tidal.actors.collective import CollectiveSpec, CollectiveTransport
+
+    spec = CollectiveSpec("gloo", "127.0.0.1", _free_port(), world_size=2, group_name="t-nosend", timeout_s=2.0)
+    sender = CollectiveTransport(spec, rank=0)
+    group = ActorGroup(Receiver, 1, options={"num_cpus": 0}, name="receiver")
+    try:
+        ref = group.submit(lambda a: a.join_transport.remote(CollectiveTransport(spec, rank=1)), 0)
+        sender.join()
+        group.collect({0: ref}, timeout_s=60)[0].get()
+        (result,) = group.call(lambda a: a.load_weights.remote(sender.live_handle(4)), timeout_s=30)
+        assert not result.ok and "weight version 4: the sender (rank 0 of group t-nosend) did not start sending within 2 s" \
+            in str(result.error)
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.ray
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(torch.cuda.device_count() < 3, reason="needs 3 CUDA GPUs: NCCL refuses two ranks on one device")
 def test_collective_transport_nccl_broadcast(ray_cluster):
     _collective_round_trip("nccl", "cuda", hang=False)
 
@@ -274,7 +317,7 @@ class LearnerSender:
         return self.worker.send_weights(handle)
 
     def publish(self, version: int) -> WeightHandle:
-        return self.worker._weight_sender().publish(_weights(), version, bucket_mb=20 / 1024)
+        return self.worker.weights_out._sender().publish(_weights(), version, bucket_mb=20 / 1024)
 
 
 @pytest.mark.ray
