@@ -50,7 +50,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
 import torch
 
-from tidal.actors.actor_group import ActorGroup, CallResult, fetch
+from tidal.actors.actor_group import ActorGroup, CallResult
+from tidal.actors.refs import fetch
 from tidal.actors.weights import (ALIGN, FlatBucket, WeightHandle, WeightSyncError, WeightTransport, byte_layout,
                                   iter_buckets)
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from tidal.actors.actor_group import ActorGroup, call_error, is_actor_death, wait_any
+from tidal.actors.actor_group import ActorGroup, call_error, is_actor_death
+from tidal.actors.refs import wait_any
 from tidal.actors.threads import run_threads
 from tidal.actors.weights import (InProcessTransport, ObjectStoreTransport, WeightHandle, WeightSyncError,
                                   WeightTransport)

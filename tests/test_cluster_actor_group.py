@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tidal.actors.actor_group import ActorCallTimeout, ActorGroup
+from tidal.actors.actor_group import ActorGroup
+from tidal.actors.refs import ActorCallTimeout
 
 # Ray workers cannot import this test module by name: ship its classes by value.
 try:
