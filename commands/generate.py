@@ -190,7 +190,7 @@ def write_new(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward):
+def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward, verbose: bool = False):
     """(texts, scores or None, BestOf or None) in prompt order, from a fresh rollout pool on Ray
     (tidal.driver.heldout; closed afterwards). With a reward every sample is scored and each
     prompt keeps its best."""
@@ -201,7 +201,7 @@ def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward):
 
     sampling = eval_sampling(cfg, Seeds(cfg.seed).generate)
     best_of = None if reward is None else BestOfN(None, reward, sampling, n)  # its pool: sample_policy's own
-    with ray_session(cfg.cluster, min_cpus=cfg.rollout.num_workers * cfg.rollout.cpus_per_worker, verbose=False):
+    with ray_session(cfg.cluster, min_cpus=cfg.rollout.num_workers * cfg.rollout.cpus_per_worker, verbose=verbose):
         candidates = sample_policy(policy, prompts, sampling if best_of is None else best_of.sampling, cfg)
     if best_of is None:
         return list(candidates.response_text), None, None
@@ -214,7 +214,7 @@ def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward):
 
 def generate_from_cli(args: GenerateArgs) -> int:
     """Entry point of `tidal generate`; returns the exit status."""
-    from tidal.driver.job import quiet_libraries
+    from tidal.driver.runtime import quiet_libraries
     from tidal.common.config import load_config
     from tidal.common.models import resolve_model
 
@@ -229,7 +229,8 @@ def generate_from_cli(args: GenerateArgs) -> int:
     if scored:
         check_reward(cfg, f"--best-of {n}" if n > 1 else "--score", reward_model)
     records = read_prompts(args.inp, args.in_format)
-    quiet_libraries()
+    if not args.verbose:
+        quiet_libraries()
     prompts, cut = prompt_batch(cfg, records, policy)
     if cut:
         print(f"tidal generate: {cut} of {len(records)} prompts are longer than data.max_prompt_tokens="
@@ -246,7 +247,7 @@ def generate_from_cli(args: GenerateArgs) -> int:
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the completions and nothing else
-            texts, scores, best = sample(cfg, n, policy, prompts, reward)
+            texts, scores, best = sample(cfg, n, policy, prompts, reward, args.verbose)
     finally:
         if reward is not None:
             reward.close()
