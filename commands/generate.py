@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -212,11 +213,22 @@ def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward, verbose: bool
     return list(best.chosen.response_text), best.scores, best
 
 
-def generate_from_cli(args: GenerateArgs) -> int:
-    """Entry point of `tidal generate`; returns the exit status."""
-    from tidal.driver.runtime import quiet_libraries
+@dataclass(frozen=True)
+class GeneratePlan:
+    """What `tidal generate` needs, checked before anything is loaded or started."""
+
+    cfg: TidalConfig
+    n: int  # --best-of N
+    scored: bool
+    policy: str  # HF folder
+    reward_model: Optional[str]  # of a model reward term (scored only)
+    records: list  # PromptRecords, in input order
+
+
+def plan_generate(args: GenerateArgs) -> GeneratePlan:
+    """The arguments, the config (a run's own when --model is a run directory and no CONFIG),
+    the policy, the reward that scores and every prompt row: each user error here, in seconds."""
     from tidal.common.config import load_config
-    from tidal.common.models import resolve_model
 
     n = check_args(args)
     config = run_config(args)
@@ -228,7 +240,17 @@ def generate_from_cli(args: GenerateArgs) -> int:
     reward_model = reward_model_of(cfg, args.model) if scored else None
     if scored:
         check_reward(cfg, f"--best-of {n}" if n > 1 else "--score", reward_model)
-    records = read_prompts(args.inp, args.in_format)
+    return GeneratePlan(cfg, n, scored, policy, reward_model, read_prompts(args.inp, args.in_format))
+
+
+def generate_from_cli(args: GenerateArgs) -> int:
+    """Entry point of `tidal generate`; returns the exit status."""
+    from tidal.driver.runtime import quiet_libraries
+    from tidal.common.models import resolve_model
+
+    plan = plan_generate(args)
+    cfg, n, scored, policy, reward_model, records = (plan.cfg, plan.n, plan.scored, plan.policy, plan.reward_model,
+                                                     plan.records)
     if not args.verbose:
         quiet_libraries()
     prompts, cut = prompt_batch(cfg, records, policy)
