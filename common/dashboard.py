@@ -70,7 +70,7 @@ def draw_panel(ax, panel: Panel) -> None:
     if any(ln.flag for ln in panel.lines):
         ax.set_yticks([0, 1])
     if len(labels) > 1 or panel.hlines:  # a lone line is named by the title
-        ax.legend(handles, labels, fontsize=6, loc="best")
+        ax.legend(handles, labels, fontsize=6, loc="best", ncol=2 if len(labels) > 4 else 1)
 
 
 def _bars(ax, panel: Panel) -> None:
@@ -100,7 +100,7 @@ def _figure(panels: list[Panel], columns: int, title: str, width: float = 4.6, h
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     return fig
 
 

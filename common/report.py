@@ -225,7 +225,7 @@ def reward_model(m: RunMetrics) -> Panel:
 def rm_vs_gold(m: RunMetrics) -> Panel:
     p = held_out(m)
     p.bars = {k: v for k, v in p.bars.items() if k != "reward (raw)"}
-    p.title = "Does the reward model agree with the gold judge? held-out"
+    p.title = "Does the RM agree with the gold judge? (held-out)"
     return p
 
 
