@@ -65,7 +65,8 @@ class TrainArgs:
     config: Optional[str] = positional(CONFIG_HELP, nargs="?")
     overrides: tuple[str, ...] = positional(OVERRIDES_HELP, nargs="*", default=())
     resume: Optional[str] = option(None, "continue a run from its last checkpoint (overrides: algorithm.steps, "
-                                         "logging.*)", metavar="RUN_DIR")
+                                         "logging.*; more algorithm.steps extend a finished run too)",
+                                   metavar="RUN_DIR")
     verbose: bool = verbose_option("RUN/logs/ray")
 
 

@@ -34,7 +34,7 @@ def doc(default: Any, text: str, **kw: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    policy: str = doc("tiny-random", "Initial policy: a registry name (tiny-random, smollm2-135m, smollm2-135m-2l), a local HF folder, or a hub id (only with hub access). The SFT stage fine-tunes it; its output becomes the RL policy and the frozen reference.")
+    policy: str = doc("tiny-random", "Initial policy: a registry name (tiny-random, smollm2-135m, smollm2-135m-2l), a local HF folder, or a hub id already in the Hugging Face cache (runs are offline: `hf download ORG/NAME` first, or HF_HUB_OFFLINE=0 to let tidal download it). The SFT stage fine-tunes it; its output becomes the RL policy and the frozen reference.")
     reward: Optional[str] = doc(None, "Reward-model folder (a value model saved by the rm stage). None: use the rm stage's output when the rm stage runs, else rule rewards only.")
     critic: Optional[str] = doc(None, "Critic initialisation. None: the reward model when there is one (docs/implementation.md#d9), else the policy backbone with a fresh value head.")
     dtype: Literal["float32", "bfloat16"] = doc("float32", "Parameter dtype of all models (bfloat16 needs hardware support; float32 on CPU).")
