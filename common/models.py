@@ -111,7 +111,7 @@ def resolve_model(name_or_path: str) -> Path:
     try:
         return Path(snapshot_download(name))
     except (OSError, ValueError) as e:  # no such repository, no network: say which model
-        raise ValueError(f"model {name!r}: the hub download failed ({type(e).__name__}: {e}).") from None
+        raise ValueError(f"model {name!r}: the hub download failed ({type(e).__name__}: {' '.join(str(e).split())}).") from None
 
 
 # ---------------------------------------------------------------------------- loading
