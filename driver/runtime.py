@@ -128,6 +128,10 @@ def quiet_libraries() -> None:
     # Tensors fetched zero-copy from Ray's object store are read-only views; tidal copies the ones
     # it writes to, so torch's one-time warning about non-writable arrays is noise on the console.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    # Ray's reminder, at every first tensor it pickles, that zero-copy tensors must be read-only:
+    # tidal turns zero-copy on itself (RAY_ENABLE_ZERO_COPY_TORCH_TENSORS, docs/platform.md#p-runtime-env)
+    # and never writes to a tensor after handing it to Ray.
+    warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # vLLM's and datasets' bars in the driver process
