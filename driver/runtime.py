@@ -130,7 +130,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     # Ray's reminder, at every first tensor it pickles, that zero-copy tensors must be read-only:
     # tidal turns zero-copy on itself (RAY_ENABLE_ZERO_COPY_TORCH_TENSORS, docs/platform.md#p-runtime-env)
-    # and never writes to a tensor after handing it to Ray.
+    # and never writes to a tensor after handing it to Ray. Ray's import installs its own "once"
+    # filter for it, which would go in front of this one: import it first.
+    import ray  # noqa: F401
+
     warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
