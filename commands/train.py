@@ -2,7 +2,8 @@
 
 `tidal train --resume RUN [algorithm.steps=N logging.*=... cluster.*=...]` re-reads RUN/config.yaml
 (a resume may extend the steps, change logging or where it runs; any other changed key is refused), says so and changes
-nothing when every stage already finished, skips finished stages (their outputs are on disk),
+nothing when every stage already finished (unless algorithm.steps grows: a run that ends in rl
+goes on from its final checkpoint, `extension`), skips finished stages (their outputs are on disk),
 and continues the RL stage from its newest complete checkpoint; log records written
 after that checkpoint are dropped first, so the resumed run's records equal an uninterrupted
 run's. A stage that was interrupted before finishing (sft, rm) restarts from its beginning.
@@ -22,7 +23,7 @@ from tidal.driver.collect import WaitingForLabels
 from tidal.driver.interrupt import Interrupted
 from tidal.driver.job import prepare_data, run_pipeline
 from tidal.driver.preflight import PreflightError, check_data, preflight
-from tidal.driver.run_folder import read_run_state, stage_keys
+from tidal.driver.run_folder import forget_stage, read_run_state, rl_dir, stage_keys
 from tidal.rollout.pool import WorkersLost
 
 # What a resume may change without breaking exactness: the length, the logging, and where the run
@@ -34,6 +35,7 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
                    verbose: bool = False) -> int:
     """Entry point of `tidal train`; returns the exit status. Every check that needs no cluster
     (config, data rows, models, reward functions, the checkpoint to resume) runs before Ray starts."""
+    extend = None  # the rl round a resume with more algorithm.steps reopens in a finished run
     if resume is not None:
         if config_path is not None:
             raise ConfigError(f"--resume {resume} continues with {resume}/config.yaml; drop {config_path} "
@@ -43,20 +45,22 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
             raise ConfigError(f"--resume {resume}: no config.yaml there; pass the run directory of an earlier `tidal train`.")
         cfg = resume_config(run_dir, overrides)
         done = read_run_state(run_dir)["stages"]
+        old_steps = load_config(run_dir / "config.yaml").algorithm.steps
         if all(key in done for _, key, _ in stage_keys(cfg.stages.run)):
-            if "rl" in done and cfg.algorithm.steps != load_config(run_dir / "config.yaml").algorithm.steps:
-                raise PreflightError(f"--resume {run_dir}: the run finished its rl stage, whose learning-rate schedule has "
-                                     f"ended; extend a run before it finishes, or start a new one from it with "
-                                     f"model.policy={run_dir / 'policy'}.")
-            print(f"tidal: run {run_dir} already finished (stages {', '.join(done)}); nothing to do. "
-                  f"Its results: {run_dir / 'summary.json'}", flush=True)
-            return 0
+            if cfg.algorithm.steps == old_steps:
+                print(f"tidal: run {run_dir} already finished (stages {', '.join(done)}); nothing to do. "
+                      f"Its results: {run_dir / 'summary.json'}", flush=True)
+                return 0
+            extend = extension(run_dir, cfg, old_steps)  # raises when the run cannot go on
     else:
         cfg = load_config(config_path, overrides)
         run_dir = new_run_dir(cfg, config_path)
     preflight(cfg, resume_dir=run_dir if resume is not None else None, files=False)  # before anything is written
     data = prepare_data(cfg)  # writes task files only where none exist
     check_data(cfg, data)  # every row the stages will read, still before Ray starts
+    if extend is not None:  # the finished rl round goes on from its final checkpoint
+        forget_stage(run_dir, extend)
+        print(f"tidal: extending {run_dir}: {extend} goes on from step {old_steps} to {cfg.algorithm.steps}", flush=True)
     if resume is not None and overrides:
         ck.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # a later resume continues with these
     try:
@@ -79,6 +83,33 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
               f"Resume with: tidal train --resume {run_dir}", file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+def extension(run_dir: Path, cfg: TidalConfig, old_steps: int) -> str:
+    """The rl round that `--resume RUN algorithm.steps=N` reopens in a finished run: the run's
+    last stage, ended at its final checkpoint (step `old_steps`), from which it continues as an
+    unfinished run would. Refused (one line) where continuing would not be the same run going on."""
+    why = f"--resume {run_dir} algorithm.steps={cfg.algorithm.steps}"
+    stage, key, round_ = stage_keys(cfg.stages.run)[-1]
+    record = read_run_state(run_dir)["stages"][key]
+    if stage != "rl":
+        raise PreflightError(f"{why}: the run's last stage is {key}, not rl; only a run that ends in rl can be "
+                             f"extended. Start a new run from it with model.policy={run_dir / 'policy'}.")
+    if cfg.algorithm.steps < old_steps:
+        raise PreflightError(f"{why}: the run already finished {old_steps} steps; extend it with algorithm.steps > "
+                             f"{old_steps}.")
+    if record.get("summary", {}).get("early_stop"):
+        raise PreflightError(f"{why}: {key} stopped early ({record['summary']['early_stop']['reason']}, "
+                             f"algorithm.early_stop) and its policy is not its last step's; start a new run from it.")
+    latest = ck.resume_checkpoint(rl_dir(run_dir, round_))
+    if latest is None or int(latest.name.split("-")[1]) != old_steps:
+        raise PreflightError(f"{why}: {key} has no checkpoint of its final step {old_steps} to continue from; start a "
+                             f"new run from it with model.policy={run_dir / 'policy'}.")
+    if cfg.learner.lr_schedule == "linear":  # the decay's horizon moves to the new end (learner.engine.linear_lr)
+        print(f"tidal: note: learner.lr_schedule=linear: the learning rate goes on at "
+              f"{1 - old_steps / cfg.algorithm.steps:.2f} x learner.lr and decays to 0 at step {cfg.algorithm.steps}",
+              flush=True)
+    return key
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> TidalConfig:

@@ -34,7 +34,7 @@ def doc(default: Any, text: str, **kw: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    policy: str = doc("tiny-random", "Initial policy: a registry name (tiny-random, smollm2-135m, smollm2-135m-2l), a local HF folder, or a hub id (only with hub access). The SFT stage fine-tunes it; its output becomes the RL policy and the frozen reference.")
+    policy: str = doc("tiny-random", "Initial policy: a registry name (tiny-random, smollm2-135m, smollm2-135m-2l), a local HF folder, or a hub id already in the Hugging Face cache (runs are offline: `hf download ORG/NAME` first, or HF_HUB_OFFLINE=0 to let tidal download it). The SFT stage fine-tunes it; its output becomes the RL policy and the frozen reference.")
     reward: Optional[str] = doc(None, "Reward-model folder (a value model saved by the rm stage). None: use the rm stage's output when the rm stage runs, else rule rewards only.")
     critic: Optional[str] = doc(None, "Critic initialisation. None: the reward model when there is one (docs/implementation.md#d9), else the policy backbone with a fresh value head.")
     dtype: Literal["auto", "float32", "bfloat16"] = doc("auto", "Parameter dtype of all models. auto: bfloat16 when the learner ranks train on GPUs (learner.gpus_per_worker > 0, and learner.autocast none), else float32; decided once when the config is built (`tidal config show` prints the result). bfloat16 needs hardware support.")
@@ -184,6 +184,8 @@ class LoggingConfig:
     gold_alpha: float = doc(0.01, "Monitor: significance level of the one-sided t test that gold falls over the window (each selection prompt's own slope is one observation); the per-evaluation chance that flat gold plus noise raises the alarm. 1: no test, any negative gold slope counts.", min=1e-9, max=1.0)
     gold_min_drop: float = doc(0.0, "Monitor: the least fall of the fitted gold line across the window (gold score units) that raises the alarm; a significant but smaller fall is ignored (0: any significant fall).", min=0.0)
     gold_term: str = doc("sentiment", "Gold judge of `tidal eval` and of the over-optimisation monitor: a reward term the policy never trains on, 'KIND' or 'KIND:TARGET' (sentiment = VADER, length:8, function:module:fn, model:FOLDER).")
+    warn_degenerate: float = doc(0.5, "Console warning (once per run) when at least this share of an RL step's completions is degenerate (empty, symbols, a short unit or one word repeated: tidal.common.scoreboard.is_degenerate, metric rollout/degenerate): the policy is collapsing (0: off).", min=0.0, max=1.0)
+    warn_kl: float = doc(1.0, "Console warning (once per run) when an RL step's KL to the reference reaches this many nats per response token (metric rl/kl_per_token): the policy is running away from the reference (0: off).", min=0.0)
 
 
 @dataclass(frozen=True)

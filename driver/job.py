@@ -89,14 +89,10 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, data: Da
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     data = data or prepare_data(cfg)
     plan = plan_placement(cfg, role_counts(cfg, reference=True))
-    if not verbose:
-        quiet_libraries()
     t0 = time.perf_counter()
     summary: dict = {}
-    with ray_session(cfg.cluster, min_cpus=plan.total_cpus, verbose=verbose, logs_to=run_dir / "logs" / "ray") as conn, \
+    with ray_session(cfg.cluster, min_cpus=plan.total_cpus, verbose=verbose, logs_to=run_dir / "logs" / "ray"), \
             StopRequests() as stops:  # Ctrl-C / SIGTERM: stop at a safe point (tidal.driver.interrupt)
-        if not verbose and conn.temp_dir is not None:
-            print(f"tidal: worker and engine logs go to {run_dir / 'logs' / 'ray'} (--verbose shows them here)", flush=True)
         logger = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), total_steps=cfg.algorithm.steps, resume=resume)
         try:
             summary = _run_stages(StageRun(cfg, run_dir, logger, data, stops))
@@ -128,29 +124,8 @@ def _run_stages(job: StageRun) -> dict:
     return summary
 
 
-def quiet_libraries() -> None:
-    """Library chatter in the driver (model load reports, progress bars of transformers) off the
-    console; tidal's own banners, progress bar, warnings and final table stay."""
-    import os
-    import warnings
-
-    # Tensors fetched zero-copy from Ray's object store are read-only views; tidal copies the ones
-    # it writes to, so torch's one-time warning about non-writable arrays is noise on the console.
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def _finish(run_dir: Path, summary: dict) -> None:
-    from tidal.common.dashboard import plot_dashboard
-    from tidal.common.metrics import plot_run
+    from tidal.common.dashboard import plot_dashboard, plot_run
 
     ck.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     try:

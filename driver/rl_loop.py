@@ -47,6 +47,7 @@ from tidal.driver.interrupt import NO_STOPS, Interrupted, StopRequests
 from tidal.driver.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import MetricsLogger, Timer
+from tidal.common.scoreboard import degenerate_share
 from tidal.common.types import ScoredBatch
 from tidal.driver.preflight import check_algorithm
 from tidal.learner.experience import usable_rows
@@ -96,12 +97,13 @@ class RLLoop:
                  stops: StopRequests = NO_STOPS, judge=None, stage: str = "rl"):
         """`judge`: a tidal.driver.monitor.HeldOutJudge for the over-optimisation monitor
         (logging.gold_every > 0), or None."""
-        from tidal.driver.monitor import GoldMonitor
+        from tidal.driver.monitor import CollapseWatch, GoldMonitor
 
         self.cfg, self.run_dir, self.parts, self.logger, self.stops = cfg, Path(run_dir), parts, logger, stops
         self.stage = stage  # the records' stage field: 'rl', or 'rl2' for a second round
         self.judge = judge
         self.monitor = GoldMonitor.from_config(cfg)
+        self.collapse = CollapseWatch.from_config(cfg)
         # early_stop=gold_drop ends on the best-gold policy: each new best is a checkpoint kept aside
         self.keep_best = judge is not None and cfg.algorithm.early_stop == "gold_drop"
         self.stopped_early: str | None = None
@@ -247,8 +249,13 @@ class RLLoop:
         return self._step_metrics(produced, batch, pi_old, result, timer, wall)
 
     def _watch(self, last: dict[str, float]) -> dict[str, float]:
-        """The over-optimisation monitor after a step: the KL bound every step, the held-out
-        proxy/gold evaluation every logging.gold_every steps. Returns metrics to log."""
+        """The monitors after a step: collapse warnings (degenerate share, KL per token) and the
+        KL bound every step, the held-out proxy/gold evaluation every logging.gold_every steps.
+        Returns metrics to log."""
+        from tidal.driver.monitor import print_warning
+
+        for warning in self.collapse.observe(self.step, last):
+            print_warning(warning)
         verdicts = [self.monitor.observe_kl(last["rl/kl"])]
         metrics: dict[str, float] = {}
         every = self.cfg.logging.gold_every
@@ -289,10 +296,13 @@ class RLLoop:
         t = {**produced.timings, **timer.totals}
         versions = torch.tensor(produced.weight_versions, dtype=torch.float32)
         tokens = sum(len(r) for r in scored.rollout.response_ids)
+        mean_len = max(tokens / max(len(scored.rollout), 1), 1.0)
         learner_busy = t.get("forward", 0) + t.get("advantages", 0) + t.get("update", 0) + t.get("sync", 0)
         m = {
             "rl/score_mean": scored.scores.mean().item(),
             "rl/kl": result.kl_per_seq,
+            "rl/kl_per_token": result.kl_per_seq / mean_len,  # what logging.warn_kl watches
+            "rollout/degenerate": degenerate_share(list(scored.rollout.response_text)),  # and warn_degenerate
             "rl/kl_coef": self.kl_ctl.value,
             "rl/staleness_max": float(produced.step - min(produced.weight_versions)),
             "rl/staleness_mean": float(produced.step - versions.mean().item()),

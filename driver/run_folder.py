@@ -50,6 +50,13 @@ def mark_stage_done(run_dir: str | Path, stage: str, info: dict[str, Any]) -> No
     atomic_write_text(Path(run_dir) / RUN_STATE, json.dumps(state, indent=2))
 
 
+def forget_stage(run_dir: str | Path, stage: str) -> None:
+    """Mark a finished stage unfinished again (a finished rl round that a resume extends)."""
+    state = read_run_state(run_dir)
+    state["stages"].pop(stage, None)
+    atomic_write_text(Path(run_dir) / RUN_STATE, json.dumps(state, indent=2))
+
+
 def policy_folder(path: str, what: str) -> str:
     """The HF folder `path`, or the current policy of the run directory `path`: the newest sft,
     dpo or rl output its run_state.json records (else its policy/ or policy_dpo/). `what`

@@ -125,12 +125,49 @@ def ray_session(cfg: ClusterConfig | None = None, min_cpus: float = 0, verbose: 
     """The one way tidal starts or joins Ray: `connect` on entry, `disconnect` on exit (the
     embedded cluster stopped, its temp folder removed, its logs copied to `logs_to`). Commands,
     the job, the benchmarks and the test fixtures all use it. cfg None: an embedded cluster with
-    Ray's defaults (or cluster.* of the defaults)."""
+    Ray's defaults (or cluster.* of the defaults).
+
+    The console policy of every command that starts Ray (train, eval, generate, label tasks):
+    verbose=False (their default; `--verbose` turns it on) keeps Ray's own warnings, worker and
+    engine output and the libraries' load reports and progress bars off the console, where
+    tidal's banners, progress line, warnings and results stay; one line says where the logs went."""
+    if not verbose:
+        quiet_libraries()
     conn = connect(cfg or ClusterConfig(), min_cpus=min_cpus, verbose=verbose)
+    if not verbose and logs_to is not None and conn.temp_dir is not None:
+        print(f"tidal: worker and engine logs go to {logs_to} (--verbose shows them here)", flush=True)
     try:
         yield conn
     finally:
         disconnect(conn, logs_to=logs_to)
+
+
+def quiet_libraries() -> None:
+    """Library chatter in the driver (model load reports, progress bars of transformers, the hub
+    and tqdm) off the console; tidal's own output stays. (Ray's own INFO/WARNING lines, its
+    token-auth warning among them, are `connect`'s: logging_level=ERROR.)"""
+    import warnings
+
+    # Tensors fetched zero-copy from Ray's object store are read-only views; tidal copies the ones
+    # it writes to, so torch's one-time warning about non-writable arrays is noise on the console.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    # Ray's reminder, at every first tensor it pickles, that zero-copy tensors must be read-only:
+    # tidal turns zero-copy on itself (RAY_ENABLE_ZERO_COPY_TORCH_TENSORS, docs/platform.md#p-runtime-env)
+    # and never writes to a tensor after handing it to Ray. Ray's import installs its own "once"
+    # filter for it, which would go in front of this one: import it first.
+    import ray  # noqa: F401
+
+    warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # vLLM's and datasets' bars in the driver process
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def _embedded_temp_dir() -> str:

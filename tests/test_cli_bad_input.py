@@ -201,5 +201,8 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(scratch):
     assert "already finished" in res.stdout and time.monotonic() - t0 < 15
     assert not list((scratch / "tmp").glob("tidal-ray-*"))
     assert _tree_hash(scratch) == before
-    # extending a finished run cannot continue its ended schedule: refused, nothing changed
-    assert_user_error(scratch, ["train", "--resume", "runs/r", "algorithm.steps=80"], "finished", "model.policy=")
+    # extending a finished run goes on from its final checkpoint: this run's newest is step 2 of
+    # 20, so there is nothing to go on from; refused, nothing changed (tests/test_first_hour.py
+    # extends a real one)
+    assert_user_error(scratch, ["train", "--resume", "runs/r", "algorithm.steps=80"], "final step 20", "model.policy=")
+    assert_user_error(scratch, ["train", "--resume", "runs/r", "algorithm.steps=10"], "finished 20 steps")

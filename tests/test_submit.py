@@ -58,10 +58,11 @@ def test_submit_runs_tidal_train_as_a_job_and_reports_success(ray_head, tmp_path
 @pytest.mark.slow
 @pytest.mark.ray
 def test_submit_reports_a_failing_job(ray_head, tmp_path):
-    # A hub id passes the local preflight when this machine may download; the job runs with hub
-    # downloads off (the worker environment), so it fails there, in seconds, naming the model.
+    # A hub id passes the local preflight when the user allows downloads (HF_HUB_OFFLINE=0, which
+    # the job's environment carries too); the job cannot reach the hub, so it fails there, naming
+    # the model. (A hub id that may not be downloaded is refused locally: tests/test_first_hour.py.)
     address, env, _ = ray_head
-    env = {k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {**{k: v for k, v in env.items() if k != "TRANSFORMERS_OFFLINE"}, "HF_HUB_OFFLINE": "0"}
     res = tidal_submit(env, "configs/tiny_grpo.yaml", "--address", address,
                        *_overrides(tmp_path, "bad", "model.policy=nobody/no-such-model"))
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
