@@ -133,7 +133,7 @@ def check_reward(cfg: TidalConfig, why: str, reward_model: Optional[str]) -> Non
 
 def prompt_batch(cfg: TidalConfig, records: list, policy: str):
     """(PromptBatch of every record in order, how many were cut to data.max_prompt_tokens)."""
-    from tidal.common.data import render_prompt
+    from tidal.common.prompts import render_prompt
     from tidal.common.prompts import PromptDataset
     from tidal.common.models import load_tokenizer
     from tidal.rollout.worker import check_prompts
