@@ -126,7 +126,9 @@ WORKER_SEES = ("import os, ray; from tidal.common.config import ClusterConfig; f
 def test_a_job_with_a_few_env_vars_gives_its_workers_tidals_environment(ray_head):
     """A KubeRay RayJob (deploy/rayjob*.yaml) names a few variables in its runtime_env; the
     driver that joins the job's cluster adds the rest of tidal's worker environment. Before:
-    a worker had only the job's, so e.g. DS_ACCELERATOR and the vLLM settings were missing."""
+    a worker had only the job's, so e.g. the vLLM settings were missing. DS_ACCELERATOR is not
+    shipped at all: each actor picks its own accelerator (tidal.actors.devices), so a GPU
+    learner is never forced onto the CPU."""
     from ray.job_submission import JobSubmissionClient
 
     address, _, token = ray_head
@@ -138,7 +140,7 @@ def test_a_job_with_a_few_env_vars_gives_its_workers_tidals_environment(ray_head
         assert time.monotonic() < deadline
         time.sleep(0.5)
     logs = client.get_job_logs(job)
-    assert "WORKER ['cpu', '0', '1', 'WARN']" in logs, logs[-3000:]
+    assert "WORKER [None, '0', '1', 'WARN']" in logs, logs[-3000:]
 
 
 def test_an_address_without_a_scheme_is_one_line_at_once(tmp_path):
