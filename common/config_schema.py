@@ -229,7 +229,7 @@ class StagesConfig:
 
 @dataclass(frozen=True)
 class TidalConfig:
-    seed: int = doc(0, "Global seed; each rank and worker derives its own from it.")
+    seed: int = doc(0, "Global seed; each rank and worker derives its own from it.", min=0)
     model: ModelConfig = doc(ModelConfig(), "Models.")
     cluster: ClusterConfig = doc(ClusterConfig(), "Ray cluster and placement.")
     rollout: RolloutConfig = doc(RolloutConfig(), "Rollout pool.")

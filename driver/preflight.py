@@ -11,6 +11,9 @@ key and the fix (`PreflightError`, a `ConfigError`, so the CLI prints it and exi
   algorithm  what the algorithm table's entry cannot run (group sizes, expert iteration's
            selection) and where pi_old may not come from (tidal.learner.algorithms /
            tidal.learner.pi_old check_config: they read the table, which the config cannot import)
+  settings, model files, cluster size: tidal.driver.checks (empty stages.run, sampling
+           settings, token budgets, rule targets, weights and tokenizers of model folders, the
+           embedded cluster's cluster.num_cpus)
   resume   the checkpoint a resume loads has readable files: an unreadable newest one (a
            truncated torch/safetensors file, bad JSON, a missing file) is named in a warning and
            the one before it is used; when none reads back, that is the error
@@ -167,16 +170,20 @@ def check_model(key: str, name: str, tokenizer: bool = True) -> None:
 
 
 def check_models(cfg: TidalConfig) -> None:
-    check_model("model.policy", cfg.model.policy)
+    from tidal.driver.checks import check_model_files
+
+    models = [("model.policy", cfg.model.policy, True)]
     if cfg.model.reward:
-        check_model("model.reward", cfg.model.reward)
+        models.append(("model.reward", cfg.model.reward, True))
     if cfg.model.critic:
-        check_model("model.critic", cfg.model.critic, tokenizer=False)
+        models.append(("model.critic", cfg.model.critic, False))
     if cfg.stages.rm.base and "rm" in cfg.stages.run:
-        check_model("stages.rm.base", cfg.stages.rm.base)
-    for i, term in enumerate(cfg.reward.terms):
-        if term.kind == "model" and term.target:
-            check_model(f"reward.terms[{i}].target", term.target)
+        models.append(("stages.rm.base", cfg.stages.rm.base, True))
+    models += [(f"reward.terms[{i}].target", t.target, True) for i, t in enumerate(cfg.reward.terms)
+               if t.kind == "model" and t.target]
+    for key, name, tokenizer in models:
+        check_model(key, name, tokenizer=tokenizer)
+        check_model_files(key, name, cfg if key == "model.policy" else None, tokenizer=tokenizer)
 
 
 def check_reward_function(key: str, target: str | None) -> None:
@@ -248,9 +255,13 @@ def preflight(cfg: TidalConfig, data: DataPaths | None = None, resume_dir: Path 
     """Every check above, cheapest first; raises PreflightError (or the ConfigError of a config
     key) on the first problem. files=False leaves the data rows out (the driver checks them after
     writing the task)."""
+    from tidal.driver import checks
+
+    checks.check_settings(cfg)
     check_algorithm(cfg)
     check_rewards(cfg)
     check_models(cfg)
+    checks.check_cluster(cfg)
     if resume_dir is not None:
         check_resume(resume_dir, cfg)
     if files:
