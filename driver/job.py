@@ -104,7 +104,7 @@ def _run_claimed(cfg: TidalConfig, run_dir: Path, resume: bool, data: DataPaths 
     t0 = time.perf_counter()
     summary: dict = {}
     with ray_session(cfg.cluster, min_cpus=plan.total_cpus, verbose=verbose, logs_to=run_dir / "logs" / "ray") as conn, \
-            StopRequests() as stops:  # Ctrl-C / SIGTERM: stop at a safe point (tidal.driver.interrupt)
+            StopRequests(grace_s=cfg.logging.interrupt_grace_s) as stops:  # Ctrl-C / SIGTERM: stop at a safe point (tidal.driver.interrupt)
         if not verbose and conn.temp_dir is not None:
             print(f"tidal: worker and engine logs go to {run_dir / 'logs' / 'ray'} (--verbose shows them here)", flush=True)
         logger = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), total_steps=cfg.algorithm.steps, resume=resume)

@@ -200,8 +200,10 @@ class RLLoop:
                 from tidal.driver.best_checkpoint import restore_best
 
                 self.restored_best = restore_best(self.run_dir, self.parts.learners, self.parts.pool, self.step)
-        finally:
-            self.pipeline.shutdown()
+        except BaseException:
+            self.pipeline.shutdown(wait=False)  # a rollout job stuck in a call must not hold the stop
+            raise
+        self.pipeline.shutdown()
         return last
 
     def _steps(self) -> dict[str, float]:
