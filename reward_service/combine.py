@@ -176,7 +176,7 @@ class CombinedReward:
             except RewardFunctionError as e:  # a user function: say which samples of the rollout it was given
                 at = f"prompt index {prompt_index[e.sample]}" if e.sample is not None else \
                     f"prompt indices {sorted(set(prompt_index))[:8]}{'...' if len(set(prompt_index)) > 8 else ''}"
-                raise type(e)(f"reward term '{term.name}': {e} ({at})", e.sample) from None
+                raise type(e)(f"reward term '{term.name}' ({at}): {e}", e.sample) from None
             except (ValueError, TypeError) as e:
                 if term.kind_rule:  # a rule's complaint about its setting or the data (e.g. no reference answer)
                     raise RewardFunctionError(f"reward term '{term.name}': {e}") from None

@@ -198,7 +198,9 @@ def test_corrupt_newest_checkpoint_resumes_from_the_one_before(reference_run, tm
 def test_sigint_stops_at_a_safe_point_cleans_up_and_resumes_to_the_same_metrics(reference_run, tmp_path):
     run_dir = tmp_path / "int"
     before = set(Path(tempfile.gettempdir()).glob("tidal-ray-*"))
-    proc = _run_driver(["configs/tiny_ppo.yaml", *_overrides(tmp_path, "int")], subprocess_env())
+    # a step here takes seconds on a busy machine: the grace period lets it finish and checkpoint
+    proc = _run_driver(["configs/tiny_ppo.yaml", *_overrides(tmp_path, "int", "logging.interrupt_grace_s=300")],
+                       subprocess_env())
     stop_after = random.Random(0).choice([1, 2, 3])  # the step after which Ctrl-C comes
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
