@@ -35,7 +35,8 @@ def run_cli(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedP
 
 
 def assert_user_error(cwd: Path, args: list[str], *names: str) -> str:
-    """Exit 2, one stderr line containing every name, no traceback, no Ray, under 15 s, no file touched."""
+    """Exit 2, one stderr line containing every name, no traceback, no Ray, in seconds (under 30 s even on a
+    loaded machine; the CLI imports torch), no file touched."""
     before = _tree_hash(cwd)
     t0 = time.monotonic()
     res = run_cli(cwd, *args)
@@ -45,7 +46,7 @@ def assert_user_error(cwd: Path, args: list[str], *names: str) -> str:
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     for name in names:
         assert name in lines[0], (name, lines[0])
-    assert took < 15, f"took {took:.1f} s"
+    assert took < 30, f"took {took:.1f} s"
     assert not list((cwd / "tmp").glob("tidal-ray-*")), "Ray was started"
     assert _tree_hash(cwd) == before, "a file was changed or added"
     return lines[0]
@@ -254,6 +255,25 @@ def _edited_run(s):
     (run / "config.yaml").write_text(text.replace("lr: 0.001", "lr: 0.01"))
 
 
+def _edited_since_its_checkpoint(s):
+    """A run whose run_state.json has no config record (as before records existed): the
+    checkpoint's own record still catches the edit."""
+    from tidal.driver.run_folder import config_record
+
+    run = _fake_run(s, {})
+    record = config_record(load_config(run / "config.yaml"))
+
+    def write(d: Path) -> None:
+        ck.DriverState(step=1, weight_version=1, kl_controller={}, reward_state={}, data_state={},
+                       extra={"config": record}).save(d)
+        (d / "learner").mkdir()
+        torch.save({"w": torch.zeros(16)}, d / "learner" / "model_states.pt")
+
+    ck.write_checkpoint(run, 1, write)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("kl_coef: 0.01", "kl_coef: 0.2"))
+
+
 def _run_folder_with_checkpoint(s):
     run = s / "runs" / "r"
     run.mkdir(parents=True)
@@ -322,6 +342,8 @@ CORPUS = [
     ("resume-a-user-folder", _user_project, ["train", "--resume", "proj"], ["--resume proj", "not a run folder"]),
     ("resume-a-hand-edited-config", _edited_run, ["train", "--resume", "runs/r"],
      ["runs/r/config.yaml", "learner.lr: 0.001 -> 0.01", "put those values back"]),
+    ("resume-a-config-edited-since-its-checkpoint", _edited_since_its_checkpoint, ["train", "--resume", "runs/r"],
+     ["checkpoints/step-000001", "algorithm.kl_coef: 0.01 -> 0.2"]),
     ("new-run-into-a-folder-with-a-checkpoint", _run_folder_with_checkpoint,
      ["train", TINY, "logging.output_dir=runs", "logging.run_name=r", *D], ["runs/r", "already holds a run"]),
 ]

@@ -89,10 +89,15 @@ def _kill_all(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def test_a_sweep_started_at_once_into_one_output_dir_gets_complete_separate_runs(scratch):
+def test_a_sweep_started_at_once_into_one_output_dir_gets_complete_separate_runs(scratch, ray_cluster):
+    """Two runs started together, no run_name: two folders, each with its own records. They join
+    the session's cluster (as a sweep on one machine would share one): two embedded clusters
+    starting at once on a loaded 2-core machine pass Ray's own 30 s start-up limit."""
     tmp, temp = scratch
+    address = ray_cluster.get_runtime_context().gcs_address
     procs = [subprocess.Popen([sys.executable, "-m", "tidal.commands.cli", "train", "configs/tiny_grpo.yaml",
-                               *[o for o in tiny_overrides(tmp, "x", "algorithm.steps=2", "logging.eval_samples=4")
+                               *[o for o in tiny_overrides(tmp, "x", "algorithm.steps=2", "logging.eval_samples=4",
+                                                           f"cluster.address={address}", "cluster.num_cpus=null")
                                  if not o.startswith("logging.run_name")]],
                               cwd=REPO, env=_env(tmp, temp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]
@@ -214,8 +219,7 @@ def test_a_learner_rank_killed_mid_run_is_one_line_that_says_how_to_resume(scrat
     proc = _train(tmp, temp, "rank", "algorithm.steps=20")
     try:
         assert _wait_for(lambda: (tmp / "rank" / "rollouts.jsonl").is_file(), 600, proc), proc.communicate()
-        ranks = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and
-                 (p / "cmdline").exists() and b"ray::LearnerWorker" in _read(p / "cmdline")]
+        ranks = [pid for pid in _descendants(proc.pid) if b"ray::LearnerWorker" in _read(Path(f"/proc/{pid}/cmdline"))]
         assert ranks, "no learner rank found"
         os.kill(ranks[0], signal.SIGKILL)
         _, err = proc.communicate(timeout=600)
@@ -224,6 +228,23 @@ def test_a_learner_rank_killed_mid_run_is_one_line_that_says_how_to_resume(scrat
     lines = err.strip().splitlines()
     assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
     assert "learner rank" in lines[-1] and f"Resume with: tidal train --resume {tmp / 'rank'}" in lines[-1], lines[-1]
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below `root` (the driver's embedded cluster: raylet, its workers)."""
+    parents = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            stat = _read(p / "stat").decode(errors="replace")
+            if ")" in stat:
+                parents[int(p.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, todo = [], [root]
+    while todo:
+        parent = todo.pop()
+        kids = [pid for pid, pp in parents.items() if pp == parent]
+        found += kids
+        todo += kids
+    return found
 
 
 def _read(path: Path) -> bytes:
