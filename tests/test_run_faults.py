@@ -337,3 +337,11 @@ def test_a_worker_killed_mid_run_is_one_line_that_says_how_to_resume(monkeypatch
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
     assert "learner rank 0/1" in lines[0] and f"Resume with: tidal train --resume {tmp_path / 'r'}" in lines[0]
+
+
+def test_data_sentiment_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "tidal.commands.cli", "data", "sentiment", "out"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, preexec_fn=_with_file_size_limit(4096))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr[-3000:]
+    assert "tidal: file error: out/" in res.stderr and "Traceback" not in res.stderr
+    assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
