@@ -94,6 +94,7 @@ class RewardConfig:
     on_invalid: Literal["error", "drop"] = doc("error", "What a NaN/inf reward does: stop with an error naming the sample, or drop the sample and count it (metric reward/dropped).")
     missing_eos_penalty: Optional[float] = doc(None, "Score given to responses that end without EOS (docs/implementation.md#d4). None: no penalty.")
     timeout_s: float = doc(30.0, "Timeout of one remote reward request.", min=0.1)
+    function_timeout_s: Optional[float] = doc(60.0, "Deadline of one call of a user reward function (kind function, and a function gold judge): the function runs in a process of its own, which is stopped when a call passes the deadline; the step then ends with an error naming the function and the samples (docs/rewards.md). null: call it in the driver's process, without a deadline.", min=0.1)
     retries: int = doc(2, "Retries of a failed remote reward request.", min=0)
     num_threads: int = doc(0, "Math threads of each reward-model worker (0: auto, as rollout.num_threads).", min=0)
 
@@ -177,6 +178,7 @@ class LoggingConfig:
     checkpoint_every: int = doc(0, "Checkpoint every N RL steps (0: only at the end).", min=0)
     progress: bool = doc(True, "Console progress bar.")
     checkpoint_on_interrupt: bool = doc(True, "Ctrl-C / SIGTERM during RL: finish the current step, write a checkpoint, then stop (a second signal stops at once). `tidal train --resume RUN` continues from it.")
+    interrupt_grace_s: float = doc(5.0, "Ctrl-C / SIGTERM during RL: how long the current step and its checkpoint may take to finish; past that the run stops at once (a step stuck in a reward function or a worker cannot hold it), and a resume continues from the last checkpoint. Raise it when a step takes longer and each stop should keep it.", min=0.0)
     eval_samples: int = doc(8, "Reporting prompts: the first N held-out prompts, whose completions are saved before and after RL (samples_before/after.jsonl) and that `tidal eval` compares policies on.", min=0)
     gold_every: int = doc(0, "Over-optimisation monitor: every N RL steps score the selection prompts (gold_samples of them) with the proxy and the gold judge (gold_term), log eval/proxy, eval/gold, eval/kl (0: off).", min=0)
     gold_samples: int = doc(16, "Selection prompts of the monitor: the gold_samples held-out prompts after the eval_samples reporting ones (disjoint from them), on which gold decides early stops and the best checkpoint. The held-out file must hold eval_samples + gold_samples prompts when gold_every > 0.", min=2)
@@ -238,7 +240,7 @@ class StagesConfig:
 
 @dataclass(frozen=True)
 class TidalConfig:
-    seed: int = doc(0, "Global seed; each rank and worker derives its own from it.")
+    seed: int = doc(0, "Global seed; each rank and worker derives its own from it.", min=0)
     model: ModelConfig = doc(ModelConfig(), "Models.")
     cluster: ClusterConfig = doc(ClusterConfig(), "Ray cluster and placement.")
     rollout: RolloutConfig = doc(RolloutConfig(), "Rollout pool.")

@@ -35,7 +35,8 @@ from tidal.driver.runtime import ray_session
 from tidal.driver.stages import STAGES, Models, StageRun
 from tidal.common.config import ConfigError, TidalConfig, to_dict, to_yaml
 from tidal.common.metrics import METRICS_FILE, MetricsLogger
-from tidal.driver.run_folder import mark_stage_done, read_run_state, rl_dir, stage_keys
+from tidal.driver.run_folder import (claim_run_dir, mark_stage_done, read_run_state, release_run_dir, rl_dir,
+                                     stage_keys, start_run_state)
 
 
 def prepare_data(cfg: TidalConfig) -> DataPaths:
@@ -79,23 +80,33 @@ def _forget_unfinished(cfg: TidalConfig, run_dir: Path) -> None:
 
 def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, data: DataPaths | None = None,
                  verbose: bool = True) -> dict:
-    """Run (or continue) every stage of `cfg` in `run_dir`; returns the RL summary ({} without rl)."""
+    """Run (or continue) every stage of `cfg` in `run_dir`; returns the RL summary ({} without rl).
+    The folder is this process's while it runs (tidal.driver.run_folder.claim_run_dir): a new run
+    needs a new or empty one, a resume one that tidal made."""
+    claim_run_dir(run_dir, fresh=not resume)
+    try:
+        return _run_claimed(cfg, run_dir, resume, data, verbose)
+    finally:
+        release_run_dir(run_dir)
+
+
+def _run_claimed(cfg: TidalConfig, run_dir: Path, resume: bool, data: DataPaths | None, verbose: bool) -> dict:
     from tidal.actors.placement import plan_placement, role_counts
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         _forget_unfinished(cfg, run_dir)
     else:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        ck.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        start_run_state(run_dir, cfg)
     data = data or prepare_data(cfg)
     plan = plan_placement(cfg, role_counts(cfg, reference=True))
     t0 = time.perf_counter()
     summary: dict = {}
     with ray_session(cfg.cluster, min_cpus=plan.total_cpus, verbose=verbose, logs_to=run_dir / "logs" / "ray"), \
-            StopRequests() as stops:  # Ctrl-C / SIGTERM: stop at a safe point (tidal.driver.interrupt)
+            StopRequests(grace_s=cfg.logging.interrupt_grace_s) as stops:  # Ctrl-C / SIGTERM: stop at a safe point (tidal.driver.interrupt)
         logger = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), total_steps=cfg.algorithm.steps, resume=resume)
         try:
-            summary = _run_stages(StageRun(cfg, run_dir, logger, data, stops))
+            summary = _run_stages(StageRun(cfg, run_dir, logger, data, stops, resume=resume))
         finally:
             logger.close()
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)

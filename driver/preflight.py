@@ -17,6 +17,9 @@ key and the fix (`PreflightError`, a `ConfigError`, so the CLI prints it and exi
            NCCL between two actors on one GPU, tensor parallel without its GPUs, sleep mode in
            async mode, ...) and whether each GPU holds its share before activations
            (tidal.actors.devices, tidal.actors.gpu_memory; model sizes from config.json)
+  settings, model files, cluster size: tidal.driver.checks (empty stages.run, sampling
+           settings, token budgets, rule targets, weights and tokenizers of model folders, the
+           embedded cluster's cluster.num_cpus)
   resume   the checkpoint a resume loads has readable files: an unreadable newest one (a
            truncated torch/safetensors file, bad JSON, a missing file) is named in a warning and
            the one before it is used; when none reads back, that is the error
@@ -144,6 +147,10 @@ def check_data(cfg: TidalConfig, data: DataPaths | None = None) -> list[str]:
             raise PreflightError(f"{key}: {path.parent}/{e}") from None  # DataError names the file only
         if count == 0 and required:
             raise PreflightError(f"{key}={path}: no rows; the stage needs at least one {kind} row.")
+        if key == "data.prompts" and count < cfg.algorithm.prompts_per_step:  # a step's prompts are distinct rows
+            raise PreflightError(f"{key}={path}: {count} row{'' if count == 1 else 's'}, fewer than the algorithm.prompts_per_step="
+                                 f"{cfg.algorithm.prompts_per_step} distinct prompts an rl step takes; add rows or set "
+                                 f"algorithm.prompts_per_step <= {count}.")
         if key == "data.eval_prompts" and cfg.logging.gold_every > 0:  # reporting + selection prompts fit
             from tidal.driver.heldout import split_rows
 
@@ -188,13 +195,21 @@ def check_model(key: str, name: str, tokenizer: bool = True) -> str:
 
 
 def check_models(cfg: TidalConfig) -> list[str]:
-    """Every model the config names; returns 'key=name (what it is)' for each."""
+    """Every model the config names, and its files (weights, tokenizer: tidal.driver.checks);
+    returns 'key=name (what it is)' for each."""
+    from tidal.driver.checks import check_model_files
+
     models = [("model.policy", cfg.model.policy, True), ("model.reward", cfg.model.reward, True),
               ("model.critic", cfg.model.critic, False),
               ("stages.rm.base", cfg.stages.rm.base if "rm" in cfg.stages.run else None, True),
               *((f"reward.terms[{i}].target", t.target, True) for i, t in enumerate(cfg.reward.terms)
                 if t.kind == "model")]
-    return [f"{key}={name} ({check_model(key, name, tokenizer)})" for key, name, tokenizer in models if name]
+    checked = []
+    for key, name, tokenizer in models:
+        if name:
+            checked.append(f"{key}={name} ({check_model(key, name, tokenizer)})")
+            check_model_files(key, name, cfg if key == "model.policy" else None, tokenizer=tokenizer)
+    return checked
 
 
 def check_reward_function(key: str, target: str | None) -> None:
@@ -327,9 +342,13 @@ def preflight(cfg: TidalConfig, data: DataPaths | None = None, resume_dir: Path 
     """Every check above, cheapest first; raises PreflightError (or the ConfigError of a config
     key) on the first problem. files=False leaves the data rows out (the driver checks them after
     writing the task). Returns what was checked, one line each (`tidal config show --check`)."""
+    from tidal.driver import checks
+
+    checks.check_settings(cfg)
     checked = check_algorithm(cfg)
     check_devices(cfg)
     checked += [*check_rewards(cfg), *check_models(cfg)]
+    checks.check_cluster(cfg)
     if resume_dir is not None:
         check_resume(resume_dir, cfg)
         checked.append(f"resume: the checkpoints of {resume_dir} read back")

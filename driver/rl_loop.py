@@ -46,10 +46,11 @@ from tidal.driver.checkpoint import DriverState, resume_checkpoint, write_checkp
 from tidal.driver.interrupt import NO_STOPS, Interrupted, StopRequests
 from tidal.driver.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
-from tidal.common.metrics import MetricsLogger, Timer
+from tidal.common.metrics import METRICS_FILE, MetricsLogger, Timer
 from tidal.common.scoreboard import degenerate_share
 from tidal.common.types import ScoredBatch
 from tidal.driver.preflight import check_algorithm
+from tidal.driver.run_folder import config_record
 from tidal.learner.experience import usable_rows
 from tidal.learner.kl import AdaptiveKLController, FixedKLController
 from tidal.learner.pi_old import PiOld, PiOldStep
@@ -201,8 +202,10 @@ class RLLoop:
                 from tidal.driver.best_checkpoint import restore_best
 
                 self.restored_best = restore_best(self.run_dir, self.parts.learners, self.parts.pool, self.step)
-        finally:
-            self.pipeline.shutdown()
+        except BaseException:
+            self.pipeline.shutdown(wait=False)  # a rollout job stuck in a call must not hold the stop
+            raise
+        self.pipeline.shutdown()
         return last
 
     def _steps(self) -> dict[str, float]:
@@ -335,7 +338,8 @@ class RLLoop:
         state = DriverState(step=self.step, weight_version=self.step, kl_controller=self.kl_ctl.state_dict(),
                             reward_state=self.parts.reward.state_dict(),
                             data_state=dataclasses.asdict(self.parts.dataset.state),
-                            extra={"monitor": self.monitor.state_dict(), "pi_old": self.pi_old.state_dict()})
+                            extra={"monitor": self.monitor.state_dict(), "pi_old": self.pi_old.state_dict(),
+                                   "config": config_record(self.cfg)})  # a resume refuses a changed config
         self._checkpointed = self.step
 
         def write(d: Path) -> None:
@@ -344,4 +348,5 @@ class RLLoop:
             if pending:
                 torch.save(pending, d / "pending.pt")
 
-        return write_checkpoint(self.run_dir, self.step, write)
+        logs = (self.logger.run_dir / METRICS_FILE, self.run_dir / ROLLOUTS_FILE)  # on disk before the checkpoint
+        return write_checkpoint(self.run_dir, self.step, write, logs=logs)

@@ -197,18 +197,18 @@ def test_corrupt_newest_checkpoint_resumes_from_the_one_before(reference_run, tm
 
 def test_sigint_stops_at_a_safe_point_cleans_up_and_resumes_to_the_same_metrics(reference_run, tmp_path):
     run_dir = tmp_path / "int"
-    # the driver's own temp root (short, for Ray's socket paths): other Ray clusters on this machine
-    # make tidal-ray-* folders of their own in /tmp, and this test counts the driver's
-    tmp_root = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
-    before = set(tmp_root.glob("tidal-ray-*"))
-    proc = _run_driver(["configs/tiny_ppo.yaml", *_overrides(tmp_path, "int")], {**subprocess_env(), "TMPDIR": str(tmp_root)})
+    temp = Path(tempfile.mkdtemp(prefix="tr", dir="/tmp"))  # the driver's own temp folder: other runs use /tmp too
+    before = set(temp.glob("tidal-ray-*"))
+    # a step here takes seconds on a busy machine: the grace period lets it finish and checkpoint
+    proc = _run_driver(["configs/tiny_ppo.yaml", *_overrides(tmp_path, "int", "logging.interrupt_grace_s=300")],
+                       {**subprocess_env(), "TMPDIR": str(temp)})
     stop_after = random.Random(0).choice([1, 2, 3])  # the step after which Ctrl-C comes
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if (run_dir / "metrics.jsonl").is_file() and len(rl_records(run_dir)) >= stop_after:
             break
         time.sleep(0.05)
-    temp_dirs = set(tmp_root.glob("tidal-ray-*")) - before
+    temp_dirs = set(temp.glob("tidal-ray-*")) - before
     assert proc.poll() is None and len(temp_dirs) == 1, proc.stdout.read()[-3000:] if proc.poll() is not None else temp_dirs
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
