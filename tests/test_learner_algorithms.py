@@ -64,7 +64,7 @@ def test_loss_aggregations_hand(mode):
 
 def test_aggregations_weigh_a_short_and_a_long_response_as_the_docs_say():
     """docs/algorithms.md#loss-aggregation's worked example: a 2-token and an 8-token response,
-    every token loss 1 (short) or 1 (long), budget L = 16: the share of the gradient each token gets."""
+    budget L = 16: the share of the loss (and gradient) each token gets, w_it / mass."""
     m = torch.tensor([[1.0] * 2 + [0.0] * 14, [1.0] * 8 + [0.0] * 8], dtype=torch.float64)
     weights = {mode: Aggregation.of(m, mode, 16) for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")}
     per_token = {mode: (a.weights[:, 0] / a.mass).tolist() for mode, a in weights.items()}
