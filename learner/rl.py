@@ -201,19 +201,19 @@ def _minibatch_step(w: "LearnerWorker", mb: Experience, ptx: "SFTBatch | None", 
 
 
 def _policy_terms(w: "LearnerWorker", x: Experience, logprobs: torch.Tensor, entropy: torch.Tensor,
-                  old: torch.Tensor, mask: torch.Tensor, shared: _Shared) -> tuple[torch.Tensor, dict[str, float]]:
-    """The micro-batch's policy loss (the entry's loss, entropy bonus, KL loss), aggregated over
-    its tokens (b, R) as shared.agg says, unscaled; and its metrics."""
+                  old: torch.Tensor, mask: torch.Tensor, agg: Aggregation,
+                  correction: Correction | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The micro-batch's policy loss (the entry's loss, entropy bonus, KL loss) over its tokens
+    mask (b, R), aggregated by `agg`, unscaled; and its metrics."""
     algo, entry = w.cfg.algorithm, algorithm_for(w.cfg)
-    agg = Aggregation.of(mask, shared.agg, w.cfg.rollout.max_new_tokens)
     weights, touched = None, {}
-    if shared.correction is not None and x.rollout_logprobs is not None:
-        weights, touched = shared.correction.weights(old, x.rollout_logprobs.to(w.device), mask)
+    if correction is not None and x.rollout_logprobs is not None:
+        weights, touched = correction.weights(old, x.rollout_logprobs.to(w.device), mask)
     pg_loss, pm = entry.loss(logprobs, old, x.advantages.to(w.device), mask, *clip_range(w.cfg),
                              is_weights=weights, agg=agg)
-    ent = agg(torch.where(mask.bool(), entropy, 0.0))
-    loss = pg_loss - algo.entropy_coef * ent
-    metrics = {"losses/policy": pg_loss.item(), "policy/entropy": ent.item(),
+    entropy = torch.where(mask.bool(), entropy, 0.0)
+    loss = pg_loss - algo.entropy_coef * agg(entropy)
+    metrics = {"losses/policy": pg_loss.item(), "policy/entropy": masked_mean(entropy, mask).item(),  # a token mean
                "policy/approx_kl": pm["approx_kl"].item(), "policy/clipfrac": pm["clipfrac"].item(),
                "policy/ratio_mean": pm["ratio_mean"].item(),
                **{f"mismatch/{key}": v.item() for key, v in touched.items()}}
@@ -230,13 +230,14 @@ def _micro_step(w: "LearnerWorker", x: Experience, p: "SFTBatch | None", shared:
     optimizer after the minibatch's k-th. Returns the micro-batch's metrics (losses scaled)."""
     algo, R = w.cfg.algorithm, x.response_mask.shape[1]
     mask = train_mask(x).to(w.device)  # (b, R)
-    scale = w.token_scale(Aggregation.of(mask, shared.agg, w.cfg.rollout.max_new_tokens).mass, shared.mass, shared.k)
+    agg = Aggregation.of(mask, shared.agg, w.cfg.rollout.max_new_tokens)
+    scale = w.token_scale(agg.mass, shared.mass, shared.k)
     logprobs, entropy = w.policy_logprobs(x.input_ids, x.attention_mask, R, w.cfg.rollout.temperature,
                                           entropy="loss" if algo.entropy_coef > 0 else "metric")  # (b, R) each
     if derived is not None:
         derived.append(logprobs.detach())
     old = logprobs.detach() if derived is not None else x.old_logprobs.to(w.device)
-    loss, metrics = _policy_terms(w, x, logprobs, entropy, old, mask, shared)
+    loss, metrics = _policy_terms(w, x, logprobs, entropy, old, mask, agg, shared.correction)
     loss = loss * scale
     for key in ("losses/policy", "losses/kl"):
         if key in metrics:
