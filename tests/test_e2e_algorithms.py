@@ -40,8 +40,10 @@ def _rise(recs, key="reward/term/function"):
     (("algorithm.dynamic_sampling=true", "algorithm.clip_eps_high=0.28", "algorithm.overlong_buffer=4",
       "algorithm.overlong_filter=true", "algorithm.mode=async", "algorithm.mismatch_correction=seq_mask"),
      "sampling/rounds"),
-    # a bf16 learner against the float32 engine: the gap IcePop masks (pi_old from the trainer's forward)
-    (("learner.autocast=bf16", "algorithm.mismatch_correction=icepop", "algorithm.mismatch_threshold=1.05"),
+    # a bf16 learner against the float32 engine: the gap IcePop masks (pi_old from the trainer's
+    # forward). The tiny model's bf16 gap is ~1e-3 nats per token (SmolLM2's ~0.05): a band of
+    # +-0.002 nats
+    (("learner.autocast=bf16", "algorithm.mismatch_correction=icepop", "algorithm.mismatch_threshold=1.002"),
      "mismatch/token_share"),
 ], ids=["gspo", "cispo", "reinforce_pp", "dr_grpo", "dapo", "icepop_bf16"])
 def test_each_toolkit_entry_and_option_learns(ray_cluster, tmp_path, extra, metric):
@@ -76,7 +78,7 @@ def test_dynamic_sampling_fills_every_step_when_half_the_prompts_score_alike(ray
     ds = PromptDataset.from_config(prepare_data(cfg).prompts, resolve_model(cfg.model.policy), cfg.data, seed=cfg.seed)
     order = ds.next_batch(len(ds)).index  # the data order (the run stays in its first epoch)
     text = {i: clean_text(t) for i, t in zip(order, ds.make_batch(order).text)}
-    kept = [g for rec in read_jsonl(tmp_path / "dyn" / "rollouts.jsonl") for g in rec["prompt_index"][::4]]
-    assert all(zlib.crc32(text[i].encode()) % 2 == 1 for i in kept)  # no flat prompt was trained on
-    positions = [order.index(i) for i in kept]
-    assert positions == sorted(positions)  # in data order, step after step
+    steps = [rec["prompt_index"][::4] for rec in read_jsonl(tmp_path / "dyn" / "rollouts.jsonl")]
+    assert all(zlib.crc32(text[i].encode()) % 2 == 1 for g in steps for i in g)  # no flat prompt was trained on
+    spans = [(min(order.index(i) for i in g), max(order.index(i) for i in g)) for g in steps]
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # each step's prompts come after the last step's
