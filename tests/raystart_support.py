@@ -40,11 +40,12 @@ def free_ports(n: int) -> list[int]:
 def user_env(home: Path) -> dict:
     """A shell as a user has it: the venv NOT activated (its bin not on PATH), RAY_AUTH_MODE unset
     (Ray's default), none of the worker variables the test session sets for itself (tidal must
-    hand them to the cluster), and a HOME of the test's own, so ~/.ray/auth_token is ours to create."""
+    hand them to the cluster, nor the accelerator an in-process learner of the session chose for
+    itself: tidal.actors.devices), and a HOME of the test's own, so ~/.ray/auth_token is ours to create."""
     from tidal.driver.runtime import RUNTIME_ENV_VARS
 
     venv_bin = str(Path(sys.executable).parent)
-    drop = {"RAY_AUTH_MODE", "VIRTUAL_ENV", "RAY_ADDRESS", *RUNTIME_ENV_VARS}
+    drop = {"RAY_AUTH_MODE", "VIRTUAL_ENV", "RAY_ADDRESS", "DS_ACCELERATOR", *RUNTIME_ENV_VARS}
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
     env["HOME"] = str(home)

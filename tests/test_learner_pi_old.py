@@ -118,7 +118,7 @@ def test_the_cli_refuses_before_ray_in_one_line(tmp_path, monkeypatch, capsys, o
     monkeypatch.setattr(ray, "init", no_ray)
     monkeypatch.chdir(tmp_path)
     for command in (["config", "show", "--check"], ["train", "logging.output_dir=runs"]):
-        assert main([*command, *overrides, "reward.terms=[{kind: length}]"]) == 2
+        assert main([*command, *overrides, "reward.terms=[{kind: length, target: '16'}]"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(name in err[0] for name in names), err
     assert not list(tmp_path.iterdir())  # nothing written: no run folder, no task data

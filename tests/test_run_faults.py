@@ -52,7 +52,7 @@ def _sweep_member(out: str, run_name: str, barrier, results) -> None:
 
 
 def _sweep(tmp_path: Path, n: int, run_name: str = "") -> list[tuple]:
-    (tmp_path / "ok.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "ok.jsonl").write_text("".join(f'{{"prompt": "hi {i}"}}\n' for i in range(8)))  # a step's 8 prompts
     mp = multiprocessing.get_context("fork")
     barrier, results = mp.Barrier(n), mp.Queue()
     procs = [mp.Process(target=_sweep_member, args=(str(tmp_path), run_name, barrier, results)) for _ in range(n)]
@@ -295,6 +295,7 @@ def test_ctrl_c_while_ray_starts_undoes_the_half_started_cluster(tmp_path, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # another test of the session may have started Ray
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     with pytest.raises(KeyboardInterrupt):
         runtime.connect(ClusterConfig(), verbose=False)
@@ -312,7 +313,7 @@ def _train_with(monkeypatch, tmp_path, failure: BaseException, capsys) -> tuple[
     def fake_run_pipeline(cfg, run_dir, **kwargs):
         raise failure
 
-    (tmp_path / "ok.jsonl").write_text('{"prompt": "hi"}\n')
+    (tmp_path / "ok.jsonl").write_text("".join(f'{{"prompt": "hi {i}"}}\n' for i in range(8)))  # a step's 8 prompts
     monkeypatch.setattr(train, "run_pipeline", fake_run_pipeline)
     code = train.train_from_cli(TINY, ["data.task=null", f"data.prompts={tmp_path}/ok.jsonl",
                                        f"logging.output_dir={tmp_path}", "logging.run_name=r"])

@@ -254,7 +254,7 @@ def test_a_link_back_into_the_working_dir_is_not_uploaded(tmp_path):
 def test_submit_refuses_data_that_would_not_be_uploaded(tmp_path):
     local = REPO / "runs" / f"not-uploaded-{uuid.uuid4().hex[:8]}.jsonl"
     local.parent.mkdir(exist_ok=True)
-    local.write_text('{"prompt": "hi"}\n')
+    local.write_text("".join(f'{{"prompt": "hi {i}"}}\n' for i in range(8)))  # a step's 8 prompts
     try:
         with pytest.raises(ConfigError, match=r"data.prompts=runs/not-uploaded-.* is under runs, which `tidal submit` "
                                               r"does not upload"):
