@@ -38,6 +38,7 @@ from tidal.actors.threads import run_threads
 from tidal.actors.weights import (InProcessTransport, ObjectStoreTransport, WeightHandle, WeightSyncError,
                                   WeightTransport)
 from tidal.common.config import TidalConfig
+from tidal.common.lora import spec_from_config
 from tidal.common.types import PromptBatch, RolloutBatch
 from tidal.rollout.pool_weights import NamedTensors, PoolWeights
 from tidal.rollout.sampling import Sampling
@@ -115,7 +116,8 @@ class RolloutPool:
         self.num_threads = run_threads(cfg).rollout  # per worker (tidal.actors.threads)
         self.group = ActorGroup(
             worker_cls or _default_worker_cls(rc.backend), 0,
-            args=lambda wid: (self.model_path, rc, cfg.model.dtype, cfg.seed * 1000 + wid, wid, self.num_threads),
+            args=lambda wid: (self.model_path, rc, cfg.model.dtype, cfg.seed * 1000 + wid, wid, self.num_threads,
+                              spec_from_config(cfg)),
             options=base_options, options_fn=actor_options, local=local, name="rollout",
             call_timeout_s=self.timeout_s)
         transport = transport or (InProcessTransport() if local else ObjectStoreTransport(get_timeout_s=self.timeout_s))
