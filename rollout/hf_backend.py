@@ -20,7 +20,8 @@ from typing import Iterable
 
 import torch
 
-from tidal.actors.weights import WeightHandle, WeightTransport, pull
+from tidal.actors.weight_delta import DeltaReceiver, PullStats, load_source
+from tidal.actors.weights import WeightHandle, WeightTransport
 from tidal.common.config import RolloutConfig
 from tidal.common.lora import LoraSpec
 from tidal.common.precision import torch_dtype
@@ -47,6 +48,7 @@ class HFRolloutWorker:
         self.tokenizer = load_tokenizer(model_path)
         self.eos_ids = eos_token_ids(Path(model_path), self.tokenizer)
         self.transports: dict[str, WeightTransport] = {}
+        self.delta = DeltaReceiver()  # the version it holds, for rollout.weight_delta pushes
         # LoRA pushes carry adapters, merged into the base copy (rollout.lora_load merge: tidal.rollout.lora_load)
         self.lora = None if lora is None or lora.load == "full" else LoraReceiver(lora, model_path)
 
@@ -109,7 +111,11 @@ class HFRolloutWorker:
     # ------------------------------------------------------------------ weights
 
     def load_weights(self, handle: WeightHandle) -> int:
-        return self.load_named_tensors(pull(handle, self.transports), handle.version)
+        named, _ = load_source(handle, self.transports, self.delta, complete=self.lora is not None)
+        return self.load_named_tensors(named, handle.version)  # load_state_dict takes a part as it is
+
+    def pull_stats(self) -> PullStats:
+        return self.delta.last
 
     @torch.no_grad()
     def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:

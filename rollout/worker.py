@@ -22,7 +22,8 @@ import torch
 
 from tidal.actors.devices import enter_device
 from tidal.actors.threads import apply_threads
-from tidal.actors.weights import WeightHandle, WeightTransport, iter_buckets, pull
+from tidal.actors.weight_delta import DeltaReceiver, PullStats, load_source
+from tidal.actors.weights import WeightHandle, WeightTransport, iter_buckets
 from tidal.common.config import RolloutConfig
 from tidal.common.lora import LoraSpec
 from tidal.common.precision import torch_dtype
@@ -169,6 +170,7 @@ class RolloutWorker:
         self.tokenizer = load_tokenizer(model_path)
         self.eos_ids = eos_token_ids(model_path, self.tokenizer)
         self.transports: dict[str, WeightTransport] = {}
+        self.delta = DeltaReceiver()  # the version it holds, for rollout.weight_delta pushes
         # LoRA (learner.lora_rank > 0): pushes carry adapters; None until the first one (B = 0: the base)
         self.lora = None if lora is None or lora.load == "full" else LoraReceiver(lora, model_path)
         self.lora_request = None
@@ -202,8 +204,14 @@ class RolloutWorker:
     # ------------------------------------------------------------------ weights
 
     def load_weights(self, handle: WeightHandle) -> int:
-        """Pull `handle` through its transport and load it; returns the new weight version."""
-        return self.load_named_tensors(pull(handle, self.transports), handle.version)
+        """Pull `handle` through its transport and load it; returns the new weight version. A delta
+        version (rollout.weight_delta) loads only what changed when this worker holds its base."""
+        named, partial = load_source(handle, self.transports, self.delta, complete=self.lora is not None)
+        return self.load_named_tensors(named, handle.version, partial)
+
+    def pull_stats(self) -> PullStats:
+        """What the last delta-sync load pulled (full or delta, bytes, why it went full)."""
+        return self.delta.last
 
     def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
                            partial: bool = False) -> int:
