@@ -207,6 +207,9 @@ class RolloutWorker:
         """Pull `handle` through its transport and load it; returns the new weight version. A delta
         version (rollout.weight_delta) loads only what changed when this worker holds its base."""
         named, partial = load_source(handle, self.transports, self.delta, complete=self.lora is not None)
+        if partial and not named:  # nothing changed since the version it holds: no reload to do
+            self.weight_version = int(handle.version)
+            return self.weight_version
         return self.load_named_tensors(named, handle.version, partial)
 
     def pull_stats(self) -> PullStats:
