@@ -53,7 +53,7 @@ import torch
 from tidal.actors.actor_group import ActorGroup, CallResult
 from tidal.actors.refs import fetch
 from tidal.actors.weights import (ALIGN, FlatBucket, WeightHandle, WeightSyncError, WeightTransport, byte_layout,
-                                  iter_buckets)
+                                  check_loaded, iter_buckets)
 
 LIVE, STAGED = "live", "staged"  # WeightHandle.meta of a collective version: where the sender takes it from
 
@@ -277,7 +277,7 @@ class CollectiveTransport(WeightTransport):
         senders = senders if isinstance(senders, dict) else {"sender (rank 0)": senders}
         results = group.call(lambda actor: actor.load_weights.remote(handle), actor_ids=actor_ids,
                              timeout_s=timeout_s)
-        failures = {r.label: r.error for r in results if not r.ok}
+        failures = {}
         for label, ref in senders.items():
             try:
                 if isinstance(ref, Exception):
@@ -285,12 +285,7 @@ class CollectiveTransport(WeightTransport):
                 fetch(ref, max(1.0, deadline - time.monotonic()))
             except Exception as e:  # noqa: BLE001
                 failures[label] = e
-        for r in results:
-            if not r.ok:
-                group.mark_unhealthy(r.actor_id)
-        if failures:
-            raise WeightSyncError(handle.version, failures, timeout_s)
-        return results
+        return check_loaded(group, results, handle.version, timeout_s, others=failures)
 
 
 def collective_backend(use_gpu: bool) -> Literal["nccl", "gloo"]:

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 
 from tidal.actors.actor_group import ActorGroup, CallResult
-from tidal.actors.weights import WeightHandle, WeightSyncError, WeightTransport, byte_layout
+from tidal.actors.weights import WeightHandle, WeightSyncError, WeightTransport, byte_layout, check_loaded
 
 
 @dataclass(frozen=True)
@@ -182,11 +182,4 @@ class IpcWeights(WeightTransport):
         return {r.actor_id: r.value for r in results}
 
     def _workers(self, group: ActorGroup, calls: dict, handle: WeightHandle, timeout_s: float) -> list[CallResult]:
-        results = group.collect(group.start_each(calls), timeout_s)
-        failures = {r.label: r.error for r in results if not r.ok}
-        for r in results:
-            if not r.ok:
-                group.mark_unhealthy(r.actor_id)
-        if failures:
-            raise WeightSyncError(handle.version, failures, timeout_s)
-        return results
+        return check_loaded(group, group.collect(group.start_each(calls), timeout_s), handle.version, timeout_s)

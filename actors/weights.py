@@ -184,7 +184,7 @@ class WeightTransport(ABC):
         died or did not answer; those workers are marked unhealthy."""
         results = group.call(lambda actor: actor.load_weights.remote(handle),
                              actor_ids=actor_ids, timeout_s=timeout_s)
-        return _check(group, results, handle.version, timeout_s)
+        return check_loaded(group, results, handle.version, timeout_s)
 
     def push(self, group: ActorGroup, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
              bucket_mb: float, timeout_s: float, actor_ids: Iterable[int] | None = None) -> WeightHandle:
@@ -199,9 +199,12 @@ class WeightTransport(ABC):
         return handle
 
 
-def _check(group: ActorGroup, results: list[CallResult], version: int, timeout_s: float) -> list[CallResult]:
-    """Mark failed workers unhealthy (what they hold is not `version`) and raise naming them."""
-    failures = {r.label: r.error for r in results if not r.ok}
+def check_loaded(group: ActorGroup, results: list[CallResult], version: int, timeout_s: float,
+                 others: dict[str, BaseException] | None = None) -> list[CallResult]:
+    """Mark failed workers unhealthy (what they hold is not `version`) and raise naming them, and
+    the `others` that failed beside them (e.g. a sender), in one WeightSyncError. Every transport's
+    sync ends here."""
+    failures = {**{r.label: r.error for r in results if not r.ok}, **(others or {})}
     for r in results:
         if not r.ok:
             group.mark_unhealthy(r.actor_id)
@@ -276,7 +279,7 @@ class ObjectStoreTransport(WeightTransport):
             raise
         handle = WeightHandle(version, tuple(refs), self.name, num_bytes)
         try:
-            _check(group, group.collect(started, max(0.0, deadline - time.monotonic())), version, timeout_s)
+            check_loaded(group, group.collect(started, max(0.0, deadline - time.monotonic())), version, timeout_s)
         except WeightSyncError as e:
             e.handle = handle
             raise
