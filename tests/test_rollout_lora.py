@@ -29,8 +29,10 @@ def test_lora_load_decides_what_the_engine_is_built_with():
         cfg = _cfg(*overrides)
         return engine_options(cfg.rollout, "float32", 0, on_gpu=False, lora=spec_from_config(cfg))
 
-    assert options("rollout.lora_load=adapter")["enable_lora"] and options()["max_lora_rank"] == 8  # auto on vllm
+    assert options("rollout.lora_load=adapter")["enable_lora"] and options("rollout.gpus_per_worker=1")["max_lora_rank"] == 8
     assert "enable_lora" not in options("rollout.lora_load=merge")  # merged into the base: a plain engine
+    assert "enable_lora" not in options()  # auto on CPU: merged (vLLM's adapter path is slower there)
+    assert spec_from_config(_cfg("rollout.gpus_per_worker=1")).load == "adapter"  # auto on GPU
     assert spec_from_config(_cfg("rollout.backend=hf")).load == "merge"
     assert spec_from_config(_cfg("rollout.weight_transport=ipc")).load == "full"  # device-local: the merged model
     assert spec_from_config(_cfg("learner.lora_rank=0")) is None
