@@ -105,3 +105,21 @@ def test_target_modules_choose_the_adapted_layers(tiny_model):
         assert adapted == {"q_proj", "v_proj"}
     finally:
         g.shutdown()
+
+
+def test_rank_0_publishes_delta_versions_with_rollout_weight_delta(tiny_model, ray_cluster):
+    """learner/weights_out.py reads rollout.weight_delta: rank 0 keeps the version chain, so an
+    export after no update is a delta of nothing (ignored: a plain full handle, no delta)."""
+    from tidal.actors.weight_delta import DeltaReceiver
+
+    cfg, g, _ = _trained(tiny_model, "rollout.weight_delta=buckets")
+    try:
+        first, second = g.export_weights(1), g.export_weights(2)
+        assert first.delta.base_version == -1 and second.delta.base_version == 1
+        assert second.delta.delta_bytes() == 0 < second.delta.full_bytes() == first.num_bytes
+        rx = DeltaReceiver(keep=True)
+        pushed = dict(rx.pull(first, complete=True))
+        assert pushed and all(is_adapter_name(k) for k in pushed)  # LoRA: the chain is of adapter buckets
+        assert sorted(dict(rx.pull(second, complete=True))) == sorted(pushed) and not rx.last.full
+    finally:
+        g.shutdown()
