@@ -55,6 +55,8 @@ class WeightHandle:
     transport: name of the transport that can pull it.
     meta: transport-specific description of the buckets (collective: names/shapes/dtypes).
     board: set only on the handle a streamed push (`ObjectStoreTransport.push`) gives workers.
+    delta: set by delta sync (tidal.actors.weight_delta): the version chain and per-bucket checksums;
+        a worker without delta state pulls `bucket_refs`, the full version, as from any handle.
     """
 
     version: int
@@ -63,6 +65,7 @@ class WeightHandle:
     num_bytes: int = 0
     meta: tuple = field(default=())
     board: Any = None  # streamed push: the RefBoard actor that hands out bucket refs as they are put
+    delta: Any = None  # rollout.weight_delta: a tidal.actors.weight_delta.DeltaSpec (bucket_refs: the full version)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bucket_refs", tuple(self.bucket_refs))

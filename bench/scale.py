@@ -66,7 +66,7 @@ class StandInWorker:
 
     backend = "stand-in"
 
-    def __init__(self, model_path: str, rollout, dtype: str = "float32", seed: int = 0, worker_id: int = 0):
+    def __init__(self, model_path: str, rollout, dtype: str = "float32", seed: int = 0, worker_id: int = 0, *_rest):
         self.worker_id, self.weight_version, self.loaded_bytes = worker_id, 0, 0
 
     def generate(self, prompts, sampling):

@@ -67,6 +67,8 @@ class RolloutConfig:
     kv_cache_gb: float = doc(1.0, "KV-cache size of each vLLM engine on CPU (GB).", min=0.1)
     weight_bucket_mb: int = doc(64, "Bucket size of a weight push (MB), through the object store or the collective group.", min=1)
     weight_transport: Literal["object_store", "collective", "ipc"] = doc("object_store", "How new weights reach the rollout workers: object_store (buckets put in the Ray object store, each worker pulls them); collective (learner rank 0 streams buckets from its device into a broadcast to every rollout worker over a dedicated process group, NCCL on GPU, gloo on CPU; the rollout workers must sit on other GPUs: disaggregated placement); ipc (colocated on GPU: learner rank k shares each bucket's GPU memory with the rollout worker on its own GPU by CUDA IPC handle; needs rollout.num_workers = learner.num_workers).")
+    weight_delta: Literal["off", "buckets", "xor"] = doc("off", "Delta weight sync through the object store: a push sends only the buckets whose checksum changed since the previous version (buckets), or their XOR against it, zlib-compressed where that halves them (xor: pays for bf16 weights, whose small updates leave most bits alone; fp32 changes nearly every element); each bucket carries a CRC-32 its receiver checks, and a new, lagging or failed worker pulls the full version instead (docs/rollout.md#delta-sync). Learner rank 0 keeps the newest object of every bucket (xor: and a copy of the last version's bytes, as does each worker). off: every push is the full model.")
+    lora_load: Literal["auto", "adapter", "merge"] = doc("auto", "With learner.lora_rank > 0 the workers receive the adapter weights only, and load them as a vLLM LoRA adapter (adapter: the engine applies B @ A per token) or add B @ A * alpha / r to their own copy of the base weights and reload the adapted layers (merge: plain-speed generation, a base copy in each worker's memory). auto: adapter with vllm on GPU (rollout.gpus_per_worker > 0), merge on CPU, where vLLM generates several times slower with an adapter, and on the hf backend (docs/rollout.md#lora has both measured on CPU). The ipc transport always pushes the merged model.")
     cpus_per_worker: float = doc(1.0, "Logical CPUs reserved per rollout worker.", min=0.0)
     gpus_per_worker: float = doc(0.0, "GPUs per rollout worker (0 on CPU). On GPU an engine owns whole GPUs: rollout.tensor_parallel_size of them (colocated placement shares each with a learner rank).", min=0.0)
     tensor_parallel_size: int = doc(1, "GPUs one vLLM engine spans (tensor parallel). > 1 needs rollout.gpus_per_worker equal to it and cluster.placement=disaggregated: each worker's one-bundle placement group holds all its GPUs.", min=1)
@@ -114,6 +116,7 @@ class LearnerConfig:
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
     lora_rank: int = doc(0, "LoRA rank (0: full fine-tuning).", min=0)
     lora_alpha: float = doc(16.0, "LoRA alpha.", min=0.0)
+    lora_target_modules: tuple[str, ...] = doc(("all-linear",), "Modules that get LoRA adapters (learner.lora_rank > 0): peft's all-linear (every linear layer but the output head), or module names, e.g. [q_proj, v_proj]. The frozen reference is then the policy's own base with the adapters switched off (no second model), and only the adapter weights travel to the rollout workers (docs/rollout.md#lora).")
     offload: bool = doc(False, "ZeRO-Offload optimizer state to host memory.")
     cpus_per_worker: float = doc(1.0, "Logical CPUs per learner rank.", min=0.0)
     gpus_per_worker: float = doc(0.0, "GPUs per learner rank (0 on CPU).", min=0.0)
@@ -307,7 +310,14 @@ def _check_cross_fields(c: TidalConfig) -> None:
     if dpo.label_smoothing > 0 and dpo.loss != "sigmoid":
         raise ConfigError(f"stages.dpo.label_smoothing={dpo.label_smoothing} applies to stages.dpo.loss=sigmoid only "
                           f"(got {dpo.loss}); set stages.dpo.label_smoothing=0 or stages.dpo.loss=sigmoid.")
+    if c.rollout.weight_delta != "off" and c.rollout.weight_transport != "object_store":
+        raise ConfigError(f"rollout.weight_delta={c.rollout.weight_delta} works through the object store only (the "
+                          f"{c.rollout.weight_transport} transport streams the live weights from the learners' devices); "
+                          "set rollout.weight_delta=off or rollout.weight_transport=object_store.")
     lc = c.learner
+    if lc.lora_rank > 0 and c.rollout.lora_load == "adapter" and c.rollout.backend != "vllm":
+        raise ConfigError("rollout.lora_load=adapter needs rollout.backend=vllm (the hf backend merges adapters into "
+                          "its base copy); set rollout.lora_load=merge or auto.")
     if lc.autocast != "none" and c.model.dtype != "float32":
         raise ConfigError(f"learner.autocast={lc.autocast} needs model.dtype=float32 (got {c.model.dtype}, which is bf16 "
                           "throughout already); set learner.autocast=none or model.dtype=float32.")

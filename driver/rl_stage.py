@@ -58,7 +58,10 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
     from tidal.reward_service.combine import build_reward
     from tidal.rollout.pool import RolloutPool
 
-    placement = Placement(plan_placement(cfg, role_counts(cfg, reference=True)),
+    from tidal.learner.lora import uses_own_base
+
+    own_base = uses_own_base(cfg.learner.lora_rank, policy, reference or policy)  # no reference worker then
+    placement = Placement(plan_placement(cfg, role_counts(cfg, reference=not own_base)),
                           cfg.cluster.sync_timeout_s)
     learners = pool = reward = None
     calibration: dict[str, float] = {}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tidal.common.config import LearnerConfig, TidalConfig
+from tidal.common.lora import spec_from_config
 from tidal.common.precision import torch_dtype
 
 
@@ -141,12 +142,11 @@ def build_policy(cfg: TidalConfig, path: str, world_size: int) -> torch.nn.Modul
         model = load_causal_lm(path, model_dtype(cfg))
     if lc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lc.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
+    lora = spec_from_config(cfg)
+    if lora is not None:  # learner.lora_target_modules (tidal.common.lora)
+        from peft import get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
-            r=lc.lora_rank, lora_alpha=lc.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-            task_type="CAUSAL_LM"))
+        model = get_peft_model(model, lora.peft_config())
     return model.train()
 
 

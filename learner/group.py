@@ -44,6 +44,7 @@ from tidal.learner.dpo import DPOBatch
 from tidal.learner.experience import (ForwardPass, assemble_experience, experience_metrics, pad_response_floats,
                                       pad_rollout)
 from tidal.learner.fits import RewardFit, SupervisedFits, train_shards
+from tidal.learner.lora import uses_own_base
 from tidal.learner.mismatch import Correction
 from tidal.learner.pi_old import TRAINER, PiOldStep, forward_planned, has_engine_logprobs
 from tidal.learner.reference import ReferenceWorker
@@ -73,7 +74,8 @@ class LearnerGroup:
                  critic_affine: tuple[float, float] | None = None):
         """role "policy": causal LM (critic from `critic_path` when given: the reward-model folder,
         docs/implementation.md#d9); role "reward": a value model trained on preferences.
-        `reference_path`: start a frozen reference worker (the RL stage's initial policy).
+        `reference_path`: start a frozen reference worker (the RL stage's initial policy); with LoRA
+        adapters on that very model the ranks compute it instead, as their base with the adapters off.
         `placement`: a tidal.actors.placement.Placement whose "learner" and "reference" slots to
         use; None: the group places itself (its own placement group, freed by shutdown).
         `critic_affine` (shift, scale): the critic's head outputs (raw - shift) / scale, e.g. the
@@ -93,6 +95,11 @@ class LearnerGroup:
                                rl_total_steps or default_rl_total_steps(cfg), critic_affine)
         self.ranks: ActorGroup | None = None
         self.reference: ActorGroup | None = None
+        # LoRA on the reference model itself: the ranks compute the reference as their base with the
+        # adapters off (tidal.learner.lora), and no reference worker is started
+        self.reference_in_policy = uses_own_base(cfg.learner.lora_rank, model_path, reference_path)
+        if self.reference_in_policy:
+            reference_path = None
         self._own_placement = None
         t0 = time.perf_counter()
         try:
@@ -197,19 +204,26 @@ class LearnerGroup:
         """Reward-model scores (N,) at each row's last real token (reward role)."""
         return self._infer("compute_scores", lambda a: a.compute_scores, (input_ids, attention_mask), ())
 
-    def _start_ref(self, input_ids, attention_mask, response_len: int, temperature: float) -> dict:
+    def _start_ref(self, input_ids, attention_mask, response_len: int, temperature: float) -> tuple[bool, dict]:
+        """Start the reference forward: on the ranks (LoRA base with adapters off) or the reference worker."""
+        if self.reference_in_policy:
+            return True, self._start_infer(lambda a: a.compute_ref_logprobs, (input_ids, attention_mask),
+                                           (response_len, temperature))
         if self.reference is None:
             raise LearnerError("compute_ref_logprobs: this group has no reference worker; pass reference_path")
         args = (self.reference.put(input_ids), self.reference.put(attention_mask), response_len, temperature)
-        return self.reference.start(lambda a: a.compute_logprobs.remote(*args))
+        return False, self.reference.start(lambda a: a.compute_logprobs.remote(*args))
 
-    def _finish_ref(self, started: dict) -> torch.Tensor:
-        return self._collect("compute_ref_logprobs", self.reference, started)[0].clone()  # zero-copy: read-only
+    def _finish_ref(self, started: tuple[bool, dict], n: int) -> torch.Tensor:
+        on_ranks, calls = started
+        if on_ranks:
+            return self._finish_infer("compute_ref_logprobs", calls, n)
+        return self._collect("compute_ref_logprobs", self.reference, calls)[0].clone()  # zero-copy: read-only
 
     def compute_ref_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                              temperature: float) -> torch.Tensor:
         """Frozen reference logprobs (B, R), same temperature and position ids as the policy."""
-        return self._finish_ref(self._start_ref(input_ids, attention_mask, response_len, temperature))
+        return self._finish_ref(self._start_ref(input_ids, attention_mask, response_len, temperature), len(input_ids))
 
     # ------------------------------------------------------------------ supervised fits (self.fits)
 
@@ -257,7 +271,7 @@ class LearnerGroup:
         old_logprobs = self._finish_infer("compute_logprobs", old, n) if trainer else engine_lp if from_engine else None
         return ForwardPass(
             input_ids=ids, attention_mask=mask, response_mask=resp, old_logprobs=old_logprobs,
-            ref_logprobs=self._finish_ref(ref),
+            ref_logprobs=self._finish_ref(ref, n),
             values=None if values is None else self._finish_infer("compute_values", values, n),
             rollout_logprobs=None if from_engine else engine_lp,  # nothing to compare when they ARE pi_old
             weight_version=torch.tensor(rollout.weight_version, dtype=torch.long) if rollout.weight_version else None,

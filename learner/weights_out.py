@@ -1,6 +1,8 @@
 """A learner rank's side of the weight push to the rollout workers (rollout.weight_transport):
 
-* object_store: rank 0 puts CPU copies into the object store (`export` with the transport).
+* object_store: rank 0 puts CPU copies into the object store (`export` with the transport); with
+  rollout.weight_delta only the buckets that changed since the last version (tidal.actors.weight_delta).
+* LoRA (learner.lora_rank > 0, any transport but ipc): the push carries the adapter matrices only.
 * collective: rank 0 is the sender of the broadcast group (tidal.actors.collective). In
   algorithm.mode=sync a version is *live*: nothing is copied at export; when the driver syncs,
   every rank gathers (ZeRO-3) and rank 0 streams the tensors from its device into the broadcast.
@@ -30,6 +32,7 @@ class PolicyWeightsOut:
         self.sender = None  # collective: rank 0's CollectiveTransport
         self.ipc = IpcSender()
         self.live: tuple | None = None  # (version, stamp, bucket MB) of the last live export
+        self.delta = None  # rollout.weight_delta: rank 0's DeltaPublisher
 
     def stamp(self) -> tuple[int, int]:
         """Changes whenever the policy's weights do: optimizer steps, checkpoint loads."""
@@ -51,10 +54,20 @@ class PolicyWeightsOut:
                 return WeightHandle(version, (), "ipc", 0, (LIVE,))
             return self._sender().live_handle(version)
         if r.rank != 0:
-            for _ in r.iter_named_weights():
+            for _ in self.tensors():
                 pass
             return None
-        return (transport or self._sender()).publish(r.iter_named_weights(), version, bucket_mb)
+        if transport is not None and transport.name == "object_store" and cfg.rollout.weight_delta != "off":
+            return self._delta_publisher().publish(self.tensors(), version, bucket_mb)
+        return (transport or self._sender()).publish(self.tensors(), version, bucket_mb)
+
+    def _delta_publisher(self):
+        """Rank 0's delta-sync state (rollout.weight_delta), kept across versions: the version chain."""
+        if self.delta is None:
+            from tidal.actors.weight_delta import DeltaPublisher
+
+            self.delta = DeltaPublisher(self.rank.cfg.rollout.weight_delta)
+        return self.delta
 
     def _live_tensors(self, version: int, keep_all: bool = False) -> tuple[Iterator[tuple[str, torch.Tensor]], float]:
         """The live weights of `version` on this rank's device (every rank gathers; rank 0 keeps them,
@@ -65,11 +78,21 @@ class PolicyWeightsOut:
                 f"learner rank {self.rank.rank}: weight version {version} was exported live (not staged) and the "
                 f"policy has changed since (an update or a checkpoint load; this rank's live version is "
                 f"{live_version}); a live version is sent before the next update, which algorithm.mode=sync guarantees")
+        return self.tensors(to_cpu=False, keep_all=keep_all), bucket_mb
+
+    def tensors(self, to_cpu: bool = True, keep_all: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """What a push sends: with LoRA adapters (rollout.lora_load adapter or merge) only the adapter
+        matrices under peft's names (tidal.learner.lora), else the merged HF weights (ZeRO-3 gathered).
+        Every rank must exhaust it; rank 0 (or every rank with keep_all) gets the tensors."""
         from tidal.learner.export import iter_named_weights
+        from tidal.learner.lora import iter_adapter_weights
 
         r = self.rank
         r._need(r.spec.role == "policy", "the weight push", "a policy learner")
-        return iter_named_weights(r.engine.module, keep=keep_all or r.rank == 0, to_cpu=False), bucket_mb
+        keep = keep_all or r.rank == 0
+        if r.lora is not None and r.lora.load != "full":
+            return iter_adapter_weights(r.engine.module, keep, to_cpu)
+        return iter_named_weights(r.engine.module, keep, to_cpu)
 
     # ------------------------------------------------------------------ collective
 

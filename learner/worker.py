@@ -15,7 +15,6 @@ under ZeRO-3 each forward gathers parameters collectively, so ranks get equally 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from tidal.actors.devices import enter_device
 from tidal.actors.threads import apply_threads, threads_during
 from tidal.common.config import TidalConfig
+from tidal.common.lora import spec_from_config
 from tidal.common.models import response_logits, sequence_logprobs
 from tidal.common.ops import logprobs_and_entropy
 from tidal.common.precision import autocast, bf16_native
@@ -78,6 +78,7 @@ class LearnerWorker:
         self.weights_out = PolicyWeightsOut(self)  # the weight push to the rollout workers
         self.checkpoint_loads = 0  # they change the weights without an optimizer step (PolicyWeightsOut.stamp)
         self.autocast = False  # set by setup from WorkerSpec.autocast: decided by the group, not by this rank
+        self.lora = spec_from_config(cfg)  # LoRA adapters (tidal.common.lora), None: full fine-tuning
 
     # ------------------------------------------------------------------ setup
 
@@ -177,6 +178,16 @@ class LearnerWorker:
         with threads_during(self.forward_threads):
             return torch.cat([self.policy_logprobs(input_ids[s], attention_mask[s], response_len, temperature)[0].float().cpu()
                               for s in self._micro(len(input_ids))])
+
+    @torch.no_grad()
+    def compute_ref_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                             temperature: float) -> torch.Tensor:
+        """The frozen reference's logprobs (B, R) as the policy's base with its LoRA adapters off
+        (tidal.learner.lora.base_logprobs): no reference worker, no second model."""
+        from tidal.learner.lora import base_logprobs
+
+        return base_logprobs(self.engine.module,
+                             lambda: self.compute_logprobs(input_ids, attention_mask, response_len, temperature))
 
     @torch.no_grad()
     def compute_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
@@ -345,6 +356,10 @@ class LearnerWorker:
         from tidal.learner.export import save_policy, save_reward_model
 
         if self.spec.role == "policy":
+            if self.lora is not None:  # the adapter alone too, beside the merged model (tidal.learner.lora)
+                from tidal.learner.lora import save_adapter
+
+                save_adapter(self.engine.module, f"{out_dir}_adapter", self.lora, self.spec.model_path, self.rank == 0)
             return save_policy(self.engine.module, out_dir, self.tokenizer, keep=self.rank == 0)
         return save_reward_model(self.engine.module, out_dir, self.tokenizer, extra, keep=self.rank == 0)
 
@@ -376,25 +391,13 @@ class LearnerWorker:
         load_rng_state(d / f"rng_rank{self.rank}.pt")
 
     def parameter_snapshot(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-        """Full copies of the main engine's raw parameters (trainer names, LoRA factors included)
-        on EVERY rank - under ZeRO-3 each rank gathers, so ranks can be compared (tests, debugging)."""
-        from tidal.learner.export import _gathered
+        """Full copies of the main engine's raw parameters on every rank (tidal.learner.probes)."""
+        from tidal.learner.probes import parameter_snapshot
 
-        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad or not trainable_only]
-        with _gathered([p for _, p in named]):
-            return {n: p.data.detach().float().cpu().clone() for n, p in named}
+        return parameter_snapshot(self, trainable_only)
 
     def describe(self) -> dict:
-        """Facts tests and logs check: seeds, dropout, parameter counts (full sizes under ZeRO-3)."""
-        module = self.engine.module
-        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
-        dropout = max([m.p for m in module.modules() if isinstance(m, torch.nn.Dropout)] +
-                      [v for k, v in vars(module.config).items() if ("dropout" in k or "pdrop" in k) and isinstance(v, float)], default=0.0)
-        with torch.random.fork_rng(devices=[]):
-            probe = torch.rand(1).item()  # differs between ranks iff their streams differ
-        return {"rank": self.rank, "world_size": self.world_size, "seed": self.seed, "rng_probe": probe, "pid": os.getpid(),
-                "max_dropout": dropout, "training": module.training, "zero_stage": self.engine.zero_optimization_stage(),
-                "params": sum(numel(p) for p in module.parameters()),
-                "trainable_params": sum(numel(p) for p in module.parameters() if p.requires_grad),
-                "has_critic": self.critic is not None, "autocast_bf16": self.autocast,
-                "num_threads": torch.get_num_threads(), "forward_threads": self.forward_threads}
+        """Facts tests and logs check: seeds, dropout, parameter counts (tidal.learner.probes)."""
+        from tidal.learner.probes import describe
+
+        return describe(self)

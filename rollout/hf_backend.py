@@ -20,10 +20,13 @@ from typing import Iterable
 
 import torch
 
-from tidal.actors.weights import WeightHandle, WeightTransport, pull
+from tidal.actors.weight_delta import DeltaReceiver, PullStats, load_source
+from tidal.actors.weights import WeightHandle, WeightTransport
 from tidal.common.config import RolloutConfig
+from tidal.common.lora import LoraSpec
 from tidal.common.precision import torch_dtype
 from tidal.common.types import PromptBatch, RolloutBatch
+from tidal.rollout.lora_load import LoraReceiver
 from tidal.rollout.sampling import Sampling, filtered_logprobs
 from tidal.rollout.worker import WorkerInfo, assemble, check_prompts, eos_token_ids
 
@@ -33,7 +36,7 @@ class HFRolloutWorker:
     backend = "hf"
 
     def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str = "float32",
-                 seed: int = 0, worker_id: int = 0, num_threads: int = 0):
+                 seed: int = 0, worker_id: int = 0, num_threads: int = 0, lora: LoraSpec | None = None):
         from tidal.actors.devices import enter_device
         from tidal.actors.threads import apply_threads
         from tidal.common.models import load_causal_lm, load_tokenizer
@@ -45,6 +48,9 @@ class HFRolloutWorker:
         self.tokenizer = load_tokenizer(model_path)
         self.eos_ids = eos_token_ids(Path(model_path), self.tokenizer)
         self.transports: dict[str, WeightTransport] = {}
+        self.delta = DeltaReceiver()  # the version it holds, for rollout.weight_delta pushes
+        # LoRA pushes carry adapters, merged into the base copy (rollout.lora_load merge: tidal.rollout.lora_load)
+        self.lora = None if lora is None or lora.load == "full" else LoraReceiver(lora, model_path)
 
     @torch.no_grad()
     def generate(self, prompts: PromptBatch, sampling: Sampling) -> RolloutBatch:
@@ -105,13 +111,19 @@ class HFRolloutWorker:
     # ------------------------------------------------------------------ weights
 
     def load_weights(self, handle: WeightHandle) -> int:
-        return self.load_named_tensors(pull(handle, self.transports), handle.version)
+        named, _ = load_source(handle, self.transports, self.delta, complete=self.lora is not None)
+        return self.load_named_tensors(named, handle.version)  # load_state_dict takes a part as it is
+
+    def pull_stats(self) -> PullStats:
+        return self.delta.last
 
     @torch.no_grad()
     def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """load_state_dict of the given tensors (strict about names, not about completeness);
         a tied lm_head follows its embedding automatically (same Parameter)."""
         state = dict(named_tensors)
+        if self.lora is not None:
+            state = self.lora.merged(LoraReceiver.adapter(state.items()))
         own = dict(self.model.state_dict())
         unknown = sorted(set(state) - set(own))
         if unknown:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from tidal.actors.actor_group import ActorGroup
+from tidal.actors.weight_delta import DeltaPublisher
 from tidal.actors.weights import WeightHandle, WeightSyncError, WeightTransport
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -26,8 +27,12 @@ class PoolWeights:
     bucket_mb: bucket size of a push (rollout.weight_bucket_mb); timeout_s: default timeout of
     a sync (cluster.sync_timeout_s)."""
 
-    def __init__(self, group: ActorGroup, transport: WeightTransport, bucket_mb: float, timeout_s: float):
+    def __init__(self, group: ActorGroup, transport: WeightTransport, bucket_mb: float, timeout_s: float,
+                 delta: str = "off"):
         self.group, self.transport, self.bucket_mb, self.timeout_s = group, transport, bucket_mb, timeout_s
+        # rollout.weight_delta: named-tensor pushes through the object store send what changed only
+        # (tidal.actors.weight_delta); the version chain lives here, as on learner rank 0
+        self.delta = None if delta == "off" else DeltaPublisher(delta)
         self.handle: Optional[WeightHandle] = None  # what restarted workers load (None: the initial weights)
         self.version = 0
 
@@ -51,8 +56,13 @@ class PoolWeights:
         self.transport = transport
 
     def publish(self, named_tensors: NamedTensors, version: int) -> WeightHandle:
-        """Put weights into the transport (in bucket_mb buckets)."""
+        """Put weights into the transport (in bucket_mb buckets; with delta sync, the changed ones)."""
+        if self._delta_on():
+            return self.delta.publish(named_tensors, version, self.bucket_mb)
         return self.transport.publish(named_tensors, version, self.bucket_mb)
+
+    def _delta_on(self) -> bool:
+        return self.delta is not None and self.transport.name == "object_store"
 
     def next_version(self, weights: Union[WeightHandle, NamedTensors], version: Optional[int]) -> int:
         """The version a push of `weights` makes current (a handle's own; else `version`, default
@@ -68,6 +78,8 @@ class PoolWeights:
         """Workers `actor_ids` load `weights` (a handle, or named tensors streamed through the
         transport) as `version`, which becomes current even when some of them fail: the
         WeightSyncError names those, and they restart with this version."""
+        if not isinstance(weights, WeightHandle) and self._delta_on():
+            weights = self.publish(weights, version)  # a delta version: put first, then every worker pulls
         try:
             if isinstance(weights, WeightHandle):
                 self.handle, self.version = weights, version  # restarts load this from now on

@@ -29,33 +29,52 @@ class _TiedHeadReloadFilter(logging.Filter):
     model with tied embeddings: the checkpoint-format iterator has no lm_head tensor (the head IS
     the embedding), so vLLM puts the old packed head back - which `_retie_lm_head` then rebuilds
     from the new embedding (tests/test_rollout_vllm.py checks logprobs after an update on a tied
-    model). Only that message for that layer is dropped; any other failed layer still warns."""
+    model). Only that message for that layer is dropped; any other failed layer still warns.
+
+    A partial load (`partial=True`: the layers a LoRA merge or a weight delta changed) leaves the
+    other layers out on purpose; vLLM puts their packed weights back and warns for each of them and
+    once more for the list - those messages are dropped while `partial` is set."""
+
+    partial = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.getMessage() == "ParallelLMHead: Failed to load weights")
+        message = record.getMessage()
+        if self.partial and (message.endswith(": Failed to load weights")
+                             or message.startswith("Following weights were not loaded")):
+            return False
+        return not (message == "ParallelLMHead: Failed to load weights")
 
 
-def _quiet_tied_head_reload() -> None:
-    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(isinstance(f, _TiedHeadReloadFilter) for f in log.filters):
-        log.addFilter(_TiedHeadReloadFilter())
+_FILTER = _TiedHeadReloadFilter()
+_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
+
+
+def _quiet_reload() -> None:
+    for name in _RELOAD_LOGGERS:
+        log = logging.getLogger(name)
+        if _FILTER not in log.filters:
+            log.addFilter(_FILTER)
 
 
 class WeightLoader:
     """Methods added to vLLM's worker; `self` is the worker (model_runner, vllm_config, ...)."""
 
-    def tidal_load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Load (name, tensor) pairs in HF checkpoint naming; returns how many were loaded."""
+    def tidal_load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], partial: bool = False) -> int:
+        """Load (name, tensor) pairs in HF checkpoint naming; returns how many were loaded.
+        `partial`: only some layers come (a LoRA merge, a weight delta); the others keep their weights."""
         from vllm.platforms import current_platform
 
         counted = _Counter(named_tensors)
         model = self.model_runner.get_model()
-        if getattr(self.vllm_config.model_config.hf_text_config, "tie_word_embeddings", False):
-            _quiet_tied_head_reload()
-        if current_platform.is_cpu():
-            self.reload_weights(weights_iterator=iter(counted), is_checkpoint_format=True)
-        else:
-            model.load_weights(iter(counted))
+        _quiet_reload()
+        _FILTER.partial = partial
+        try:
+            if current_platform.is_cpu():
+                self.reload_weights(weights_iterator=iter(counted), is_checkpoint_format=True)
+            else:
+                model.load_weights(iter(counted))
+        finally:
+            _FILTER.partial = False
         if counted.n == 0:
             raise ValueError("tidal_load_weights received no tensors; the weight push was empty.")
         _retie_lm_head(model, self.vllm_config.model_config.hf_text_config)

@@ -22,10 +22,13 @@ import torch
 
 from tidal.actors.devices import enter_device
 from tidal.actors.threads import apply_threads
-from tidal.actors.weights import WeightHandle, WeightTransport, iter_buckets, pull
+from tidal.actors.weight_delta import DeltaReceiver, PullStats, load_source
+from tidal.actors.weights import WeightHandle, WeightTransport, iter_buckets
 from tidal.common.config import RolloutConfig
+from tidal.common.lora import LoraSpec
 from tidal.common.precision import torch_dtype
 from tidal.common.types import PromptBatch, RolloutBatch
+from tidal.rollout.lora_load import LoraReceiver
 from tidal.rollout.sampling import Sampling, truncate_at_eos
 
 WEIGHT_LOADER_EXT = "tidal.rollout.vllm_ext.WeightLoader"
@@ -48,15 +51,18 @@ class WorkerInfo:
     num_threads: int = 0
 
 
-def engine_options(rollout: RolloutConfig, dtype: str, seed: int, on_gpu: bool) -> dict:
+def engine_options(rollout: RolloutConfig, dtype: str, seed: int, on_gpu: bool, lora: LoraSpec | None = None) -> dict:
     """vLLM engine arguments besides the model: the explicit dtype, the logprobs of the distribution
-    sampled from, the weight-loader extension; then per device. CPU: eager (graph compilation costs
-    15-37 s per start there) and a KV cache of rollout.kv_cache_gb. GPU: CUDA graphs unless
-    rollout.cuda_graphs is off, rollout.gpu_memory_utilization of each GPU, tensor parallel over the
-    actor's rollout.tensor_parallel_size GPUs (child processes of this actor, on its bundle's GPUs),
-    and the sleep-mode allocator when rollout.sleep is true."""
+    sampled from, the weight-loader extension, LoRA slots when adapters are loaded as such
+    (rollout.lora_load adapter: one adapter, of at least the learner's rank); then per device. CPU:
+    eager (graph compilation costs 15-37 s per start there) and a KV cache of rollout.kv_cache_gb.
+    GPU: CUDA graphs unless rollout.cuda_graphs is off, rollout.gpu_memory_utilization of each GPU,
+    tensor parallel over the actor's rollout.tensor_parallel_size GPUs (child processes of this
+    actor, on its bundle's GPUs), and the sleep-mode allocator when rollout.sleep is true."""
     options = dict(dtype=torch_dtype(dtype), max_model_len=rollout.max_model_len, seed=seed,
                    worker_extension_cls=WEIGHT_LOADER_EXT, logprobs_mode="processed_logprobs")
+    if lora is not None and lora.load == "adapter":
+        options.update(enable_lora=True, max_lora_rank=lora.vllm_max_rank(), max_loras=1)
     if not on_gpu:
         return {**options, "enforce_eager": True, "kv_cache_memory_bytes": int(rollout.kv_cache_gb * 2**30)}
     options.update(enforce_eager=not rollout.cuda_graphs, gpu_memory_utilization=rollout.gpu_memory_utilization,
@@ -142,7 +148,7 @@ class RolloutWorker:
     backend = "vllm"
 
     def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str = "float32",
-                 seed: int = 0, worker_id: int = 0, num_threads: int = 0):
+                 seed: int = 0, worker_id: int = 0, num_threads: int = 0, lora: LoraSpec | None = None):
         for key, value in ENGINE_ENV.items():
             os.environ.setdefault(key, value)
         # before the engine starts: vLLM's CPU worker disables torch.set_num_threads afterwards
@@ -157,13 +163,17 @@ class RolloutWorker:
         # size, so it is hidden while the engine is configured.
         saved = None if on_gpu else os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         try:
-            self.llm = LLM(model=str(model_path), **engine_options(rollout, dtype, seed, on_gpu))
+            self.llm = LLM(model=str(model_path), **engine_options(rollout, dtype, seed, on_gpu, lora))
         finally:
             if saved is not None:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
         self.tokenizer = load_tokenizer(model_path)
         self.eos_ids = eos_token_ids(model_path, self.tokenizer)
         self.transports: dict[str, WeightTransport] = {}
+        self.delta = DeltaReceiver()  # the version it holds, for rollout.weight_delta pushes
+        # LoRA (learner.lora_rank > 0): pushes carry adapters; None until the first one (B = 0: the base)
+        self.lora = None if lora is None or lora.load == "full" else LoraReceiver(lora, model_path)
+        self.lora_request = None
         self.asleep = False
         if rollout.sleep:  # free the GPU before the learners start beside it
             self._sleep()
@@ -181,7 +191,7 @@ class RolloutWorker:
         ) for idx in prompts.index]
         inputs = [{"prompt_token_ids": list(ids)} for ids in prompts.token_ids]
         with self._awake():
-            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.lora_request)
         responses, logprobs, texts = [], [], []
         for out in outputs:  # same order as the inputs
             completions = sorted(out.outputs, key=lambda c: c.index)
@@ -194,12 +204,28 @@ class RolloutWorker:
     # ------------------------------------------------------------------ weights
 
     def load_weights(self, handle: WeightHandle) -> int:
-        """Pull `handle` through its transport and load it; returns the new weight version."""
-        return self.load_named_tensors(pull(handle, self.transports), handle.version)
+        """Pull `handle` through its transport and load it; returns the new weight version. A delta
+        version (rollout.weight_delta) loads only what changed when this worker holds its base."""
+        named, partial = load_source(handle, self.transports, self.delta, complete=self.lora is not None)
+        if partial and not named:  # nothing changed since the version it holds: no reload to do
+            self.weight_version = int(handle.version)
+            return self.weight_version
+        return self.load_named_tensors(named, handle.version, partial)
 
-    def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+    def pull_stats(self) -> PullStats:
+        """What the last delta-sync load pulled (full or delta, bytes, why it went full)."""
+        return self.delta.last
+
+    def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+                           partial: bool = False) -> int:
         """Load HF-named tensors in place (all of them in one reload, see vllm_ext), then drop
-        the prefix cache: cached KV blocks were computed by the old weights (docs/platform.md#p-vllm-prefix-cache)."""
+        the prefix cache: cached KV blocks were computed by the old weights (docs/platform.md#p-vllm-prefix-cache).
+        With LoRA the tensors are an adapter (tidal.rollout.lora_load); `partial`: only some layers come."""
+        if self.lora is not None:
+            return self._load_adapter(LoraReceiver.adapter(named_tensors), version)
+        return self._reload(named_tensors, version, partial)
+
+    def _reload(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, partial: bool) -> int:
         with self._awake():
             if self.rollout.tensor_parallel_size > 1:
                 # the engine's tensor-parallel workers are other processes, which an iterator cannot
@@ -207,9 +233,25 @@ class RolloutWorker:
                 for chunk in iter_buckets(named_tensors, self.rollout.weight_bucket_mb):
                     self.llm.collective_rpc("tidal_load_weights", args=(chunk,))
             else:
-                self.llm.collective_rpc("tidal_load_weights", args=(named_tensors,))
+                self.llm.collective_rpc("tidal_load_weights", args=(named_tensors, partial))
             self.llm.reset_prefix_cache()
         self.weight_version = int(version)
+        return self.weight_version
+
+    def _load_adapter(self, adapter: dict[str, torch.Tensor], version: int) -> int:
+        """rollout.lora_load: a vLLM LoRA adapter under a new id, or merged into the base's adapted layers."""
+        if self.lora.spec.load == "merge":
+            return self._reload(self.lora.merged(adapter).items(), version, partial=True)
+        from vllm.lora.request import LoRARequest
+
+        old = self.lora_request
+        request = LoRARequest(f"tidal-v{version}", (old.lora_int_id + 1) if old else 1,
+                              str(self.lora.write(adapter, version)))
+        with self._awake():
+            if old is not None:
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+            self.llm.llm_engine.add_lora(request)  # loads it now: a bad adapter fails the push, not a generate
+        self.lora_request, self.weight_version = request, int(version)
         return self.weight_version
 
     # ------------------------------------------------------------------ sleep mode (rollout.sleep)

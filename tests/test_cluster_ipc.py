@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from tidal.actors.actor_group import ActorGroup
 from tidal.actors.ipc import IpcSender, IpcWeights, opened
+from tidal.actors.weight_delta import DeltaReceiver
 from tidal.actors.weights import WeightHandle, WeightSyncError, iter_buckets
 from tidal.common.config import load_config
 from tidal.common.types import PromptBatch
@@ -122,7 +122,7 @@ class RecordingLLM:
     def reset_prefix_cache(self):
         self.events.append("reset_prefix_cache")
 
-    def generate(self, inputs, params, use_tqdm=False):
+    def generate(self, inputs, params, use_tqdm=False, lora_request=None):
         self.events.append(f"generate:{'awake' if self.awake else 'ASLEEP'}")
         done = SimpleNamespace(index=0, token_ids=[7], logprobs=[{7: SimpleNamespace(logprob=-0.5)}], text="x")
         return [SimpleNamespace(outputs=[done]) for _ in inputs]
@@ -132,7 +132,8 @@ def _worker(sleep: bool) -> RolloutWorker:
     cfg = load_config(None, ["learner.gpus_per_worker=1", "rollout.gpus_per_worker=1", f"rollout.sleep={sleep}"])
     w = object.__new__(RolloutWorker)  # the engine itself needs CUDA: the worker's own logic around it
     w.llm, w.rollout, w.worker_id, w.weight_version, w.eos_ids, w.transports = RecordingLLM(), cfg.rollout, 0, 0, {2}, {}
-    w.asleep = False
+    w.asleep, w.lora, w.lora_request = False, None, None
+    w.delta = DeltaReceiver()
     if sleep:
         w._sleep()  # what __init__ does once the engine is up
     return w
