@@ -93,7 +93,8 @@ def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, data: Da
         quiet_libraries()
     t0 = time.perf_counter()
     summary: dict = {}
-    with ray_session(cfg.cluster, min_cpus=plan.total_cpus, verbose=verbose, logs_to=run_dir / "logs" / "ray") as conn, \
+    online_cpus = cfg.learner.cpus_per_worker if cfg.feedback.mode == "online" else 0.0  # the reward learner's bundle
+    with ray_session(cfg.cluster, min_cpus=plan.total_cpus + online_cpus, verbose=verbose, logs_to=run_dir / "logs" / "ray") as conn, \
             StopRequests() as stops:  # Ctrl-C / SIGTERM: stop at a safe point (tidal.driver.interrupt)
         if not verbose and conn.temp_dir is not None:
             print(f"tidal: worker and engine logs go to {run_dir / 'logs' / 'ray'} (--verbose shows them here)", flush=True)

@@ -47,7 +47,6 @@ from tidal.driver.interrupt import NO_STOPS, Interrupted, StopRequests
 from tidal.driver.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import MetricsLogger, Timer
-from tidal.common.types import ScoredBatch
 from tidal.driver.preflight import check_algorithm
 from tidal.learner.experience import usable_rows
 from tidal.learner.kl import AdaptiveKLController, FixedKLController
@@ -57,6 +56,7 @@ from tidal.rollout.sampling import Sampling
 
 if TYPE_CHECKING:
     from tidal.common.prompts import PromptDataset
+    from tidal.common.types import RolloutBatch
     from tidal.learner.group import LearnerGroup
     from tidal.learner.sft import PtxSource
     from tidal.reward_service.combine import CombinedReward
@@ -87,20 +87,22 @@ class RLParts:
     reward: "CombinedReward"
     dataset: "PromptDataset"  # the RL prompts
     ptx: "PtxSource | None" = None  # PPO-ptx demonstrations (algorithm.ptx_coef > 0)
+    calibration: "RolloutBatch | None" = None  # the initial policy's samples reference normalisation is measured on
 
 
 class RLLoop:
     """Runs RL steps [start, algorithm.steps) with checkpoints; see the module docstring."""
 
     def __init__(self, cfg: TidalConfig, run_dir: Path, parts: RLParts, logger: MetricsLogger,
-                 stops: StopRequests = NO_STOPS, judge=None, stage: str = "rl"):
+                 stops: StopRequests = NO_STOPS, judge=None, stage: str = "rl", online=None):
         """`judge`: a tidal.driver.monitor.HeldOutJudge for the over-optimisation monitor
-        (logging.gold_every > 0), or None."""
+        (logging.gold_every > 0), or None. `online`: feedback.mode=online's
+        tidal.driver.online.OnlineFeedback, whose hot swaps and queries run on the rollout thread."""
         from tidal.driver.monitor import GoldMonitor
 
         self.cfg, self.run_dir, self.parts, self.logger, self.stops = cfg, Path(run_dir), parts, logger, stops
         self.stage = stage  # the records' stage field: 'rl', or 'rl2' for a second round
-        self.judge = judge
+        self.judge, self.online = judge, online
         self.monitor = GoldMonitor.from_config(cfg)
         # early_stop=gold_drop ends on the best-gold policy: each new best is a checkpoint kept aside
         self.keep_best = judge is not None and cfg.algorithm.early_stop == "gold_drop"
@@ -165,10 +167,15 @@ class RLLoop:
             rollout = self.parts.pool.generate(batch, step_sampling(self.cfg, step))
         stats = self.parts.pool.last_stats
         with timer("score"):
+            if self.online is not None:  # a new reward-model version swaps in between two scoring calls
+                self.online.swap()
             scored = self.parts.reward.score(rollout)
         metrics = {"rollout/requeued_chunks": float(stats.requeued_chunks),
                    "rollout/restarted_workers": float(len(stats.restarted_workers)),
                    **{k: float(v) for k, v in self.parts.reward.last_metrics.items()}}
+        if self.online is not None:
+            with timer("queries"):  # this step's labeling tasks, from samples of the step's weights
+                metrics.update(self.online.queries(step, batch, rollout))
         return Produced(step, scored, list(rollout.weight_version), dict(timer.totals), metrics)
 
     def _push(self, handle: Any, version: int) -> None:
@@ -243,7 +250,7 @@ class RLLoop:
                 self.pipeline.drain()
         self.kl_ctl.update(result.kl_per_seq, len(rollout))
         wall = time.perf_counter() - t0
-        self._record_rollout(step, produced.batch)
+        self._record_rollout(step, produced)
         return self._step_metrics(produced, batch, pi_old, result, timer, wall)
 
     def _watch(self, last: dict[str, float]) -> dict[str, float]:
@@ -309,10 +316,13 @@ class RLLoop:
         }
         return m
 
-    def _record_rollout(self, step: int, scored: ScoredBatch) -> None:
+    def _record_rollout(self, step: int, produced: Produced) -> None:
+        scored = produced.batch
         r = scored.rollout
         rec = {"step": step + 1, "prompt_index": list(r.prompt_index), "weight_version": list(r.weight_version),
                "score": [round(float(s), 6) for s in scored.scores.tolist()]}
+        if "online/reward_version" in produced.metrics:  # the reward-model version that scored each sample
+            rec["reward_version"] = [int(produced.metrics["online/reward_version"])] * len(r)
         with open(self.run_dir / ROLLOUTS_FILE, "a") as f:
             f.write(json.dumps(rec) + "\n")
 

@@ -49,7 +49,9 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
                 reference: str | None = None):
     """Placement, rollout pool, reward, learners (+reference) and prompt dataset. With
     `calibrate` and reference reward normalisation, the reward is calibrated on samples of the
-    initial policy first, so the critic can start on the normalised reward's scale."""
+    initial policy first, so the critic can start on the normalised reward's scale. Online
+    feedback keeps those samples (RLParts.calibration, also on a resume) to re-measure the
+    normalisation for each new reward-model version."""
     from tidal.actors.placement import Placement, plan_placement, role_counts
     from tidal.actors.threads import run_threads
     from tidal.common.prompts import PromptDataset
@@ -59,15 +61,17 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
 
     placement = Placement(plan_placement(cfg, role_counts(cfg, reference=True)),
                           cfg.cluster.sync_timeout_s)
-    learners = pool = reward = None
+    learners = pool = reward = calibration_rollout = None
     calibration: dict[str, float] = {}
     try:
         pool = RolloutPool(cfg, policy, actor_options=placement.actor_options("rollout"))
         reward = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=policy, placement=placement,
                               dtype=cfg.model.dtype, worker_timeout_s=cfg.cluster.sync_timeout_s,
                               num_threads=run_threads(cfg).reward)
-        if calibrate and reward.normalize == "reference":
-            calibration = _calibrate(cfg, pool, reward, data.prompts, policy)
+        if reward.normalize == "reference" and (calibrate or cfg.feedback.mode == "online"):
+            calibration_rollout = _calibration_rollout(cfg, pool, data.prompts, policy)
+        if calibrate and calibration_rollout is not None:
+            calibration = reward.calibrate(reward.score(calibration_rollout, raw=True))
         critic = _critic_path(cfg, policy, reward_model)
         learners = LearnerGroup(cfg, policy, role="policy", critic_path=critic, reference_path=reference or policy,
                                 placement=placement, critic_affine=critic_affine(reward, critic))
@@ -86,7 +90,8 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
         stop_parts(placement, learners, pool, reward)
         raise
     dataset = PromptDataset.from_config(data.prompts, learners.tokenizer, cfg.data, seed=cfg.seed)
-    return placement, RLParts(learners, pool, reward, dataset, _ptx_source(cfg, data, learners.tokenizer)), calibration
+    return placement, RLParts(learners, pool, reward, dataset, _ptx_source(cfg, data, learners.tokenizer),
+                              calibration_rollout), calibration
 
 
 def critic_affine(reward, critic_path: str | None) -> tuple[float, float] | None:
@@ -159,16 +164,16 @@ def evaluate(cfg: TidalConfig, parts: RLParts, prompts, out_file: Path) -> dict[
     return out
 
 
-def _calibrate(cfg: TidalConfig, pool, reward, prompts_path: Path, policy: str) -> dict[str, float]:
-    """reward.normalize=reference: scale so the initial (reference) policy's samples score ~N(0, 1)
-    (docs/implementation.md#d6), from one step's worth of training prompts in a separate order."""
+def _calibration_rollout(cfg: TidalConfig, pool, prompts_path: Path, policy: str):
+    """reward.normalize=reference scales so the initial (reference) policy's samples score ~N(0, 1)
+    (docs/implementation.md#d6): these samples, one step's worth of training prompts in a
+    separate order, drawn while the pool holds the initial policy."""
     from tidal.common.prompts import PromptDataset
     from tidal.driver.heldout import sample
 
     ds = PromptDataset.from_config(prompts_path, policy, cfg.data, seed=Seeds(cfg.seed).calibration_order)
-    rollout = sample(pool, ds.next_batch(max(cfg.algorithm.prompts_per_step, 8)),
-                     eval_sampling(cfg, Seeds.CALIBRATION, n=cfg.rollout.n_samples))
-    return reward.calibrate(reward.score(rollout, raw=True))
+    return sample(pool, ds.next_batch(max(cfg.algorithm.prompts_per_step, 8)),
+                  eval_sampling(cfg, Seeds.CALIBRATION, n=cfg.rollout.n_samples))
 
 
 def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy: str,
@@ -189,8 +194,9 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
     heldout = heldout_prompts(cfg, data.eval_prompts, policy, selection=cfg.logging.gold_every > 0)  # before Ray
     resuming = resume_checkpoint(run_dir) is not None  # the checkpoint RLLoop.restore loads holds the calibration
     run_dir.mkdir(parents=True, exist_ok=True)
-    placement, parts, calibration = start_parts(cfg, policy, reward_model, data, calibrate=not resuming,
-                                                reference=reference)
+    online = _online(cfg, run_dir, stage, reward_model, data)
+    placement, parts, calibration = start_parts(cfg, policy, online.path if online else reward_model, data,
+                                                calibrate=not resuming, reference=reference)
     print(f"tidal: rl roles up in {time.perf_counter() - t0:.1f} s ({cfg.cluster.placement}: "
           f"{cfg.learner.num_workers} learner(s) + reference, {cfg.rollout.num_workers} rollout worker(s))", flush=True)
     summary: dict = {}
@@ -202,18 +208,17 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
             from tidal.driver.monitor import HeldOutJudge
 
             judge = HeldOutJudge(cfg, heldout.selection, build_gold(cfg, gold_term(cfg.logging.gold_term), policy))
-        loop = RLLoop(cfg, run_dir, parts, logger, stops, judge=judge, stage=stage)
+        loop = RLLoop(cfg, run_dir, parts, logger, stops, judge=judge, stage=stage, online=online)
         if not loop.restore() and calibration:
             logger.log(0, calibration, stage=stage)
-        before_file = run_dir / "samples_before.jsonl"
-        if not before_file.is_file():
-            summary["before"] = evaluate(cfg, parts, heldout.reporting, before_file)
-            (run_dir / "eval_before.json").write_text(json.dumps(summary["before"]))
-        else:
-            summary["before"] = json.loads((run_dir / "eval_before.json").read_text())
+        if online is not None:  # labeling and the reward learner run beside the loop from here
+            online.start(parts, lambda: loop.step)
+        summary["before"] = _evaluate_before(cfg, parts, heldout.reporting, run_dir)
         t1 = time.perf_counter()
         last = loop.run()
         print(f"tidal: {loop.step - loop.start_step} rl steps in {time.perf_counter() - t1:.1f} s", flush=True)
+        if online is not None:  # stopped before the evaluation, which the last swapped version scores
+            summary["online"] = online.close()
         summary["after"] = evaluate(cfg, parts, heldout.reporting, run_dir / "samples_after.jsonl")
         logger.log(cfg.algorithm.steps, {f"eval/{k}_{when}": v for when in ("before", "after")
                                          for k, v in summary[when].items()}, stage="eval" if stage == "rl" else f"eval-{stage}")
@@ -227,8 +232,33 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
     finally:
         if judge is not None:
             judge.close()
+        if online is not None:
+            online.close()
         stop_parts(placement, parts.learners, parts.pool, parts.reward)
     return summary
+
+
+def _evaluate_before(cfg: TidalConfig, parts: RLParts, prompts, run_dir: Path) -> dict[str, float]:
+    """The initial policy's evaluation, or on a resume the one the first start wrote."""
+    before_file = run_dir / "samples_before.jsonl"
+    if before_file.is_file():
+        return json.loads((run_dir / "eval_before.json").read_text())
+    out = evaluate(cfg, parts, prompts, before_file)
+    (run_dir / "eval_before.json").write_text(json.dumps(out))
+    return out
+
+
+def _online(cfg: TidalConfig, run_dir: Path, stage: str, reward_model: str | None, data):
+    """feedback.mode=online: the stage's OnlineFeedback (its store and versions in run_dir), else None."""
+    if cfg.feedback.mode != "online":
+        return None
+    from tidal.common.data import read_records
+    from tidal.driver.online import OnlineFeedback
+
+    if reward_model is None:
+        raise ValueError("feedback.mode=online refits a reward model: run the rm stage first or set model.reward")
+    offline = read_records(data.comparisons, "comparisons") if data.comparisons is not None else []
+    return OnlineFeedback(cfg, run_dir, stage, reward_model, offline)
 
 
 def monitor_summary(loop: RLLoop, run_dir: Path) -> dict:

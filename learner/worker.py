@@ -29,6 +29,7 @@ from tidal.common.config import TidalConfig
 from tidal.common.models import response_logits, sequence_logprobs
 from tidal.common.ops import logprobs_and_entropy
 from tidal.common.precision import autocast, bf16_native
+from tidal.learner.reward_model import RewardRoleCalls
 from tidal.learner.weights_out import PolicyWeightsOut
 from tidal.learner.engine import (build_policy, build_value, free_port, init_distributed, linear_lr, make_engine,
                                   seed_everything)
@@ -61,7 +62,7 @@ class FitPlan:
     schedule: str | None = None  # "constant" | "linear"; None: learner.lr_schedule
 
 
-class LearnerWorker:
+class LearnerWorker(RewardRoleCalls):  # + the reward learner's calls (tidal.learner.reward_model)
     def __init__(self, cfg: TidalConfig, rank: int, world_size: int, num_threads: int = 0, forward_threads: int = 0):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         apply_threads(num_threads)  # tidal.actors.threads
