@@ -92,4 +92,3 @@ class SimulatedLabeler:
         scores = [float(s) for s in self.gold([prompt_text(task)] * len(texts), texts)]
         _, new = store.submit(labeler_id, f"{name}-task-{task.id}", task.id, ranking=self.rank(scores))
         return int(new)
-
