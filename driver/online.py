@@ -45,6 +45,15 @@ def query_seed(cfg: TidalConfig, step: int) -> int:
     return (cfg.seed * 1_000_003 + step * 7_919 + 2) & 0x7FFFFFFF
 
 
+def plan_queries(fb, made: int, batch_size: int, have_ensemble: bool) -> tuple[int, int, bool]:
+    """(tasks to make, candidate prompts to sample, active?) for one step: feedback.query_rate
+    tasks until feedback.label_budget; active queries (once an ensemble exists) score
+    feedback.candidates candidates per task, at most the step's batch."""
+    n = max(0, min(fb.query_rate, fb.label_budget - made))
+    active = fb.queries == "active" and have_ensemble
+    return n, min(batch_size, n * fb.candidates if active else n), active
+
+
 def choose(scores: list[float | None], valid: list[bool], n: int) -> list[int]:
     """Indices of the n tasks to ask: by disagreement, highest first (scores given), else in order;
     tasks that are not valid (fewer than two different responses) never."""
@@ -93,17 +102,26 @@ class OnlineFeedback:
                                      self._publish, policy_step)
         self.learner.start()
 
-    def close(self) -> dict:
-        """Stop labeling and the reward learner (labels stay in the store); the stage's summary."""
+    def close(self, take_newest: bool = False) -> dict:
+        """Stop labeling and the reward learner (labels stay in the store); the stage's summary.
+        `take_newest` (the loop has ended, the rollout thread is idle): a version published after
+        the last step's swap goes into the reward workers now, so the evaluation, the summary and
+        the next stage use the version fit on the most labels."""
         if not self._closed:
             self._closed = True
             self._stop.set()
-            if self.learner is not None:
-                self.learner.close()
-            if self._labeler is not None:
-                self._labeler.join(timeout=30)
-            if self.server is not None:
-                self.server.close()
+            try:
+                if self.learner is not None:
+                    self.learner.close(finish=take_newest)
+                if self._labeler is not None:
+                    self._labeler.join(timeout=30)
+                if self.server is not None:
+                    self.server.close()
+                if take_newest:
+                    self.swap()  # before the rank stops: the version's weights are in its object store
+            finally:
+                if self.learner is not None:
+                    self.learner.shutdown()
         return self.summary()
 
     def summary(self) -> dict:
@@ -191,13 +209,8 @@ class OnlineFeedback:
         """After a step's scoring: this step's labeling tasks (module doc); returns the step's
         online/* metrics."""
         self._last = rollout
-        fb = self.cfg.feedback
-        n = min(fb.query_rate, fb.label_budget - self.made)
-        self.asked = 0
-        if n > 0:
-            active = fb.queries == "active" and self.ensemble is not None
-            m = min(len(batch), n * fb.candidates if active else n)
-            self.asked = self._ask(step, batch.slice(0, m), n, active)
+        n, m, active = plan_queries(self.cfg.feedback, self.made, len(batch), self.ensemble is not None)
+        self.asked = self._ask(step, batch.slice(0, m), n, active) if n > 0 else 0
         return self.metrics()
 
     def _ask(self, step: int, prompts, n: int, active: bool) -> int:

@@ -72,11 +72,18 @@ class RewardLearner:
     def start(self) -> None:
         self._thread.start()
 
-    def close(self) -> None:
-        """Stop: a fit in flight is abandoned (its labels stay in the store for a resumed run)."""
+    def close(self, finish: bool = False) -> None:
+        """Stop refitting. `finish`: a fit in flight completes and publishes (the rank stays up
+        until `shutdown`, so its published weights stay readable); else it is abandoned (its
+        labels stay in the store for a resumed run) and the rank stops now."""
         self.stop.set()
+        if not finish:
+            self.shutdown()
+        self._thread.join(timeout=self.cfg.cluster.sync_timeout_s if finish else 60)
+
+    def shutdown(self) -> None:
+        """Stop the rank; the weights it published through the object store go with it."""
         self._shutdown_group()
-        self._thread.join(timeout=60)
 
     def _run(self) -> None:
         try:
@@ -89,7 +96,6 @@ class RewardLearner:
         except BaseException as e:  # noqa: BLE001 - the RL side re-raises it (OnlineFeedback.check)
             if not self.stop.is_set():
                 self.error = e
-        finally:
             self._shutdown_group()
 
     def _recovering(self, work: Callable[[], None]) -> None:

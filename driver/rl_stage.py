@@ -217,8 +217,8 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
         t1 = time.perf_counter()
         last = loop.run()
         print(f"tidal: {loop.step - loop.start_step} rl steps in {time.perf_counter() - t1:.1f} s", flush=True)
-        if online is not None:  # stopped before the evaluation, which the last swapped version scores
-            summary["online"] = online.close()
+        if online is not None:  # stopped before the evaluation, which the newest version scores
+            summary["online"] = online.close(take_newest=True)
         summary["after"] = evaluate(cfg, parts, heldout.reporting, run_dir / "samples_after.jsonl")
         logger.log(cfg.algorithm.steps, {f"eval/{k}_{when}": v for when in ("before", "after")
                                          for k, v in summary[when].items()}, stage="eval" if stage == "rl" else f"eval-{stage}")

@@ -14,7 +14,7 @@ import torch
 
 from tidal.common.config import ConfigError, load_config
 from tidal.driver.collect import weighted
-from tidal.driver.online import choose
+from tidal.driver.online import choose, plan_queries
 from tidal.feedback import lineage
 from tidal.feedback.online import comparison_records, label_set, split_newest
 from tidal.feedback.simulated import SimulatedLabeler
@@ -197,6 +197,17 @@ def test_the_paced_simulated_labeler_keeps_its_latency_and_throughput(tmp_path):
 def test_choose_ranks_by_disagreement_and_skips_tasks_without_two_responses():
     assert choose([0.1, 0.9, 0.5, 0.7], [True, True, True, False], 2) == [1, 2]
     assert choose([None] * 4, [True, False, True, True], 2) == [0, 2]
+
+
+def test_a_step_asks_query_rate_tasks_until_the_budget_from_candidates_times_as_many():
+    fb = load_config(None, ["feedback.query_rate=3", "feedback.label_budget=10", "feedback.candidates=4"]).feedback
+    assert plan_queries(fb, made=0, batch_size=16, have_ensemble=True) == (3, 12, True)
+    assert plan_queries(fb, made=8, batch_size=16, have_ensemble=True) == (2, 8, True)  # 2 left in the budget
+    assert plan_queries(fb, made=10, batch_size=16, have_ensemble=True)[0] == 0
+    assert plan_queries(fb, made=0, batch_size=8, have_ensemble=True) == (3, 8, True)  # at most the step's batch
+    assert plan_queries(fb, made=0, batch_size=16, have_ensemble=False) == (3, 3, False)  # no ensemble yet
+    rnd = load_config(None, ["feedback.queries=random", "feedback.query_rate=3"]).feedback
+    assert plan_queries(rnd, made=0, batch_size=16, have_ensemble=True) == (3, 3, False)
 
 
 def test_online_config_checks():
