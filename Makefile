@@ -48,25 +48,33 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/rollout.py && $(BIN)/python bench/weight_sync.py && $(BIN)/python bench/reward.py \
 	    && $(BIN)/python bench/e2e.py && $(BIN)/python bench/peer_trl.py
 
-# SFT -> RM once, then PPO, GRPO, expert iteration and DPO from the same SFT model and reward
-# model, then the scoreboard (with best-of-4 over SFT) on the demo's held-out prompts
-# (docs/alternatives.md). Each run gets COMPARE_STEPS RL steps.
+# SFT -> RM once, then PPO, GRPO, DAPO (GRPO + dynamic sampling + clip-higher + soft overlong
+# punishment), GSPO (the paper's clip ranges), Dr. GRPO, expert iteration and DPO from the same SFT
+# model and reward model, then the scoreboard (with best-of-4 over SFT) on the demo's held-out
+# prompts (docs/alternatives.md, docs/algorithms.md). Each run gets COMPARE_STEPS RL steps; the
+# group methods share GRPO's 8 prompts x 4 samples per step.
 COMPARE_STAMP := $(shell date +%Y%m%d-%H%M%S)
 COMPARE_DIR ?= runs/compare-$(COMPARE_STAMP)
 COMPARE_STEPS ?= 20
 COMPARE_FROM = logging.output_dir=$(COMPARE_DIR) model.policy=$(COMPARE_DIR)/base/sft model.reward=$(COMPARE_DIR)/base/reward_model
+COMPARE_GROUP = "stages.run=[rl]" algorithm.steps=$(COMPARE_STEPS) rollout.n_samples=4 algorithm.prompts_per_step=8
 
 compare: install
 	$(BIN)/tidal train configs/demo.yaml logging.output_dir=$(COMPARE_DIR) logging.run_name=base "stages.run=[sft,rm]"
 	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=ppo "stages.run=[rl]" algorithm.steps=$(COMPARE_STEPS)
-	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=grpo "stages.run=[rl]" algorithm.steps=$(COMPARE_STEPS) \
-	    algorithm.name=grpo rollout.n_samples=4 algorithm.prompts_per_step=8
+	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=grpo $(COMPARE_GROUP) algorithm.name=grpo
+	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=dapo $(COMPARE_GROUP) algorithm.name=grpo \
+	    algorithm.dynamic_sampling=true algorithm.clip_eps_high=0.28 algorithm.overlong_buffer=4
+	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=gspo $(COMPARE_GROUP) algorithm.name=gspo \
+	    algorithm.clip_eps=0.0003 algorithm.clip_eps_high=0.0004
+	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=dr_grpo $(COMPARE_GROUP) algorithm.name=dr_grpo
 	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=ei "stages.run=[rl]" algorithm.steps=$(COMPARE_STEPS) \
 	    algorithm.name=expert_iteration rollout.n_samples=4 algorithm.prompts_per_step=16 algorithm.ei_top_k=1 \
 	    algorithm.update_epochs=2 learner.mini_batch_size=16 learner.micro_batch_size=8
 	$(BIN)/tidal train configs/demo.yaml $(COMPARE_FROM) logging.run_name=dpo "stages.run=[dpo]" stages.dpo.max_steps=$(COMPARE_STEPS)
 	$(BIN)/tidal eval configs/demo.yaml $(COMPARE_FROM) --sft $(COMPARE_DIR)/base/sft --best-of 4 --out $(COMPARE_DIR)/eval \
-	    --run ppo=$(COMPARE_DIR)/ppo --run grpo=$(COMPARE_DIR)/grpo --run expert_iteration=$(COMPARE_DIR)/ei --run dpo=$(COMPARE_DIR)/dpo
+	    --run ppo=$(COMPARE_DIR)/ppo --run grpo=$(COMPARE_DIR)/grpo --run dapo=$(COMPARE_DIR)/dapo --run gspo=$(COMPARE_DIR)/gspo \
+	    --run dr_grpo=$(COMPARE_DIR)/dr_grpo --run expert_iteration=$(COMPARE_DIR)/ei --run dpo=$(COMPARE_DIR)/dpo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -29,7 +29,7 @@ def case_overrides(name: str, model: str, mode: str, steps: int, out: Path) -> l
     common = [f"logging.output_dir={out}", f"logging.run_name={name}", "logging.wandb_mode=disabled",
               "logging.progress=false", "logging.eval_samples=0", f"algorithm.steps={steps}",
               f"algorithm.mode={mode}", "algorithm.max_staleness=1",
-              f"data.data_dir={out / 'data'}"]
+              f"data.data_dir={out / 'data'}", 'reward.terms=[{kind: length, target: "8"}]']
     if model == "smollm2-135m":
         common += ["model.policy=smollm2-135m", "model.critic=smollm2-135m-2l", "rollout.max_new_tokens=20",
                    "data.max_prompt_tokens=16", "rollout.max_model_len=64", "algorithm.update_epochs=1",

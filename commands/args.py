@@ -24,6 +24,13 @@ def positional(help: str, nargs: str | None = None, default: Any = MISSING, meta
     return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
 
 
+def verbose_option(logs: str | None) -> Any:
+    """--verbose of a command that starts Ray: the one console policy (tidal.driver.runtime.ray_session)."""
+    where = f"by default it goes to {logs}" if logs else "by default it is dropped"
+    return option(False, f"show Ray's, the workers' and the engines' output on the console ({where}; tidal's own "
+                         f"lines show either way)")
+
+
 def option(default: Any, help: str, flag: str | None = None, metavar: str | None = None,
            choices: tuple | None = None, required: bool = False) -> Any:
     """An option `--name` (underscores become dashes, or `flag`); a bool is a switch, a tuple
@@ -58,8 +65,9 @@ class TrainArgs:
     config: Optional[str] = positional(CONFIG_HELP, nargs="?")
     overrides: tuple[str, ...] = positional(OVERRIDES_HELP, nargs="*", default=())
     resume: Optional[str] = option(None, "continue a run from its last checkpoint (overrides: algorithm.steps, "
-                                         "logging.*)", metavar="RUN_DIR")
-    verbose: bool = option(False, "show worker and engine logs on the console (by default they go to RUN/logs/ray)")
+                                         "logging.*; more algorithm.steps extend a finished run too)",
+                                   metavar="RUN_DIR")
+    verbose: bool = verbose_option("RUN/logs/ray")
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class EvalArgs:
     sft: Optional[str] = option(None, "the baseline (default: a run's sft stage output, else model.policy)")
     best_of: int = option(1, "also score best-of-N over SFT by the proxy", metavar="N")
     out: Optional[str] = option(None, "output folder (default: logging.output_dir/eval)")
+    verbose: bool = verbose_option("OUT/logs/ray")
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,7 @@ class GenerateArgs:
     json: bool = option(False, "stdout gets JSON lines rows instead of one completion per line")
     all: bool = option(False, "with --best-of N: add all N samples and their scores to each row (JSON rows)")
     score: bool = option(False, "score the completions by the reward also without --best-of")
+    verbose: bool = verbose_option(None)
 
 
 @dataclass(frozen=True)
@@ -164,6 +174,7 @@ class LabelTasksArgs:
     sft: Optional[str] = option(None, "the SFT model for --from sft (default: a run's sft stage output, else "
                                       "model.policy)")
     overlap: Optional[float] = option(None, "share of tasks given to 2+ labelers (default: the store's, 0.1)")
+    verbose: bool = verbose_option("DIR/logs/ray")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from tidal.commands.args import ConfigShowArgs, DataSentimentArgs, NoArgs, ReportArgs
 from tidal.common.config import ConfigError
 
@@ -11,11 +13,16 @@ def config_show(args: ConfigShowArgs) -> int:
     from tidal.common.config import describe, load_config, to_yaml
 
     cfg = load_config(args.config, list(args.overrides))
+    checked = None
     if args.check:
         from tidal.driver.preflight import preflight
 
-        preflight(cfg)  # data, models, reward functions; the built-in task's files may not exist yet
+        checked = preflight(cfg)  # data, models, reward functions; the built-in task's files may not exist yet
     print("\n".join(describe(cfg)) if args.doc else to_yaml(cfg), end="\n" if args.doc else "")
+    if checked is not None:  # on stderr: stdout stays the config, for a pipe or a file
+        sys.stdout.flush()
+        print("tidal: preflight passed: what `tidal train` checks before Ray starts\n"
+              + "".join(f"  {line}\n" for line in checked), end="", file=sys.stderr, flush=True)
     return 0
 
 
@@ -33,8 +40,7 @@ def data_sentiment(args: DataSentimentArgs) -> int:
 
 
 def report(args: ReportArgs) -> int:
-    from tidal.common.dashboard import plot_dashboard
-    from tidal.common.metrics import plot_run
+    from tidal.common.dashboard import plot_dashboard, plot_run
 
     try:
         paths = [plot_dashboard(args.run_dir), *plot_run(args.run_dir)]

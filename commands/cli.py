@@ -258,8 +258,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Comma
 
 
 # Errors of the files and folders a user named, not of tidal: a folder that is a file, no
-# permission, a full disk.
-_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EEXIST}
+# permission, a full disk (or a quota, or a file size limit).
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC, errno.EROFS, errno.EEXIST,
+                errno.EFBIG, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,39 +144,75 @@ def plot_table(rows: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
-def eval_from_cli(args: EvalArgs) -> int:
-    """Entry point of `tidal eval`; returns the exit status."""
-    from tidal.driver.job import prepare_data
-    from tidal.driver.runtime import ray_session
+@dataclass(frozen=True)
+class EvalPlan:
+    """Everything `tidal eval` needs, checked before Ray starts."""
+
+    cfg: TidalConfig
+    policies: dict[str, str]  # method name -> HF folder
+    sft: str
+    reward_model: str | None  # of the proxy's model term: model.reward, else a run's own
+    eval_prompts: Path
+    out_dir: Path
+
+
+def plan_eval(args: EvalArgs) -> EvalPlan:
+    """The config, the policies, the SFT model, the proxy's reward model (model.reward, else the
+    one the first --run run's rm stage trained: the reward its RL optimised, as `tidal generate`
+    finds it), the held-out prompts and the output folder; every user error here, before Ray."""
+    from tidal.commands.generate import check_reward
     from tidal.common.config import load_config
-    from tidal.common.models import resolve_model
-    from tidal.reward_service.combine import build_reward
+    from tidal.driver.job import prepare_data
+    from tidal.driver.preflight import check_model
+    from tidal.driver.run_folder import reward_model_of
 
     cfg = load_config(args.config, list(args.overrides))
-    best_of, runs = args.best_of, list(args.run)
-    if best_of < 1:
-        raise ConfigError(f"--best-of {best_of}: use N >= 2 to add best-of-N over SFT, or leave it out.")
+    if args.best_of < 1:
+        raise ConfigError(f"--best-of {args.best_of}: use N >= 2 to add best-of-N over SFT, or leave it out.")
+    runs = list(args.run)
     policies = dict(resolve_policy(s) for s in runs)
     sft_path = sft_of(runs, args.sft, cfg)
-    data = prepare_data(cfg)
-    if data.eval_prompts is None:
-        raise ConfigError("tidal eval needs held-out prompts: set data.eval_prompts (or data.task: sentiment).")
+    check_model("--sft" if args.sft else "model.policy", sft_path)
+    reward_model = next((m for m in (reward_model_of(cfg, s.partition("=")[2]) for s in runs) if m), cfg.model.reward)
+    check_reward(cfg, "tidal eval", reward_model)
+    gold_term(cfg.logging.gold_term)  # a bad logging.gold_term is a config error, not a failure after sampling
     out_dir = Path(args.out or Path(cfg.logging.output_dir) / "eval")
     if (out_dir / "eval.json").exists():  # never overwrite an earlier scoreboard
         raise ConfigError(f"{out_dir / 'eval.json'} already exists; pass another --out folder.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    reward_model = str(resolve_model(cfg.model.reward)) if cfg.model.reward else None
-    with ray_session(cfg.cluster, min_cpus=cfg.rollout.num_workers):
-        proxy = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=sft_path, local=True,
+    blocked = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"--out {out_dir}: {blocked} is a file, not a folder; pass another --out folder.")
+    data = prepare_data(cfg)
+    if data.eval_prompts is None:
+        raise ConfigError("tidal eval needs held-out prompts: set data.eval_prompts (or data.task: sentiment).")
+    return EvalPlan(cfg, policies, sft_path, reward_model, data.eval_prompts, out_dir)
+
+
+def eval_from_cli(args: EvalArgs) -> int:
+    """Entry point of `tidal eval`; returns the exit status. A user error stops in `plan_eval`,
+    before Ray starts and before anything is written; the output folder gets the scoreboard and
+    (without --verbose) the worker and engine logs."""
+    from tidal.common.models import resolve_model
+    from tidal.driver.runtime import ray_session
+    from tidal.reward_service.combine import build_reward
+
+    plan = plan_eval(args)
+    cfg = plan.cfg
+    if plan.reward_model and not cfg.model.reward:
+        print(f"tidal eval: the proxy's reward model is {plan.reward_model} (the run's own rm stage)", flush=True)
+    reward_model = str(resolve_model(plan.reward_model)) if plan.reward_model else None
+    with ray_session(cfg.cluster, min_cpus=cfg.rollout.num_workers, verbose=args.verbose,
+                     logs_to=plan.out_dir / "logs" / "ray"):
+        proxy = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=plan.sft, local=True,
                              dtype=cfg.model.dtype)
         try:
-            rows = evaluate_policies(cfg, policies, sft_path, best_of, data.eval_prompts, proxy)
+            rows = evaluate_policies(cfg, plan.policies, plan.sft, args.best_of, plan.eval_prompts, proxy)
         finally:
             proxy.close()
-    table = format_table(rows)
-    print(table, flush=True)
-    (out_dir / "eval.json").write_text(json.dumps({"gold": cfg.logging.gold_term, "sft": sft_path, "rows": rows},
-                                                  indent=2))
-    plot_table(rows, out_dir / "eval.png")
-    print(f"tidal eval: wrote {out_dir / 'eval.json'} and {out_dir / 'eval.png'}", flush=True)
+    print(format_table(rows), flush=True)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    (plan.out_dir / "eval.json").write_text(json.dumps({"gold": cfg.logging.gold_term, "sft": plan.sft,
+                                                        "reward_model": plan.reward_model, "rows": rows}, indent=2))
+    plot_table(rows, plan.out_dir / "eval.png")
+    print(f"tidal eval: wrote {plan.out_dir / 'eval.json'} and {plan.out_dir / 'eval.png'}", flush=True)
     return 0

@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -132,7 +133,7 @@ def check_reward(cfg: TidalConfig, why: str, reward_model: Optional[str]) -> Non
 
 def prompt_batch(cfg: TidalConfig, records: list, policy: str):
     """(PromptBatch of every record in order, how many were cut to data.max_prompt_tokens)."""
-    from tidal.common.data import render_prompt
+    from tidal.common.prompts import render_prompt
     from tidal.common.prompts import PromptDataset
     from tidal.common.models import load_tokenizer
     from tidal.rollout.worker import check_prompts
@@ -190,7 +191,7 @@ def write_new(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward):
+def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward, verbose: bool = False):
     """(texts, scores or None, BestOf or None) in prompt order, from a fresh rollout pool on Ray
     (tidal.driver.heldout; closed afterwards). With a reward every sample is scored and each
     prompt keeps its best."""
@@ -201,7 +202,7 @@ def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward):
 
     sampling = eval_sampling(cfg, Seeds(cfg.seed).generate)
     best_of = None if reward is None else BestOfN(None, reward, sampling, n)  # its pool: sample_policy's own
-    with ray_session(cfg.cluster, min_cpus=cfg.rollout.num_workers * cfg.rollout.cpus_per_worker, verbose=False):
+    with ray_session(cfg.cluster, min_cpus=cfg.rollout.num_workers * cfg.rollout.cpus_per_worker, verbose=verbose):
         candidates = sample_policy(policy, prompts, sampling if best_of is None else best_of.sampling, cfg)
     if best_of is None:
         return list(candidates.response_text), None, None
@@ -212,11 +213,22 @@ def sample(cfg: TidalConfig, n: int, policy: str, prompts, reward):
     return list(best.chosen.response_text), best.scores, best
 
 
-def generate_from_cli(args: GenerateArgs) -> int:
-    """Entry point of `tidal generate`; returns the exit status."""
-    from tidal.driver.job import quiet_libraries
+@dataclass(frozen=True)
+class GeneratePlan:
+    """What `tidal generate` needs, checked before anything is loaded or started."""
+
+    cfg: TidalConfig
+    n: int  # --best-of N
+    scored: bool
+    policy: str  # HF folder
+    reward_model: Optional[str]  # of a model reward term (scored only)
+    records: list  # PromptRecords, in input order
+
+
+def plan_generate(args: GenerateArgs) -> GeneratePlan:
+    """The arguments, the config (a run's own when --model is a run directory and no CONFIG),
+    the policy, the reward that scores and every prompt row: each user error here, in seconds."""
     from tidal.common.config import load_config
-    from tidal.common.models import resolve_model
 
     n = check_args(args)
     config = run_config(args)
@@ -228,8 +240,19 @@ def generate_from_cli(args: GenerateArgs) -> int:
     reward_model = reward_model_of(cfg, args.model) if scored else None
     if scored:
         check_reward(cfg, f"--best-of {n}" if n > 1 else "--score", reward_model)
-    records = read_prompts(args.inp, args.in_format)
-    quiet_libraries()
+    return GeneratePlan(cfg, n, scored, policy, reward_model, read_prompts(args.inp, args.in_format))
+
+
+def generate_from_cli(args: GenerateArgs) -> int:
+    """Entry point of `tidal generate`; returns the exit status."""
+    from tidal.driver.runtime import quiet_libraries
+    from tidal.common.models import resolve_model
+
+    plan = plan_generate(args)
+    cfg, n, scored, policy, reward_model, records = (plan.cfg, plan.n, plan.scored, plan.policy, plan.reward_model,
+                                                     plan.records)
+    if not args.verbose:
+        quiet_libraries()
     prompts, cut = prompt_batch(cfg, records, policy)
     if cut:
         print(f"tidal generate: {cut} of {len(records)} prompts are longer than data.max_prompt_tokens="
@@ -246,7 +269,7 @@ def generate_from_cli(args: GenerateArgs) -> int:
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the completions and nothing else
-            texts, scores, best = sample(cfg, n, policy, prompts, reward)
+            texts, scores, best = sample(cfg, n, policy, prompts, reward, args.verbose)
     finally:
         if reward is not None:
             reward.close()

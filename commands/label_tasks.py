@@ -65,7 +65,8 @@ def tasks_from_cli(args: LabelTasksArgs) -> int:
     planned = plan_sources(list(args.sources), args.responses)
     models, batch, prompts = _models_and_prompts(cfg, args, planned)
     store = FeedbackStore(args.dir, create=True)
-    with ray_session(cfg.cluster, min_cpus=cfg.rollout.num_workers):
+    with ray_session(cfg.cluster, min_cpus=cfg.rollout.num_workers, verbose=args.verbose,
+                     logs_to=Path(args.dir) / "logs" / "ray"):
         responses = _responses(cfg, planned, models, batch, prompts, args.responses)
     ids = store.add_tasks([NewTask(p, rows) for p, rows in zip(prompts, responses)], overlap_fraction=args.overlap,
                           seed=cfg.seed, duplicates="drop")  # samples may repeat; a ranking row may not

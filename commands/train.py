@@ -2,10 +2,16 @@
 
 `tidal train --resume RUN [algorithm.steps=N logging.*=... cluster.*=...]` re-reads RUN/config.yaml
 (a resume may extend the steps, change logging or where it runs; any other changed key is refused), says so and changes
-nothing when every stage already finished, skips finished stages (their outputs are on disk),
+nothing when every stage already finished (unless algorithm.steps grows: a run that ends in rl
+goes on from its final checkpoint, `extension`), skips finished stages (their outputs are on disk),
 and continues the RL stage from its newest complete checkpoint; log records written
 after that checkpoint are dropped first, so the resumed run's records equal an uninterrupted
 run's. A stage that was interrupted before finishing (sft, rm) restarts from its beginning.
+
+A run folder belongs to one process (tidal.driver.run_folder): a new run gets a folder of its
+own (an automatic name taken by a run started in the same second gets a -2 suffix), a resume
+needs a folder tidal made, and a RUN/config.yaml edited since the run started (or since the
+checkpoint the resume loads) is refused with the differences.
 """
 
 from __future__ import annotations
@@ -15,41 +21,36 @@ import sys
 import time
 from pathlib import Path
 
-from tidal.common.config import ConfigError, TidalConfig, load_config, to_dict, to_yaml
-from tidal.common.metrics import METRICS_FILE
+from tidal.common.config import ConfigError, TidalConfig, load_config, to_yaml
+from tidal.common.errors import UserError
 from tidal.driver import checkpoint as ck
 from tidal.driver.collect import WaitingForLabels
 from tidal.driver.interrupt import Interrupted
 from tidal.driver.job import prepare_data, run_pipeline
 from tidal.driver.preflight import PreflightError, check_data, preflight
-from tidal.driver.run_folder import read_run_state, stage_keys
+from tidal.driver.run_folder import (
+    check_unchanged_config,
+    claim_run_dir,
+    config_record,
+    forget_stage,
+    is_run_folder,
+    read_run_state,
+    refuse_used_folder,
+    rl_dir,
+    stage_keys,
+)
 from tidal.rollout.pool import WorkersLost
-
-# What a resume may change without breaking exactness: the length, the logging, and where the run
-# runs (a node died: resume on the nodes left); generation is seeded per prompt, not per worker.
-RESUMABLE_KEYS = ("algorithm.steps", "logging.", "cluster.")
 
 
 def train_from_cli(config_path: str | None, overrides: list[str], resume: str | None = None,
                    verbose: bool = False) -> int:
     """Entry point of `tidal train`; returns the exit status. Every check that needs no cluster
     (config, data rows, models, reward functions, the checkpoint to resume) runs before Ray starts."""
+    extend = None  # the rl round a resume with more algorithm.steps reopens in a finished run
     if resume is not None:
-        if config_path is not None:
-            raise ConfigError(f"--resume {resume} continues with {resume}/config.yaml; drop {config_path} "
-                              f"(overrides of algorithm.steps, logging.* and cluster.* are allowed).")
         run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {resume}: no config.yaml there; pass the run directory of an earlier `tidal train`.")
-        cfg = resume_config(run_dir, overrides)
-        done = read_run_state(run_dir)["stages"]
-        if all(key in done for _, key, _ in stage_keys(cfg.stages.run)):
-            if "rl" in done and cfg.algorithm.steps != load_config(run_dir / "config.yaml").algorithm.steps:
-                raise PreflightError(f"--resume {run_dir}: the run finished its rl stage, whose learning-rate schedule has "
-                                     f"ended; extend a run before it finishes, or start a new one from it with "
-                                     f"model.policy={run_dir / 'policy'}.")
-            print(f"tidal: run {run_dir} already finished (stages {', '.join(done)}); nothing to do. "
-                  f"Its results: {run_dir / 'summary.json'}", flush=True)
+        cfg, extend = _resume_checks(run_dir, config_path, overrides)
+        if cfg is None:
             return 0
     else:
         cfg = load_config(config_path, overrides)
@@ -57,6 +58,10 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
     preflight(cfg, resume_dir=run_dir if resume is not None else None, files=False)  # before anything is written
     data = prepare_data(cfg)  # writes task files only where none exist
     check_data(cfg, data)  # every row the stages will read, still before Ray starts
+    run_dir = claim_run_dir(run_dir, fresh=resume is None, numbered=resume is None and not cfg.logging.run_name)
+    if extend is not None:  # the finished rl round goes on from its final checkpoint
+        forget_stage(run_dir, extend)
+        print(f"tidal: extending {run_dir}: {extend} goes on to step {cfg.algorithm.steps}", flush=True)
     if resume is not None and overrides:
         ck.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # a later resume continues with these
     try:
@@ -73,30 +78,117 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
               file=sys.stderr, flush=True)
         return 1
     except (Interrupted, KeyboardInterrupt) as e:
-        done = "; checkpoint written" if isinstance(e, Interrupted) and e.checkpointed else ""
-        where = f"after rl step {e.step} of {e.total}" if isinstance(e, Interrupted) else "before its next checkpoint"
-        print(f"tidal: interrupted ({e.signal_name if isinstance(e, Interrupted) else 'SIGINT'}) {where}{done}. "
-              f"Resume with: tidal train --resume {run_dir}", file=sys.stderr, flush=True)
+        print(f"tidal: {_interrupted(e, run_dir)}", file=sys.stderr, flush=True)
         return 130
+    except UserError as e:  # e.g. a reward function that failed: one line, and how to go on once it is fixed
+        e.args = (f"{' '.join(str(e).split())} Once fixed: tidal train --resume {run_dir}",)
+        raise
+    except Exception as e:
+        if not _worker_died(e):
+            print(f"tidal: the run stopped on an error; resume with: tidal train --resume {run_dir}", file=sys.stderr)
+            raise
+        print(f"tidal: a worker process of the run died ({_first_line(e)}); its log is in {run_dir / 'logs'}. "
+              f"Resume with: tidal train --resume {run_dir}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def _resume_checks(run_dir: Path, config_path: str | None, overrides: list[str]) -> tuple[TidalConfig | None, str | None]:
+    """The config a resume continues with, after every check that writes nothing, and the rl round
+    it extends (a finished run with more algorithm.steps, `extension`); (None, None) when the run
+    already finished and nothing is to be done (said on the console)."""
+    if config_path is not None:
+        raise ConfigError(f"--resume {run_dir} continues with {run_dir}/config.yaml; drop {config_path} "
+                          f"(overrides of algorithm.steps, logging.* and cluster.* are allowed).")
+    if not is_run_folder(run_dir):
+        claim_run_dir(run_dir, fresh=False)  # raises: names what a run folder holds
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; pass the run directory of an earlier `tidal train`.")
+    cfg = resume_config(run_dir, overrides)
+    check_unchanged_config(run_dir, cfg)
+    done = read_run_state(run_dir)["stages"]
+    if all(key in done for _, key, _ in stage_keys(cfg.stages.run)):
+        old_steps = load_config(run_dir / "config.yaml").algorithm.steps
+        if cfg.algorithm.steps != old_steps:
+            return cfg, extension(run_dir, cfg, old_steps)  # raises when the run cannot go on
+        print(f"tidal: run {run_dir} already finished (stages {', '.join(done)}); nothing to do. "
+              f"Its results: {run_dir / 'summary.json'}", flush=True)
+        return None, None
+    return cfg, None
+
+
+def _interrupted(e: BaseException, run_dir: Path) -> str:
+    """What a stop by Ctrl-C / SIGTERM kept, and how to go on: a checkpoint is promised only
+    when one exists."""
+    if isinstance(e, Interrupted):
+        kept = "; checkpoint written" if e.checkpointed else ""
+        return (f"interrupted ({e.signal_name}) after rl step {e.step} of {e.total}{kept}. "
+                f"Resume with: tidal train --resume {run_dir}")
+    name = str(e) if str(e).startswith("SIG") else "SIGINT"
+    newest = max((p for p in run_dir.rglob("checkpoints/latest")), default=None, key=lambda p: p.stat().st_mtime)
+    done = list(read_run_state(run_dir)["stages"])
+    if newest is not None:
+        kept = f"the newest checkpoint is {newest.parent / newest.read_text().strip()}"
+    elif done:
+        kept = f"stages {', '.join(done)} finished; the next one restarts"
+    else:
+        kept = "no stage finished and no checkpoint was written: the resumed run starts from its beginning"
+    return f"interrupted ({name}) before the next checkpoint; {kept}. Resume with: tidal train --resume {run_dir}"
+
+
+def _worker_died(e: BaseException | None) -> bool:
+    """Whether an error is, or was caused by, a Ray actor's process ending (kill -9, out of memory)."""
+    from tidal.actors.actor_group import is_actor_death
+
+    while e is not None:
+        if is_actor_death(e) and not getattr(e, "actor_init_failed", False):
+            return True
+        e = e.__cause__
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def extension(run_dir: Path, cfg: TidalConfig, old_steps: int) -> str:
+    """The rl round that `--resume RUN algorithm.steps=N` reopens in a finished run: the run's
+    last stage, ended at its final checkpoint (step `old_steps`), from which it continues as an
+    unfinished run would. Refused (one line) where continuing would not be the same run going on."""
+    why = f"--resume {run_dir} algorithm.steps={cfg.algorithm.steps}"
+    stage, key, round_ = stage_keys(cfg.stages.run)[-1]
+    record = read_run_state(run_dir)["stages"][key]
+    if stage != "rl":
+        raise PreflightError(f"{why}: the run's last stage is {key}, not rl; only a run that ends in rl can be "
+                             f"extended. Start a new run from it with model.policy={run_dir / 'policy'}.")
+    if cfg.algorithm.steps < old_steps:
+        raise PreflightError(f"{why}: the run already finished {old_steps} steps; extend it with algorithm.steps > "
+                             f"{old_steps}.")
+    if record.get("summary", {}).get("early_stop"):
+        raise PreflightError(f"{why}: {key} stopped early ({record['summary']['early_stop']['reason']}, "
+                             f"algorithm.early_stop) and its policy is not its last step's; start a new run from it.")
+    latest = ck.resume_checkpoint(rl_dir(run_dir, round_))
+    if latest is None or int(latest.name.split("-")[1]) != old_steps:
+        raise PreflightError(f"{why}: {key} has no checkpoint of its final step {old_steps} to continue from; start a "
+                             f"new run from it with model.policy={run_dir / 'policy'}.")
+    if cfg.learner.lr_schedule == "linear":  # the decay's horizon moves to the new end (learner.engine.linear_lr)
+        print(f"tidal: note: learner.lr_schedule=linear: the learning rate goes on at "
+              f"{1 - old_steps / cfg.algorithm.steps:.2f} x learner.lr and decays to 0 at step {cfg.algorithm.steps}",
+              flush=True)
+    return key
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> TidalConfig:
     """RUN/config.yaml with the overrides a resume allows; any other changed key is refused by name."""
     old = load_config(run_dir / "config.yaml")
     new = load_config(run_dir / "config.yaml", overrides)
-    changed = [k for k, v in _leaves(to_dict(new)).items() if _leaves(to_dict(old)).get(k) != v]
-    refused = [k for k in changed if not k.startswith(RESUMABLE_KEYS)]
+    before, after = config_record(old), config_record(new)
+    refused = [k for k in after if before.get(k) != after[k]]
     if refused:
         raise ConfigError(f"--resume {run_dir}: {refused[0]} cannot change on resume (the resumed run must continue "
-                          f"the same way); only algorithm.steps, logging.* and cluster.* can. Start a new run to change it.")
+                          f"the same way); only algorithm.steps and logging.* can. Start a new run to change it.")
     return new
-
-
-def _leaves(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
 
 
 def default_run_name(config_path: str | None) -> str:
@@ -105,9 +197,10 @@ def default_run_name(config_path: str | None) -> str:
 
 
 def new_run_dir(cfg: TidalConfig, config_path: str | None) -> Path:
-    name = cfg.logging.run_name or default_run_name(config_path)
-    run_dir = Path(cfg.logging.output_dir) / name
-    if (run_dir / METRICS_FILE).is_file() and (run_dir / METRICS_FILE).stat().st_size > 0:
-        raise ConfigError(f"run directory {run_dir} already holds a run; continue it with `tidal train --resume {run_dir}` "
-                          f"or choose another logging.run_name.")
+    """Where a new run goes: logging.output_dir / (logging.run_name, or CONFIG-STEM-<time>). A named
+    folder that is in use is refused here, before anything is written; the folder itself is
+    created and locked later (claim_run_dir), when the checks have passed."""
+    run_dir = Path(cfg.logging.output_dir) / (cfg.logging.run_name or default_run_name(config_path))
+    if cfg.logging.run_name:
+        refuse_used_folder(run_dir)
     return run_dir

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from pathlib import Path
@@ -74,9 +75,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.load(p.read_text(), Loader=_Loader)
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8.") from None
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
         if raw is None:  # an empty file is more likely a wrong path or an unsaved editor than a wish for defaults
@@ -184,6 +187,8 @@ def _convert(tp: Any, value: Any, path: str, meta: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not isinstance(value, int)):
             raise ConfigError(f"{path}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
         value = tp(value)
+        if not math.isfinite(value):  # NaN passes every range check; no setting means infinity (None is "off")
+            raise ConfigError(f"{path}: {value!r} is not a finite number; give a number (e.g. {path}=1e-5).")
         lo, hi = meta.get("min"), meta.get("max")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"

@@ -35,7 +35,7 @@ def doc(default: Any, text: str, **kw: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    policy: str = doc("tiny-random", "Initial policy: a registry name (tiny-random, smollm2-135m, smollm2-135m-2l), a local HF folder, or a hub id (only with hub access). The SFT stage fine-tunes it; its output becomes the RL policy and the frozen reference.")
+    policy: str = doc("tiny-random", "Initial policy: a registry name (tiny-random, smollm2-135m, smollm2-135m-2l), a local HF folder, or a hub id already in the Hugging Face cache (runs are offline: `hf download ORG/NAME` first, or HF_HUB_OFFLINE=0 to let tidal download it). The SFT stage fine-tunes it; its output becomes the RL policy and the frozen reference.")
     reward: Optional[str] = doc(None, "Reward-model folder (a value model saved by the rm stage). None: use the rm stage's output when the rm stage runs, else rule rewards only.")
     critic: Optional[str] = doc(None, "Critic initialisation. None: the reward model when there is one (docs/implementation.md#d9), else the policy backbone with a fresh value head.")
     dtype: Literal["auto", "float32", "bfloat16"] = doc("auto", "Parameter dtype of all models. auto: bfloat16 when the learner ranks train on GPUs (learner.gpus_per_worker > 0, and learner.autocast none), else float32; decided once when the config is built (`tidal config show` prints the result). bfloat16 needs hardware support.")
@@ -95,6 +95,7 @@ class RewardConfig:
     on_invalid: Literal["error", "drop"] = doc("error", "What a NaN/inf reward does: stop with an error naming the sample, or drop the sample and count it (metric reward/dropped).")
     missing_eos_penalty: Optional[float] = doc(None, "Score given to responses that end without EOS (docs/implementation.md#d4). None: no penalty.")
     timeout_s: float = doc(30.0, "Timeout of one remote reward request.", min=0.1)
+    function_timeout_s: Optional[float] = doc(60.0, "Deadline of one call of a user reward function (kind function, and a function gold judge): the function runs in a process of its own, which is stopped when a call passes the deadline; the step then ends with an error naming the function and the samples (docs/rewards.md). null: call it in the driver's process, without a deadline.", min=0.1)
     retries: int = doc(2, "Retries of a failed remote reward request.", min=0)
     num_threads: int = doc(0, "Math threads of each reward-model worker (0: auto, as rollout.num_threads).", min=0)
 
@@ -123,11 +124,13 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: Literal["ppo", "grpo", "rloo", "reinforce", "expert_iteration"] = doc("ppo", "RL algorithm: ppo (GAE critic), or critic-free grpo / rloo / reinforce (REINFORCE with a batch-mean baseline), or expert_iteration (SFT on each step's best samples; update_epochs = SFT passes over them). grpo and rloo need rollout.n_samples >= 2.")
+    name: Literal["ppo", "grpo", "rloo", "reinforce", "reinforce_pp", "dr_grpo", "gspo", "cispo", "expert_iteration"] = doc("ppo", "RL algorithm, an entry of the algorithm table (learner/algorithms.py, docs/algorithms.md): ppo (GAE critic); critic-free grpo, rloo, reinforce (REINFORCE with a batch-mean baseline), reinforce_pp (REINFORCE++: advantages normalised over the whole batch), dr_grpo (Dr. GRPO: no std and no length normalisation), gspo (GSPO: sequence-level ratio and clipping), cispo (CISPO: clipped stop-gradient importance weight on a REINFORCE loss); or expert_iteration (SFT on each step's best samples; update_epochs = SFT passes over them). The group ones (grpo, rloo, dr_grpo, gspo, cispo) need rollout.n_samples >= 2.")
     steps: int = doc(20, "RL steps (generate -> score -> update -> sync).", min=1)
     prompts_per_step: int = doc(16, "Prompts per RL step (each sampled rollout.n_samples times).", min=1)
     update_epochs: int = doc(1, "Passes (K) over each step's experience: policy-gradient epochs in shuffled minibatches (PPO's K), or expert iteration's SFT passes over the kept samples. Was ppo_epochs.", min=1)
-    clip_eps: float = doc(0.2, "Policy ratio clip.", min=0.0)
+    clip_eps: float = doc(0.2, "Policy ratio clip: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (PPO, GRPO, ...; GSPO clips its sequence ratio, CISPO its importance weight, with the same range).", min=0.0)
+    clip_eps_high: Optional[float] = doc(None, "Upper clip range (DAPO's clip-higher: e.g. clip_eps 0.2, clip_eps_high 0.28 leaves more room to raise unlikely tokens). None: clip_eps (symmetric).", min=0.0)
+    loss_agg: Literal["auto", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = doc("auto", "How the policy-gradient loss (and its entropy and KL terms) weighs tokens and sequences (docs/algorithms.md#loss-aggregation): token_mean (every token of the minibatch weighs the same: DAPO); seq_mean_token_mean (the mean over each response's tokens, then over responses: every response weighs the same, the GRPO paper's form); seq_mean_token_sum (each response's token sum divided by the constant rollout.max_new_tokens, then the mean over responses: Dr. GRPO, no length normalisation). auto: the algorithm entry's own (token_mean; seq_mean_token_mean for gspo; seq_mean_token_sum for dr_grpo).")
     value_clip_eps: float = doc(0.2, "Value clip.", min=0.0)
     value_coef: float = doc(0.1, "Value-loss coefficient.", min=0.0)
     entropy_coef: float = doc(0.0, "Entropy bonus coefficient.", min=0.0)
@@ -150,6 +153,13 @@ class AlgorithmConfig:
     max_staleness: int = doc(1, "Async: most weight versions a sample may lag the policy it trains.", min=0)
     old_logprobs: Literal["auto", "engine", "trainer"] = doc("auto", "Where pi_old (the PPO ratio's denominator and the KL penalty's policy term) comes from (learner/pi_old.py). trainer: a forward pass of the learner ranks over every sample; engine: the rollout engine's log-probs of the sampled tokens, which in sync mode with unfiltered sampling and a float32 learner are the same policy's (no forward pass; refused before Ray starts unless mode=sync, top_p=1, top_k=-1, temperature > 0, learner.autocast=none); auto: when a step's rows fit in one minibatch (at most learner.mini_batch_size) and the rewards carry no KL penalty (kl_coef 0, not adaptive) and the update has a ratio (not expert_iteration), the update's own log-probs before its first optimizer step, with no forward pass at all (metric rl/old_logprobs_in_update); else engine where allowed, checked against the trainer at the first such step and every logprob_check_every steps - a mean gap above 1e-3 nats per token switches the run to trainer for good with a warning (metric rl/old_logprobs_engine); else trainer.")
     logprob_check_every: int = doc(10, "old_logprobs=auto: compute the trainer's log-probs as well every N steps (and at the first step) and compare (metric rollout/logprob_gap).", min=1)
+    dynamic_sampling: bool = doc(False, "DAPO's dynamic sampling: a prompt group whose scores are all equal (no group-relative signal), or that holds an invalid reward, is dropped, and more prompts are sampled (in data order) until the step has prompts_per_step groups; metrics sampling/rounds, sampling/dropped_share, sampling/groups_dropped. Needs rollout.n_samples >= 2.")
+    dynamic_sampling_max_rounds: int = doc(4, "dynamic_sampling: the most extra generation rounds per step; each samples the missing groups divided by the share kept so far (at most prompts_per_step prompts). A step still short after them is filled up with dropped groups, in sampling order (metric sampling/groups_refilled).", min=0)
+    overlong_filter: bool = doc(False, "DAPO's overlong filtering: responses cut at rollout.max_new_tokens (no EOS) are left out of the policy loss (they still count in their group's baseline); metric experience/overlong_filtered.")
+    overlong_buffer: int = doc(0, "DAPO's soft overlong punishment: the last N tokens before rollout.max_new_tokens are a buffer in which a response's score falls linearly, by overlong_penalty at the limit: score - overlong_penalty * (length - (max_new_tokens - N)) / N (0: off). Applied on the rollout side, after the reward (and before dynamic_sampling looks at the scores); metric reward/overlong_penalty.", min=0)
+    overlong_penalty: float = doc(1.0, "overlong_buffer: the score a response loses at rollout.max_new_tokens tokens.", min=0.0)
+    mismatch_correction: Literal["auto", "none", "tis", "seq_mask", "icepop"] = doc("auto", "Correction for the gap between the rollout engine's log-probs and the trainer's pi_old (off-policy async samples, top-k/top-p sampling, bf16 numerics; docs/algorithms.md#mismatch): tis (truncated importance sampling: each token's loss times min(pi_old / pi_engine, mismatch_threshold)); seq_mask (a response whose sequence ratio prod_t pi_old / pi_engine leaves [1/threshold, threshold] is left out of the loss); icepop (IcePop: a token whose ratio leaves [1/threshold, threshold] is left out); none; auto: tis in async mode and with top_p < 1 or top_k > 0, else none. Needs engine log-probs beside the trainer's (none when the engine's ARE pi_old); metrics mismatch/token_share, mismatch/seq_share.")
+    mismatch_threshold: float = doc(2.0, "mismatch_correction: the truncation cap of tis, the band [1/threshold, threshold] of seq_mask and icepop. Must be > 1.", min=1.0)
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,7 @@ class LoggingConfig:
     checkpoint_every: int = doc(0, "Checkpoint every N RL steps (0: only at the end).", min=0)
     progress: bool = doc(True, "Console progress bar.")
     checkpoint_on_interrupt: bool = doc(True, "Ctrl-C / SIGTERM during RL: finish the current step, write a checkpoint, then stop (a second signal stops at once). `tidal train --resume RUN` continues from it.")
+    interrupt_grace_s: float = doc(5.0, "Ctrl-C / SIGTERM during RL: how long the current step and its checkpoint may take to finish; past that the run stops at once (a step stuck in a reward function or a worker cannot hold it), and a resume continues from the last checkpoint. Raise it when a step takes longer and each stop should keep it.", min=0.0)
     eval_samples: int = doc(8, "Reporting prompts: the first N held-out prompts, whose completions are saved before and after RL (samples_before/after.jsonl) and that `tidal eval` compares policies on.", min=0)
     gold_every: int = doc(0, "Over-optimisation monitor: every N RL steps score the selection prompts (gold_samples of them) with the proxy and the gold judge (gold_term), log eval/proxy, eval/gold, eval/kl (0: off).", min=0)
     gold_samples: int = doc(16, "Selection prompts of the monitor: the gold_samples held-out prompts after the eval_samples reporting ones (disjoint from them), on which gold decides early stops and the best checkpoint. The held-out file must hold eval_samples + gold_samples prompts when gold_every > 0.", min=2)
@@ -185,6 +196,8 @@ class LoggingConfig:
     gold_alpha: float = doc(0.01, "Monitor: significance level of the one-sided t test that gold falls over the window (each selection prompt's own slope is one observation); the per-evaluation chance that flat gold plus noise raises the alarm. 1: no test, any negative gold slope counts.", min=1e-9, max=1.0)
     gold_min_drop: float = doc(0.0, "Monitor: the least fall of the fitted gold line across the window (gold score units) that raises the alarm; a significant but smaller fall is ignored (0: any significant fall).", min=0.0)
     gold_term: str = doc("sentiment", "Gold judge of `tidal eval` and of the over-optimisation monitor: a reward term the policy never trains on, 'KIND' or 'KIND:TARGET' (sentiment = VADER, length:8, function:module:fn, model:FOLDER).")
+    warn_degenerate: float = doc(0.5, "Console warning (once per run) when at least this share of an RL step's completions is degenerate (empty, symbols, a short unit or one word repeated: tidal.common.scoreboard.is_degenerate, metric rollout/degenerate): the policy is collapsing (0: off).", min=0.0, max=1.0)
+    warn_kl: float = doc(1.0, "Console warning (once per run) when an RL step's KL to the reference reaches this many nats per response token (metric rl/kl_per_token): the policy is running away from the reference (0: off).", min=0.0)
 
 
 @dataclass(frozen=True)
@@ -249,7 +262,7 @@ class StagesConfig:
 
 @dataclass(frozen=True)
 class TidalConfig:
-    seed: int = doc(0, "Global seed; each rank and worker derives its own from it.")
+    seed: int = doc(0, "Global seed; each rank and worker derives its own from it.", min=0)
     model: ModelConfig = doc(ModelConfig(), "Models.")
     cluster: ClusterConfig = doc(ClusterConfig(), "Ray cluster and placement.")
     rollout: RolloutConfig = doc(RolloutConfig(), "Rollout pool.")

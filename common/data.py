@@ -265,7 +265,11 @@ def _utf8(line: bytes, name: str, number: int) -> str:
 def _parquet_rows(path: Path, kind: str, batch_rows: int) -> Iterator[tuple[int, object]]:
     # pre_buffer=False: with pre-buffering, pyarrow reads ahead across row groups and memory
     # grows with the file (measured 7 MB held for a 6.7 MB file vs 0.6 MB without).
-    f = pq.ParquetFile(path, pre_buffer=False)
+    try:
+        f = pq.ParquetFile(path, pre_buffer=False)
+    except (pa.ArrowInvalid, OSError) as e:  # e.g. "Parquet magic bytes not found": not a parquet file
+        raise DataError(f"{path.name}: not a readable parquet file ({e}); write it with pandas/pyarrow "
+                        f"(to_parquet) or give a .jsonl file.") from None
     columns = [name for name in SCHEMAS[kind].names if name in f.schema_arrow.names]
     number = 0
     for batch in f.iter_batches(batch_size=batch_rows, columns=columns):  # one batch in memory at a time
@@ -380,42 +384,9 @@ def write_records(path: str | Path, records: Iterable[Record], chunk_rows: int =
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk: name the file being written
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     return count
-
-
-# ---------------------------------------------------------------------------- chat templates
-
-def _as_messages(prompt: Prompt) -> list[Message]:
-    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-
-
-def render_prompt(tokenizer, prompt: Prompt, use_chat_template: bool) -> str:
-    """Prompt text for generation: the tokenizer's chat template with the generation prompt
-    appended, or (without template) the string itself / the chat turns' contents joined."""
-    if use_chat_template:
-        return tokenizer.apply_chat_template(_as_messages(prompt), add_generation_prompt=True, tokenize=False)
-    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-
-
-def render_demonstration(tokenizer, record: DemonstrationRecord, use_chat_template: bool) -> tuple[str, str]:
-    """(prompt_text, response_text) such that prompt_text + response_text is the full training
-    text; SFT masks the prompt tokens. The response text never ends with EOS: the trainer
-    appends the EOS token id (with a template, a trailing end-of-turn equal to EOS is removed
-    so it is not doubled)."""
-    prompt_text = render_prompt(tokenizer, record.prompt, use_chat_template)
-    if not use_chat_template:
-        return prompt_text, record.response
-    full = tokenizer.apply_chat_template(
-        _as_messages(record.prompt) + [{"role": "assistant", "content": record.response}], tokenize=False)
-    if not full.startswith(prompt_text):
-        # Some templates render earlier turns differently once an answer follows; fall back to
-        # the raw response after the generation prompt, which is what the policy will see.
-        return prompt_text, record.response
-    response_text = full[len(prompt_text):].rstrip()
-    eos = tokenizer.eos_token
-    if eos and response_text.endswith(eos):
-        response_text = response_text[: -len(eos)]
-    return prompt_text, response_text

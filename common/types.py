@@ -89,6 +89,9 @@ class Experience:
     scores: torch.Tensor  # (B,) sequence rewards
     rollout_logprobs: torch.Tensor | None = None  # (B, R) engine logprobs (off-policy IS correction)
     weight_version: torch.Tensor | None = None  # (B,) long
+    # (B,) float: 1 where the row enters the policy loss, 0 where it is left out (overlong filtering);
+    # None: every row. The row's KL and metrics still count.
+    trains: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

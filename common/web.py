@@ -6,6 +6,7 @@ JSON 4xx, and JSON answers for unknown paths, wrong methods and uncaught errors.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import socket
@@ -98,16 +99,38 @@ async def drain(request: Request) -> None:
         pass
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port); a port out of range, one in use or an address this
+    machine does not have is a user error naming --port / --host and the fix."""
+    from tidal.common.config_schema import ConfigError
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: a TCP port is a number from 0 to 65535 (0: any free port).")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"--port {port}: the port is in use on {host} (another server?); pick another --port, "
+                              f"or --port 0 for any free one.") from None
+        if e.errno == errno.EACCES:
+            raise ConfigError(f"--port {port}: no permission to bind it (ports below 1024 need root); pick a port "
+                              f"above 1023.") from None
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); use an address "
+                          f"of this machine, e.g. --host 127.0.0.1.") from None
+    return sock
+
+
 class WebServer:
     """Runs an ASGI app with uvicorn on (host, port); `start()` serves from a background thread
     (tests, embedding), `serve_forever()` in the calling thread until Ctrl-C."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, name: str = "web"):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(128)
+        self.sock = bind_socket(host, port)
         self.name = name
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=5)

@@ -59,15 +59,34 @@ class CheckpointError(ConfigError):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file so readers see either the old or the new content."""
+    """Write a small file so readers see either the old or the new content. A failed write (a
+    full disk) leaves no temporary file, and its error names `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:  # a write's error names no file: name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     _fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's written data to the disk (a no-op for a missing file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -90,8 +109,13 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None], keep: int = KEEP) -> Path:
+def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], None], keep: int = KEEP,
+                     logs: tuple[Path, ...] = ()) -> Path:
     """Have `write(tmp_dir)` fill a fresh directory, then publish it atomically as step `step`.
+
+    `logs`: append-only files whose records up to this step a resume keeps (metrics.jsonl,
+    rollouts.jsonl); they are fsynced before the checkpoint is published, so after a power cut a
+    published checkpoint never points past a record that was lost (which no resume would refill).
 
     The COMPLETE marker lists every file with its size (the manifest a resume checks against),
     and is written only after each file reads back (`file_problem`, the quick checks). Keeps the
@@ -114,6 +138,8 @@ def write_checkpoint(run_dir: str | Path, step: int, write: Callable[[Path], Non
             raise OSError(f"checkpoint of step {step}: {tmp / rel} does not read back ({problem}); the earlier "
                           f"checkpoints in {root} are kept.")
     (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}))
+    for log in logs:
+        fsync_file(log)
     _fsync_tree(tmp)
     final = root / step_dir_name(step)
     if final.exists():
@@ -156,7 +182,23 @@ def _prune(root: Path, keep: int, step: int) -> None:
     for d in [d for d in _complete_steps(root) if _step_of(d) <= step][:-keep]:
         shutil.rmtree(d, ignore_errors=True)
     for d in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # leftovers of crashed writers (ours was renamed)
-        shutil.rmtree(d, ignore_errors=True)
+        if not _writer_alive(d.name):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that named a `.tmp-step-N-PID` / `.old-step-N-PID` folder still runs
+    (not this one): a folder another live process is writing is left alone."""
+    m = re.fullmatch(r"\.(?:tmp|old)-step-\d+-(\d+)", name)
+    if m is None or int(m.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

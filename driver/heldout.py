@@ -165,7 +165,8 @@ def build_gold(cfg: TidalConfig, term: RewardTerm, policy_tokenizer: str | None 
     reward-model worker in-process. Close it after use."""
     from tidal.reward_service.combine import build_reward
 
-    rc = RewardConfig(terms=(term,), normalize="none", on_invalid="error")
+    rc = RewardConfig(terms=(term,), normalize="none", on_invalid="error",
+                      function_timeout_s=cfg.reward.function_timeout_s)  # a function judge gets the same deadline
     return build_reward(rc, policy_tokenizer=policy_tokenizer, local=True, dtype=cfg.model.dtype)
 
 

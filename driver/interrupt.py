@@ -6,29 +6,54 @@ reads between steps (a step is never cut in half, so the checkpoint written then
 second signal raises KeyboardInterrupt at once. Outside such a loop (start-up, SFT, RM) the
 first signal raises KeyboardInterrupt. Either way the driver's `finally` blocks stop the actors
 and shut Ray down.
+
+One signal always ends the run within seconds: when the current step and its checkpoint have
+not finished `grace_s` seconds after the first signal (logging.interrupt_grace_s; a step stuck
+in a reward function or a worker), the process signals itself again, which stops at once; a
+resume then continues from the last checkpoint. A thread stuck in user code cannot be killed,
+so the rollout thread is a daemon thread that the driver abandons (tidal.driver.pipeline) and
+user reward functions run in processes of their own (tidal.reward_service.sandbox).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Iterator
 
 
 class StopRequests:
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float | None = None) -> None:
+        """grace_s: seconds the current step may take to reach its safe point after the first
+        signal (None: as long as it takes)."""
         self.requested: str | None = None  # name of the signal that asked to stop
+        self.grace_s = grace_s
         self._safe_depth = 0
         self._previous: dict[int, object] = {}
+        self._timer: threading.Timer | None = None
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
         name = signal.Signals(signum).name
         if self._safe_depth and self.requested is None:
             self.requested = name
-            print(f"\ntidal: {name}: stopping after the current step (again to stop at once)", flush=True)
+            limit = f" (at most {self.grace_s:g} s more" if self.grace_s is not None else " ("
+            print(f"\ntidal: {name}: stopping after the current step{limit}; again to stop at once)", flush=True)
+            if self.grace_s is not None:
+                self._timer = threading.Timer(self.grace_s, self._expire, args=(signum,))
+                self._timer.daemon = True
+                self._timer.start()
             return
         raise KeyboardInterrupt(name)
+
+    def _expire(self, signum: int) -> None:
+        """The grace period passed and the handlers are still ours: stop at once."""
+        if self._previous:
+            print(f"tidal: the current step did not end within logging.interrupt_grace_s={self.grace_s:g} s; "
+                  f"stopping at once", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signum)
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
@@ -37,6 +62,8 @@ class StopRequests:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -35,7 +35,8 @@ from tidal.driver.runtime import ray_session
 from tidal.driver.stages import STAGES, Models, StageRun
 from tidal.common.config import ConfigError, TidalConfig, to_dict, to_yaml
 from tidal.common.metrics import METRICS_FILE, MetricsLogger
-from tidal.driver.run_folder import mark_stage_done, read_run_state, rl_dir, stage_keys
+from tidal.driver.run_folder import (claim_run_dir, mark_stage_done, read_run_state, release_run_dir, rl_dir,
+                                     stage_keys, start_run_state)
 
 
 def prepare_data(cfg: TidalConfig) -> DataPaths:
@@ -79,28 +80,35 @@ def _forget_unfinished(cfg: TidalConfig, run_dir: Path) -> None:
 
 def run_pipeline(cfg: TidalConfig, run_dir: Path, resume: bool = False, data: DataPaths | None = None,
                  verbose: bool = True) -> dict:
-    """Run (or continue) every stage of `cfg` in `run_dir`; returns the RL summary ({} without rl)."""
+    """Run (or continue) every stage of `cfg` in `run_dir`; returns the RL summary ({} without rl).
+    The folder is this process's while it runs (tidal.driver.run_folder.claim_run_dir): a new run
+    needs a new or empty one, a resume one that tidal made."""
+    claim_run_dir(run_dir, fresh=not resume)
+    try:
+        return _run_claimed(cfg, run_dir, resume, data, verbose)
+    finally:
+        release_run_dir(run_dir)
+
+
+def _run_claimed(cfg: TidalConfig, run_dir: Path, resume: bool, data: DataPaths | None, verbose: bool) -> dict:
     from tidal.actors.placement import plan_placement, role_counts
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         _forget_unfinished(cfg, run_dir)
     else:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        ck.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        start_run_state(run_dir, cfg)
     data = data or prepare_data(cfg)
     plan = plan_placement(cfg, role_counts(cfg, reference=True))
-    if not verbose:
-        quiet_libraries()
     t0 = time.perf_counter()
     summary: dict = {}
     online_cpus = cfg.learner.cpus_per_worker if cfg.feedback.mode == "online" else 0.0  # the reward learner's bundle
-    with ray_session(cfg.cluster, min_cpus=plan.total_cpus + online_cpus, verbose=verbose, logs_to=run_dir / "logs" / "ray") as conn, \
-            StopRequests() as stops:  # Ctrl-C / SIGTERM: stop at a safe point (tidal.driver.interrupt)
-        if not verbose and conn.temp_dir is not None:
-            print(f"tidal: worker and engine logs go to {run_dir / 'logs' / 'ray'} (--verbose shows them here)", flush=True)
+    with ray_session(cfg.cluster, min_cpus=plan.total_cpus + online_cpus, verbose=verbose,
+                     logs_to=run_dir / "logs" / "ray"), \
+            StopRequests(grace_s=cfg.logging.interrupt_grace_s) as stops:  # Ctrl-C / SIGTERM: stop at a safe point (tidal.driver.interrupt)
         logger = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), total_steps=cfg.algorithm.steps, resume=resume)
         try:
-            summary = _run_stages(StageRun(cfg, run_dir, logger, data, stops))
+            summary = _run_stages(StageRun(cfg, run_dir, logger, data, stops, resume=resume))
         finally:
             logger.close()
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
@@ -129,29 +137,8 @@ def _run_stages(job: StageRun) -> dict:
     return summary
 
 
-def quiet_libraries() -> None:
-    """Library chatter in the driver (model load reports, progress bars of transformers) off the
-    console; tidal's own banners, progress bar, warnings and final table stay."""
-    import os
-    import warnings
-
-    # Tensors fetched zero-copy from Ray's object store are read-only views; tidal copies the ones
-    # it writes to, so torch's one-time warning about non-writable arrays is noise on the console.
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def _finish(run_dir: Path, summary: dict) -> None:
-    from tidal.common.dashboard import plot_dashboard
-    from tidal.common.metrics import plot_run
+    from tidal.common.dashboard import plot_dashboard, plot_run
 
     ck.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     try:

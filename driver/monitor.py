@@ -14,6 +14,10 @@ gold_drop stops the run at that point and the final policy is the best-gold one 
 (tidal.driver.best_checkpoint); kl stops it once the step's KL to the reference (rl/kl, nats
 per sequence) exceeds algorithm.stop_at_kl (a KL budget); none only warns. The monitor's
 history is part of each checkpoint, so a resumed run continues its window and its best.
+
+`CollapseWatch` needs no held-out evaluation: after every step it warns (once each) when the
+batch's degenerate share or the KL per response token passes logging.warn_degenerate /
+logging.warn_kl, the plain signs of a collapsing policy.
 """
 
 from __future__ import annotations
@@ -136,6 +140,41 @@ class GoldMonitor:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         return path
+
+
+@dataclass
+class CollapseWatch:
+    """Console warnings, once each per run, when a run is collapsing rather than learning: the
+    share of degenerate completions in a step's batch (rollout/degenerate) reaches
+    logging.warn_degenerate, or the KL to the reference per response token (rl/kl_per_token)
+    reaches logging.warn_kl. Both follow too high a learning rate or too weak a KL leash; without
+    a word, such a run (KL 97 nats, every completion 'omacomac...') finishes looking normal.
+    The run goes on: algorithm.early_stop=kl with algorithm.stop_at_kl is what stops one."""
+
+    degenerate: float  # share of the batch; 0: off
+    kl_per_token: float  # nats per response token; 0: off
+    warned: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_config(cls, cfg) -> "CollapseWatch":
+        return cls(cfg.logging.warn_degenerate, cfg.logging.warn_kl)
+
+    def observe(self, step: int, metrics: dict[str, float]) -> list[str]:
+        """The warnings step `step`'s metrics raise (each kind at most once per run)."""
+        out = []
+        share, kl = metrics.get("rollout/degenerate"), metrics.get("rl/kl_per_token")
+        if self.degenerate > 0 and share is not None and share >= self.degenerate and "degenerate" not in self.warned:
+            self.warned.add("degenerate")
+            out.append(f"tidal: warning: at rl step {step}, {100 * share:.0f}% of the batch's completions are degenerate "
+                       f"(empty, symbols, or a short unit or one word repeated), at least logging.warn_degenerate="
+                       f"{self.degenerate:g}: the policy is collapsing. Lower learner.lr or raise algorithm.kl_coef.")
+        if self.kl_per_token > 0 and kl is not None and kl >= self.kl_per_token and "kl" not in self.warned:
+            self.warned.add("kl")
+            out.append(f"tidal: warning: at rl step {step} the KL to the reference is {metrics.get('rl/kl', 0.0):.3g} "
+                       f"nats per sequence, {kl:.3g} per response token, at least logging.warn_kl={self.kl_per_token:g}: "
+                       f"the policy is running away from the reference. Lower learner.lr, raise algorithm.kl_coef "
+                       f"(algorithm.kl_target with adaptive KL), or stop at a KL budget (algorithm.early_stop=kl).")
+        return out
 
 
 class HeldOutJudge:

@@ -25,11 +25,12 @@ resumed trajectory identical to the uninterrupted one.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tidal.common.types import ScoredBatch
+from tidal.driver.daemon_executor import DaemonExecutor
 
 
 class StalenessError(RuntimeError):
@@ -70,7 +71,7 @@ class RolloutPipeline:
         self.next_step = start_step  # the next step to launch
         self.pool_version = pool_version  # version of the last push queued
         self.futures: dict[int, Future] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidal-rollout")
+        self._executor = DaemonExecutor("tidal-rollout")  # abandoned, not joined, when a run is interrupted
         self._lock = threading.Lock()
 
     def launch(self) -> list[int]:
@@ -115,7 +116,8 @@ class RolloutPipeline:
             self.futures[p.step] = f
             self.next_step = max(self.next_step, p.step + 1)
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
+        """wait=False (an interrupted run): leave a job that is still running to its daemon thread."""
         for f in self.futures.values():
             f.cancel()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=wait, cancel_futures=True)

@@ -6,7 +6,9 @@ key and the fix (`PreflightError`, a `ConfigError`, so the CLI prints it and exi
 
   data     every file the configured stages read, every row against its schema
   models   model.policy / model.reward / model.critic / stages.rm.base / model reward terms:
-           a registry name, or a folder with config.json (and a tokenizer where one is loaded)
+           a registry name, a folder with config.json (and a tokenizer where one is loaded), or
+           a hub id already in the Hugging Face cache (runs are offline; HF_HUB_OFFLINE=0 lets
+           tidal download it instead)
   rewards  `kind: function` terms import and accept (prompts, completions, **meta)
   algorithm  what the algorithm table's entry cannot run (group sizes, expert iteration's
            selection) and where pi_old may not come from (tidal.learner.algorithms /
@@ -15,10 +17,14 @@ key and the fix (`PreflightError`, a `ConfigError`, so the CLI prints it and exi
            NCCL between two actors on one GPU, tensor parallel without its GPUs, sleep mode in
            async mode, ...) and whether each GPU holds its share before activations
            (tidal.actors.devices, tidal.actors.gpu_memory; model sizes from config.json)
+  settings, model files, cluster size: tidal.driver.checks (empty stages.run, sampling
+           settings, token budgets, rule targets, weights and tokenizers of model folders, the
+           embedded cluster's cluster.num_cpus)
   resume   the checkpoint a resume loads has readable files: an unreadable newest one (a
            truncated torch/safetensors file, bad JSON, a missing file) is named in a warning and
            the one before it is used; when none reads back, that is the error
 
+Each check returns what it checked, one line each (`tidal config show --check` prints them).
 Nothing here writes; the built-in task folder is judged by `task_folder_state` (see
 `tidal.driver.job.prepare_data`, which is the one place that writes task files).
 """
@@ -115,12 +121,14 @@ def _stage_files(cfg: TidalConfig, data: DataPaths) -> list[tuple[str, str, str,
     return out
 
 
-def check_data(cfg: TidalConfig, data: DataPaths | None = None) -> None:
-    """Every row of every file the stages read. Task files still to be generated are skipped."""
+def check_data(cfg: TidalConfig, data: DataPaths | None = None) -> list[str]:
+    """Every row of every file the stages read. Task files still to be generated are skipped.
+    Returns one line per file: what was read, or that the built-in task will write it."""
     from tidal.common.data import DataError, iter_records
 
     state = task_folder_state(cfg)
     data = data or data_paths(cfg)
+    checked = []
     for stage, key, kind, path, required in _stage_files(cfg, data):
         if path is None:
             if required and state not in ("generate", "owned"):  # those two get the file written
@@ -128,6 +136,8 @@ def check_data(cfg: TidalConfig, data: DataPaths | None = None) -> None:
                          f"write, so it is used as is)" if state == "user" else f"{key} is not set")
                 raise PreflightError(f"{where}; the {stage} stage input is missing: set {key}=FILE, "
                                      f"or point data.data_dir at an empty folder to have the built-in task written there.")
+            if state in ("generate", "owned"):
+                checked.append(f"{key}: the built-in {cfg.data.task} task writes it into {cfg.data.data_dir} ({stage})")
             continue
         if not path.is_file():
             raise PreflightError(f"{key}={path}: no such file (check the data.* paths).")
@@ -137,23 +147,30 @@ def check_data(cfg: TidalConfig, data: DataPaths | None = None) -> None:
             raise PreflightError(f"{key}: {path.parent}/{e}") from None  # DataError names the file only
         if count == 0 and required:
             raise PreflightError(f"{key}={path}: no rows; the stage needs at least one {kind} row.")
+        if key == "data.prompts" and count < cfg.algorithm.prompts_per_step:  # a step's prompts are distinct rows
+            raise PreflightError(f"{key}={path}: {count} row{'' if count == 1 else 's'}, fewer than the algorithm.prompts_per_step="
+                                 f"{cfg.algorithm.prompts_per_step} distinct prompts an rl step takes; add rows or set "
+                                 f"algorithm.prompts_per_step <= {count}.")
         if key == "data.eval_prompts" and cfg.logging.gold_every > 0:  # reporting + selection prompts fit
             from tidal.driver.heldout import split_rows
 
             split_rows(cfg, count, f"{key}={path}", selection=True)
+        checked.append(f"{key}: {path}, {count} rows of {kind} ({stage})")
+    return checked
 
 
-def check_model(key: str, name: str, tokenizer: bool = True) -> None:
-    """A registry name (not built here: that can take a minute), or a local HF folder."""
+def check_model(key: str, name: str, tokenizer: bool = True) -> str:
+    """A registry name (not built here: that can take a minute), a local HF folder, or a hub id
+    in the Hugging Face cache (or one tidal may download: HF_HUB_OFFLINE=0). Returns what it is."""
     from tidal.common import model_builds
-    from tidal.common.models import REGISTRY_NAMES, _hub_offline, _parse_tiny
+    from tidal.common.models import REGISTRY_NAMES, hub_cached, hub_downloads_allowed, hub_hint, _parse_tiny
 
     try:
         if _parse_tiny(name) is not None:
-            return
+            return "registry name"
         if name in ("smollm2-135m", "smollm2-135m-2l"):
             model_builds.smollm2_gguf()
-            return
+            return "registry name"
     except (ValueError, RuntimeError) as e:
         raise PreflightError(f"{key}: {e}") from None
     path = Path(name).expanduser()
@@ -164,23 +181,35 @@ def check_model(key: str, name: str, tokenizer: bool = True) -> None:
         if tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise PreflightError(f"{key}={name}: the folder has no tokenizer ({' / '.join(TOKENIZER_FILES)}); "
                                  f"save the tokenizer into it (tokenizer.save_pretrained).")
-        return
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or _hub_offline():
+        return "HF folder"
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PreflightError(f"{key}={name}: no such model folder, and not a registry name ({', '.join(REGISTRY_NAMES)}).")
-    # Otherwise a hub id (name or org/name): only the download can tell whether it exists.
+    # A hub id (name or org/name). A run never downloads behind the user's back (the driver and
+    # its workers run with HF_HUB_OFFLINE=1), so it must be in the cache now, or allowed to be fetched.
+    if hub_cached(name) is not None:
+        return "hub id, in the Hugging Face cache"
+    if hub_downloads_allowed():
+        return "hub id, downloaded at first use (HF_HUB_OFFLINE=0)"
+    raise PreflightError(f"{key}={name}: not a local folder or registry name, and not in the Hugging Face cache; "
+                         f"{hub_hint(name)}.")
 
 
-def check_models(cfg: TidalConfig) -> None:
-    check_model("model.policy", cfg.model.policy)
-    if cfg.model.reward:
-        check_model("model.reward", cfg.model.reward)
-    if cfg.model.critic:
-        check_model("model.critic", cfg.model.critic, tokenizer=False)
-    if cfg.stages.rm.base and "rm" in cfg.stages.run:
-        check_model("stages.rm.base", cfg.stages.rm.base)
-    for i, term in enumerate(cfg.reward.terms):
-        if term.kind == "model" and term.target:
-            check_model(f"reward.terms[{i}].target", term.target)
+def check_models(cfg: TidalConfig) -> list[str]:
+    """Every model the config names, and its files (weights, tokenizer: tidal.driver.checks);
+    returns 'key=name (what it is)' for each."""
+    from tidal.driver.checks import check_model_files
+
+    models = [("model.policy", cfg.model.policy, True), ("model.reward", cfg.model.reward, True),
+              ("model.critic", cfg.model.critic, False),
+              ("stages.rm.base", cfg.stages.rm.base if "rm" in cfg.stages.run else None, True),
+              *((f"reward.terms[{i}].target", t.target, True) for i, t in enumerate(cfg.reward.terms)
+                if t.kind == "model")]
+    checked = []
+    for key, name, tokenizer in models:
+        if name:
+            checked.append(f"{key}={name} ({check_model(key, name, tokenizer)})")
+            check_model_files(key, name, cfg if key == "model.policy" else None, tokenizer=tokenizer)
+    return checked
 
 
 def check_reward_function(key: str, target: str | None) -> None:
@@ -209,8 +238,14 @@ def check_reward_function(key: str, target: str | None) -> None:
                              f"arguments (references, response_lengths, target, token_ids, ended); add **meta to it.")
 
 
-def check_rewards(cfg: TidalConfig) -> None:
+def check_rewards(cfg: TidalConfig) -> list[str]:
+    """User functions import and take the signature; a model term has a reward model. Returns
+    one line per term."""
+    checked = []
     for i, term in enumerate(cfg.reward.terms):
+        checked.append(f"reward.terms[{i}]: {term.kind}" + (f" {term.target}" if term.target else "")
+                       + (" (imported, signature ok)" if term.kind == "function" else "")
+                       + (f" ({_reward_model_source(cfg)})" if term.kind == "model" and not term.target else ""))
         if term.kind == "function":
             check_reward_function(f"reward.terms[{i}].target", term.target)
         no_model = not term.target and not cfg.model.reward and "rm" not in cfg.stages.run
@@ -222,6 +257,14 @@ def check_rewards(cfg: TidalConfig) -> None:
 
         if cfg.feedback.gold not in RULES:  # the simulated labeler's gold judge: a rule kind or a user function
             check_reward_function("feedback.gold", cfg.feedback.gold)
+            checked.append(f"feedback.gold: {cfg.feedback.gold} (imported, signature ok)")
+    return checked
+
+
+def _reward_model_source(cfg: TidalConfig) -> str:
+    if cfg.model.reward:
+        return f"model.reward={cfg.model.reward}"
+    return "the reward model the rm stage trains" if "rm" in cfg.stages.run else "no reward model"
 
 
 def check_resume(run_dir: Path, cfg: TidalConfig | None = None) -> None:
@@ -240,11 +283,15 @@ def check_resume(run_dir: Path, cfg: TidalConfig | None = None) -> None:
         ck.resume_checkpoint(d)  # raises CheckpointError (a ConfigError: one line, exit 2) when none reads back
 
 
-def check_algorithm(cfg: TidalConfig) -> None:
+def check_algorithm(cfg: TidalConfig) -> list[str]:
     from tidal.learner import algorithms, pi_old
 
     algorithms.check_config(cfg)
     pi_old.check_config(cfg)
+    a = cfg.algorithm
+    return [f"stages.run: {', '.join(cfg.stages.run)}",
+            f"algorithm.name={a.name}: {a.steps} steps, {a.prompts_per_step} prompts x {cfg.rollout.n_samples} "
+            f"samples per step, {a.mode} mode"]
 
 
 def model_params(name: str | None) -> int | None:
@@ -291,15 +338,20 @@ def check_devices(cfg: TidalConfig) -> None:
 
 
 def preflight(cfg: TidalConfig, data: DataPaths | None = None, resume_dir: Path | None = None,
-              files: bool = True) -> None:
+              files: bool = True) -> list[str]:
     """Every check above, cheapest first; raises PreflightError (or the ConfigError of a config
     key) on the first problem. files=False leaves the data rows out (the driver checks them after
-    writing the task)."""
-    check_algorithm(cfg)
+    writing the task). Returns what was checked, one line each (`tidal config show --check`)."""
+    from tidal.driver import checks
+
+    checks.check_settings(cfg)
+    checked = check_algorithm(cfg)
     check_devices(cfg)
-    check_rewards(cfg)
-    check_models(cfg)
+    checked += [*check_rewards(cfg), *check_models(cfg)]
+    checks.check_cluster(cfg)
     if resume_dir is not None:
         check_resume(resume_dir, cfg)
+        checked.append(f"resume: the checkpoints of {resume_dir} read back")
     if files:
-        check_data(cfg, data)
+        checked += check_data(cfg, data)
+    return checked

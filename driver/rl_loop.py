@@ -16,15 +16,19 @@ Sync and async modes (algorithm.mode) share this code; `tidal.driver.pipeline` s
 rollout side. In async mode step t+1 is generated while step t trains, so a sample trained at
 step s may come from weight version s - k, k <= algorithm.max_staleness (metric
 `rl/staleness_max`). Its PPO ratio is taken against pi_old, the policy at training time (the
-trainer recomputes old logprobs), and each token's loss is weighted by the truncated importance
-weight min(pi_old / pi_rollout, IS_WEIGHT_CAP), pi_rollout being the engine's logprob of the
-sampled token: the correction for sampling from an older (or numerically different) policy.
-Sync mode skips the weights (the engine and the trainer hold the same version). Where pi_old
+trainer recomputes old logprobs), and each token's loss is weighted by
+algorithm.mismatch_correction (tidal.learner.mismatch; `auto`: the truncated importance weight
+min(pi_old / pi_rollout, algorithm.mismatch_threshold), pi_rollout being the engine's logprob of
+the sampled token): the correction for sampling from an older (or numerically different) policy.
+`auto` skips it in sync mode with unfiltered sampling (the engine and the trainer hold the same
+version); any correction can be chosen in either mode. With algorithm.dynamic_sampling the
+rollout side samples more prompts until the step holds prompts_per_step informative groups
+(tidal.driver.dynamic_sampling; metrics `sampling/*`). Where pi_old
 comes from each step - the learners' forward, the engine's own log-probs, or the update's first
 minibatch - is tidal.learner.pi_old's decision (algorithm.old_logprobs; metrics
 `rl/old_logprobs_engine`, `rl/old_logprobs_in_update`, `rollout/logprob_gap`).
 
-Determinism: generation is seeded per step (`step_sampling`) and per prompt (the pool derives
+Determinism: generation is seeded per step and round (`step_sampling`) and per prompt (the pool derives
 each prompt's seed from the step seed and the prompt index), learners reseed their shuffles
 from their step counters, and the prompt order is a function of (seed, epoch); with a
 checkpoint holding learner/optimizer state, KL controller, reward normalizer, data position,
@@ -43,13 +47,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tidal.driver.checkpoint import DriverState, resume_checkpoint, write_checkpoint
+from tidal.driver.dynamic_sampling import Round, fill_step, shape_overlong
 from tidal.driver.interrupt import NO_STOPS, Interrupted, StopRequests
 from tidal.driver.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
-from tidal.common.metrics import MetricsLogger, Timer
+from tidal.common.metrics import METRICS_FILE, MetricsLogger, Timer
+from tidal.common.scoreboard import degenerate_share
 from tidal.driver.preflight import check_algorithm
+from tidal.driver.run_folder import config_record
 from tidal.learner.experience import usable_rows
 from tidal.learner.kl import AdaptiveKLController, FixedKLController
+from tidal.learner.mismatch import correction_for
 from tidal.learner.pi_old import PiOld, PiOldStep
 from tidal.learner.updates import StepBatch, StepUpdate
 from tidal.rollout.sampling import Sampling
@@ -62,13 +70,14 @@ if TYPE_CHECKING:
     from tidal.reward_service.combine import CombinedReward
     from tidal.rollout.pool import RolloutPool
 
-IS_WEIGHT_CAP = 2.0  # truncation of async importance weights (V-trace style rho-bar)
 ROLLOUTS_FILE = "rollouts.jsonl"  # per step: prompt indices, weight versions, scores
 
 
-def step_sampling(cfg: TidalConfig, step: int) -> Sampling:
-    """Sampling of RL step `step`: the pool seeds each prompt from this seed and its index."""
-    return Sampling.from_config(cfg.rollout, seed=(cfg.seed * 1_000_003 + step * 7_919 + 1) & 0x7FFFFFFF)
+def step_sampling(cfg: TidalConfig, step: int, round_: int = 0) -> Sampling:
+    """Sampling of RL step `step` (and of its extra dynamic-sampling round `round_`): the pool
+    seeds each prompt from this seed and its index."""
+    return Sampling.from_config(cfg.rollout, seed=(cfg.seed * 1_000_003 + step * 7_919 + 1 + round_ * 104_729)
+                                & 0x7FFFFFFF)
 
 
 def make_kl_controller(cfg: TidalConfig):
@@ -98,12 +107,13 @@ class RLLoop:
         """`judge`: a tidal.driver.monitor.HeldOutJudge for the over-optimisation monitor
         (logging.gold_every > 0), or None. `online`: feedback.mode=online's
         tidal.driver.online.OnlineFeedback, whose hot swaps and queries run on the rollout thread."""
-        from tidal.driver.monitor import GoldMonitor
+        from tidal.driver.monitor import CollapseWatch, GoldMonitor
 
         self.cfg, self.run_dir, self.parts, self.logger, self.stops = cfg, Path(run_dir), parts, logger, stops
         self.stage = stage  # the records' stage field: 'rl', or 'rl2' for a second round
         self.judge, self.online = judge, online
         self.monitor = GoldMonitor.from_config(cfg)
+        self.collapse = CollapseWatch.from_config(cfg)
         # early_stop=gold_drop ends on the best-gold policy: each new best is a checkpoint kept aside
         self.keep_best = judge is not None and cfg.algorithm.early_stop == "gold_drop"
         self.stopped_early: str | None = None
@@ -114,9 +124,9 @@ class RLLoop:
         self.max_staleness = cfg.algorithm.max_staleness if self.async_mode else 0
         # Off-policy samples (async), and samples of a truncated distribution (top-k / top-p:
         # the engine's logprobs are those of the filtered distribution, the trainer's are the
-        # full softmax), are weighted by the truncated importance weight min(pi_old/pi_rollout, cap).
+        # full softmax), get algorithm.mismatch_correction's weights (auto: truncated importance sampling).
         filtered = Sampling.from_config(cfg.rollout).filtered
-        self.is_weight_cap = IS_WEIGHT_CAP if self.async_mode or filtered else None
+        self.correction = correction_for(cfg, off_policy=self.async_mode or filtered)
         check_algorithm(cfg)  # what preflight refuses, for a loop built without it
         self.pi_old = PiOld(cfg)  # where each step's pi_old comes from
         self.step = self.start_step = 0
@@ -160,23 +170,37 @@ class RLLoop:
     # ------------------------------------------------------------------ the loop
 
     def _produce(self, step: int) -> Produced:
-        """Rollout side of one step (runs on the pipeline's thread): prompts, generate, score."""
-        timer = Timer()
-        batch = self.parts.dataset.next_batch(self.cfg.algorithm.prompts_per_step)
-        with timer("generate"):
-            rollout = self.parts.pool.generate(batch, step_sampling(self.cfg, step))
-        stats = self.parts.pool.last_stats
-        with timer("score"):
-            if self.online is not None:  # a new reward-model version swaps in between two scoring calls
+        """Rollout side of one step (runs on the pipeline's thread): prompts, generate, score, in
+        as many rounds as dynamic sampling takes (tidal.driver.dynamic_sampling)."""
+        timer, a = Timer(), self.cfg.algorithm
+        if self.online is not None:  # a new reward-model version swaps in between two steps: one scores a step
+            with timer("score"):
                 self.online.swap()
-            scored = self.parts.reward.score(rollout)
-        metrics = {"rollout/requeued_chunks": float(stats.requeued_chunks),
-                   "rollout/restarted_workers": float(len(stats.restarted_workers)),
-                   **{k: float(v) for k, v in self.parts.reward.last_metrics.items()}}
+        scored, metrics = fill_step(lambda n, r: self._sample(step, n, r, timer), a.prompts_per_step,
+                                    self.cfg.rollout.n_samples, a.dynamic_sampling, a.dynamic_sampling_max_rounds)
         if self.online is not None:
             with timer("queries"):  # this step's labeling tasks, from samples of the step's weights
-                metrics.update(self.online.queries(step, batch, rollout))
-        return Produced(step, scored, list(rollout.weight_version), dict(timer.totals), metrics)
+                metrics.update(self.online.queries(step, *self._first_round))
+        return Produced(step, scored, list(scored.rollout.weight_version), dict(timer.totals), metrics)
+
+    def _sample(self, step: int, prompts: int, round_: int, timer: Timer) -> Round:
+        """One sampling round: the next `prompts` prompts, generated and scored (with the soft
+        overlong punishment, algorithm.overlong_buffer)."""
+        a = self.cfg.algorithm
+        batch = self.parts.dataset.next_batch(prompts)
+        with timer("generate"):
+            rollout = self.parts.pool.generate(batch, step_sampling(self.cfg, step, round_))
+        stats = self.parts.pool.last_stats
+        with timer("score"):
+            scored = self.parts.reward.score(rollout)
+        reward_metrics = {k: float(v) for k, v in self.parts.reward.last_metrics.items()}
+        if a.overlong_buffer:
+            scored, reward_metrics["reward/overlong_penalty"] = shape_overlong(
+                scored, self.cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
+        if round_ == 0:  # online queries sample the first round's prompts
+            self._first_round = (batch, rollout)
+        return Round(scored, reward_metrics, {"rollout/requeued_chunks": float(stats.requeued_chunks),
+                                              "rollout/restarted_workers": float(len(stats.restarted_workers))})
 
     def _push(self, handle: Any, version: int) -> None:
         """Runs on the rollout thread, in order with the generations around it."""
@@ -206,8 +230,10 @@ class RLLoop:
                 from tidal.driver.best_checkpoint import restore_best
 
                 self.restored_best = restore_best(self.run_dir, self.parts.learners, self.parts.pool, self.step)
-        finally:
-            self.pipeline.shutdown()
+        except BaseException:
+            self.pipeline.shutdown(wait=False)  # a rollout job stuck in a call must not hold the stop
+            raise
+        self.pipeline.shutdown()
         return last
 
     def _steps(self) -> dict[str, float]:
@@ -240,7 +266,7 @@ class RLLoop:
             fwd = learners.forward(rollout, pi_old)
         if pi_old.check:
             self.pi_old.observe(step, fwd.logprob_gap())
-        batch = StepBatch(step, produced.batch, scores, fwd, self.kl_ctl.value, self.parts.ptx, self.is_weight_cap)
+        batch = StepBatch(step, produced.batch, scores, fwd, self.kl_ctl.value, self.parts.ptx, self.correction)
         result = learners.algorithm.update(learners, batch, timer)
         with timer("sync"):
             handle = learners.export_weights(step + 1)
@@ -254,8 +280,13 @@ class RLLoop:
         return self._step_metrics(produced, batch, pi_old, result, timer, wall)
 
     def _watch(self, last: dict[str, float]) -> dict[str, float]:
-        """The over-optimisation monitor after a step: the KL bound every step, the held-out
-        proxy/gold evaluation every logging.gold_every steps. Returns metrics to log."""
+        """The monitors after a step: collapse warnings (degenerate share, KL per token) and the
+        KL bound every step, the held-out proxy/gold evaluation every logging.gold_every steps.
+        Returns metrics to log."""
+        from tidal.driver.monitor import print_warning
+
+        for warning in self.collapse.observe(self.step, last):
+            print_warning(warning)
         verdicts = [self.monitor.observe_kl(last["rl/kl"])]
         metrics: dict[str, float] = {}
         every = self.cfg.logging.gold_every
@@ -296,10 +327,13 @@ class RLLoop:
         t = {**produced.timings, **timer.totals}
         versions = torch.tensor(produced.weight_versions, dtype=torch.float32)
         tokens = sum(len(r) for r in scored.rollout.response_ids)
+        mean_len = max(tokens / max(len(scored.rollout), 1), 1.0)
         learner_busy = t.get("forward", 0) + t.get("advantages", 0) + t.get("update", 0) + t.get("sync", 0)
         m = {
             "rl/score_mean": scored.scores.mean().item(),
             "rl/kl": result.kl_per_seq,
+            "rl/kl_per_token": result.kl_per_seq / mean_len,  # what logging.warn_kl watches
+            "rollout/degenerate": degenerate_share(list(scored.rollout.response_text)),  # and warn_degenerate
             "rl/kl_coef": self.kl_ctl.value,
             "rl/staleness_max": float(produced.step - min(produced.weight_versions)),
             "rl/staleness_mean": float(produced.step - versions.mean().item()),
@@ -335,7 +369,8 @@ class RLLoop:
         state = DriverState(step=self.step, weight_version=self.step, kl_controller=self.kl_ctl.state_dict(),
                             reward_state=self.parts.reward.state_dict(),
                             data_state=dataclasses.asdict(self.parts.dataset.state),
-                            extra={"monitor": self.monitor.state_dict(), "pi_old": self.pi_old.state_dict()})
+                            extra={"monitor": self.monitor.state_dict(), "pi_old": self.pi_old.state_dict(),
+                                   "config": config_record(self.cfg)})  # a resume refuses a changed config
         self._checkpointed = self.step
 
         def write(d: Path) -> None:
@@ -344,4 +379,5 @@ class RLLoop:
             if pending:
                 torch.save(pending, d / "pending.pt")
 
-        return write_checkpoint(self.run_dir, self.step, write)
+        logs = (self.logger.run_dir / METRICS_FILE, self.run_dir / ROLLOUTS_FILE)  # on disk before the checkpoint
+        return write_checkpoint(self.run_dir, self.step, write, logs=logs)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from tidal.driver.checkpoint import atomic_write_text
 from tidal.driver.heldout import Seeds, eval_sampling
 from tidal.driver.interrupt import NO_STOPS, StopRequests
 from tidal.driver.rl_loop import RLLoop, RLParts
@@ -149,13 +150,11 @@ def evaluate(cfg: TidalConfig, parts: RLParts, prompts, out_file: Path) -> dict[
     rollout = ev.rollout
     rm = next((ev.scored.terms[t.name] for t in parts.reward.terms if isinstance(t.fn, ModelReward)), None)
     vader = vader_score(list(rollout.response_text))
-    with open(out_file, "w") as f:
-        for i in range(len(rollout)):
-            f.write(json.dumps({
-                "prompt_index": rollout.prompt_index[i], "prompt": rollout.prompt_text[i],
-                "completion": rollout.response_text[i], "reward": ev.proxy[i],
-                "rm_score": None if rm is None else float(rm[i]), "vader": vader[i], "kl": ev.kl[i],
-                "weight_version": rollout.weight_version[i]}) + "\n")
+    atomic_write_text(out_file, "".join(json.dumps({
+        "prompt_index": rollout.prompt_index[i], "prompt": rollout.prompt_text[i],
+        "completion": rollout.response_text[i], "reward": ev.proxy[i],
+        "rm_score": None if rm is None else float(rm[i]), "vader": vader[i], "kl": ev.kl[i],
+        "weight_version": rollout.weight_version[i]}) + "\n" for i in range(len(rollout))))
     out = {"reward": float(torch.tensor(ev.proxy).mean()), "vader": float(torch.tensor(vader).mean()),
            "kl": float(torch.tensor(ev.kl).mean()), "response_len": float(torch.tensor(ev.response_len).mean()),
            "weight_version": float(rollout.weight_version[0])}
@@ -178,8 +177,9 @@ def _calibration_rollout(cfg: TidalConfig, pool, prompts_path: Path, policy: str
 
 def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy: str,
            reward_model: str | None, stops: StopRequests = NO_STOPS, reference: str | None = None,
-           stage: str = "rl") -> dict:
-    """The whole RL stage; returns the summary (before/after evaluation, last KL, the monitor's verdicts)."""
+           stage: str = "rl", resume: bool = False) -> dict:
+    """The whole RL stage; returns the summary (before/after evaluation, last KL, the monitor's verdicts).
+    resume: continue from the newest checkpoint in `run_dir` (a new run never loads one)."""
     from tidal.driver.checkpoint import resume_checkpoint
     from tidal.driver.heldout import heldout_prompts
 
@@ -192,7 +192,7 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     heldout = heldout_prompts(cfg, data.eval_prompts, policy, selection=cfg.logging.gold_every > 0)  # before Ray
-    resuming = resume_checkpoint(run_dir) is not None  # the checkpoint RLLoop.restore loads holds the calibration
+    resuming = resume and resume_checkpoint(run_dir) is not None  # the checkpoint RLLoop.restore loads holds the calibration
     run_dir.mkdir(parents=True, exist_ok=True)
     online = _online(cfg, run_dir, stage, reward_model, data)
     placement, parts, calibration = start_parts(cfg, policy, online.path if online else reward_model, data,
@@ -209,11 +209,11 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
 
             judge = HeldOutJudge(cfg, heldout.selection, build_gold(cfg, gold_term(cfg.logging.gold_term), policy))
         loop = RLLoop(cfg, run_dir, parts, logger, stops, judge=judge, stage=stage, online=online)
-        if not loop.restore() and calibration:
+        if not (resuming and loop.restore()) and calibration:
             logger.log(0, calibration, stage=stage)
         if online is not None:  # labeling and the reward learner run beside the loop from here
             online.start(parts, lambda: loop.step)
-        summary["before"] = _evaluate_before(cfg, parts, heldout.reporting, run_dir)
+        summary["before"] = evaluate_before(cfg, parts, heldout.reporting, run_dir)
         t1 = time.perf_counter()
         last = loop.run()
         print(f"tidal: {loop.step - loop.start_step} rl steps in {time.perf_counter() - t1:.1f} s", flush=True)
@@ -238,14 +238,16 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
     return summary
 
 
-def _evaluate_before(cfg: TidalConfig, parts: RLParts, prompts, run_dir: Path) -> dict[str, float]:
-    """The initial policy's evaluation, or on a resume the one the first start wrote."""
-    before_file = run_dir / "samples_before.jsonl"
-    if before_file.is_file():
-        return json.loads((run_dir / "eval_before.json").read_text())
-    out = evaluate(cfg, parts, prompts, before_file)
-    (run_dir / "eval_before.json").write_text(json.dumps(out))
-    return out
+def evaluate_before(cfg: TidalConfig, parts: RLParts, prompts, run_dir: Path) -> dict[str, float]:
+    """The initial policy's evaluation: eval_before.json when a run (being resumed) has it, else
+    evaluated now. eval_before.json is written atomically and last, after samples_before.jsonl,
+    so a crash between the two only makes the resume evaluate again."""
+    done = run_dir / "eval_before.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    before = evaluate(cfg, parts, prompts, run_dir / "samples_before.jsonl")
+    atomic_write_text(done, json.dumps(before))
+    return before
 
 
 def _online(cfg: TidalConfig, run_dir: Path, stage: str, reward_model: str | None, data):

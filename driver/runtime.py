@@ -6,6 +6,13 @@ connects to a running cluster. Either way every worker process gets the same env
 variables (`RUNTIME_ENV_VARS`, the values the test-suite uses) through the job's runtime_env,
 so an actor behaves identically whether it was started by a test, by `tidal train` or by a
 job submitted with `tidal submit`.
+
+Nothing of an embedded cluster outlives its run: `disconnect` stops it, ends any of its
+processes still alive (Ray's agents, which otherwise linger ~90 s) and removes its temp folder,
+with Ctrl-C ignored meanwhile; a Ctrl-C while Ray starts undoes the half-started cluster; and a
+watchdog process (tidal.driver.reaper) does the same when the driver dies without cleaning up
+(kill -9). Workers' temporary files (e.g. vLLM's vllm_dist_* rendezvous files) go into the
+cluster's temp folder (TMPDIR), so they go with it.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ import logging
 import math
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -84,9 +94,10 @@ class RayConnection:
     embedded: bool  # a local cluster was started inside this process
     address: str
     temp_dir: str | None = None  # the embedded cluster's temp folder, when tidal made it (removed at disconnect)
+    watchdog: subprocess.Popen | None = None  # tidal.driver.reaper, for a driver that dies without disconnect
 
 
-def connect(cfg: ClusterConfig, min_cpus: float = 0, verbose: bool = True) -> RayConnection:
+def connect(cfg: ClusterConfig, min_cpus: float = 0, verbose: bool = True, logs_to: Path | None = None) -> RayConnection:
     """Start or join Ray for a run. Reuses an already initialised Ray (tests, `ray job` entrypoints).
     An embedded cluster gets cluster.num_cpus logical CPUs, or else enough for `min_cpus` (what the
     run's placement needs; logical CPUs only schedule actors, they do not pin cores), and
@@ -100,12 +111,22 @@ def connect(cfg: ClusterConfig, min_cpus: float = 0, verbose: bool = True) -> Ra
         return RayConnection(started_here=False, embedded=False, address="existing")
     runtime_env = {"env_vars": worker_env()}
     if cfg.address is None and "RAY_ADDRESS" not in os.environ:
-        temp_dir = cfg.ray_temp_dir or _embedded_temp_dir()
+        temp_dir = os.path.abspath(cfg.ray_temp_dir or _embedded_temp_dir())
         num_cpus = cfg.num_cpus or max(math.ceil(min_cpus), os.cpu_count() or 1)
-        ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, _temp_dir=os.path.abspath(temp_dir), runtime_env=runtime_env,
-                 log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
-        return RayConnection(started_here=True, embedded=True, address="local",
-                             temp_dir=None if cfg.ray_temp_dir else os.path.abspath(temp_dir))
+        conn = RayConnection(started_here=True, embedded=True, address="local",
+                             temp_dir=None if cfg.ray_temp_dir else temp_dir)
+        if conn.temp_dir is not None:
+            conn.watchdog = _start_watchdog(conn.temp_dir, logs_to)
+            workers_tmp = os.path.join(conn.temp_dir, "tmp")
+            os.makedirs(workers_tmp, exist_ok=True)
+            runtime_env["env_vars"]["TMPDIR"] = workers_tmp
+        try:
+            ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, _temp_dir=temp_dir, runtime_env=runtime_env,
+                     log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+        except BaseException:  # e.g. Ctrl-C while Ray starts: undo the half-started cluster
+            disconnect(conn, logs_to=logs_to)
+            raise
+        return conn
     # A job (`tidal submit`, a KubeRay RayJob, `ray job submit`) runs with RAY_ADDRESS set; joining
     # keeps its runtime_env (working dir, its env_vars) and adds the worker variables it lacks: a
     # RayJob manifest names a few, and a worker without e.g. the vLLM or malloc settings would not
@@ -125,12 +146,49 @@ def ray_session(cfg: ClusterConfig | None = None, min_cpus: float = 0, verbose: 
     """The one way tidal starts or joins Ray: `connect` on entry, `disconnect` on exit (the
     embedded cluster stopped, its temp folder removed, its logs copied to `logs_to`). Commands,
     the job, the benchmarks and the test fixtures all use it. cfg None: an embedded cluster with
-    Ray's defaults (or cluster.* of the defaults)."""
-    conn = connect(cfg or ClusterConfig(), min_cpus=min_cpus, verbose=verbose)
+    Ray's defaults (or cluster.* of the defaults).
+
+    The console policy of every command that starts Ray (train, eval, generate, label tasks):
+    verbose=False (their default; `--verbose` turns it on) keeps Ray's own warnings, worker and
+    engine output and the libraries' load reports and progress bars off the console, where
+    tidal's banners, progress line, warnings and results stay; one line says where the logs went."""
+    if not verbose:
+        quiet_libraries()
+    conn = connect(cfg or ClusterConfig(), min_cpus=min_cpus, verbose=verbose, logs_to=logs_to)
+    if not verbose and logs_to is not None and conn.temp_dir is not None:
+        print(f"tidal: worker and engine logs go to {logs_to} (--verbose shows them here)", flush=True)
     try:
         yield conn
     finally:
         disconnect(conn, logs_to=logs_to)
+
+
+def quiet_libraries() -> None:
+    """Library chatter in the driver (model load reports, progress bars of transformers, the hub
+    and tqdm) off the console; tidal's own output stays. (Ray's own INFO/WARNING lines, its
+    token-auth warning among them, are `connect`'s: logging_level=ERROR.)"""
+    import warnings
+
+    # Tensors fetched zero-copy from Ray's object store are read-only views; tidal copies the ones
+    # it writes to, so torch's one-time warning about non-writable arrays is noise on the console.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    # Ray's reminder, at every first tensor it pickles, that zero-copy tensors must be read-only:
+    # tidal turns zero-copy on itself (RAY_ENABLE_ZERO_COPY_TORCH_TENSORS, docs/platform.md#p-runtime-env)
+    # and never writes to a tensor after handing it to Ray. Ray's import installs its own "once"
+    # filter for it, which would go in front of this one: import it first.
+    import ray  # noqa: F401
+
+    warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # vLLM's and datasets' bars in the driver process
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def _embedded_temp_dir() -> str:
@@ -145,15 +203,43 @@ def _embedded_temp_dir() -> str:
 
 def disconnect(conn: RayConnection, logs_to: Path | None = None) -> None:
     """Shut down what `connect` started. An embedded cluster's worker and engine logs are copied
-    to `logs_to` (e.g. RUN/logs/ray) and the temp folder tidal made for it is removed."""
+    to `logs_to` (e.g. RUN/logs/ray), any of its processes still alive are ended, and the temp
+    folder tidal made for it is removed. Ctrl-C cannot cut this short (it is ignored meanwhile)."""
     import ray
 
-    if conn.started_here and ray.is_initialized():
-        ray.shutdown()
-    if conn.temp_dir is None:
+    with _no_interrupts():
+        if conn.started_here:  # also after an ray.init cut short, which may leave is_initialized() False
+            ray.shutdown()
+        if conn.temp_dir is not None:
+            from tidal.driver.reaper import copy_logs, end_processes, session_processes
+
+            end_processes(session_processes(conn.temp_dir))
+            if logs_to is not None:
+                copy_logs(conn.temp_dir, str(logs_to))
+            shutil.rmtree(conn.temp_dir, ignore_errors=True)
+        if conn.watchdog is not None:
+            conn.watchdog.stdin.close()  # it finds nothing left to do and exits
+            conn.watchdog = None
+
+
+def _start_watchdog(temp_dir: str, logs_to: Path | None) -> subprocess.Popen:
+    """tidal.driver.reaper for `temp_dir`: in a session of its own, so a signal to the driver's
+    process group does not reach it; it acts when its stdin (held by this process) closes."""
+    import sys
+
+    args = [sys.executable, "-m", "tidal.driver.reaper", temp_dir] + ([str(logs_to)] if logs_to is not None else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, env=env)
+
+
+@contextlib.contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """SIGINT ignored in the main thread for the block (clean-up that must not be cut short)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    logs = Path(conn.temp_dir) / "session_latest" / "logs"
-    if logs_to is not None and logs.is_dir():
-        shutil.copytree(logs, logs_to, dirs_exist_ok=True, ignore_dangling_symlinks=True,
-                        ignore=shutil.ignore_patterns("*.sock", "*.pid"))
-    shutil.rmtree(conn.temp_dir, ignore_errors=True)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -46,6 +46,7 @@ class StageRun:
     logger: MetricsLogger
     data: DataPaths
     stops: StopRequests
+    resume: bool = False  # a resumed run: an rl stage continues from its checkpoint (a new run never loads one)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def _rl(job: StageRun, models: Models, key: str, round_: int) -> dict:
 
     where = rl_dir(job.run_dir, round_)
     summary = run_rl(job.cfg, where, job.logger, job.data, models.policy, models.reward_model, job.stops,
-                     reference=models.reference, stage=key)
+                     reference=models.reference, stage=key, resume=job.resume)
     record = {"output": str(where / "policy"), "summary": summary}
     if "online" in summary:  # online feedback refit the reward model while the stage ran
         record["reward_model"] = summary["online"]["final_reward_model"]

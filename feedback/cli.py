@@ -17,11 +17,16 @@ def read_tasks(path: str | Path) -> list[NewTask]:
     {"text", "source"?, "version"?}, ...] (2..9), "gold_ranking"?: [rank of each response]}."""
     path = Path(path)
     tasks = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw_line in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise FeedbackError(f"{where}: not UTF-8 ({e.reason} at byte {e.start} of the line); save the file "
+                                    f"as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

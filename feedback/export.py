@@ -18,8 +18,11 @@ Every row also carries task_id, labeler, sources and versions (readers ignore un
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import tempfile
 from itertools import combinations
 from pathlib import Path
 
@@ -87,15 +90,37 @@ def to_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
+def _publish(tmp: str, out: Path) -> None:
+    try:
+        os.link(tmp, out)  # unlike a rename, never replaces a file of that name
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP) or out.exists():
+            raise
+        os.rename(tmp, out)  # a file system without hard links: checked just above
+
+
 def write_export(store: FeedbackStore, out: str | Path, fmt: str = "rankings", include_gold: bool = False) -> int:
     """Writes a JSON-lines export to `out` (which must not exist: nothing a user wrote is
-    overwritten); returns the number of rows."""
+    overwritten); returns the number of rows. The rows go to a temporary file of a fresh name
+    next to `out` (never one a user may own), which becomes `out` by a hard link that fails if
+    `out` appeared meanwhile; a failed write (a full disk) leaves neither behind."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; export to a new file name")
     rows = export_rows(store, fmt, include_gold)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(to_jsonl(rows), encoding="utf-8")
-    tmp.replace(out)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(to_jsonl(rows))
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(tmp, out)
+    except OSError as e:
+        if e.filename is None:  # a write's error names no file: name the export
+            raise OSError(e.errno, e.strerror, str(out)) from None
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return len(rows)

@@ -124,6 +124,38 @@ def reinforce_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return s - s.mean()
 
 
+def dr_grpo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective"):
+    r - mean(group), without GRPO's division by the group's std, which weighs groups that are
+    nearly all right or all wrong up (a question-difficulty bias)."""
+    s = _groups(scores, group_size, min_size=2)  # (G, g)
+    return (s - s.mean(-1, keepdim=True)).flatten()
+
+
+def outcome_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The score itself, no baseline (REINFORCE++, Hu 2025: the normalisation over the whole
+    batch that follows subtracts the batch mean). group_size is only checked."""
+    return _groups(scores, group_size).flatten()
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025), the score added to a response of
+    `lengths` (B,) tokens with the budget max_len and a buffer of the last `buffer` tokens:
+
+        0                                          |y| <= max_len - buffer
+        -factor * (|y| - (max_len - buffer)) / buffer     max_len - buffer < |y| <= max_len
+        -factor                                    |y| > max_len
+
+    (the paper's R_length with factor 1). buffer 0: no penalty. -> (B,) float."""
+    lengths = torch.as_tensor(lengths, dtype=torch.float64)
+    if buffer <= 0:
+        return torch.zeros_like(lengths)
+    if buffer > max_len:
+        raise ValueError(f"overlong buffer {buffer} is longer than the budget {max_len}")
+    over = (lengths - (max_len - buffer)).clamp(min=0.0, max=float(buffer))
+    return -factor * over / buffer
+
+
 def kl_penalty_to_go(kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """Critic-free KL shaping: -kl_coef * sum_{t' >= t} kl_t' over real tokens (gamma = 1). (B, R)."""
     per_token = torch.where(mask.bool(), -kl_coef * kl, 0.0)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tidal.common.data import ComparisonRecord, RankingRecord, render_prompt
+from tidal.common.data import ComparisonRecord, RankingRecord
+from tidal.common.prompts import render_prompt
 from tidal.learner.experience import pad_prompt_response
 from tidal.learner.losses import dpo_loss
 from tidal.learner.sft import tokenize_prompt, tokenize_response

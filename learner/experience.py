@@ -122,6 +122,7 @@ class ForwardPass:
     rollout_logprobs: torch.Tensor | None = None
     weight_version: torch.Tensor | None = None  # (B,) long, version that generated each row
     pi_old: str = "trainer"  # where old_logprobs come from: "trainer" | "engine" | "update" (tidal.learner.pi_old)
+    truncated: torch.Tensor | None = None  # (B,) bool, responses cut at the length budget (finish_reason not "stop")
 
     @property
     def response_len(self) -> int:
@@ -150,12 +151,15 @@ class ForwardPass:
 
 
 def assemble_experience(fwd: ForwardPass, scores: torch.Tensor, algorithm: "Algorithm | str", group_size: int,
-                        kl_coef: float, kl_estimator: str, gamma: float, lam: float, whiten: bool) -> Experience:
+                        kl_coef: float, kl_estimator: str, gamma: float, lam: float, whiten: bool,
+                        overlong_filter: bool = False) -> Experience:
     """Per-token rewards and advantages of one batch, by the algorithm's table entry
     (tidal.learner.algorithms): PPO's KL-penalised token rewards and GAE over the critic's values
     (docs/implementation.md#d5, #d8), or a group baseline plus the KL penalty to go.
     `whiten`: advantages to zero mean / unit variance over real tokens only (#d7), where the
-    algorithm allows it (GRPO's advantages are already normalised per group). scores (B,)."""
+    algorithm allows it (GRPO's advantages are already normalised per group; REINFORCE++ always
+    normalises). `overlong_filter`: responses cut at the length budget are left out of the loss
+    (Experience.trains 0; DAPO's overlong filtering) after they counted in the baselines. scores (B,)."""
     from tidal.learner.algorithms import algorithm_for  # here, not above: the table's updates import this module
 
     algo = algorithm_for(algorithm) if isinstance(algorithm, str) else algorithm
@@ -170,14 +174,17 @@ def assemble_experience(fwd: ForwardPass, scores: torch.Tensor, algorithm: "Algo
     kl = fwd.kl(kl_estimator)  # (B, R)
     values = None if fwd.values is None else torch.where(real, fwd.values.float(), 0.0)
     advantages, returns = algo.advantages(scores, kl, mask, values, kl_coef, group_size, gamma, lam)
-    if whiten and algo.whitens:
+    if algo.whiten == "always" or (whiten and algo.whiten == "option"):
         advantages = masked_whiten(advantages, mask)
+    trains = None
+    if overlong_filter and fwd.truncated is not None:
+        trains = (~fwd.truncated.bool()).float()  # (B,)
     return Experience(
         input_ids=fwd.input_ids, attention_mask=fwd.attention_mask, response_mask=mask,
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         advantages=advantages.detach().float(), returns=returns.detach().float(),
         values=torch.zeros_like(mask) if values is None else values.detach(), scores=scores.float(),
-        rollout_logprobs=fwd.rollout_logprobs, weight_version=fwd.weight_version,
+        rollout_logprobs=fwd.rollout_logprobs, weight_version=fwd.weight_version, trains=trains,
     )
 
 
@@ -192,6 +199,8 @@ def experience_metrics(exp: Experience, kl_estimator: str) -> dict[str, float]:
         "experience/advantage_mean": masked_mean(exp.advantages, mask).item(),
         "experience/return_mean": masked_mean(exp.returns, mask).item(),
     }
+    if exp.trains is not None:
+        out["experience/overlong_filtered"] = 1.0 - exp.trains.float().mean().item()
     if exp.old_logprobs is not None:
         out.update(old_logprob_metrics(exp, kl_estimator))
     return out

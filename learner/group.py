@@ -44,6 +44,7 @@ from tidal.learner.dpo import DPOBatch
 from tidal.learner.experience import (ForwardPass, assemble_experience, experience_metrics, pad_response_floats,
                                       pad_rollout)
 from tidal.learner.fits import RewardFit, SupervisedFits, train_shards
+from tidal.learner.mismatch import Correction
 from tidal.learner.pi_old import TRAINER, PiOldStep, forward_planned, has_engine_logprobs
 from tidal.learner.reference import ReferenceWorker
 from tidal.learner.reward_model import PreferenceBatch
@@ -264,7 +265,8 @@ class LearnerGroup:
             values=None if values is None else self._finish_infer("compute_values", values, n),
             rollout_logprobs=None if from_engine else engine_lp,  # nothing to compare when they ARE pi_old
             weight_version=torch.tensor(rollout.weight_version, dtype=torch.long) if rollout.weight_version else None,
-            pi_old=pi_old.source)
+            pi_old=pi_old.source,
+            truncated=torch.tensor([f != "stop" for f in rollout.finish_reason]) if rollout.finish_reason else None)
 
     def assemble(self, fwd: ForwardPass, scores: torch.Tensor, kl_coef: float) -> tuple[Experience, dict[str, float]]:
         """KL-penalised rewards and advantages of the algorithm's table entry, and the batch's
@@ -272,15 +274,16 @@ class LearnerGroup:
         a = self.cfg.algorithm
         exp = assemble_experience(fwd, scores.float(), algorithm=self.algorithm, group_size=self.cfg.rollout.n_samples,
                                   kl_coef=kl_coef, kl_estimator=a.kl_estimator, gamma=a.gamma, lam=a.lam,
-                                  whiten=a.whiten_advantages)
+                                  whiten=a.whiten_advantages, overlong_filter=a.overlong_filter)
         return exp, experience_metrics(exp, a.kl_estimator)
 
     def update_rl(self, experience: Experience, ptx: SFTBatch | None = None,
-                  is_weight_cap: float | None = None) -> UpdateResult:
+                  correction: Correction | None = None) -> UpdateResult:
         """algorithm.update_epochs passes of minibatch updates on `experience`, plus ptx_coef x SFT
-        loss on `ptx` (PPO-ptx). With `is_weight_cap`, tokens are weighted by
-        min(pi_old / pi_rollout, cap) (off-policy samples). Metrics averaged over minibatches and
-        ranks; with experience.old_logprobs None, pi_old's KL and engine gap taken in the update."""
+        loss on `ptx` (PPO-ptx). With `correction` (tidal.learner.mismatch), each token's policy
+        loss is weighted for the engine/trainer mismatch (where the rows carry engine log-probs).
+        Metrics averaged over minibatches and ranks; with experience.old_logprobs None, pi_old's
+        KL and engine gap taken in the update."""
         shards = train_shards(len(experience), self.world_size)
         ptx_refs = [None] * self.world_size
         if ptx is not None:
@@ -288,7 +291,7 @@ class LearnerGroup:
         calls = {}
         for r, (s, p) in enumerate(zip(shards, ptx_refs)):
             exp_ref = self.ranks.put(experience.select(s))
-            calls[r] = lambda a, e=exp_ref, p=p: a.update_rl.remote(e, p, is_weight_cap)
+            calls[r] = lambda a, e=exp_ref, p=p: a.update_rl.remote(e, p, correction)
         result = self._call("update_rl", calls)[0]
         unused = float(len(experience) % self.world_size)
         return replace(result, metrics={**result.metrics, "learner/rows_unused": unused})

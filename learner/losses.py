@@ -1,7 +1,9 @@
-"""Training losses: PPO policy and value losses, reward-model losses, SFT, entropy.
+"""Training losses: the policy-gradient losses (PPO's clipped surrogate, GSPO, CISPO) and their
+aggregation, the value loss, reward-model losses, SFT, entropy, DPO.
 
 Pure torch. Per-token tensors are (B, T) over response tokens, `mask` is 1 on real response
-tokens; every per-token loss is the token-mean over all real tokens of the batch. Padded inputs
+tokens; a policy-gradient loss is aggregated over them as `Aggregation` says (the token mean by
+default); the other per-token losses are token means over all real tokens of the batch. Padded inputs
 are zeroed with `torch.where` before any arithmetic, so garbage there (even inf/NaN) can change
 neither a loss nor its gradient.
 """
@@ -9,11 +11,80 @@ neither a loss nor its gradient.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from tidal.common.ops import entropy_from_logits, masked_mean
+
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How a policy-gradient loss weighs its tokens and sequences (algorithm.loss_agg,
+    docs/algorithms.md#loss-aggregation). Over per-token losses l (B, T):
+
+        loss = sum_{i,t} w_it * l_it / mass
+
+      token_mean           w = 1,        mass = real tokens   every token weighs the same (DAPO)
+      seq_mean_token_mean  w = 1 / |y_i|, mass = responses     every response weighs the same (GRPO paper)
+      seq_mean_token_sum   w = 1 / L,     mass = responses     token sums, L = rollout.max_new_tokens
+                                                               a constant (Dr. GRPO): no length normalisation
+
+    w is 0 on padding; a response with no real token (a zero-weight fill row, a filtered one) is
+    not counted. Split over micro-batches and ranks, each micro-batch's loss is scaled by its
+    mass's share of the minibatch's (LearnerWorker.token_scale): the minibatch's loss is then this
+    formula over the whole minibatch."""
+
+    weights: torch.Tensor  # (B, T)
+    mass: float
+
+    @staticmethod
+    def of(mask: torch.Tensor, mode: str = "token_mean", max_len: int | None = None) -> "Aggregation":
+        """The aggregation of `mode` over the real tokens of mask (B, T)."""
+        mask = mask if mask.is_floating_point() else mask.float()
+        lengths = mask.sum(-1)  # (B,)
+        if mode == "token_mean":
+            return Aggregation(mask, lengths.sum().item())
+        rows = (lengths > 0).sum().item()
+        if mode == "seq_mean_token_mean":
+            return Aggregation(mask / lengths.clamp(min=1.0)[:, None], rows)
+        if mode == "seq_mean_token_sum":
+            if not max_len or max_len <= 0:
+                raise ValueError("seq_mean_token_sum divides by the constant response budget: pass max_len > 0")
+            return Aggregation(mask / float(max_len), rows)
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}")
+
+    def __call__(self, per_token: torch.Tensor) -> torch.Tensor:
+        """sum(w * l) / mass of per-token values (B, T), finite on padding (the losses zero it)."""
+        w = self.weights.to(per_token.device, per_token.dtype)
+        return torch.where(w != 0, per_token * w, 0.0).sum() / max(self.mass, 1.0)
+
+
+def _sanitized(logprobs, old_logprobs, advantages, mask):
+    """(real, logratio, advantages, logprobs), padding zeroed before any arithmetic."""
+    real = mask.bool()
+    logratio = torch.where(real, logprobs - old_logprobs, 0.0)  # (B, T)
+    return real, logratio, torch.where(real, advantages, 0.0).detach(), torch.where(real, logprobs, 0.0)
+
+
+def _aggregate(per_token, ratio, logratio, clipped, mask, is_weights, agg):
+    """The aggregated loss of per-token losses (B, T), times `is_weights` where given, and the
+    metrics every policy loss reports (token means over the real tokens of mask)."""
+    real = mask.bool()
+    if is_weights is not None:
+        per_token = per_token * torch.where(real, is_weights, 0.0).detach()
+    loss = (agg or Aggregation.of(mask))(per_token)
+    with torch.no_grad():
+        metrics = {
+            "clipfrac": masked_mean(clipped.float(), mask),
+            "approx_kl": masked_mean((ratio - 1.0) - logratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, metrics
 
 
 def policy_loss(
@@ -22,42 +93,81 @@ def policy_loss(
     advantages: torch.Tensor,  # (B, T)
     mask: torch.Tensor,  # (B, T)
     clip_eps: float,
+    clip_eps_high: float | None = None,
     *,
-    is_weights: torch.Tensor | None = None,  # (B, T) truncated importance weights, or None
+    is_weights: torch.Tensor | None = None,  # (B, T) mismatch-correction weights, or None
+    agg: Aggregation | None = None,  # None: token mean over mask
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate (Schulman et al. 2017), minimized:
+    """PPO clipped surrogate (Schulman et al. 2017), minimized, with DAPO's clip-higher
+    (Yu et al. 2025: a separate upper range, clip_eps_high, default clip_eps):
 
         ratio = pi_theta / pi_old
-        loss  = token-mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+        l_t   = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high))
 
-    `is_weights` (off-policy / async samples): per-token weights, treated as constants, that
-    multiply each token's loss before the mean. They correct for samples drawn by an older or
-    numerically different behaviour policy (the rollout engine) than pi_old; compute them with
-    `truncated_is_weights`, whose cap bounds the variance.
+    aggregated by `agg` (default: the token mean). `is_weights` (B, T): per-token weights,
+    treated as constants, that multiply each token's loss before the aggregation: the
+    corrections for samples drawn by an older or numerically different behaviour policy (the
+    rollout engine) than pi_old (tidal.learner.mismatch).
 
-    Metrics (detached float tensors):
-      clipfrac   - fraction of real tokens with |ratio - 1| > eps (CleanRL's definition)
-      approx_kl  - k3 estimate of KL(pi_old || pi_theta): token-mean of (ratio - 1) - log ratio,
+    Metrics (detached float tensors, token means over mask):
+      clipfrac   - fraction of real tokens with the ratio outside the clip range (CleanRL's |ratio - 1| > eps)
+      approx_kl  - k3 estimate of KL(pi_old || pi_theta): (ratio - 1) - log ratio,
                    unbiased with samples from pi_old and never negative
-      ratio_mean - token-mean of ratio
+      ratio_mean - mean ratio
     """
-    real = mask.bool()
-    logratio = torch.where(real, logprobs - old_logprobs, 0.0)  # (B, T)
-    advantages = torch.where(real, advantages, 0.0).detach()
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    _, logratio, advantages, _ = _sanitized(logprobs, old_logprobs, advantages, mask)
     ratio = logratio.exp()
     pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + hi)
     per_token = torch.max(pg_loss1, pg_loss2)  # (B, T) pessimistic bound
-    if is_weights is not None:
-        per_token = per_token * torch.where(real, is_weights, 0.0).detach()
-    loss = masked_mean(per_token, mask)
-    with torch.no_grad():
-        metrics = {
-            "clipfrac": masked_mean(((ratio - 1.0).abs() > clip_eps).float(), mask),
-            "approx_kl": masked_mean((ratio - 1.0) - logratio, mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
-    return loss, metrics
+    clipped = (ratio < 1.0 - clip_eps) | (ratio > 1.0 + hi)
+    return _aggregate(per_token, ratio, logratio, clipped, mask, is_weights, agg)
+
+
+def gspo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              clip_eps: float, clip_eps_high: float | None = None, *, is_weights: torch.Tensor | None = None,
+              agg: Aggregation | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): one importance ratio per
+    response, length-normalised, clipped as a whole. Tensors as policy_loss's, (B, T).
+
+        s_i   = (pi_theta(y_i) / pi_old(y_i)) ^ (1 / |y_i|) = exp(mean_t log ratio_it)
+        l_it  = max(-A_it * s_it, -A_it * clip(s_it, 1 - clip_eps, 1 + clip_eps_high))
+        s_it  = sg(s_i) * pi_theta(y_it) / sg(pi_theta(y_it))      (GSPO-token: value s_i)
+
+    With the advantage constant along a response (GRPO's, without a per-token KL penalty) and
+    the seq_mean_token_mean aggregation (the entry's default), the loss and its gradient are the
+    paper's sequence-level objective (1/G) sum_i max(-A_i s_i, -A_i clip(s_i)): the gradient of
+    s_i is s_i / |y_i| * sum_t grad log pi_theta(y_it). clipfrac counts the tokens of clipped responses."""
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    real, logratio, advantages, lp = _sanitized(logprobs, old_logprobs, advantages, mask)
+    seq_logratio = logratio.sum(-1) / mask.to(logratio.dtype).sum(-1).clamp(min=1.0)  # (B,) log s_i
+    log_s = lp - lp.detach() + seq_logratio.detach()[:, None]  # (B, T): value log s_i, gradient d log pi_theta
+    s = log_s.exp()
+    per_token = torch.max(-advantages * s, -advantages * torch.clamp(s, 1.0 - clip_eps, 1.0 + hi))
+    clipped = ((s < 1.0 - clip_eps) | (s > 1.0 + hi)) & real
+    return _aggregate(per_token, logratio.exp(), logratio, clipped, mask, is_weights, agg)
+
+
+def cispo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               clip_eps: float, clip_eps_high: float | None = None, *, is_weights: torch.Tensor | None = None,
+               agg: Aggregation | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO (MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning
+    Attention"): a REINFORCE loss whose importance weight is clipped and carries no gradient,
+    so no token's gradient is ever dropped (PPO's clip zeroes the gradient of clipped tokens).
+    Tensors as policy_loss's, (B, T).
+
+        l_t = -sg(clip(ratio_t, 1 - clip_eps, 1 + clip_eps_high)) * A_t * log pi_theta(y_t)
+
+    The paper clips only from above (set clip_eps >= 1 for no lower bound). clipfrac: the share
+    of tokens whose weight was clipped."""
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    _, logratio, advantages, lp = _sanitized(logprobs, old_logprobs, advantages, mask)
+    ratio = logratio.exp()
+    weight = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + hi).detach()
+    per_token = -weight * advantages * lp
+    clipped = (ratio < 1.0 - clip_eps) | (ratio > 1.0 + hi)
+    return _aggregate(per_token, ratio, logratio, clipped, mask, is_weights, agg)
 
 
 def truncated_is_weights(

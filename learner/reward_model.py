@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tidal.common.data import ComparisonRecord, RankingRecord, render_prompt
+from tidal.common.data import ComparisonRecord, RankingRecord
+from tidal.common.prompts import render_prompt
 from tidal.learner.experience import pad_prompt_response
 from tidal.learner.losses import pairwise_reward_loss, ranking_reward_loss
 from tidal.learner.sft import tokenize_prompt, tokenize_response

@@ -1,5 +1,7 @@
-"""The RL update on one batch of experience: PPO (with a critic), PPO-ptx, and the critic-free
-GRPO / RLOO / REINFORCE-with-baseline (same clipped policy loss, advantages given).
+"""The RL update on one batch of experience, for every policy-gradient entry of the algorithm
+table: PPO (with a critic), PPO-ptx, and the critic-free ones (GRPO, RLOO, REINFORCE, REINFORCE++,
+Dr. GRPO, GSPO, CISPO), each with its own per-token loss (`Algorithm.loss`), aggregated as
+algorithm.loss_agg says, with the engine/trainer mismatch correction (tidal.learner.mismatch).
 
 K = algorithm.update_epochs passes over the rank's shard in freshly shuffled minibatches; each
 minibatch is one optimizer step of the policy (and of the critic for PPO). A shard smaller than
@@ -23,11 +25,12 @@ import torch
 
 from tidal.common.ops import masked_mean
 from tidal.common.types import Experience
-from tidal.learner.algorithms import algorithm_for
+from tidal.learner.algorithms import algorithm_for, clip_range, loss_aggregation
 from tidal.learner.engine import linear_lr
 from tidal.learner.experience import engine_gap, kl_per_seq
 from tidal.learner.kl import kl_estimate
-from tidal.learner.losses import policy_loss, sft_loss, truncated_is_weights, value_loss
+from tidal.learner.losses import Aggregation, sft_loss, value_loss
+from tidal.learner.mismatch import Correction
 
 if TYPE_CHECKING:
     from tidal.learner.sft import SFTBatch
@@ -46,7 +49,7 @@ class UpdateResult:
 
 
 def rl_update(w: "LearnerWorker", exp: Experience, ptx: "SFTBatch | None",
-              is_weight_cap: float | None) -> UpdateResult:
+              correction: Correction | None) -> UpdateResult:
     """Train on this rank's shard of `exp`, from the worker's counters (w.rl_steps: the LR
     schedule's position; w.rl_updates: this call's shuffle salt), which the worker then moves."""
     algo, lc = w.cfg.algorithm, w.cfg.learner
@@ -67,7 +70,7 @@ def rl_update(w: "LearnerWorker", exp: Experience, ptx: "SFTBatch | None",
             if use_critic:
                 w.set_lr(w.critic, linear_lr(lc.critic_lr, w.rl_steps + done, w.spec.rl_total_steps, lc.lr_schedule))
             metrics = w.all_reduce_mean(_minibatch_step(w, exp.select(order[k * mini:(k + 1) * mini]), ptx, ptx_cursor,
-                                                        is_weight_cap, use_critic, derived))
+                                                        correction, use_critic, derived))
             if derived:  # rows in `order` (zero-weight fill rows after them), now pi_old of the whole shard
                 old = torch.empty_like(exp.response_mask)
                 old[order] = torch.cat(derived)[:n].float().cpu()
@@ -138,83 +141,119 @@ def fill_with_zero_weight(batch, size: int):
     return replace(filled, response_mask=mask)
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """What the micro-batches of one minibatch share."""
+
+    k: int  # micro-batches per minibatch (DeepSpeed's gradient-accumulation count)
+    mass: float  # the minibatch's policy-loss mass on all ranks (tidal.learner.losses.Aggregation)
+    tokens: float  # its training tokens on all ranks: the value loss is a token mean
+    ptx_tokens: float  # its ptx rows' tokens on all ranks
+    agg: str  # the aggregation mode (algorithm.loss_agg resolved)
+    correction: Correction | None
+    use_critic: bool
+
+
+def train_mask(x: Experience) -> torch.Tensor:
+    """(B, R) the tokens the loss trains on: the response mask, less rows left out (Experience.trains)."""
+    return x.response_mask if x.trains is None else x.response_mask * x.trains[:, None].to(x.response_mask.dtype)
+
+
 def _minibatch_step(w: "LearnerWorker", mb: Experience, ptx: "SFTBatch | None", ptx_cursor: list[int],
-                    is_weight_cap: float | None, use_critic: bool,
+                    correction: Correction | None, use_critic: bool,
                     derived: list[torch.Tensor] | None = None) -> dict[str, float]:
     """One optimizer step (policy, and critic for PPO) over the micro-batches of minibatch `mb`.
 
-    Every token of the minibatch weighs the same, however the minibatch is split into
-    micro-batches and ranks: a micro-batch's token-mean loss is scaled by its share of the
-    minibatch's tokens on all ranks (`w.token_scale`), which undoes DeepSpeed's averaging over
-    micro-batches and ranks. The logged losses are then the exact token means of the minibatch.
+    The policy loss of the minibatch is its aggregation (algorithm.loss_agg,
+    tidal.learner.losses.Aggregation) over all of it, however it is split into micro-batches and
+    ranks: a micro-batch's aggregated loss is scaled by its share of the minibatch's mass on all
+    ranks (`w.token_scale`), which undoes DeepSpeed's averaging over micro-batches and ranks; the
+    value loss likewise by its token share. The logged losses are then the minibatch's.
     A short minibatch is split into the same number of (smaller) micro-batches, filled with
     zero-weight rows where it has fewer rows than micro-batches: DeepSpeed steps the optimizer
     after exactly that many. `derived` (a list): mb has no pi_old; each micro-batch's log-probs,
     taken before this step's optimizer step, stand for it and are appended in order."""
     k, rows = _micro_count(w), len(mb)
     mb = fill_with_zero_weight(mb, k)
-    total_tokens = w.global_sum(mb.response_mask.sum().item())
+    agg, mask = loss_aggregation(w.cfg), train_mask(mb)
+    mass = w.global_sum(Aggregation.of(mask, agg, w.cfg.rollout.max_new_tokens).mass)
+    tokens = w.global_sum(mask.sum().item()) if use_critic else 0.0
     p_all, ptx_tokens = None, 0.0
     if ptx is not None:  # this minibatch's ptx rows, one per experience row, in order (none for fill rows)
         p_all = fill_with_zero_weight(ptx.select(torch.arange(ptx_cursor[0], ptx_cursor[0] + rows) % len(ptx)), k)
         ptx_cursor[0] += rows
         ptx_tokens = w.global_sum(p_all.response_mask.sum().item())
+    shared = _Shared(k, mass, tokens, ptx_tokens, agg, correction, use_critic)
     losses: dict[str, float] = {}
     stats: dict[str, float] = {}
     counted = 0  # micro-batches with real tokens: a fill-only one has no entropy, ratio, ... to average
     for idx in torch.tensor_split(torch.arange(len(mb)), k):  # k micro-batches of <= micro_batch_size rows
         x = mb.select(idx)
-        real = x.response_mask.sum().item() > 0
+        real = x.response_mask.sum().item() > 0  # by the response mask: every rank then logs the same keys
         counted += int(real)
-        for key, v in _micro_step(w, x, None if p_all is None else p_all.select(idx), total_tokens, ptx_tokens, k,
-                                  is_weight_cap, use_critic, derived).items():
+        for key, v in _micro_step(w, x, None if p_all is None else p_all.select(idx), shared, derived).items():
             if key.startswith("losses/"):
                 losses[key] = losses.get(key, 0.0) + v
             elif real:
                 stats[key] = stats.get(key, 0.0) + v
-    # losses are token-scaled shares: their mean over the k micro-batches is the minibatch's token mean
+    # losses are mass-scaled shares: their mean over the k micro-batches is the minibatch's aggregate
     return {**{key: v / k for key, v in losses.items()}, **{key: v / max(counted, 1) for key, v in stats.items()}}
 
 
-def _micro_step(w: "LearnerWorker", x: Experience, p: "SFTBatch | None", total_tokens: float, ptx_tokens: float,
-                k: int, is_weight_cap: float | None, use_critic: bool,
+def _policy_terms(w: "LearnerWorker", x: Experience, logprobs: torch.Tensor, entropy: torch.Tensor,
+                  old: torch.Tensor, mask: torch.Tensor, agg: Aggregation,
+                  correction: Correction | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The micro-batch's policy loss (the entry's loss, entropy bonus, KL loss) over its tokens
+    mask (b, R), aggregated by `agg`, unscaled; and its metrics."""
+    algo, entry = w.cfg.algorithm, algorithm_for(w.cfg)
+    weights, touched = None, {}
+    if correction is not None and x.rollout_logprobs is not None:
+        weights, touched = correction.weights(old, x.rollout_logprobs.to(w.device), mask)
+    pg_loss, pm = entry.loss(logprobs, old, x.advantages.to(w.device), mask, *clip_range(w.cfg),
+                             is_weights=weights, agg=agg)
+    entropy = torch.where(mask.bool(), entropy, 0.0)
+    loss = pg_loss - algo.entropy_coef * agg(entropy)
+    metrics = {"losses/policy": pg_loss.item(), "policy/entropy": masked_mean(entropy, mask).item(),  # a token mean
+               "policy/approx_kl": pm["approx_kl"].item(), "policy/clipfrac": pm["clipfrac"].item(),
+               "policy/ratio_mean": pm["ratio_mean"].item(),
+               **{f"mismatch/{key}": v.item() for key, v in touched.items()}}
+    if algo.kl_loss > 0:  # k3 KL(pi_theta || pi_ref) as a loss term, with gradient (GRPO paper)
+        kl3 = agg(torch.where(mask.bool(), kl_estimate(logprobs, x.ref_logprobs.to(w.device), "k3"), 0.0))
+        loss = loss + algo.kl_loss * kl3
+        metrics["losses/kl"] = kl3.item()
+    return loss, metrics
+
+
+def _micro_step(w: "LearnerWorker", x: Experience, p: "SFTBatch | None", shared: _Shared,
                 derived: list[torch.Tensor] | None) -> dict[str, float]:
     """Forward and backward of one micro-batch `x` (and its ptx rows `p`); DeepSpeed steps the
-    optimizer after the minibatch's k-th. Returns the micro-batch's metrics (losses token-scaled)."""
+    optimizer after the minibatch's k-th. Returns the micro-batch's metrics (losses scaled)."""
     algo, R = w.cfg.algorithm, x.response_mask.shape[1]
-    mask = x.response_mask.to(w.device)  # (b, R)
-    scale = w.token_scale(mask.sum().item(), total_tokens, k)
+    mask = train_mask(x).to(w.device)  # (b, R)
+    agg = Aggregation.of(mask, shared.agg, w.cfg.rollout.max_new_tokens)
+    scale = w.token_scale(agg.mass, shared.mass, shared.k)
     logprobs, entropy = w.policy_logprobs(x.input_ids, x.attention_mask, R, w.cfg.rollout.temperature,
                                           entropy="loss" if algo.entropy_coef > 0 else "metric")  # (b, R) each
     if derived is not None:
         derived.append(logprobs.detach())
     old = logprobs.detach() if derived is not None else x.old_logprobs.to(w.device)
-    is_weights = None
-    if is_weight_cap is not None and x.rollout_logprobs is not None:
-        is_weights = truncated_is_weights(old, x.rollout_logprobs.to(w.device), mask, is_weight_cap)
-    pg_loss, pm = policy_loss(logprobs, old, x.advantages.to(w.device), mask, algo.clip_eps, is_weights=is_weights)
-    ent = masked_mean(torch.where(mask.bool(), entropy, 0.0), mask)
-    loss = pg_loss - algo.entropy_coef * ent
-    if algo.kl_loss > 0:  # k3 KL(pi_theta || pi_ref) as a loss term, with gradient (GRPO paper)
-        kl3 = masked_mean(torch.where(mask.bool(), kl_estimate(logprobs, x.ref_logprobs.to(w.device), "k3"), 0.0), mask)
-        loss = loss + algo.kl_loss * kl3
+    loss, metrics = _policy_terms(w, x, logprobs, entropy, old, mask, agg, shared.correction)
     loss = loss * scale
-    metrics = {"losses/policy": pg_loss.item() * scale, "policy/entropy": ent.item(),
-               "policy/approx_kl": pm["approx_kl"].item(), "policy/clipfrac": pm["clipfrac"].item(),
-               "policy/ratio_mean": pm["ratio_mean"].item()}
-    if algo.kl_loss > 0:
-        metrics["losses/kl"] = kl3.item() * scale
+    for key in ("losses/policy", "losses/kl"):
+        if key in metrics:
+            metrics[key] *= scale
     if p is not None:
         p_mask = p.response_mask.to(w.device)
         ptx_lp, _ = w.policy_logprobs(p.input_ids, p.attention_mask, p.response_len, 1.0)
-        ptx_l = sft_loss(ptx_lp, p_mask) * w.token_scale(p_mask.sum().item(), ptx_tokens, k)
+        ptx_l = sft_loss(ptx_lp, p_mask) * w.token_scale(p_mask.sum().item(), shared.ptx_tokens, shared.k)
         loss = loss + algo.ptx_coef * ptx_l  # PPO-ptx: + gamma * pretraining log-likelihood
         metrics["losses/ptx"] = ptx_l.item()
     w.engine.backward(loss)
     w.engine.step()
-    if use_critic:
+    if shared.use_critic:
         values = w.critic_values(x.input_ids, x.attention_mask, R)  # (b, R)
-        v_loss = value_loss(values, x.values.to(w.device), x.returns.to(w.device), mask, algo.value_clip_eps) * scale
+        v_scale = w.token_scale(mask.sum().item(), shared.tokens, shared.k)
+        v_loss = value_loss(values, x.values.to(w.device), x.returns.to(w.device), mask, algo.value_clip_eps) * v_scale
         w.critic.backward(algo.value_coef * v_loss)
         w.critic.step()
         metrics["losses/value"] = v_loss.item()

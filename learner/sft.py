@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tidal.common.data import DemonstrationRecord, render_demonstration
+from tidal.common.data import DemonstrationRecord
+from tidal.common.prompts import render_demonstration
 from tidal.learner.experience import pad_prompt_response
 from tidal.learner.losses import sft_loss
 

@@ -24,6 +24,7 @@ from tidal.learner.expert_iteration import expert_batch, expert_rows, fill_to_mu
 
 if TYPE_CHECKING:
     from tidal.learner.group import LearnerGroup
+    from tidal.learner.mismatch import Correction
     from tidal.learner.sft import PtxSource
 
 
@@ -37,7 +38,7 @@ class StepBatch:
     fwd: ForwardPass  # of the usable rows, pi_old as tidal.learner.pi_old decided
     kl_coef: float  # the KL controller's coefficient for this step
     ptx: "PtxSource | None" = None  # PPO-ptx demonstrations (algorithm.ptx_coef > 0)
-    is_weight_cap: float | None = None  # truncated importance weights of off-policy / filtered samples
+    correction: "Correction | None" = None  # the engine/trainer mismatch correction (tidal.learner.mismatch)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def policy_gradient_update(group: "LearnerGroup", batch: StepBatch, timer: Timer
         exp, metrics = group.assemble(batch.fwd, batch.scores, batch.kl_coef)
     ptx = batch.ptx.for_step(batch.step, len(exp)) if batch.ptx is not None else None
     with timer("update"):
-        result = group.update_rl(exp, ptx=ptx, is_weight_cap=batch.is_weight_cap)
+        result = group.update_rl(exp, ptx=ptx, correction=batch.correction)
     metrics.update(result.metrics)
     if result.kl_per_seq is not None:  # pi_old taken in the update: its KL and engine gap come from there
         metrics["experience/kl_per_seq"] = result.kl_per_seq

@@ -270,11 +270,11 @@ class LearnerWorker(RewardRoleCalls):
 
         return self.fit(data, plan, micro_loss)
 
-    def update_rl(self, experience, ptx, is_weight_cap: float | None = None):
+    def update_rl(self, experience, ptx, correction=None):
         from tidal.learner.rl import rl_update
 
         self._need(self.spec.role == "policy", "update_rl", "a policy learner")
-        result = rl_update(self, experience, ptx, is_weight_cap)  # an UpdateResult; the counters move here only
+        result = rl_update(self, experience, ptx, correction)  # an UpdateResult; the counters move here only
         self.rl_steps += result.optimizer_steps
         self.rl_updates += 1
         self.release_cached_memory()

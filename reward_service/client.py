@@ -20,10 +20,14 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from tidal.common.config import ConfigError, RewardTerm
+from tidal.common.errors import UserError
 
 
-class RemoteRewardError(RuntimeError):
-    """A remote reward server failed, refused the request or answered nonsense (names the URL)."""
+class RemoteRewardError(UserError, RuntimeError):
+    """A remote reward server failed, refused the request or answered nonsense (names the URL);
+    a user error: one line on the console, naming the URL and the fix."""
+
+    kind = "reward error"
 
 
 class _ClientError(RemoteRewardError):

@@ -32,10 +32,11 @@ import torch
 from tidal.common.config import ConfigError, RewardConfig, RewardTerm
 from tidal.common.types import RolloutBatch, ScoredBatch
 from tidal.reward_service.rules import RULES, load_function
+from tidal.reward_service.sandbox import InProcessFunction, IsolatedFunction, RewardFunctionError
 from tidal.reward_service.worker import RewardInput, RewardPool, tokenizer_fingerprint
 
 
-class InvalidRewardError(ValueError):
+class InvalidRewardError(RewardFunctionError):
     """A reward term gave NaN/inf (or the weighted sum overflowed) with on_invalid=error."""
 
 
@@ -67,6 +68,7 @@ class Term:
     weight: float
     target: str | None
     fn: Callable[..., list[float]]  # the rule signature: (prompts, completions, **meta)
+    kind_rule: bool = False  # a built-in rule (sentiment, match, length)
 
 
 @dataclass
@@ -93,19 +95,21 @@ class RunningStats:
         return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
 
 
-def _as_scores(name: str, values, n: int) -> torch.Tensor:
+def _as_scores(name: str, values, n: int, prompt_index: list[int]) -> torch.Tensor:
     """(n,) float64 tensor of a term's output, or an error naming the term and the row."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().reshape(-1).tolist()
-    try:
-        values = list(values)
-    except TypeError:
-        raise TypeError(f"reward term '{name}' returned {type(values).__name__}; a reward returns a list of floats.") from None
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise RewardFunctionError(f"reward term '{name}' returned {type(values).__name__} ({str(values)[:40]!r}) for "
+                                  f"a batch of {n} samples; a reward returns a list of floats, one per sample.")
+    values = list(values)
     if len(values) != n:
-        raise ValueError(f"reward term '{name}' returned {len(values)} scores for {n} samples; it must return one per sample.")
+        raise RewardFunctionError(f"reward term '{name}' returned {len(values)} scores for {n} samples; it must return "
+                                  f"one per sample.")
     for i, v in enumerate(values):
         if isinstance(v, (str, bytes)) or not hasattr(v, "__float__"):
-            raise TypeError(f"reward term '{name}' returned {v!r} ({type(v).__name__}) for sample {i}; scores must be numbers.")
+            raise RewardFunctionError(f"reward term '{name}' returned {v!r} ({type(v).__name__}) for sample {i} "
+                                      f"(prompt index {prompt_index[i]}); scores must be numbers.", i)
     return torch.tensor([float(v) for v in values], dtype=torch.float64)
 
 
@@ -136,7 +140,7 @@ class CombinedReward:
         }
         prompts = [clean_text(t) for t in rollout.prompt_text]
         completions = [clean_text(t) for t in rollout.response_text]
-        terms, total = self._evaluate(prompts, completions, meta)
+        terms, total = self._evaluate(prompts, completions, meta, list(rollout.prompt_index))
         valid = self._check_finite(terms, total, rollout.prompt_index)
         scores = torch.where(valid, total, torch.zeros_like(total))  # (B,)
         no_eos = torch.tensor([f != "stop" for f in rollout.finish_reason], dtype=torch.bool)
@@ -158,14 +162,26 @@ class CombinedReward:
                              f"({'-' if references is None else len(references)}) must have the same length.")
         meta = {"references": [None if r is None else clean_text(r) for r in references or [None] * len(prompts)],
                 "response_lengths": None, "token_ids": None, "ended": None}
-        terms, total = self._evaluate([clean_text(p) for p in prompts], [clean_text(c) for c in completions], meta)
+        terms, total = self._evaluate([clean_text(p) for p in prompts], [clean_text(c) for c in completions], meta,
+                                      list(range(len(prompts))))
         self._check_finite(terms, total, list(range(len(prompts))), on_invalid="error")
         return total.tolist()
 
-    def _evaluate(self, prompts: list[str], completions: list[str], meta: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _evaluate(self, prompts: list[str], completions: list[str], meta: dict,
+                  prompt_index: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         terms, total = {}, torch.zeros(len(prompts), dtype=torch.float64)
         for term in self.terms:
-            values = _as_scores(term.name, term.fn(prompts, completions, target=term.target, **meta), len(prompts))
+            try:
+                out = term.fn(prompts, completions, target=term.target, **meta)
+            except RewardFunctionError as e:  # a user function: say which samples of the rollout it was given
+                at = f"prompt index {prompt_index[e.sample]}" if e.sample is not None else \
+                    f"prompt indices {sorted(set(prompt_index))[:8]}{'...' if len(set(prompt_index)) > 8 else ''}"
+                raise type(e)(f"reward term '{term.name}' ({at}): {e}", e.sample) from None
+            except (ValueError, TypeError) as e:
+                if term.kind_rule:  # a rule's complaint about its setting or the data (e.g. no reference answer)
+                    raise RewardFunctionError(f"reward term '{term.name}': {e}") from None
+                raise
+            values = _as_scores(term.name, out, len(prompts), prompt_index)
             terms[term.name] = values  # (B,)
             total = total + term.weight * values
         return terms, total
@@ -254,10 +270,12 @@ class CombinedReward:
         self.dropped_total = int(state["dropped_total"])
 
     def close(self) -> None:
-        """Stop the reward-model workers."""
+        """Stop the reward-model workers and the processes of user functions."""
         for term in self.terms:
             if isinstance(term.fn, ModelReward):
                 term.fn.pool.shutdown()
+            elif isinstance(term.fn, (IsolatedFunction, InProcessFunction)):
+                term.fn.close()
 
 
 def _check_rollout(rollout: RolloutBatch) -> None:
@@ -306,7 +324,9 @@ def build_reward(cfg: RewardConfig, reward_model: str | Path | None = None,
         elif term.kind == "function":
             if not term.target:
                 raise ConfigError(f"{where}: set target to the function's import path 'module:function'.")
-            fn = load_function(term.target)
+            fn = load_function(term.target)  # import errors here, at build time
+            fn = InProcessFunction(term.target, fn) if cfg.function_timeout_s is None else \
+                IsolatedFunction(term.target, cfg.function_timeout_s)
         elif term.kind == "remote":
             fn = RemoteReward.from_term(term, cfg.timeout_s, cfg.retries, where)
         else:  # model
@@ -319,7 +339,7 @@ def build_reward(cfg: RewardConfig, reward_model: str | Path | None = None,
                               num_gpus_per_worker=gpus_per_worker, local=local, num_threads=num_threads,
                               options_fn=placement.actor_options("reward", offset) if placement else None)
             fn = ModelReward(pool, use_token_ids=policy_fp is not None and policy_fp == pool.fingerprint)
-        terms.append(Term(name, term.weight, term.target, fn))
+        terms.append(Term(name, term.weight, term.target, fn, kind_rule=term.kind in RULES))
     if not terms:
         raise ConfigError("reward.terms is empty; configure at least one reward term.")
     return CombinedReward(cfg, terms)

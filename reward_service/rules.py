@@ -114,6 +114,12 @@ def load_function(import_path: str) -> RuleFn:
         raise ValueError(
             f"reward function {import_path!r}: cannot import module {module_name!r} ({e}). "
             f"Make it importable (install it or add its folder to PYTHONPATH).") from e
+    except SyntaxError as e:
+        raise ValueError(f"reward function {import_path!r}: {e.filename}:{e.lineno}: syntax error ({e.msg}); fix the "
+                         f"module.") from None
+    except Exception as e:  # noqa: BLE001 - whatever the module's own code raised while it was imported
+        raise ValueError(f"reward function {import_path!r}: importing module {module_name!r} raised "
+                         f"{type(e).__name__}: {e}; fix the module.") from None
     fn = getattr(module, attr, None)
     if fn is None:
         raise ValueError(f"reward function {import_path!r}: module {module_name!r} has no attribute {attr!r}.")

@@ -1,7 +1,12 @@
 """HTTP JSON reward server (`tidal reward serve CONFIG`): a Starlette app run by uvicorn.
 
     POST /score   {"prompts": [...], "completions": [...], "references"?: [...]} -> {"scores": [...]}
-    GET  /health  -> {"status": "ok"}   (no token needed; reveals nothing)
+    GET  /health  -> {"status": "ok", "busy_s": S}   (no token needed; reveals nothing)
+
+One scoring runs at a time. A user function that passes its deadline (reward.function_timeout_s,
+tidal.reward_service.sandbox) answers 504 naming it, and /health answers 503 {"status": "stuck"}
+until a scoring succeeds again, or while one has run longer than that deadline; a request that
+waited that long for another one to finish gets 503 (clients retry 5xx on the next server).
 
 The served reward is the weighted sum of the config's reward terms (`CombinedReward.score_texts`);
 normalization, clipping and the EOS penalty stay with the trainer that calls it.
@@ -20,6 +25,7 @@ import math
 import os
 import sys
 import threading
+import time
 from typing import Callable
 
 from starlette.applications import Starlette
@@ -29,6 +35,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tidal.common.config import ConfigError
+from tidal.reward_service.sandbox import RewardTimeout
 from tidal.common.web import BadJSON, BodyTooLarge, WebServer, drain, error_handlers, is_loopback, parse_json, read_body
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -69,13 +76,50 @@ def _error(code: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=code, headers={**headers, "Connection": "close"})
 
 
-def build_app(score_fn: ScoreFn, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
-    """The Starlette app: POST /score and GET /health (see module doc)."""
-    lock = threading.Lock()  # one scoring at a time: the model is not faster in parallel
+class Busy(Exception):
+    """Another request held the scorer for longer than a request waits (503)."""
+
+
+class _Scorer:
+    """One scoring at a time (the model is not faster in parallel), with what /health reports."""
+
+    def __init__(self, score_fn: ScoreFn, stuck_after_s: float):
+        self.score_fn, self.stuck_after_s = score_fn, stuck_after_s
+        self.lock = threading.Lock()
+        self.since: float | None = None  # monotonic start of the scoring in progress
+        self.stuck: str | None = None  # the last scoring's deadline error, until one succeeds
+
+    def __call__(self, prompts, completions, references) -> list:
+        if not self.lock.acquire(timeout=self.stuck_after_s):
+            raise Busy(f"another request has held the scorer for over {self.stuck_after_s:g} s; retry later")
+        try:
+            self.since = time.monotonic()
+            out = self.score_fn(prompts, completions, references)
+            self.stuck = None
+            return out
+        except RewardTimeout as e:
+            self.stuck = str(e)
+            raise
+        finally:
+            self.since = None
+            self.lock.release()
+
+    def health(self) -> tuple[int, dict]:
+        busy = time.monotonic() - self.since if self.since is not None else 0.0
+        if self.stuck is not None or busy > self.stuck_after_s:
+            why = self.stuck or f"a scoring has run for {busy:.0f} s, past {self.stuck_after_s:g} s"
+            return 503, {"status": "stuck", "busy_s": round(busy, 1), "error": why}
+        return 200, {"status": "ok", "busy_s": round(busy, 1)}
+
+
+def build_app(score_fn: ScoreFn, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+              stuck_after_s: float = 60.0) -> Starlette:
+    """The Starlette app: POST /score and GET /health (see module doc). stuck_after_s: the
+    scorer's deadline (reward.function_timeout_s)."""
+    scorer = _Scorer(score_fn, stuck_after_s)
 
     def score(prompts, completions, references) -> list[float]:
-        with lock:
-            scores = [float(s) for s in score_fn(prompts, completions, references)]
+        scores = [float(s) for s in scorer(prompts, completions, references)]
         bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
         if bad:
             raise ValueError(f"the reward gave non-finite scores for items {bad[:10]}")
@@ -104,12 +148,17 @@ def build_app(score_fn: ScoreFn, token: str | None = None, max_body_bytes: int =
             return _error(400, str(e))
         try:
             scores = await run_in_threadpool(score, prompts, completions, references)
+        except RewardTimeout as e:
+            return _error(504, str(e))
+        except Busy as e:
+            return _error(503, str(e))
         except Exception as e:  # a failing reward must answer the caller, not kill the server
             return _error(500, f"{type(e).__name__}: {e}")
         return JSONResponse({"scores": scores})
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        code, body = scorer.health()
+        return JSONResponse(body, status_code=code)
 
     return Starlette(routes=[Route("/score", post_score, methods=["POST"]), Route("/health", health, methods=["GET"])],
                      exception_handlers=error_handlers(_error, "POST /score or GET /health"))
@@ -119,14 +168,14 @@ class RewardServer(WebServer):
     """Serves `score_fn(prompts, completions, references) -> scores` over HTTP (see module doc)."""
 
     def __init__(self, score_fn: ScoreFn, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, stuck_after_s: float = 60.0):
         if token is None and not is_loopback(host):
             raise ConfigError(f"refusing to serve rewards on {host} without a token: anyone who can reach it could "
                               f"call it. Set a bearer token in the token env var, or bind 127.0.0.1.")
         self.score_fn = score_fn
         self.token = token
         self.max_body_bytes = max_body_bytes
-        super().__init__(build_app(score_fn, token, max_body_bytes), host, port, name="reward-server")
+        super().__init__(build_app(score_fn, token, max_body_bytes, stuck_after_s), host, port, name="reward-server")
 
 
 def serve_from_cli(config: str | None, overrides: list[str], host: str = "127.0.0.1", port: int = 8000,
@@ -142,7 +191,11 @@ def serve_from_cli(config: str | None, overrides: list[str], host: str = "127.0.
                           f"in ${token_env} (or --token-env VAR), or bind 127.0.0.1.")
     # Model terms run in this process: a reward server needs no Ray cluster.
     reward = build_reward(cfg.reward, reward_model=cfg.model.reward, local=True, dtype=cfg.model.dtype)
-    server = RewardServer(reward.score_texts, host, port, token)
+    try:
+        server = RewardServer(reward.score_texts, host, port, token, stuck_after_s=cfg.reward.function_timeout_s or 60.0)
+    except BaseException:
+        reward.close()
+        raise
     kinds = ", ".join(f"{t.kind}x{t.weight:g}" for t in cfg.reward.terms)
     auth = "bearer token required" if token else f"NO token (${token_env} unset; loopback only)"
     print(f"tidal reward server on {server.url} (POST /score, GET /health); terms: {kinds}; {auth}", flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -16,12 +17,20 @@ REPO = TESTS_DIR.parent
 # The sentiment task (512 rows per file), written once and shared by every e2e test and process.
 DATA_DIR = Path(os.environ.get("TIDAL_CACHE", Path.home() / ".cache" / "tidal")) / "test-data" / "sentiment-512"
 LETTER_REWARD = '[{kind: function, target: "e2e_support:letter_rate"}]'
+HALF_FLAT_REWARD = '[{kind: function, target: "e2e_support:letter_rate_half"}]'
 
 
 def letter_rate(prompts: list[str], completions: list[str], **meta) -> list[float]:
     """Share of the completion's characters that are the letter in `target` (default 'e'), x10."""
     letter = (meta.get("target") or "e")[0]
     return [10.0 * sum(ch == letter for ch in c) / max(len(c), 1) for c in completions]
+
+
+def letter_rate_half(prompts: list[str], completions: list[str], **meta) -> list[float]:
+    """letter_rate on half of the prompts; 0 for every completion of the other half (those whose
+    text has an even CRC-32, the same in every process): groups without signal, for dynamic sampling."""
+    rates = letter_rate(prompts, completions, **meta)
+    return [0.0 if zlib.crc32(p.encode()) % 2 == 0 else r for p, r in zip(prompts, rates)]
 
 
 def letter_penalty(prompts: list[str], completions: list[str], **meta) -> list[float]:

@@ -196,17 +196,22 @@ def test_summary_table_lists_before_and_after(tmp_path):
 # ----------------------------------------------------------------------------- RL loop settings
 
 
-@pytest.mark.parametrize("overrides, weighted", [
-    ([], False),  # sync, full softmax: engine and trainer sample the same distribution
-    (["algorithm.mode=async"], True),  # off-policy samples
-    (["rollout.top_p=0.9"], True),  # truncated distribution: engine logprobs are the filtered ones
-    (["rollout.top_k=20"], True),
+@pytest.mark.parametrize("overrides, correction", [
+    ([], None),  # sync, full softmax: engine and trainer sample the same distribution
+    (["algorithm.mode=async"], ("tis", 2.0)),  # off-policy samples
+    (["rollout.top_p=0.9"], ("tis", 2.0)),  # truncated distribution: engine logprobs are the filtered ones
+    (["rollout.top_k=20", "algorithm.mismatch_threshold=3"], ("tis", 3.0)),
+    (["algorithm.mismatch_correction=icepop"], ("icepop", 2.0)),  # chosen: in sync mode too
+    (["algorithm.mode=async", "algorithm.mismatch_correction=seq_mask", "algorithm.mismatch_threshold=1.5"],
+     ("seq_mask", 1.5)),
+    (["algorithm.mode=async", "algorithm.mismatch_correction=none"], None),
 ])
-def test_importance_weights_apply_to_off_policy_and_filtered_sampling(tmp_path, overrides, weighted):
-    from tidal.driver.rl_loop import IS_WEIGHT_CAP, RLLoop
+def test_mismatch_corrections_apply_as_configured(tmp_path, overrides, correction):
+    from tidal.driver.rl_loop import RLLoop
 
     loop = RLLoop(_cfg(*overrides), tmp_path, parts=None, logger=None)
-    assert loop.is_weight_cap == (IS_WEIGHT_CAP if weighted else None)
+    got = loop.correction and (loop.correction.kind, loop.correction.threshold)
+    assert got == correction
 
 
 def test_ptx_rows_are_a_function_of_the_step():
@@ -294,7 +299,7 @@ def test_prepare_data_uses_a_folder_without_marker_as_it_is(tmp_path):
     cfg = load_config(None, [f"data.data_dir={folder}"])
     data = prepare_data(cfg)
     assert _files(folder) == before and data.prompts == folder / "prompts_train.jsonl" and data.demonstrations is None
-    check_data(cfg, data)  # rl only: its prompts are there
+    check_data(load_config(None, [f"data.data_dir={folder}", "algorithm.prompts_per_step=1"]), data)  # rl only: its prompts are there
     sft = load_config(None, [f"data.data_dir={folder}", "stages.run=[sft,rl]"])
     with pytest.raises(PreflightError, match="no demonstrations file of the task.*data.demonstrations=FILE"):
         check_data(sft, prepare_data(sft))

@@ -253,6 +253,7 @@ def test_a_sender_that_never_starts_is_named_by_the_waiting_receivers(ray_cluste
     sender = CollectiveTransport(spec, rank=0)
     group = ActorGroup(Receiver, 1, options={"num_cpus": 0}, name="receiver")
     try:
+        group.call(lambda a: a.pid.remote(), timeout_s=60)  # the receiver is up: its start is not the 2 s under test
         ref = group.submit(lambda a: a.join_transport.remote(CollectiveTransport(spec, rank=1)), 0)
         sender.join()
         group.collect({0: ref}, timeout_s=60)[0].get()

@@ -120,7 +120,7 @@ def test_out_of_range(override, match):
 
 
 @pytest.mark.parametrize("override, match", [
-    ("algorithm.name=grop", r"algorithm\.name: 'grop' is not one of 'ppo', 'grpo', 'rloo', 'reinforce', 'expert_iteration'\. Did you mean 'grpo'\?"),
+    ("algorithm.name=grop", r"algorithm\.name: 'grop' is not one of 'ppo', 'grpo', 'rloo', 'reinforce', 'reinforce_pp', 'dr_grpo', 'gspo', 'cispo', 'expert_iteration'\. Did you mean 'grpo'\?"),
     ("stages.run=[sft,rll]", r"stages\.run\[1\]: 'rll' is not one of 'sft', 'rm', 'rl', 'collect', 'dpo'\. Did you mean 'rl'\?"),
     ("logging.wandb_mode=ofline", r"Did you mean 'offline'\?"),
 ])

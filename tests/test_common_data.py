@@ -11,9 +11,9 @@ import pytest
 
 from tidal.common.data import (
     ComparisonRecord, DataError, DemonstrationRecord, PromptRecord, RankingRecord, iter_records, read_records,
-    ranking_problem, render_demonstration, render_prompt, write_records,
+    ranking_problem, write_records,
 )
-from tidal.common.prompts import DataState, PromptDataset
+from tidal.common.prompts import DataState, PromptDataset, render_demonstration, render_prompt
 
 CHAT = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Say hi ✓"}]
 RECORDS = {

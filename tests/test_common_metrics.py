@@ -1,4 +1,5 @@
-"""MetricsLogger: JSONL record of truth, progress line, wandb mirror (offline, never fatal), plots."""
+"""MetricsLogger: JSONL record of truth, progress line, wandb mirror (offline, never fatal); the
+dashboard and report pages drawn from it (the data behind each panel, then the PNGs)."""
 
 import io
 import json
@@ -9,7 +10,10 @@ import time
 import pytest
 
 from tidal.common.config import LoggingConfig
-from tidal.common.metrics import MetricsLogger, Timer, format_progress, metric_group, plot_run, read_metrics
+from tidal.common.config import load_config, to_yaml
+from tidal.common.dashboard import plot_dashboard, plot_run
+from tidal.common.metrics import MetricsLogger, Timer, format_progress, read_metrics
+from tidal.common.report import RunMetrics, fit_losses, kl, other_panels, phase_times, reward_model, rl_losses, rl_reward
 
 OFF = LoggingConfig(wandb_mode="disabled")
 
@@ -186,35 +190,84 @@ def test_wandb_failures_are_warnings(tmp_path, monkeypatch, caplog):
     assert len(read_metrics(tmp_path / "b")) == 2
 
 
-def test_metric_groups():
-    assert metric_group("rl/reward_mean") == metric_group("rl/reward_std") == "rl/reward"
-    assert metric_group("rl/kl") == metric_group("rl/kl_coef") == "rl/kl"
-    assert metric_group("rl/response_length_mean") == "rl/response"
-    assert metric_group("time/generate_s") == metric_group("time/update_s") == "time"
-    assert metric_group("losses/policy") == metric_group("losses/value") == "losses"
-    assert metric_group("loss") == "misc"
-
-
-def write_run(run_dir, steps=6):
+def write_demo_like_run(run_dir, rl_steps: int = 30, rm_steps: int = 300):
+    """What `make demo` logs, in shape: 6 SFT steps, 300 RM steps (the final RM record at step
+    300), a step-0 calibration record, 30 sync-mode RL steps and the before/after evaluation."""
+    cfg = load_config(None, ["algorithm.adaptive_kl=true", "algorithm.kl_target=4.0", f"algorithm.steps={rl_steps}"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     with MetricsLogger(run_dir, OFF) as logger:
-        for step in range(1, 4):
-            logger.log(step, {"sft/loss": 2.0 / step, "time/update_s": 0.1}, stage="sft")
-        for step in range(1, steps + 1):
-            logger.log(step, {"rl/reward_mean": 0.1 * step, "rl/reward_std": 0.3, "rl/kl": 0.01 * step,
-                              "rl/response_length": 20.0 + step, "losses/policy": -0.1, "losses/value": 1.0 / step,
-                              "time/generate_s": 1.0, "time/update_s": 0.5}, stage="rl")
+        for step in range(1, 7):
+            logger.log(step, {"losses/sft": 5.5 - 0.1 * step, "sft/tokens": 300.0}, stage="sft")
+        for step in range(1, rm_steps + 1):
+            logger.log(step, {"losses/reward": 0.7 - step / 1000, "reward/train_accuracy": 0.5 + step / 1000}, stage="rm")
+        logger.log(rm_steps, {"rm/reward_mean": 1.2, "rm/reward_std": 0.8, "rm/eval_accuracy": 0.87}, stage="rm")
+        logger.log(0, {"reward/ref_mean": 0.1}, stage="rl")
+        for step in range(1, rl_steps + 1):
+            wait, fwd, adv, upd, sync = 4.0, 1.0, 0.1, 6.0, 0.5  # sync mode: the learner waits out generate + score
+            logger.log(step, {"rl/score_mean": 0.02 * step, "rl/kl": 0.2 * step, "experience/kl_per_seq": 0.2 * step,
+                              "rl/kl_coef": 0.3 - 0.005 * step, "losses/policy": -0.01, "losses/value": 0.3 / step,
+                              "experience/response_len": 16.0, "rollout/degenerate": 0.0,
+                              "time/generate_s": 3.6, "time/score_s": 0.4, "time/wait_rollout_s": wait,
+                              "time/forward_s": fwd, "time/advantages_s": adv, "time/update_s": upd, "time/sync_s": sync,
+                              "time/load_weights_s": 0.3, "time/step_s": wait + fwd + adv + upd + sync + 0.2,
+                              "idle/rollout": 0.6, "idle/learner": 0.3, "update/early_stopped": float(step % 7 == 0)},
+                       stage="rl")
+        logger.log(rl_steps, {"eval/reward_before": -0.16, "eval/reward_after": 0.89, "eval/vader_before": 0.07,
+                              "eval/vader_after": 0.34, "eval/rm_score_before": -0.15, "eval/rm_score_after": 0.9},
+                   stage="eval")
+    return run_dir
 
 
-def test_plot_run_one_png_per_group(tmp_path):
-    write_run(tmp_path)
-    paths = plot_run(tmp_path)
-    names = sorted(p.name for p in paths)
-    assert names == ["rl_kl.png", "rl_losses.png", "rl_response.png", "rl_reward.png", "rl_time.png",
-                     "sft_loss.png", "sft_time.png"]
+def test_each_dashboard_panel_shows_its_own_stage_scale_and_sum(tmp_path):
+    """The data behind the panels of a demo-shaped run: RL on its own x axis (not the reward
+    model's 300 steps), losses on their own scales, phases adding up to the wall time, KL once
+    with its target and coefficient."""
+    m = RunMetrics.of_run(write_demo_like_run(tmp_path))
+    reward = rl_reward(m)
+    assert reward.xlabel == "RL step" and [ln.label for ln in reward.lines] == ["reward"]
+    assert reward.lines[0].x == list(range(1, 31))  # not the rm stage's steps, not the step-0 calibration record
+    losses = rl_losses(m)
+    assert [(ln.label, ln.right) for ln in losses.lines] == [("policy loss", False), ("value loss", True)]
+    sft = fit_losses(m)
+    assert sft.xlabel == "SFT step" and [ln.label for ln in sft.lines] == ["SFT loss"] and max(sft.lines[0].x) == 6
+    rm = reward_model(m)
+    assert rm.xlabel == "RM step" and max(rm.line("loss").x) == 300 and rm.line("train pair accuracy").right
+    assert rm.line("held-out pair accuracy").y == [0.87]
+    k = kl(m)
+    assert [ln.label for ln in k.lines] == ["KL", "kl_coef"] and k.line("kl_coef").right  # experience/kl_per_seq: not again
+    assert k.hlines == [("kl_target (adaptive)", 4.0)]
+    times = phase_times(m)
+    assert [s.label for s in times.stack] == ["wait_rollout", "forward", "advantages", "update", "sync", "other (untimed)"]
+    wall = times.line("step wall time")
+    for i, total in enumerate(wall.y):  # the stack's top is the step's wall time: nothing counted twice
+        assert sum(s.y[i] for s in times.stack) == pytest.approx(total)
+    assert times.line("rollout thread busy (generate + score)").y[0] == pytest.approx(4.0)  # a line, not stacked
+
+
+def test_later_rounds_continue_the_x_axis(tmp_path):
+    with MetricsLogger(tmp_path, OFF) as logger:
+        for stage in ("rl", "rl2"):
+            for step in (1, 2, 3):
+                logger.log(step, {"rl/score_mean": float(step)}, stage=stage)
+    lines = rl_reward(RunMetrics.of_run(tmp_path)).lines
+    assert [(ln.label, ln.x) for ln in lines] == [("reward (rl)", [1, 2, 3]), ("reward (rl2)", [4, 5, 6])]
+
+
+def test_report_pages_answer_questions_and_the_rest_is_one_page(tmp_path):
+    run = write_demo_like_run(tmp_path / "run", rl_steps=5, rm_steps=20)
+    paths = plot_run(run)
+    assert [p.name for p in paths] == ["learning.png", "overoptimisation.png", "time.png", "reward_model.png",
+                                       "update.png", "other.png"]
     for p in paths:
-        assert p.parent == tmp_path / "plots"
-        data = p.read_bytes()
-        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+        assert p.parent == run / "plots" and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    m = RunMetrics.of_run(run)
+    plot_dashboard(run)  # the dashboard's panels and the pages ask for the metrics they show
+    for builder in (rl_reward, kl, phase_times, rl_losses, fit_losses, reward_model):
+        builder(m)
+    rest = {p.title: p for p in other_panels(m)}
+    assert "rl: rl/kl" not in rest and "sft: sft/tokens" in rest and "rl: time/update_s" not in rest
+    assert rest["rl: update/early_stopped"].lines[0].flag  # a 0/1 switch is drawn as one, not a curve
 
 
 def test_plot_run_errors(tmp_path):
@@ -225,23 +278,11 @@ def test_plot_run_errors(tmp_path):
         plot_run(tmp_path)
 
 
-def test_dashboard_is_one_png_with_the_first_panels(tmp_path):
-    from tidal.common.dashboard import PANELS, plot_dashboard
-
-    with MetricsLogger(tmp_path, LoggingConfig(wandb_mode="disabled")) as logger:
-        for step in range(1, 5):
-            logger.log(step, {"rl/score_mean": 0.1 * step, "rl/kl": 0.01 * step, "experience/response_len": 9.0,
-                              "losses/policy": -0.1, "time/generate_s": 1.0, "time/update_s": 0.5,
-                              "time/step_s": 1.6, "idle/rollout": 0.4, "idle/learner": 0.6}, stage="rl")
-        logger.log(4, {"eval/reward_before": 0.0, "eval/reward_after": 0.5, "eval/vader_before": 0.1,
-                       "eval/vader_after": 0.3}, stage="eval")
-    path = plot_dashboard(tmp_path)
+def test_dashboard_is_one_png_with_every_panel_even_an_empty_one(tmp_path):
+    path = plot_dashboard(write_demo_like_run(tmp_path, rl_steps=4, rm_steps=10))
     assert path == tmp_path / "dashboard.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (tmp_path / "plots").exists()  # the detailed plots are plot_run's, in plots/
-    assert [title for title, _ in PANELS][:3] == ["reward (training batch)", "KL to the reference (nats / sequence)",
-                                                  "response length (tokens)"]
-    # a run that logged none of them (an sft-only run) still gets the same page, panels saying so
-    other = tmp_path / "sft"
-    with MetricsLogger(other, LoggingConfig(wandb_mode="disabled")) as logger:
-        logger.log(1, {"sft/loss": 2.0}, stage="sft")
+    assert not (tmp_path / "plots").exists()  # the pages are plot_run's, in plots/
+    other = tmp_path / "sft"  # a run that logged none of the RL panels still gets the same page
+    with MetricsLogger(other, OFF) as logger:
+        logger.log(1, {"losses/sft": 2.0}, stage="sft")
     assert plot_dashboard(other).stat().st_size > 5000

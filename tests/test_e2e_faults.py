@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from e2e_support import REPO, read_jsonl, rl_records, subprocess_env, tiny_overrides
+from e2e_support import HALF_FLAT_REWARD, REPO, read_jsonl, rl_records, subprocess_env, tiny_overrides
 from tidal.driver import rl_stage
 from tidal.driver.job import prepare_data, run_pipeline
 from tidal.actors.placement import Placement
@@ -197,18 +197,18 @@ def test_corrupt_newest_checkpoint_resumes_from_the_one_before(reference_run, tm
 
 def test_sigint_stops_at_a_safe_point_cleans_up_and_resumes_to_the_same_metrics(reference_run, tmp_path):
     run_dir = tmp_path / "int"
-    # the driver's own temp root (short, for Ray's socket paths): other Ray clusters on this machine
-    # make tidal-ray-* folders of their own in /tmp, and this test counts the driver's
-    tmp_root = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
-    before = set(tmp_root.glob("tidal-ray-*"))
-    proc = _run_driver(["configs/tiny_ppo.yaml", *_overrides(tmp_path, "int")], {**subprocess_env(), "TMPDIR": str(tmp_root)})
+    temp = Path(tempfile.mkdtemp(prefix="tr", dir="/tmp"))  # the driver's own temp folder: other runs use /tmp too
+    before = set(temp.glob("tidal-ray-*"))
+    # a step here takes seconds on a busy machine: the grace period lets it finish and checkpoint
+    proc = _run_driver(["configs/tiny_ppo.yaml", *_overrides(tmp_path, "int", "logging.interrupt_grace_s=300")],
+                       {**subprocess_env(), "TMPDIR": str(temp)})
     stop_after = random.Random(0).choice([1, 2, 3])  # the step after which Ctrl-C comes
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if (run_dir / "metrics.jsonl").is_file() and len(rl_records(run_dir)) >= stop_after:
             break
         time.sleep(0.05)
-    temp_dirs = set(tmp_root.glob("tidal-ray-*")) - before
+    temp_dirs = set(temp.glob("tidal-ray-*")) - before
     assert proc.poll() is None and len(temp_dirs) == 1, proc.stdout.read()[-3000:] if proc.poll() is not None else temp_dirs
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
@@ -230,3 +230,23 @@ def test_sigint_stops_at_a_safe_point_cleans_up_and_resumes_to_the_same_metrics(
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
     _assert_same_run(run_dir, reference_run)
+
+
+def test_dynamic_sampling_run_killed_after_a_checkpoint_resumes_to_the_same_metrics(ray_cluster, tmp_path):
+    """DAPO's dynamic sampling in async mode, half of the prompts without signal: the extra rounds
+    consume a varying number of prompts per step, generated ahead of training. SIGKILL after the
+    step-4 checkpoint and --resume: the same rollouts, metrics (sampling/* included) and policy."""
+    extra = ("algorithm.dynamic_sampling=true", f"reward.terms={HALF_FLAT_REWARD}")
+    ref = tmp_path / "ref"
+    run_pipeline(load_config(REPO / "configs" / "tiny_grpo.yaml", _overrides(tmp_path, "ref", *extra)), ref)
+    assert max(r["sampling/rounds"] for r in rl_records(ref)) >= 2  # the rounds this test is about happened
+
+    run_dir = tmp_path / "crash"
+    args = ["configs/tiny_grpo.yaml", *_overrides(tmp_path, "crash", *extra,
+                                                   "cluster.ray_temp_dir=" + tempfile.mkdtemp(prefix="tr-"))]
+    _kill_after_checkpoint(args, run_dir, "step-000004")
+    assert 4 <= max(r["step"] for r in rl_records(run_dir)) < STEPS
+    resumed = _run_driver(["--resume", str(run_dir)], subprocess_env())
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    _assert_same_run(run_dir, ref)

@@ -184,8 +184,7 @@ def test_memory_that_cannot_fit_is_refused_naming_the_bundle_and_the_fixes():
 
 def _check(path: Path, offline: bool) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
+    env["HF_HUB_OFFLINE"] = "1" if offline else "0"  # unset is offline too (common/models.py)
     return subprocess.run([sys.executable, "-m", "tidal.commands.cli", "config", "show", str(path), "--check"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
 

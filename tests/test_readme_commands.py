@@ -1,20 +1,29 @@
-"""The README's "Using it" commands, read from the README itself so they cannot drift.
+"""Every `tidal` command of README.md and docs/*.md, read from the pages themselves so they
+cannot drift.
 
-Each command is taken as written (`.venv/bin/tidal ...`, run from a scratch folder laid out
-like the checkout: `configs/` and `.venv` as links). Every one must parse with the real
-argument parser, name config files that exist, and carry overrides its config accepts. The
-cheap ones run for real, in order, as a new user would: `config show` (plus `--doc` and
-`--check`), `data sentiment`, `report` (on a run made here), `reward template > FILE` (then
-checked the way its own text says). The expensive ones (train, submit, eval, reward serve)
-go through the same preflight `tidal train` runs before Ray (`config show ... --check`), or
-for `--resume` through the resume override rules. `@pytest.mark.slow` runs `train` for real.
+Each command is taken as written (`.venv/bin/tidal ...` or `tidal ...`, run from a scratch
+folder laid out like the checkout: `configs/` and `.venv` as links, a finished run for
+`runs/<run>`, `RUN`, `runs/ppo-1`). A synopsis's optional `[...]` parts are left out, `\`
+continuations joined, and the tidal side of a pipe taken with the pipe's text as its stdin.
+Every command must parse with the real argument parser, name config files that exist, and
+carry overrides its config accepts. The cheap ones run for real, in order, as a new user would:
+`config show` (plus `--doc` and `--check`), `data sentiment`, `report` (on the run made here),
+`reward template > FILE` (then checked the way its own text says), and the label commands that
+need no model. The expensive ones run up to where Ray would start: `train`, `submit` and
+`reward serve` through the preflight `tidal train` runs (`config show ... --check`), `--resume`
+through the resume rules, `eval` and `generate` through every check they make before Ray
+(`plan_eval`, `plan_generate`), `label tasks` through its sources and models. `label serve`
+serves until stopped: parsed only. `@pytest.mark.slow` runs `train` and `eval` for real.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +38,13 @@ from tidal.common.metrics import MetricsLogger
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = ".venv/bin/tidal"
 RUN = "readme-run"  # what `runs/<run>` stands for here
-CHEAP = {("config", "show"), ("data", "sentiment"), ("report", None), ("reward", "template")}
-PARSED_ONLY = {("train", None), ("submit", None), ("eval", None), ("reward", "serve"), ("generate", None)}
+CHEAP = {("config", "show"), ("data", "sentiment"), ("report", None), ("reward", "template"), ("label", "add-tasks"),
+         ("label", "set"), ("label", "add-labeler"), ("label", "status"), ("label", "export")}
+PARSED_ONLY = {("train", None), ("submit", None), ("eval", None), ("reward", "serve"), ("generate", None),
+               ("label", "tasks"), ("label", "serve")}
+# What the pages' placeholders stand for here: a finished run (runs/<run> in the README, RUN and
+# runs/ppo-1 / runs/dpo-1 in docs/alternatives.md).
+PLACEHOLDERS = ((r"runs/<run>", f"runs/{RUN}"), (r"runs/(ppo|dpo)-1", f"runs/{RUN}"), (r"(?<![\w/])RUN/", f"runs/{RUN}/"))
 
 
 def using_it() -> str:
@@ -58,6 +72,28 @@ def readme_commands() -> list[list[str]]:
     return [words for block in code_blocks("bash") for line in block if (words := shlex.split(line, comments=True))]
 
 
+def page_commands(text: str) -> list[tuple[list[str], str | None]]:
+    """(words, stdin) of each tidal command in a page's bash blocks: continuations joined,
+    optional `[...]` parts dropped, `printf TEXT | tidal ...` as the command with TEXT on stdin."""
+    out = []
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(re.sub(r"\[[^\]]*\]", "", line), comments=True)
+            stdin = None
+            if "|" in words:
+                left, words = words[:words.index("|")], words[words.index("|") + 1:]
+                stdin = left[1].encode().decode("unicode_escape") if left[:1] == ["printf"] else None
+            if words and words[0] in (PREFIX, "tidal"):
+                out.append((words, stdin))
+    return out
+
+
+def all_commands() -> list[tuple[str, list[str], str | None]]:
+    """(page, words, stdin) of every tidal command of README.md and docs/*.md, README first."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    return [(p.name, words, stdin) for p in pages for words, stdin in page_commands(p.read_text())]
+
+
 def readme_error_examples() -> list[tuple[list[str], str]]:
     """`$ tidal ...` lines of the plain blocks, each with the first output line it shows."""
     out = []
@@ -80,13 +116,31 @@ def _console_script() -> Path | None:
     return None
 
 
+def finished_run(run: Path, base: Path) -> None:
+    """What `tidal train` leaves in a run folder that eval, generate and label tasks read: the
+    sft, rm and rl outputs (copies of the HF folder `base`, a reward model on its backbone)."""
+    from tidal.common.models import load_tokenizer, load_value_model, save_value_model
+
+    for sub in ("sft", "policy"):
+        shutil.copytree(base, run / sub)
+    save_value_model(load_value_model(base), run / "reward_model", {"reward_mean": 0.0, "reward_std": 1.0},
+                     tokenizer=load_tokenizer(base))
+    outputs = {"sft": "sft", "rm": "reward_model", "rl": "policy"}
+    (run / "run_state.json").write_text(json.dumps({"stages": {k: {"output": f"runs/{RUN}/{v}"}
+                                                              for k, v in outputs.items()}}))
+
+
 @pytest.fixture
-def scratch(tmp_path, monkeypatch):
-    """A folder shaped like the checkout, holding a finished run for `runs/<run>`."""
+def scratch(tmp_path, monkeypatch, tiny_model):
+    """A folder shaped like the checkout, holding a finished run for `runs/<run>` and the files
+    the pages' commands name."""
     (tmp_path / "configs").symlink_to(REPO / "configs")
     if (REPO / ".venv").is_dir():
         (tmp_path / ".venv").symlink_to(REPO / ".venv")
+    (tmp_path / "prompts.txt").write_text("The film was\nDinner tonight\n")
+    (tmp_path / "tasks.jsonl").write_text(json.dumps({"prompt": "The film was", "responses": ["great", "dull"]}) + "\n")
     run = tmp_path / "runs" / RUN
+    finished_run(run, tiny_model)
     cfg = load_config(REPO / "configs" / "tiny_ppo.yaml", ["logging.output_dir=runs", f"logging.run_name={RUN}"])
     with MetricsLogger(run, LoggingConfig(wandb_mode="disabled")) as logger:
         for step in range(1, 4):
@@ -106,33 +160,39 @@ def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
 
 
 def _argv(words: list[str]) -> tuple[list[str], str | None]:
-    """The arguments after the script, `runs/<run>` filled in, and a `> FILE` redirect split off."""
-    argv = [w.replace("<run>", RUN) for w in words[1:]]
+    """The arguments after the script, the placeholders filled in, and a `> FILE` redirect split off."""
+    argv = words[1:]
+    for pattern, value in PLACEHOLDERS:
+        argv = [re.sub(pattern, value, w) for w in argv]
     if ">" in argv:
         return argv[:argv.index(">")], argv[argv.index(">") + 1]
     return argv, None
 
 
-def test_the_section_has_the_commands_this_test_knows():
+def test_the_pages_have_the_commands_this_test_knows():
     cmds = readme_commands()
     assert len(cmds) >= 8
     for words in cmds:
         assert words[0] == PREFIX, f"{shlex.join(words)}: the section's commands start with {PREFIX} (run from the checkout)"
+    every = all_commands()
+    assert {page for page, _, _ in every} >= {"README.md", "alternatives.md", "feedback.md"}
+    for page, words, _ in every:
         args = parse_args(_argv(words)[0])  # SystemExit: the CLI refuses the command as written
-        assert _kind(args) in CHEAP | PARSED_ONLY, f"{shlex.join(words)}: a new README command; teach this test to run it"
+        assert _kind(args) in CHEAP | PARSED_ONLY, f"{page}: {shlex.join(words)}: a new command; teach this test to run it"
 
 
-def test_using_it_commands_run_as_written(scratch, capsys):
+def test_every_command_of_the_pages_runs_as_written(scratch, capsys, monkeypatch):
     checked: set[tuple[str, ...]] = set()  # preflights already run (eval and serve share demo.yaml's)
-    for words in readme_commands():
-        line = shlex.join(words)
+    for page, words, stdin in all_commands():
+        line = f"{page}: {shlex.join(words)}"
         argv, redirect = _argv(words)
         parsed = parse_args(argv)  # SystemExit here: the CLI refuses the command as written
-        command, args = _kind(parsed)[0], parsed[2]  # the subcommand and its typed arguments
+        kind, args = _kind(parsed), parsed[2]
         for word in argv:
             if word.endswith((".yaml", ".yml")):
                 assert Path(word).is_file(), f"{line}: {word} does not exist"
-        kind = _kind(parsed)
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
         if kind in CHEAP:
             code, out, err = _run(capsys, argv)
             checked.add(tuple(argv))
@@ -140,23 +200,41 @@ def test_using_it_commands_run_as_written(scratch, capsys):
             if redirect:
                 Path(redirect).write_text(out)
             _check_output(kind, argv, out, line)
-        elif command == "generate":  # needs a finished run's policy: parsed (above) only
-            assert args.best_of is None or int(args.best_of) >= 2, f"{line}: --best-of takes N >= 2"
-        elif command == "train" and args.resume is not None:
-            from tidal.commands.train import resume_config
-
-            assert args.config is None, f"{line}: a resume takes no config file"
-            resume_config(Path(args.resume), list(args.overrides))  # ConfigError: a resume refuses these overrides
         else:
-            config, overrides = args.config, list(args.overrides)
-            # the checks `tidal train` (and submit) run before Ray starts, through the real CLI
-            check = ("config", "show", *([config] if config else []), *overrides, "--check")
-            if check not in checked:
-                code, _, err = _run(capsys, list(check))
-                assert code == 0, f"{line}: its preflight fails: {err}"
-                checked.add(check)
-            if command == "eval":
-                assert all("=" in r for r in args.run), f"{line}: --run takes NAME=RUN_DIR"
+            _up_to_ray(kind, args, line, checked, capsys)
+
+
+def _up_to_ray(kind, args, line: str, checked: set, capsys) -> None:
+    """An expensive command as far as it goes before Ray starts: every check it makes there."""
+    if kind == ("eval", None):
+        from tidal.commands.evaluate import plan_eval
+
+        plan = plan_eval(args)  # ConfigError: the command as written fails before Ray
+        assert plan.reward_model and Path(plan.reward_model, "config.json").is_file(), line
+    elif kind == ("generate", None):
+        from tidal.commands.generate import plan_generate
+
+        assert plan_generate(args).records, line
+    elif kind == ("train", None) and args.resume is not None:
+        from tidal.commands.train import resume_config
+
+        assert args.config is None, f"{line}: a resume takes no config file"
+        resume_config(Path(args.resume), list(args.overrides))  # ConfigError: a resume refuses these overrides
+    elif kind == ("label", "tasks"):
+        from tidal.commands.label_tasks import _models_and_prompts, plan_sources
+        from tidal.common.config import load_config as load
+
+        planned = plan_sources(list(args.sources), args.responses)
+        models, _, prompts = _models_and_prompts(load(args.config, list(args.overrides)), args, planned)
+        assert len(prompts) == args.prompts and all(Path(m, "config.json").is_file() for m in models.values()), line
+    elif kind != ("label", "serve"):  # serve runs until stopped
+        config, overrides = args.config, list(args.overrides)
+        # the checks `tidal train` (and submit) run before Ray starts, through the real CLI
+        check = ("config", "show", *([config] if config else []), *overrides, "--check")
+        if check not in checked:
+            code, _, err = _run(capsys, list(check))
+            assert code == 0, f"{line}: its preflight fails: {err}"
+            checked.add(check)
 
 
 def _check_output(kind, argv: list[str], out: str, line: str) -> None:
@@ -250,3 +328,31 @@ def test_train_and_report_as_written(scratch):
     res = subprocess.run([str(script), "report", str(runs[0])], capture_output=True, text=True, timeout=300, cwd=scratch,
                          env=env)
     assert res.returncode == 0 and (runs[0] / "dashboard.png").is_file(), res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_eval_as_written(scratch):
+    """The README's `tidal eval` for real, through the console script, on a run whose policy and
+    reward model share demo.yaml's tokenizer (SmolLM2's 2-layer build): it finds the run's reward
+    model by itself, prints the scoreboard and tidal's own lines only, and writes it."""
+    from tidal.common.models import resolve_model
+
+    script = _console_script()
+    if script is None:
+        pytest.skip(f"no {PREFIX} here and no tidal script next to {sys.executable}")
+    words = next(w for w in readme_commands() if w[1] == "eval")
+    run = scratch / "runs" / RUN
+    for sub in ("sft", "policy", "reward_model"):
+        shutil.rmtree(run / sub)
+    finished_run(run, resolve_model("smollm2-135m-2l"))
+    env = {**os.environ, "WANDB_MODE": "disabled", "TMPDIR": str(scratch)}
+    argv = _argv(words)[0]
+    res = subprocess.run([str(script), *argv, "logging.eval_samples=8"], capture_output=True, text=True, timeout=900,
+                         cwd=scratch, env=env)  # 8 of demo.yaml's 64 reporting prompts: the same command, shorter
+    assert res.returncode == 0, res.stderr[-3000:]
+    board = json.loads((scratch / "runs" / "eval" / "eval.json").read_text())
+    assert [r["method"] for r in board["rows"]] == ["sft", "ppo", "best-of-4"]
+    assert board["reward_model"] == f"runs/{RUN}/reward_model"  # the run's own, found without model.reward
+    table = {"method", "sft", "ppo", "best-of-4"}
+    noise = [ln for ln in res.stdout.splitlines() if not ln.startswith("tidal") and ln.split()[0] not in table]
+    assert noise == [] and res.stderr == "", (noise, res.stderr[-3000:])

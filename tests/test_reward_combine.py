@@ -9,6 +9,7 @@ from reward_fixtures import make_rollout
 
 from tidal.common.config import ConfigError, RewardConfig, RewardTerm
 from tidal.reward_service.combine import CombinedReward, InvalidRewardError, build_reward, clean_text
+from tidal.reward_service.sandbox import RewardFunctionError
 
 NUMBER = RewardTerm(kind="function", target="reward_fixtures:as_number")
 
@@ -133,7 +134,7 @@ CORPUS = [
     ("wrong-count", ("reward_fixtures:one_too_few",), {}, _rollout(["a", "b"]),
      (ValueError, "term 'function' returned 1 scores for 2 samples")),
     ("not-numbers", ("reward_fixtures:strings",), {}, _rollout(["a"]),
-     (TypeError, "term 'function' returned 'high'")),
+     (RewardFunctionError, r"term 'function' returned 'high' \(str\) for sample 0 \(prompt index 0\)")),
     ("rollout-rows-mismatch", ("reward_fixtures:as_number",), {},
      _rollout(["1", "2"]).__class__(**{**_rollout(["1", "2"]).__dict__, "response_text": ["1"]}),
      (ValueError, "RolloutBatch.response_text has 1 rows")),

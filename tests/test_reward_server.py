@@ -64,7 +64,7 @@ def test_round_trip_equals_local_reward(server, local_reward):
     assert remote == pytest.approx(local_reward.score_texts(prompts, completions, refs))
     assert remote[2] == pytest.approx(2.0)  # the reference reached the match term
     with urllib.request.urlopen(server.url + "/health", timeout=10) as r:
-        assert json.loads(r.read()) == {"status": "ok"}
+        assert json.loads(r.read()) == {"status": "ok", "busy_s": 0.0}
     # as a `remote` term of a combined reward, the token from the named env var
     os.environ["TIDAL_TEST_REWARD_TOKEN"] = TOKEN
     combined = build_reward(RewardConfig(terms=(RewardTerm(kind="remote", target=server.url, token_env="TIDAL_TEST_REWARD_TOKEN"),)))

@@ -58,10 +58,11 @@ def test_submit_runs_tidal_train_as_a_job_and_reports_success(ray_head, tmp_path
 @pytest.mark.slow
 @pytest.mark.ray
 def test_submit_reports_a_failing_job(ray_head, tmp_path):
-    # A hub id passes the local preflight when this machine may download; the job runs with hub
-    # downloads off (the worker environment), so it fails there, in seconds, naming the model.
+    # A hub id passes the local preflight when the user allows downloads (HF_HUB_OFFLINE=0, which
+    # the job's environment carries too); the job cannot reach the hub, so it fails there, naming
+    # the model. (A hub id that may not be downloaded is refused locally: tests/test_first_hour.py.)
     address, env, _ = ray_head
-    env = {k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {**{k: v for k, v in env.items() if k != "TRANSFORMERS_OFFLINE"}, "HF_HUB_OFFLINE": "0"}
     res = tidal_submit(env, "configs/tiny_grpo.yaml", "--address", address,
                        *_overrides(tmp_path, "bad", "model.policy=nobody/no-such-model"))
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
@@ -125,7 +126,9 @@ WORKER_SEES = ("import os, ray; from tidal.common.config import ClusterConfig; f
 def test_a_job_with_a_few_env_vars_gives_its_workers_tidals_environment(ray_head):
     """A KubeRay RayJob (deploy/rayjob*.yaml) names a few variables in its runtime_env; the
     driver that joins the job's cluster adds the rest of tidal's worker environment. Before:
-    a worker had only the job's, so e.g. DS_ACCELERATOR and the vLLM settings were missing."""
+    a worker had only the job's, so e.g. the vLLM settings were missing. DS_ACCELERATOR is not
+    shipped at all: each actor picks its own accelerator (tidal.actors.devices), so a GPU
+    learner is never forced onto the CPU."""
     from ray.job_submission import JobSubmissionClient
 
     address, _, token = ray_head
@@ -137,7 +140,7 @@ def test_a_job_with_a_few_env_vars_gives_its_workers_tidals_environment(ray_head
         assert time.monotonic() < deadline
         time.sleep(0.5)
     logs = client.get_job_logs(job)
-    assert "WORKER ['cpu', '0', '1', 'WARN']" in logs, logs[-3000:]
+    assert "WORKER [None, '0', '1', 'WARN']" in logs, logs[-3000:]
 
 
 def test_an_address_without_a_scheme_is_one_line_at_once(tmp_path):
