@@ -185,11 +185,7 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
 
     if data.prompts is None:
         raise ValueError("the rl stage needs prompts: set data.prompts or data.task")
-    a = cfg.algorithm
-    if a.kl_estimator != "k1" and a.kl_coef > 0:
-        print(f"tidal: warning: algorithm.kl_estimator={a.kl_estimator} in the per-token reward penalty is a biased "
-              "estimate of the sequence KL (only k1 is unbiased there); use algorithm.kl_loss for a k3 KL loss term.",
-              file=sys.stderr, flush=True)
+    _warn_kl_estimator(cfg)
     t0 = time.perf_counter()
     heldout = heldout_prompts(cfg, data.eval_prompts, policy, selection=cfg.logging.gold_every > 0)  # before Ray
     resuming = resume and resume_checkpoint(run_dir) is not None  # the checkpoint RLLoop.restore loads holds the calibration
@@ -236,6 +232,14 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
             online.close()
         stop_parts(placement, parts.learners, parts.pool, parts.reward)
     return summary
+
+
+def _warn_kl_estimator(cfg: TidalConfig) -> None:
+    a = cfg.algorithm
+    if a.kl_estimator != "k1" and a.kl_coef > 0:
+        print(f"tidal: warning: algorithm.kl_estimator={a.kl_estimator} in the per-token reward penalty is a biased "
+              "estimate of the sequence KL (only k1 is unbiased there); use algorithm.kl_loss for a k3 KL loss term.",
+              file=sys.stderr, flush=True)
 
 
 def evaluate_before(cfg: TidalConfig, parts: RLParts, prompts, run_dir: Path) -> dict[str, float]:

@@ -5,6 +5,7 @@ and the config checks of feedback.mode=online."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -219,3 +220,37 @@ def test_online_config_checks():
         load_config(None, ["feedback.serve=localhost"])
     assert load_config(None, ["feedback.mode=online", "feedback.serve='[::1]:0'"]).feedback.serve == "[::1]:0"
     assert load_config(None, ["feedback.serve="]).feedback.serve is None
+
+
+# ------------------------------------------------------------------ the rollout side of a step
+
+
+class OnlineStandIn:
+    """OnlineFeedback's two calls on the rollout thread: each swap publishes a new version."""
+
+    def __init__(self):
+        self.version, self.asked = 0, []
+
+    def swap(self) -> int:
+        self.version += 1
+        return self.version
+
+    def queries(self, step, batch, rollout) -> dict:
+        self.asked.append((step, list(batch.index), list(rollout.prompt_index)))
+        return {"online/reward_version": float(self.version)}
+
+
+def test_one_reward_model_version_scores_a_step_of_many_sampling_rounds(tmp_path):
+    """Dynamic sampling scores a step in several rounds; a version swaps in once, before all of
+    them, so one version scores the step (and rollouts.jsonl names it), and the step's queries
+    come from its first round's prompts."""
+    from test_driver_dynamic_sampling import Reward, _loop
+
+    loop = _loop(tmp_path, Reward(flat=set(range(0, 1000, 2))), "algorithm.dynamic_sampling=true")
+    loop.online = online = OnlineStandIn()
+    p = loop._produce(0)
+    assert p.metrics["sampling/rounds"] >= 2 and online.version == 1
+    assert online.asked == [(0, list(range(8)), [i for i in range(8) for _ in range(4)])]
+    loop._record_rollout(0, p)
+    (row,) = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert row["reward_version"] == [1] * len(p.batch.rollout)
