@@ -254,3 +254,15 @@ def test_one_reward_model_version_scores_a_step_of_many_sampling_rounds(tmp_path
     loop._record_rollout(0, p)
     (row,) = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
     assert row["reward_version"] == [1] * len(p.batch.rollout)
+
+
+def test_preflight_counts_the_reward_learners_cpus():
+    from tidal.actors.placement import plan_placement, role_counts
+    from tidal.driver.checks import check_cluster
+    from tidal.driver.preflight import PreflightError
+
+    rounds = load_config(None, ["stages.run=[rl]"])
+    need = plan_placement(rounds, role_counts(rounds, reference=True)).total_cpus
+    check_cluster(load_config(None, ["stages.run=[rl]", f"cluster.num_cpus={need:g}"]))  # enough for rounds
+    with pytest.raises(PreflightError, match="reward learner"):
+        check_cluster(load_config(None, ["stages.run=[rl]", f"cluster.num_cpus={need:g}", "feedback.mode=online"]))
