@@ -99,9 +99,6 @@ def test_a_browser_labels_while_an_online_run_trains(ray_cluster, tmp_path, rm0)
 
     driver = chromium_or_skip()
     port, run = _free_port(), tmp_path / "people"
-    store = FeedbackStore(run / "feedback-online", create=True)
-    token = store.add_labeler("ann")
-    store.configure(likert="off")
     cfg = load_config(REPO / "configs" / "tiny_ppo.yaml", online_overrides(
         tmp_path, "people", rm0, "algorithm.steps=40", "feedback.labeler=human", f"feedback.serve=127.0.0.1:{port}",
         "feedback.refit_every=3", "feedback.label_budget=6", "feedback.heldout_share=0"))
@@ -110,7 +107,11 @@ def test_a_browser_labels_while_an_online_run_trains(ray_cluster, tmp_path, rm0)
     trainer.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _up(url), timeout=600, what="the labeling app the run serves")
+        wait_for(lambda: _up(url) or not trainer.is_alive(), timeout=600, what="the labeling app the run serves")
+        assert trainer.is_alive(), "the run stopped before it served the labeling app"
+        store = FeedbackStore(run / "feedback-online")  # the run made it: a person adds a labeler while it trains
+        token = store.add_labeler("ann")
+        store.configure(likert="off")
         driver.get(url + "/login")
         driver.find_element(By.ID, "token").send_keys(token)
         driver.find_element(By.ID, "login").click()
