@@ -156,4 +156,5 @@ def check_cluster(cfg: TidalConfig) -> None:
     if need > c.num_cpus:
         raise PreflightError(f"cluster.num_cpus={c.num_cpus} is fewer than the {need:g} logical CPUs the run's roles "
                              f"reserve (learners, reference, rollout and reward workers: *.cpus_per_worker x "
-                             f"num_workers; online feedback's reward learner: learner.cpus_per_worker); set cluster.num_cpus >= {math.ceil(need)} or leave it unset.")
+                             f"num_workers; online feedback's reward learner: learner.cpus_per_worker); "
+                             f"set cluster.num_cpus >= {math.ceil(need)} or leave it unset.")

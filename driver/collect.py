@@ -14,8 +14,8 @@ of the current policy each, drawn by a rollout pool, every response recorded wit
     `tidal train --resume RUN` goes on once feedback.min_labels tasks are labeled.
 The labels are exported next to the store (comparisons.jsonl, rankings.jsonl) in the formats the
 rm stage reads, each labeler's rows weighted by its reliability from gold tasks (a comparison's
-weight times it; a labeler below feedback.min_reliability left out); the next rm stage continues from the previous reward model on them plus
-feedback.old_data of the earlier preference data.
+weight times it; a labeler below feedback.min_reliability left out); the next rm stage continues
+from the previous reward model on them plus feedback.old_data of the earlier preference data.
 """
 
 from __future__ import annotations

@@ -262,7 +262,8 @@ def candidate_tasks(dataset, prompts, cand, k: int, source: str) -> list:
     from tidal.feedback.store import NewTask, TaskResponse
 
     return [NewTask(dataset.records[row].prompt,
-                    [TaskResponse(cand.response_text[r], source, str(cand.weight_version[r])) for r in range(i * k, (i + 1) * k)])
+                    [TaskResponse(cand.response_text[r], source, str(cand.weight_version[r]))
+                     for r in range(i * k, (i + 1) * k)])
             for i, row in enumerate(prompts.index)]
 
 
