@@ -9,6 +9,7 @@ exactly those labels."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -84,6 +85,30 @@ def test_labels_refits_and_rl_overlap_and_a_killed_reward_learner_recovers(ray_c
     assert any(t.meta["selector"] == "active" and t.meta["disagreement"] is not None for t in tasks)
     assert all(r.source.startswith("rl:step-") and r.version.isdigit() for t in tasks for r in t.responses)
     assert (run / "reward_versions" / f"v{versions[-1].version}" / "value_head.safetensors").is_file()
+
+
+def test_a_resumed_online_run_keeps_every_label_and_goes_on_from_its_newest_version(ray_cluster, tmp_path, rm0):
+    """A run that ends keeps its store; resumed for more steps, it starts its reward workers and
+    reward learner from the newest version, every earlier label is still there, and the
+    refits that follow are fit on them too."""
+    run = tmp_path / "resumed"
+    overrides = online_overrides(tmp_path, "resumed", rm0, "feedback.refit_every=4", "feedback.heldout_share=0")
+    run_pipeline(load_config(REPO / "configs" / "tiny_ppo.yaml", overrides + ["algorithm.steps=8"]), run)
+    store = FeedbackStore(run / "feedback-online")
+    labels, first = {lab.id for lab in store.labels()}, lineage.versions(store)
+    assert labels and len(first) >= 2
+    from tidal.commands.train import train_from_cli
+
+    assert train_from_cli(None, ["algorithm.steps=14"], resume=str(run)) == 0  # `tidal train --resume RUN` extends
+    summary = json.loads((run / "summary.json").read_text())
+    store = FeedbackStore(run / "feedback-online")
+    after = lineage.versions(store)
+    assert labels <= {lab.id for lab in store.labels()}  # no label lost across the restart
+    assert [v.labels for v in after[:len(first)]] == [v.labels for v in first] and len(after) > len(first)
+    assert labels <= set(after[-1].labels)  # the refits after the resume are fit on the first run's labels too
+    resumed = [r for r in read_jsonl(run / "rollouts.jsonl") if r["step"] > 8]
+    assert resumed and resumed[0]["reward_version"][0] >= first[-1].version  # not back to v0
+    assert summary["online"]["reward_version"] == after[-1].version
 
 
 def _free_port() -> int:
