@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -204,7 +205,7 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class FeedbackConfig:
-    labeler: Literal["simulated", "human"] = doc("simulated", "Who labels a collect round: simulated (a gold judge with Bradley-Terry noise, at once) or human (the run stops until `tidal label serve` has collected feedback.min_labels labels, then `tidal train --resume` goes on).")
+    labeler: Literal["simulated", "human"] = doc("simulated", "Who labels: simulated (a gold judge with Bradley-Terry noise; a collect round at once, online at latency_s and throughput) or human (rounds: the run stops until `tidal label serve` has collected feedback.min_labels labels, then `tidal train --resume` goes on; online: the run serves the app (feedback.serve) and keeps training).")
     prompts: int = doc(64, "Training prompts sampled per collect round.", min=1)
     responses: int = doc(4, "Responses of the current policy per prompt (K, ranked best to worst).", min=2, max=9)
     gold: str = doc("sentiment", "Simulated labeler: its gold judge, a rule reward kind (sentiment, length, match) or 'module:function'; the policy never trains on it.")
@@ -212,7 +213,19 @@ class FeedbackConfig:
     temperature: float = doc(0.1, "Simulated labeler: noise of its rankings, Plackett-Luce draws with utilities gold / temperature (0: always the gold order).", min=0.0)
     error_rate: float = doc(0.0, "Simulated labeler: share of tasks it ranks at random.", min=0.0, max=1.0)
     min_labels: int = doc(1, "Labeled tasks a collect round needs before the run goes on.", min=1)
-    old_data: float = doc(1.0, "The rm stage after a collect round: share of the earlier preference data mixed with the new labels (1: all of it; 0: the new labels only).", min=0.0, max=1.0)
+    old_data: float = doc(1.0, "The rm stage after a collect round, and every online refit: share of the earlier (offline) preference data mixed with the new labels (1: all of it; 0: the new labels only).", min=0.0, max=1.0)
+    mode: Literal["rounds", "online"] = doc("rounds", "rounds: collect stages between rl stages label the policy's samples while RL waits (Ziegler et al. 2019); online: while the rl stage trains, a query selector turns the policy's samples into labeling tasks, labels arrive (simulated or people) and a reward learner refits the reward model on every label so far, each new version hot-swapped into the reward workers (Christiano et al. 2017; docs/feedback.md#online-rlhf).")
+    queries: Literal["random", "active"] = doc("active", "online: which of the candidate tasks go to labelers: active = those on which an ensemble of reward heads disagrees most (variance of the predicted preferences, Christiano et al. 2017); random = the baseline.")
+    query_rate: int = doc(2, "online: labeling tasks (one prompt, feedback.responses samples of the current policy) made per RL step, until label_budget.", min=0)
+    label_budget: int = doc(512, "online: the most labeling tasks a run makes (a task of K responses is one ranking, C(K,2) comparisons).", min=1)
+    candidates: int = doc(4, "online, queries active: candidate tasks sampled and scored per task chosen.", min=1)
+    ensemble: int = doc(4, "online: bootstrap heads on the reward model's trunk whose disagreement ranks candidate tasks (queries active).", min=2)
+    refit_every: int = doc(16, "online: labels (new since the last reward-model version) that start a refit.", min=1)
+    heldout_share: float = doc(0.2, "online: share of the newest labeled tasks each refit leaves out and measures the new version on before any fit has seen them (the online accuracy); they join the next refit.", min=0.0, max=0.9)
+    latency_s: float = doc(0.0, "online, simulated labeler: seconds between a task's creation and its label, like a person's queue.", min=0.0)
+    throughput: float = doc(0.0, "online, simulated labeler: labels per second at most (0: no limit).", min=0.0)
+    min_reliability: float = doc(0.0, "Labelers graded by gold tasks weigh by their reliability (2 x gold pairwise agreement - 1, clipped to [0, 1]; ungraded: 1) in reward fitting; those below this are left out (and the run says so).", min=0.0, max=1.0)
+    serve: Optional[str] = doc("127.0.0.1:8080", "online, labeler human: HOST:PORT where the run serves the labeling app of RUN/feedback-online while it trains (port 0: a free port; the URL is printed); null: serve nothing (a `tidal label serve` of that folder does).")
 
 
 @dataclass(frozen=True)
@@ -262,7 +275,7 @@ class TidalConfig:
     data: DataConfig = doc(DataConfig(), "Datasets.")
     logging: LoggingConfig = doc(LoggingConfig(), "Metrics, checkpoints, run directory.")
     stages: StagesConfig = doc(StagesConfig(), "Pipeline stages.")
-    feedback: FeedbackConfig = doc(FeedbackConfig(), "Collect stages: labels of the current policy's samples (iterative RLHF).")
+    feedback: FeedbackConfig = doc(FeedbackConfig(), "Labels of the current policy's samples: collect rounds or online during rl (iterative RLHF).")
 
     def __post_init__(self) -> None:
         _resolve_auto(self)
@@ -331,5 +344,15 @@ def _check_cross_fields(c: TidalConfig) -> None:
         raise ConfigError(f"cluster.ray_temp_dir={c.cluster.ray_temp_dir!r} is too long for Ray's unix sockets "
                           f"({len(os.path.abspath(c.cluster.ray_temp_dir))} characters; at most {RAY_TEMP_DIR_MAX}): "
                           "pick a shorter folder, e.g. under /tmp.")
+    fb = c.feedback
+    if fb.mode == "online" and "collect" in c.stages.run:
+        raise ConfigError("feedback.mode=online labels during the rl stage: drop collect from stages.run "
+                          "(or set feedback.mode=rounds).")
+    if fb.mode == "online" and not any(t.kind == "model" and t.target is None for t in c.reward.terms):
+        raise ConfigError("feedback.mode=online refits the reward model of a `model` reward term without a target: "
+                          "add `{kind: model}` to reward.terms (or set feedback.mode=rounds).")
+    if fb.serve is not None and not re.fullmatch(r"\[?[^\s\[\]]*\]?:\d{1,5}", fb.serve):
+        raise ConfigError(f"feedback.serve={fb.serve!r}: write HOST:PORT (e.g. 127.0.0.1:8080, port 0 for any free "
+                          "one), or null to serve nothing.")
     if c.data.task is None and "rl" in c.stages.run and c.data.prompts is None:
         raise ConfigError("data.prompts is required when data.task is null and stages.run includes rl.")

@@ -47,6 +47,9 @@ def draw_panel(ax, panel: Panel) -> None:
         target.plot(ln.x, ln.y, label=ln.label, color=color, linestyle="--" if ln.right else "-", **style)
         if not all(math.isfinite(v) for v in ln.y):
             ax.text(0.99, 0.02, "non-finite values not drawn", transform=ax.transAxes, ha="right", fontsize=6)
+    for j, (x0, x1, label) in enumerate(panel.bands):  # reward-model versions (online RLHF)
+        ax.axvspan(x0, x1, color="C7", alpha=0.12 if j % 2 else 0.04, linewidth=0)
+        ax.text(x0, 0.99, label, transform=ax.get_xaxis_transform(), fontsize=5, va="top", color="dimgray")
     for j, (label, y) in enumerate(panel.hlines):
         ax.axhline(y, color="gray", linestyle=":" if j else "-.", linewidth=1, label=f"{label} = {y:g}")
     ax.set_xlabel(panel.xlabel, fontsize=8)

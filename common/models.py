@@ -246,6 +246,15 @@ class ValueModel(nn.Module):
             values = self.value_head(hidden.to(self.value_head.weight.dtype))  # (B, T, 1)
         return values.squeeze(-1).float()
 
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, H) float32 trunk output at each row's last real token: what the head reads to score
+        the row (the features an ensemble of heads shares, tidal.learner.ensemble)."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.long() * positions).argmax(-1)  # (B,)
+        return out.last_hidden_state[torch.arange(len(last), device=last.device), last].float()
+
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B,) value at the last real token; works with left, right or mixed padding."""
         values = self(input_ids, attention_mask)  # (B, T)

@@ -12,9 +12,13 @@ and the report pages (`RUN/plots/*.png`, one page per question):
     overoptimisation  is it over-optimising? KL (target, coefficient), held-out proxy vs gold,
                       reward against sqrt(KL) (Gao et al. 2022), length and degenerate share
     time              where does the time go? phases of a step, idle roles, throughput
-    reward_model      is the reward model still right? its fit, held-out RM score vs the gold judge
+    reward_model      is the reward model still right? its fit, held-out RM score vs the gold judge,
+                      online RLHF's label arrival and online accuracy per reward-model version
     update            is the update healthy? losses, clipping, approx KL, entropy, learning rate
     other             every metric no question page shows, one small axes each
+
+With online RLHF (feedback.mode=online) the reward, KL and gold panels of the rl stage carry
+the reward-model versions as bands: the steps each version scored (online/reward_version).
 
 Panels are pure data (lists of numbers) so tests can check what each one shows.
 """
@@ -59,6 +63,7 @@ class Panel:
     missing: str = ""  # what a run would have to log for this panel
     ylim: tuple[float, float] | None = None  # fixed ranges of shares (0..1)
     right_ylim: tuple[float, float] | None = None
+    bands: list[tuple[float, float, str]] = field(default_factory=list)  # (x from, x to, label): RM versions
 
     @property
     def empty(self) -> bool:
@@ -131,9 +136,33 @@ class RunMetrics:
 # ---------------------------------------------------------------------------- the panels
 
 
+def version_bands(m: RunMetrics) -> list[tuple[float, float, str]]:
+    """Online RLHF: (first step - 1/2, last step + 1/2, 'RM vK') of each run of RL steps one
+    reward-model version scored; none for a run whose reward model never changed."""
+    points = sorted(m.points("rl", "online/reward_version").items())
+    bands: list[tuple[float, float, str]] = []
+    for x, v in points:
+        label = f"RM v{int(v)}"
+        if bands and bands[-1][2] == label:
+            bands[-1] = (bands[-1][0], x + 0.5, label)
+        else:
+            bands.append((x - 0.5, x + 0.5, label))
+    return bands if len({b[2] for b in bands}) > 1 else []
+
+
 def rl_reward(m: RunMetrics) -> Panel:
     return Panel("Is it learning? reward of the training batch", "RL step", "reward (as RL optimises it)",
-                 lines=m.series("rl", "rl/score_mean", "reward"), missing="rl/score_mean")
+                 lines=m.series("rl", "rl/score_mean", "reward"), missing="rl/score_mean", bands=version_bands(m))
+
+
+def online_feedback(m: RunMetrics) -> Panel:
+    """Online RLHF: labels arriving per RL step, and each new version's accuracy on the newest
+    labels before any fit had seen them (right axis), with the versions as bands."""
+    arrived = [Line("new labels per step", ln.x, [b - a for a, b in zip([0.0, *ln.y], ln.y)])
+               for ln in m.series("rl", "online/labels")]
+    return Panel("Online feedback: label arrival and online accuracy", "RL step", "labels", "online accuracy",
+                 lines=[*arrived, *m.series("rl", "online/online_accuracy", "online accuracy", right=True)],
+                 missing="online/labels (feedback.mode=online)", right_ylim=(-0.02, 1.02), bands=version_bands(m))
 
 
 def reward_terms(m: RunMetrics) -> Panel:
@@ -157,7 +186,7 @@ def kl(m: RunMetrics) -> Panel:
     coefficient (right axis), and the KL budget of algorithm.early_stop=kl."""
     p = Panel("How far has it moved? KL to the reference", "RL step", "nats per sequence", "KL coefficient",
               lines=[*m.series("rl", "rl/kl", "KL"), *m.series("rl", "rl/kl_coef", "kl_coef", right=True)],
-              missing="rl/kl")
+              missing="rl/kl", bands=version_bands(m))
     a = m.config.algorithm if m.config is not None else None
     if a is not None and a.adaptive_kl:
         p.hlines.append(("kl_target (adaptive)", a.kl_target))
@@ -177,7 +206,7 @@ def heldout_gold(m: RunMetrics) -> Panel:
     """The over-optimisation monitor's held-out evaluations (logging.gold_every)."""
     return Panel("Held-out proxy and gold during RL (monitor)", "RL step", "mean score",
                  lines=[*m.series("rl", "eval/proxy", "proxy (trained on)"), *m.series("rl", "eval/gold", "gold")],
-                 missing="eval/proxy, eval/gold (logging.gold_every > 0)")
+                 missing="eval/proxy, eval/gold (logging.gold_every > 0)", bands=version_bands(m))
 
 
 def gao(m: RunMetrics) -> Panel:
@@ -280,7 +309,7 @@ PAGES = {
     "learning": ("Is it learning?", (rl_reward, reward_terms, held_out, fit_losses)),
     "overoptimisation": ("Is it over-optimising?", (kl, heldout_gold, gao, collapse)),
     "time": ("Where does the time go?", (phase_times, idle, throughput)),
-    "reward_model": ("Is the reward model still right?", (reward_model, rm_vs_gold)),
+    "reward_model": ("Is the reward model still right?", (reward_model, rm_vs_gold, online_feedback)),
     "update": ("Is the update healthy?", (rl_losses, update_health)),
 }
 

@@ -140,6 +140,11 @@ def _tokenizer_ids(folder: Path) -> int | None:
 # ----------------------------------------------------------------------------- the embedded cluster
 
 
+def reward_learner_cpus(cfg: TidalConfig) -> float:
+    """feedback.mode=online: the CPUs of the reward learner's own bundle (tidal.driver.reward_learner)."""
+    return cfg.learner.cpus_per_worker if cfg.feedback.mode == "online" else 0.0
+
+
 def check_cluster(cfg: TidalConfig) -> None:
     """cluster.num_cpus of an embedded cluster holds the CPUs the rl roles' placement reserves."""
     from tidal.actors.placement import plan_placement, role_counts
@@ -147,8 +152,9 @@ def check_cluster(cfg: TidalConfig) -> None:
     c = cfg.cluster
     if c.num_cpus is None or c.address is not None or "RAY_ADDRESS" in os.environ or "rl" not in cfg.stages.run:
         return
-    need = plan_placement(cfg, role_counts(cfg, reference=True)).total_cpus
+    need = plan_placement(cfg, role_counts(cfg, reference=True)).total_cpus + reward_learner_cpus(cfg)
     if need > c.num_cpus:
         raise PreflightError(f"cluster.num_cpus={c.num_cpus} is fewer than the {need:g} logical CPUs the run's roles "
                              f"reserve (learners, reference, rollout and reward workers: *.cpus_per_worker x "
-                             f"num_workers); set cluster.num_cpus >= {math.ceil(need)} or leave it unset.")
+                             f"num_workers; online feedback's reward learner: learner.cpus_per_worker); "
+                             f"set cluster.num_cpus >= {math.ceil(need)} or leave it unset.")

@@ -13,8 +13,9 @@ of the current policy each, drawn by a rollout pool, every response recorded wit
   * feedback.labeler: human - the run stops with the command that serves the labeling app;
     `tidal train --resume RUN` goes on once feedback.min_labels tasks are labeled.
 The labels are exported next to the store (comparisons.jsonl, rankings.jsonl) in the formats the
-rm stage reads; the next rm stage continues from the previous reward model on them plus
-feedback.old_data of the earlier preference data.
+rm stage reads, each labeler's rows weighted by its reliability from gold tasks (a comparison's
+weight times it; a labeler below feedback.min_reliability left out); the next rm stage continues
+from the previous reward model on them plus feedback.old_data of the earlier preference data.
 """
 
 from __future__ import annotations
@@ -84,11 +85,13 @@ def run_collect(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, po
     from tidal.driver.checkpoint import atomic_write_text
     from tidal.feedback.export import export_rows, to_jsonl
     from tidal.feedback.simulated import SimulatedLabeler
+    from tidal.feedback.stats import reliability
     from tidal.feedback.store import FeedbackStore
 
     fb = cfg.feedback
     folder = run_dir / f"feedback-{round_}"
     store = FeedbackStore(folder, create=True)
+    store.configure(min_reliability=fb.min_reliability)  # the researcher page shows who is left out
     if not store.tasks():  # a resumed round keeps the tasks (and labels) it already has
         tasks = sample_tasks(cfg, policy, data.prompts, round_, source=f"{stage}:{policy}")
         store.add_tasks(tasks, overlap_fraction=0.0 if fb.labeler == "simulated" else None, seed=cfg.seed + round_,
@@ -101,14 +104,26 @@ def run_collect(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, po
     if labeled < fb.min_labels:
         raise WaitingForLabels(folder, labeled, fb.min_labels, run_dir)
     out = {"output": str(folder), "labels": labeled}
+    weights = {k: v["weight"] for k, v in reliability(store.labels(), store.tasks(), fb.min_reliability).items()}
     for fmt in ("comparisons", "rankings"):  # tidal's own files in its own folder: rewritten when the round reruns
         out[fmt] = str(folder / f"{fmt}.jsonl")
         rows = [r for r in export_rows(store, fmt) if _distinct(r)]  # equal samples teach the reward model nothing
-        atomic_write_text(Path(out[fmt]), to_jsonl(rows))
+        atomic_write_text(Path(out[fmt]), to_jsonl(weighted(rows, weights)))
     gold = gold_judge(cfg)
     scores = [s for t in store.tasks().values() for s in gold([""] * len(t.responses), [r.text for r in t.responses])]
     logger.log(round_, {f"{stage}/tasks": float(len(store.tasks())), f"{stage}/labels": float(labeled),
                         f"{stage}/gold_mean": statistics.fmean(scores) if scores else 0.0}, stage=stage)
+    return out
+
+
+def weighted(rows: list[dict], weights: dict[str, float]) -> list[dict]:
+    """Export rows with each labeler's reliability (tidal.feedback.stats.reliability) applied: a
+    comparison's weight times it, and no row of a labeler that weighs 0 (rankings carry no weight)."""
+    out = []
+    for r in rows:
+        w = weights.get(r["labeler"], 1.0)
+        if w > 0:
+            out.append({**r, "weight": r["weight"] * w} if "weight" in r else r)
     return out
 
 

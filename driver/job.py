@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from tidal.driver import checkpoint as ck
+from tidal.driver.checks import reward_learner_cpus
 from tidal.driver.interrupt import StopRequests
 from tidal.driver.preflight import (TASK_MARKER, DataPaths, data_paths, task_folder_state, task_marker)
 from tidal.driver.runtime import ray_session
@@ -102,7 +103,8 @@ def _run_claimed(cfg: TidalConfig, run_dir: Path, resume: bool, data: DataPaths 
     plan = plan_placement(cfg, role_counts(cfg, reference=True))
     t0 = time.perf_counter()
     summary: dict = {}
-    with ray_session(cfg.cluster, min_cpus=plan.total_cpus, verbose=verbose, logs_to=run_dir / "logs" / "ray"), \
+    with ray_session(cfg.cluster, min_cpus=plan.total_cpus + reward_learner_cpus(cfg), verbose=verbose,
+                     logs_to=run_dir / "logs" / "ray"), \
             StopRequests(grace_s=cfg.logging.interrupt_grace_s) as stops:  # Ctrl-C / SIGTERM: stop at a safe point (tidal.driver.interrupt)
         logger = MetricsLogger(run_dir, cfg.logging, to_dict(cfg), total_steps=cfg.algorithm.steps, resume=resume)
         try:

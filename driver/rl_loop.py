@@ -53,7 +53,6 @@ from tidal.driver.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import METRICS_FILE, MetricsLogger, Timer
 from tidal.common.scoreboard import degenerate_share
-from tidal.common.types import ScoredBatch
 from tidal.driver.preflight import check_algorithm
 from tidal.driver.run_folder import config_record
 from tidal.learner.experience import usable_rows
@@ -65,6 +64,7 @@ from tidal.rollout.sampling import Sampling
 
 if TYPE_CHECKING:
     from tidal.common.prompts import PromptDataset
+    from tidal.common.types import RolloutBatch
     from tidal.learner.group import LearnerGroup
     from tidal.learner.sft import PtxSource
     from tidal.reward_service.combine import CombinedReward
@@ -96,20 +96,22 @@ class RLParts:
     reward: "CombinedReward"
     dataset: "PromptDataset"  # the RL prompts
     ptx: "PtxSource | None" = None  # PPO-ptx demonstrations (algorithm.ptx_coef > 0)
+    calibration: "RolloutBatch | None" = None  # the initial policy's samples reference normalisation is measured on
 
 
 class RLLoop:
     """Runs RL steps [start, algorithm.steps) with checkpoints; see the module docstring."""
 
     def __init__(self, cfg: TidalConfig, run_dir: Path, parts: RLParts, logger: MetricsLogger,
-                 stops: StopRequests = NO_STOPS, judge=None, stage: str = "rl"):
+                 stops: StopRequests = NO_STOPS, judge=None, stage: str = "rl", online=None):
         """`judge`: a tidal.driver.monitor.HeldOutJudge for the over-optimisation monitor
-        (logging.gold_every > 0), or None."""
+        (logging.gold_every > 0), or None. `online`: feedback.mode=online's
+        tidal.driver.online.OnlineFeedback, whose hot swaps and queries run on the rollout thread."""
         from tidal.driver.monitor import CollapseWatch, GoldMonitor
 
         self.cfg, self.run_dir, self.parts, self.logger, self.stops = cfg, Path(run_dir), parts, logger, stops
         self.stage = stage  # the records' stage field: 'rl', or 'rl2' for a second round
-        self.judge = judge
+        self.judge, self.online = judge, online
         self.monitor = GoldMonitor.from_config(cfg)
         self.collapse = CollapseWatch.from_config(cfg)
         # early_stop=gold_drop ends on the best-gold policy: each new best is a checkpoint kept aside
@@ -171,8 +173,14 @@ class RLLoop:
         """Rollout side of one step (runs on the pipeline's thread): prompts, generate, score, in
         as many rounds as dynamic sampling takes (tidal.driver.dynamic_sampling)."""
         timer, a = Timer(), self.cfg.algorithm
+        if self.online is not None:  # a new reward-model version swaps in between two steps: one scores a step
+            with timer("score"):
+                self.online.swap()
         scored, metrics = fill_step(lambda n, r: self._sample(step, n, r, timer), a.prompts_per_step,
                                     self.cfg.rollout.n_samples, a.dynamic_sampling, a.dynamic_sampling_max_rounds)
+        if self.online is not None:
+            with timer("queries"):  # this step's labeling tasks, from samples of the step's weights
+                metrics.update(self.online.queries(step, *self._first_round))
         return Produced(step, scored, list(scored.rollout.weight_version), dict(timer.totals), metrics)
 
     def _sample(self, step: int, prompts: int, round_: int, timer: Timer) -> Round:
@@ -189,6 +197,8 @@ class RLLoop:
         if a.overlong_buffer:
             scored, reward_metrics["reward/overlong_penalty"] = shape_overlong(
                 scored, self.cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
+        if round_ == 0:  # online queries sample the first round's prompts
+            self._first_round = (batch, rollout)
         return Round(scored, reward_metrics, {"rollout/requeued_chunks": float(stats.requeued_chunks),
                                               "rollout/restarted_workers": float(len(stats.restarted_workers))})
 
@@ -266,7 +276,7 @@ class RLLoop:
                 self.pipeline.drain()
         self.kl_ctl.update(result.kl_per_seq, len(rollout))
         wall = time.perf_counter() - t0
-        self._record_rollout(step, produced.batch)
+        self._record_rollout(step, produced)
         return self._step_metrics(produced, batch, pi_old, result, timer, wall)
 
     def _watch(self, last: dict[str, float]) -> dict[str, float]:
@@ -340,10 +350,13 @@ class RLLoop:
         }
         return m
 
-    def _record_rollout(self, step: int, scored: ScoredBatch) -> None:
+    def _record_rollout(self, step: int, produced: Produced) -> None:
+        scored = produced.batch
         r = scored.rollout
         rec = {"step": step + 1, "prompt_index": list(r.prompt_index), "weight_version": list(r.weight_version),
                "score": [round(float(s), 6) for s in scored.scores.tolist()]}
+        if "online/reward_version" in produced.metrics:  # the reward-model version that scored each sample
+            rec["reward_version"] = [int(produced.metrics["online/reward_version"])] * len(r)
         with open(self.run_dir / ROLLOUTS_FILE, "a") as f:
             f.write(json.dumps(rec) + "\n")
 

@@ -50,7 +50,9 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
                 reference: str | None = None):
     """Placement, rollout pool, reward, learners (+reference) and prompt dataset. With
     `calibrate` and reference reward normalisation, the reward is calibrated on samples of the
-    initial policy first, so the critic can start on the normalised reward's scale."""
+    initial policy first, so the critic can start on the normalised reward's scale. Online
+    feedback keeps those samples (RLParts.calibration, also on a resume) to re-measure the
+    normalisation for each new reward-model version."""
     from tidal.actors.placement import Placement, plan_placement, role_counts
     from tidal.actors.threads import run_threads
     from tidal.common.prompts import PromptDataset
@@ -63,15 +65,17 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
     own_base = uses_own_base(cfg.learner.lora_rank, policy, reference or policy)  # no reference worker then
     placement = Placement(plan_placement(cfg, role_counts(cfg, reference=not own_base)),
                           cfg.cluster.sync_timeout_s)
-    learners = pool = reward = None
+    learners = pool = reward = calibration_rollout = None
     calibration: dict[str, float] = {}
     try:
         pool = RolloutPool(cfg, policy, actor_options=placement.actor_options("rollout"))
         reward = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=policy, placement=placement,
                               dtype=cfg.model.dtype, worker_timeout_s=cfg.cluster.sync_timeout_s,
                               num_threads=run_threads(cfg).reward)
-        if calibrate and reward.normalize == "reference":
-            calibration = _calibrate(cfg, pool, reward, data.prompts, policy)
+        if reward.normalize == "reference" and (calibrate or cfg.feedback.mode == "online"):
+            calibration_rollout = _calibration_rollout(cfg, pool, data.prompts, policy)
+        if calibrate and calibration_rollout is not None:
+            calibration = reward.calibrate(reward.score(calibration_rollout, raw=True))
         critic = _critic_path(cfg, policy, reward_model)
         learners = LearnerGroup(cfg, policy, role="policy", critic_path=critic, reference_path=reference or policy,
                                 placement=placement, critic_affine=critic_affine(reward, critic))
@@ -90,7 +94,8 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
         stop_parts(placement, learners, pool, reward)
         raise
     dataset = PromptDataset.from_config(data.prompts, learners.tokenizer, cfg.data, seed=cfg.seed)
-    return placement, RLParts(learners, pool, reward, dataset, _ptx_source(cfg, data, learners.tokenizer)), calibration
+    return placement, RLParts(learners, pool, reward, dataset, _ptx_source(cfg, data, learners.tokenizer),
+                              calibration_rollout), calibration
 
 
 def critic_affine(reward, critic_path: str | None) -> tuple[float, float] | None:
@@ -161,16 +166,16 @@ def evaluate(cfg: TidalConfig, parts: RLParts, prompts, out_file: Path) -> dict[
     return out
 
 
-def _calibrate(cfg: TidalConfig, pool, reward, prompts_path: Path, policy: str) -> dict[str, float]:
-    """reward.normalize=reference: scale so the initial (reference) policy's samples score ~N(0, 1)
-    (docs/implementation.md#d6), from one step's worth of training prompts in a separate order."""
+def _calibration_rollout(cfg: TidalConfig, pool, prompts_path: Path, policy: str):
+    """reward.normalize=reference scales so the initial (reference) policy's samples score ~N(0, 1)
+    (docs/implementation.md#d6): these samples, one step's worth of training prompts in a
+    separate order, drawn while the pool holds the initial policy."""
     from tidal.common.prompts import PromptDataset
     from tidal.driver.heldout import sample
 
     ds = PromptDataset.from_config(prompts_path, policy, cfg.data, seed=Seeds(cfg.seed).calibration_order)
-    rollout = sample(pool, ds.next_batch(max(cfg.algorithm.prompts_per_step, 8)),
-                     eval_sampling(cfg, Seeds.CALIBRATION, n=cfg.rollout.n_samples))
-    return reward.calibrate(reward.score(rollout, raw=True))
+    return sample(pool, ds.next_batch(max(cfg.algorithm.prompts_per_step, 8)),
+                  eval_sampling(cfg, Seeds.CALIBRATION, n=cfg.rollout.n_samples))
 
 
 def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy: str,
@@ -183,17 +188,14 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
 
     if data.prompts is None:
         raise ValueError("the rl stage needs prompts: set data.prompts or data.task")
-    a = cfg.algorithm
-    if a.kl_estimator != "k1" and a.kl_coef > 0:
-        print(f"tidal: warning: algorithm.kl_estimator={a.kl_estimator} in the per-token reward penalty is a biased "
-              "estimate of the sequence KL (only k1 is unbiased there); use algorithm.kl_loss for a k3 KL loss term.",
-              file=sys.stderr, flush=True)
+    _warn_kl_estimator(cfg)
     t0 = time.perf_counter()
     heldout = heldout_prompts(cfg, data.eval_prompts, policy, selection=cfg.logging.gold_every > 0)  # before Ray
     resuming = resume and resume_checkpoint(run_dir) is not None  # the checkpoint RLLoop.restore loads holds the calibration
     run_dir.mkdir(parents=True, exist_ok=True)
-    placement, parts, calibration = start_parts(cfg, policy, reward_model, data, calibrate=not resuming,
-                                                reference=reference)
+    online = _online(cfg, run_dir, stage, reward_model, data)
+    placement, parts, calibration = start_parts(cfg, policy, online.path if online else reward_model, data,
+                                                calibrate=not resuming, reference=reference)
     print(f"tidal: rl roles up in {time.perf_counter() - t0:.1f} s ({cfg.cluster.placement}: "
           f"{cfg.learner.num_workers} learner(s) + reference, {cfg.rollout.num_workers} rollout worker(s))", flush=True)
     summary: dict = {}
@@ -205,13 +207,17 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
             from tidal.driver.monitor import HeldOutJudge
 
             judge = HeldOutJudge(cfg, heldout.selection, build_gold(cfg, gold_term(cfg.logging.gold_term), policy))
-        loop = RLLoop(cfg, run_dir, parts, logger, stops, judge=judge, stage=stage)
+        loop = RLLoop(cfg, run_dir, parts, logger, stops, judge=judge, stage=stage, online=online)
         if not (resuming and loop.restore()) and calibration:
             logger.log(0, calibration, stage=stage)
+        if online is not None:  # labeling and the reward learner run beside the loop from here
+            online.start(parts, lambda: loop.step)
         summary["before"] = evaluate_before(cfg, parts, heldout.reporting, run_dir)
         t1 = time.perf_counter()
         last = loop.run()
         print(f"tidal: {loop.step - loop.start_step} rl steps in {time.perf_counter() - t1:.1f} s", flush=True)
+        if online is not None:  # stopped before the evaluation, which the newest version scores
+            summary["online"] = online.close(take_newest=True)
         summary["after"] = evaluate(cfg, parts, heldout.reporting, run_dir / "samples_after.jsonl")
         logger.log(cfg.algorithm.steps, {f"eval/{k}_{when}": v for when in ("before", "after")
                                          for k, v in summary[when].items()}, stage="eval" if stage == "rl" else f"eval-{stage}")
@@ -225,8 +231,18 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
     finally:
         if judge is not None:
             judge.close()
+        if online is not None:
+            online.close()
         stop_parts(placement, parts.learners, parts.pool, parts.reward)
     return summary
+
+
+def _warn_kl_estimator(cfg: TidalConfig) -> None:
+    a = cfg.algorithm
+    if a.kl_estimator != "k1" and a.kl_coef > 0:
+        print(f"tidal: warning: algorithm.kl_estimator={a.kl_estimator} in the per-token reward penalty is a biased "
+              "estimate of the sequence KL (only k1 is unbiased there); use algorithm.kl_loss for a k3 KL loss term.",
+              file=sys.stderr, flush=True)
 
 
 def evaluate_before(cfg: TidalConfig, parts: RLParts, prompts, run_dir: Path) -> dict[str, float]:
@@ -239,6 +255,19 @@ def evaluate_before(cfg: TidalConfig, parts: RLParts, prompts, run_dir: Path) ->
     before = evaluate(cfg, parts, prompts, run_dir / "samples_before.jsonl")
     atomic_write_text(done, json.dumps(before))
     return before
+
+
+def _online(cfg: TidalConfig, run_dir: Path, stage: str, reward_model: str | None, data):
+    """feedback.mode=online: the stage's OnlineFeedback (its store and versions in run_dir), else None."""
+    if cfg.feedback.mode != "online":
+        return None
+    from tidal.common.data import read_records
+    from tidal.driver.online import OnlineFeedback
+
+    if reward_model is None:
+        raise ValueError("feedback.mode=online refits a reward model: run the rm stage first or set model.reward")
+    offline = read_records(data.comparisons, "comparisons") if data.comparisons is not None else []
+    return OnlineFeedback(cfg, run_dir, stage, reward_model, offline)
 
 
 def monitor_summary(loop: RLLoop, run_dir: Path) -> dict:

@@ -97,7 +97,10 @@ def _rl(job: StageRun, models: Models, key: str, round_: int) -> dict:
     where = rl_dir(job.run_dir, round_)
     summary = run_rl(job.cfg, where, job.logger, job.data, models.policy, models.reward_model, job.stops,
                      reference=models.reference, stage=key, resume=job.resume)
-    return {"output": str(where / "policy"), "summary": summary}
+    record = {"output": str(where / "policy"), "summary": summary}
+    if "online" in summary:  # online feedback refit the reward model while the stage ran
+        record["reward_model"] = summary["online"]["final_reward_model"]
+    return record
 
 
 def _new_anchor(models: Models, record: dict) -> None:
@@ -107,6 +110,8 @@ def _new_anchor(models: Models, record: dict) -> None:
 
 def _new_policy(models: Models, record: dict) -> None:
     models.policy = record["output"]
+    if record.get("reward_model"):  # an online rl stage's last reward-model version
+        models.reward_model = record["reward_model"]
 
 
 def _new_reward_model(models: Models, record: dict) -> None:

@@ -29,7 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tidal.common.web import BadJSON, BodyTooLarge, drain, error_handlers, parse_json, read_body
-from tidal.feedback import export, stats
+from tidal.feedback import export, lineage, stats
 from tidal.feedback.page import label_view, task_view, to_stored
 from tidal.feedback.store import FeedbackError, FeedbackStore
 
@@ -212,7 +212,9 @@ class LabelApp:
             return sess
 
         def compute() -> dict:
-            return stats.summary(self.store.labels(), self.store.tasks(), self.store.settings.flags, self.store.counts())
+            settings = self.store.settings
+            return {**stats.summary(self.store.labels(), self.store.tasks(), settings.flags, self.store.counts(),
+                                    settings.min_reliability), "versions": lineage.per_version(self.store)}
         return _json(await run_in_threadpool(compute))
 
     async def api_tasks(self, request: Request) -> Response:
@@ -235,7 +237,7 @@ class LabelApp:
             return _error(404, f"no task {task_id}")
         labels = await run_in_threadpool(lambda: self.store.labels(task_id, history=True))
         return _json({"task": {"id": task.id, "prompt": task.prompt, "want": task.want_labels, "gold": task.gold_ranking,
-                               "responses": [r.__dict__ for r in task.responses]},
+                               "responses": [r.__dict__ for r in task.responses], "meta": task.meta},
                       "labels": [lab.__dict__ for lab in labels]})
 
     async def export_file(self, request: Request) -> Response:

@@ -89,10 +89,10 @@ def add_labeler(folder: str, name: str, admin: bool) -> int:
 
 
 def status(folder: str) -> int:
-    from tidal.feedback import stats
+    from tidal.feedback import lineage, stats
 
     store = FeedbackStore(folder)
-    s = stats.summary(store.labels(), store.tasks(), store.settings.flags, store.counts())
+    s = stats.summary(store.labels(), store.tasks(), store.settings.flags, store.counts(), store.settings.min_reliability)
     c = s["counts"]
     print(f"{folder}: {c['tasks']} tasks ({c['gold_tasks']} gold), {c['complete']} complete, {c['open']} open, "
           f"{c['leased']} leased; {s['rates']['last_hour']} labels in the last hour")
@@ -102,6 +102,14 @@ def status(folder: str) -> int:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"agreement on overlap tasks: {a['pairs']} pairs, pairwise {fmt(a['agreement'])}, tau {fmt(a['tau'])}")
     print(f"gold agreement: {g['labels']} labels, pairwise {fmt(g['agreement'])}, tau {fmt(g['tau'])}")
+    for who, r in s["reliability"].items():
+        graded = f"{r['gold_pairs']} gold pairs, agreement {fmt(r['agreement'])}" if r["gold_pairs"] else "no gold labels"
+        print(f"reliability {who}: weight {r['weight']:.2f} ({graded}){' - left out of reward fitting' if r['dropped'] else ''}")
+    for v in lineage.per_version(store):  # online RLHF: the reward-model versions the run published
+        rate = "" if v["labels_per_min"] is None else f", {v['labels_per_min']:.1f} labels/min since the last"
+        print(f"reward model v{v['version']}: fit on {v['labels']} labels ({v['new_labels']} new{rate}), "
+              f"online accuracy {fmt(v['online_accuracy'])} on {v['heldout']} held-out labels"
+              + ("" if v["policy_step"] is None else f", published at rl step {v['policy_step']}"))
     print("likert: " + " ".join(f"{k}:{v}" for k, v in s["distributions"]["likert"].items()))
     print("flags: " + ", ".join(f"{k}: {v}" for k, v in s["distributions"]["flags"].items()))
     return 0

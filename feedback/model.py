@@ -51,6 +51,7 @@ class NewTask:
     prompt: Prompt
     responses: list[TaskResponse]
     gold_ranking: list[int] | None = None  # a known answer: rank of responses[i], 0 = best
+    meta: dict | None = None  # why the task was made (online queries: selector, score, steps), never shown to labelers
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Settings:
     likert: str = "required"         # the 1-7 scores: required, optional or off (LIKERT_MODES)
     edit_s: float = 600.0            # a label can be edited this long after it was first sent (0: never)
     guidelines: str = ""             # the researcher's instructions, a small Markdown subset, shown on the page
+    min_reliability: float = 0.0     # labelers whose gold-graded weight is below this are left out of reward fitting
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ class Task:
     responses: list[TaskResponse]
     want_labels: int
     gold_ranking: list[int] | None = None
+    meta: dict | None = None
+    created_at: float = 0.0
 
 
 def check_task(task: NewTask, where: str) -> None:
@@ -118,7 +122,7 @@ def distinct(task: NewTask) -> NewTask:
             seen.add(r.text.strip())
             kept.append(r)
     return NewTask(task.prompt, kept, None if task.gold_ranking is None or len(kept) < len(task.responses)
-                   else task.gold_ranking)
+                   else task.gold_ranking, task.meta)
 
 
 def check_label(k: int, ranking, likert, flags, settings: Settings) -> None:
@@ -148,5 +152,7 @@ def check_settings(s: Settings) -> None:
         raise FeedbackError(f"likert {s.likert!r}: choose one of {', '.join(LIKERT_MODES)}")
     if not s.edit_s >= 0:
         raise FeedbackError(f"edit window of {s.edit_s / 60:g} minutes: use 0 (no edits) or more")
+    if not 0.0 <= s.min_reliability <= 1.0:
+        raise FeedbackError(f"min_reliability {s.min_reliability} must be between 0 and 1")
     if len(s.guidelines) > MAX_GUIDELINES_CHARS:
         raise FeedbackError(f"guidelines of {len(s.guidelines)} characters: keep them under {MAX_GUIDELINES_CHARS}")

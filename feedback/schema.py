@@ -1,8 +1,10 @@
 """The feedback store's SQLite file: its tables, the migration of older files, connections and
 transactions, and SQLite's operational errors (disk full, locked, I/O) turned into StorageError.
 
-Tables: meta (schema_version, settings), labelers, sessions, tasks, assignments (leases),
-labels. A label is never overwritten: an edit adds a new row that `replaces` the old one and
+Tables: meta (schema_version, settings), labelers, sessions, tasks (with `meta`: why a task was
+made, e.g. an online query's selector and score), assignments (leases), labels, reward_versions
+(online RLHF: each reward-model version and the label ids it was fit on and measured on). A
+label is never overwritten: an edit adds a new row that `replaces` the old one and
 stamps the old one `superseded_at`; at most one version per (task, labeler) is current.
 """
 
@@ -15,7 +17,7 @@ from typing import Iterator
 
 from tidal.feedback.model import FeedbackError, StorageError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "feedback.sqlite"
 
 _TABLES = """
@@ -28,10 +30,13 @@ CREATE TABLE IF NOT EXISTS sessions (
     csrf TEXT NOT NULL, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (
     id INTEGER PRIMARY KEY, prompt TEXT NOT NULL, responses TEXT NOT NULL,
-    want_labels INTEGER NOT NULL, gold_ranking TEXT, created_at REAL NOT NULL);
+    want_labels INTEGER NOT NULL, gold_ranking TEXT, created_at REAL NOT NULL, meta TEXT);
 CREATE TABLE IF NOT EXISTS assignments (
     task_id INTEGER NOT NULL REFERENCES tasks(id), labeler_id INTEGER NOT NULL REFERENCES labelers(id),
     expires_at REAL NOT NULL, PRIMARY KEY (task_id, labeler_id));
+CREATE TABLE IF NOT EXISTS reward_versions (
+    version INTEGER PRIMARY KEY, path TEXT NOT NULL, created_at REAL NOT NULL,
+    labels TEXT NOT NULL, heldout TEXT NOT NULL, meta TEXT NOT NULL);
 """
 _LABELS = """
 CREATE TABLE IF NOT EXISTS labels (
@@ -55,6 +60,8 @@ _FROM_V1 = ["ALTER TABLE labels RENAME TO labels_v1", _LABELS,
             "created_at, first_at) SELECT id, submission_id, task_id, labeler_id, skip_reason, ranking, likert, flags, "
             "comment, created_at, created_at FROM labels_v1",
             "DROP TABLE labels_v1"]
+# version 2 -> 3: tasks gain `meta` (reward_versions is created by _TABLES like any missing table).
+_FROM_V2 = ["ALTER TABLE tasks ADD COLUMN meta TEXT"]
 
 
 def _statements(script: str) -> list[str]:
@@ -131,12 +138,14 @@ def create_or_migrate(path: Path, settings_json: str | None, default_settings_js
             db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             db.execute("INSERT INTO meta VALUES ('settings', ?)", (settings_json or default_settings_json,))
             return
-        if int(row[0]) == 1:
-            for statement in _FROM_V1 + _statements(_INDEXES):
+        version = int(row[0])
+        if version not in (1, 2, SCHEMA_VERSION):
+            raise FeedbackError(f"{path}: schema version {row[0]}, this tidal reads {SCHEMA_VERSION} (and 1, 2); "
+                                "use the tidal that wrote it")
+        if version < SCHEMA_VERSION:
+            steps = (_FROM_V1 + _statements(_INDEXES) if version == 1 else []) + _FROM_V2
+            for statement in steps:
                 db.execute(statement)
             db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise FeedbackError(f"{path}: schema version {row[0]}, this tidal reads {SCHEMA_VERSION} (and 1); "
-                                "use the tidal that wrote it")
         if settings_json is not None:
             db.execute("UPDATE meta SET value=? WHERE key='settings'", (settings_json,))

@@ -6,12 +6,17 @@ with utilities g_i / temperature (sort by g_i / temperature + Gumbel noise): eve
 ordered by a Bradley-Terry coin with P(i above j) = sigmoid((g_i - g_j) / temperature), so close
 calls are noisy and clear ones are not. With probability `error_rate` the labeler ignores the
 judge and ranks at random (a careless or adversarial label). temperature 0: always the gold order.
+
+Online (`label_paced`) it behaves like a person at the page while a run trains: a task is labeled
+no sooner than `latency_s` after it was made, and at most `throughput` labels a second.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import threading
+import time
 from typing import Callable
 
 from tidal.feedback.store import FeedbackStore, Task
@@ -49,17 +54,41 @@ class SimulatedLabeler:
             ranking[i] = rank
         return ranking
 
-    def label(self, store: FeedbackStore) -> int:
+    def label(self, store: FeedbackStore, name: str = NAME) -> int:
         """Rank every task the simulated labeler has not labeled yet; returns how many it labeled.
         Submission ids are a function of the task, so running it again stores nothing twice."""
-        if store.labeler_id(NAME) is None:
-            store.add_labeler(NAME)  # its token is never needed: it labels in-process
-        labeler_id = store.labeler_id(NAME)
+        labeler_id = self._labeler(store, name)
         done = 0
         while (task := store.next_task(labeler_id)) is not None:
-            texts = [r.text for r in task.responses]
-            scores = [float(s) for s in self.gold([prompt_text(task)] * len(texts), texts)]
-            _, new = store.submit(labeler_id, f"{NAME}-task-{task.id}", task.id, ranking=self.rank(scores))
-            done += int(new)
+            done += self._label_one(store, labeler_id, task, name)
         return done
 
+    def label_paced(self, store: FeedbackStore, stop: threading.Event, latency_s: float = 0.0,
+                    throughput: float = 0.0, poll_s: float = 0.2, name: str = NAME) -> int:
+        """Label tasks as they come until `stop` is set: each no sooner than `latency_s` after
+        the task was made, at most `throughput` a second (0: no limit). Returns how many."""
+        labeler_id = self._labeler(store, name)
+        done = 0
+        while not stop.is_set():
+            task = store.next_task(labeler_id)
+            if task is None:
+                stop.wait(poll_s)
+                continue
+            if stop.wait(max(0.0, task.created_at + latency_s - time.time())):
+                break  # the lease lapses; the task goes to the next labeler (or this one, resumed)
+            done += self._label_one(store, labeler_id, task, name)
+            if throughput > 0:
+                stop.wait(1.0 / throughput)
+        return done
+
+    @staticmethod
+    def _labeler(store: FeedbackStore, name: str) -> int:
+        if store.labeler_id(name) is None:
+            store.add_labeler(name)  # its token is never needed: it labels in-process
+        return store.labeler_id(name)
+
+    def _label_one(self, store: FeedbackStore, labeler_id: int, task: Task, name: str) -> int:
+        texts = [r.text for r in task.responses]
+        scores = [float(s) for s in self.gold([prompt_text(task)] * len(texts), texts)]
+        _, new = store.submit(labeler_id, f"{name}-task-{task.id}", task.id, ranking=self.rank(scores))
+        return int(new)

@@ -80,6 +80,30 @@ def gold_agreement(labels: list[Label], tasks: dict[int, Task]) -> dict:
                             for k, v in sorted(per.items())}}
 
 
+def reliability(labels: list[Label], tasks: dict[int, Task], min_reliability: float = 0.0) -> dict[str, dict]:
+    """Each labeler's weight in reward fitting, from its gold tasks: the pairwise agreement a over
+    all the pairs of its gold labels gives weight = 2a - 1 clipped to [0, 1] (a coin-flipping
+    labeler weighs 0, a perfect one 1; under a labeler who orders each pair right with chance a,
+    2a - 1 is the expected agreement of its vote with the truth, -1..1). A labeler without gold
+    labels is not graded and weighs 1. A weight below `min_reliability` drops the labeler
+    (weight 0, dropped True). {labeler: {gold_pairs, agreement, weight, dropped}}"""
+    pairs: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for lab in labels:
+        gold = tasks[lab.task_id].gold_ranking
+        if gold is not None and lab.ranking is not None:
+            c, d = _pairs(lab.ranking, gold)
+            pairs[lab.labeler][0] += c
+            pairs[lab.labeler][1] += d
+    out = {}
+    for who in sorted({lab.labeler for lab in labels}):
+        c, d = pairs[who] if who in pairs else (0, 0)
+        agreement = c / (c + d) if c + d else None
+        weight = 1.0 if agreement is None else min(1.0, max(0.0, 2.0 * agreement - 1.0))
+        dropped = weight < min_reliability
+        out[who] = {"gold_pairs": c + d, "agreement": agreement, "weight": 0.0 if dropped else weight, "dropped": dropped}
+    return out
+
+
 def rates(labels: list[Label], now: float | None = None) -> dict:
     """Labels in the last hour, overall and per labeler, each labeler's mean rate over the span
     between its first and last label (at least 1 minute, so one label is not infinite), and the
@@ -114,6 +138,8 @@ def distributions(labels: list[Label], flag_names: tuple[str, ...]) -> dict:
             "skips": Counter(lab.skip_reason for lab in labels if lab.skip_reason is not None)}
 
 
-def summary(labels: list[Label], tasks: dict[int, Task], flag_names: tuple[str, ...], counts: dict) -> dict:
+def summary(labels: list[Label], tasks: dict[int, Task], flag_names: tuple[str, ...], counts: dict,
+            min_reliability: float = 0.0) -> dict:
     return {"counts": counts, "rates": rates(labels), "agreement": agreement(labels, tasks),
-            "gold": gold_agreement(labels, tasks), "distributions": distributions(labels, flag_names)}
+            "gold": gold_agreement(labels, tasks), "reliability": reliability(labels, tasks, min_reliability),
+            "distributions": distributions(labels, flag_names)}

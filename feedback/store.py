@@ -41,7 +41,7 @@ _STILL_WANTED = ("(t.gold_ranking IS NOT NULL OR "
 _LABEL_SQL = ("SELECT b.id, b.submission_id, b.task_id, l.name, b.skip_reason, b.ranking, b.likert, b.flags, b.comment, "
               "b.created_at, b.first_at, b.replaces, b.superseded_at, b.seconds FROM labels b "
               "JOIN labelers l ON l.id = b.labeler_id")
-_TASK_SQL = "SELECT id, prompt, responses, want_labels, gold_ranking FROM tasks"
+_TASK_SQL = "SELECT id, prompt, responses, want_labels, gold_ranking, meta, created_at FROM tasks"
 MAX_SECONDS = 7 * 86400.0  # a page's time on one task beyond this is a clock gone wrong
 
 
@@ -58,7 +58,7 @@ def _load(value: str | None):
 
 
 def _task(r) -> Task:
-    return Task(r[0], json.loads(r[1]), [TaskResponse(**x) for x in json.loads(r[2])], r[3], _load(r[4]))
+    return Task(r[0], json.loads(r[1]), [TaskResponse(**x) for x in json.loads(r[2])], r[3], _load(r[4]), _load(r[5]), r[6])
 
 
 def _label(r) -> Label:
@@ -114,10 +114,13 @@ class FeedbackStore:
                 raise FeedbackError(f"{self.path} already holds labels; flags can only be set before labeling starts")
             db.execute("UPDATE meta SET value=? WHERE key='settings'", (_settings_json(dataclasses.replace(s, flags=tuple(flags))),))
 
-    def configure(self, likert: str | None = None, edit_s: float | None = None, guidelines: str | None = None) -> Settings:
-        """Changes what the page asks (the Likert mode), the edit window and the guidelines; any
-        time, since stored labels keep what they were sent with. Returns the new settings."""
-        changes = {k: v for k, v in (("likert", likert), ("edit_s", edit_s), ("guidelines", guidelines)) if v is not None}
+    def configure(self, likert: str | None = None, edit_s: float | None = None, guidelines: str | None = None,
+                  min_reliability: float | None = None) -> Settings:
+        """Changes what the page asks (the Likert mode), the edit window, the guidelines and the
+        reliability below which a labeler is left out of reward fitting; any time, since stored
+        labels keep what they were sent with. Returns the new settings."""
+        changes = {k: v for k, v in (("likert", likert), ("edit_s", edit_s), ("guidelines", guidelines),
+                                     ("min_reliability", min_reliability)) if v is not None}
         with self._tx() as db:
             new = dataclasses.replace(_settings_of(db), **changes)
             check_settings(new)
@@ -194,9 +197,9 @@ class FeedbackStore:
         with self._tx() as db:
             for t in tasks:
                 want = s.overlap_labels if rng.random() < frac else 1
-                cur = db.execute("INSERT INTO tasks (prompt, responses, want_labels, gold_ranking, created_at) VALUES (?,?,?,?,?)",
-                                 (json.dumps(t.prompt), json.dumps([r.__dict__ for r in t.responses]), want,
-                                  _dump(t.gold_ranking), time.time()))
+                cur = db.execute("INSERT INTO tasks (prompt, responses, want_labels, gold_ranking, created_at, meta) "
+                                 "VALUES (?,?,?,?,?,?)", (json.dumps(t.prompt), json.dumps([r.__dict__ for r in t.responses]),
+                                                          want, _dump(t.gold_ranking), time.time(), _dump(t.meta)))
                 ids.append(cur.lastrowid)
         return ids
 

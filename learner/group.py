@@ -204,6 +204,10 @@ class LearnerGroup:
         """Reward-model scores (N,) at each row's last real token (reward role)."""
         return self._infer("compute_scores", lambda a: a.compute_scores, (input_ids, attention_mask), ())
 
+    def compute_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reward-model trunk features (N, H) at each row's last real token (reward role)."""
+        return self._infer("compute_features", lambda a: a.compute_features, (input_ids, attention_mask), ())
+
     def _start_ref(self, input_ids, attention_mask, response_len: int, temperature: float) -> tuple[bool, dict]:
         """Start the reference forward: on the ranks (LoRA base with adapters off) or the reference worker."""
         if self.reference_in_policy:
@@ -321,6 +325,15 @@ class LearnerGroup:
             transport = ObjectStoreTransport(get_timeout_s=self.timeout)
         bucket_mb = bucket_mb or self.cfg.rollout.weight_bucket_mb
         return self._call("export_weights", lambda a: a.export_weights.remote(version, bucket_mb, transport))[0]
+
+    def export_reward_weights(self, version: int):
+        """Publish the reward model (role reward) as `version` through the object store, as the
+        policy's weights travel; returns the WeightHandle reward workers hot-swap to."""
+        from tidal.actors.weights import ObjectStoreTransport
+
+        transport = ObjectStoreTransport(get_timeout_s=self.timeout)
+        return self._call("export_reward_weights", lambda a: a.export_reward_weights.remote(
+            version, self.cfg.rollout.weight_bucket_mb, transport))[0]
 
     def save_pretrained(self, out_dir: str | Path, extra: dict | None = None) -> Path:
         """HF folder + tokenizer: the policy (merged LoRA), or the reward model with `extra`

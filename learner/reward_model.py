@@ -115,3 +115,33 @@ def reward_micro_loss(worker: "LearnerWorker", batch: PreferenceBatch, kind: str
     correct, pairs = pair_accuracy(scores.detach(), ranks)
     return loss, {"losses/reward": loss.item(), "reward/train_accuracy": correct / max(pairs, 1),
                   "reward/score_mean": scores.mean().item()}
+
+
+class RewardRoleCalls:
+    """The calls a reward-role LearnerWorker answers for online RLHF's reward learner (mixed into
+    LearnerWorker): the trunk's features for the ensemble heads, and the weight publish the
+    reward workers hot-swap to."""
+
+    @torch.no_grad()
+    def compute_features(self: "LearnerWorker", input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reward-model trunk features (N, H) at each row's last real token (reward role)."""
+        from tidal.common.precision import autocast
+
+        self._need(self.spec.role == "reward", "compute_features", "a reward learner")
+        with autocast(self.autocast, self.device):
+            return torch.cat([self.engine.module.features(input_ids[s].to(self.device),
+                                                          attention_mask[s].to(self.device)).float().cpu()
+                              for s in self._micro(len(input_ids))])
+
+    def export_reward_weights(self: "LearnerWorker", version: int, bucket_mb: float, transport):
+        """Publish the value model (trunk + head, under the names a reward worker's model loads)
+        as `version` through `transport`; rank 0 returns the handle, the others None."""
+        from tidal.learner.export import iter_named_weights
+
+        self._need(self.spec.role == "reward", "export_reward_weights", "a reward learner")
+        named = iter_named_weights(self.engine.module, keep=self.rank == 0)
+        if self.rank != 0:
+            for _ in named:  # every rank gathers (ZeRO-3); rank 0 keeps
+                pass
+            return None
+        return transport.publish(named, version, bucket_mb)

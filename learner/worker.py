@@ -8,10 +8,9 @@ in-process with world size 1. Life cycle:
     w.setup(WorkerSpec("policy", path, critic_path), addr, port)   # on all ranks at once
 
 Roles: "policy" (causal LM; optional LoRA; optional critic = value model initialised from the
-reward-model folder, docs/implementation.md#d9) and "reward" (value model trained on preferences;
-value models are always fully fine-tuned). Every rank runs the same sequence of forward passes:
-under ZeRO-3 each forward gathers parameters collectively, so ranks get equally sized shards.
-"""
+reward-model folder, docs/implementation.md#d9) and "reward" (value model trained on preferences,
+fully fine-tuned; online RLHF's calls: RewardRoleCalls). All ranks run the same forward passes
+(ZeRO-3 gathers parameters collectively)."""
 
 from __future__ import annotations
 
@@ -29,9 +28,10 @@ from tidal.common.lora import spec_from_config
 from tidal.common.models import response_logits, sequence_logprobs
 from tidal.common.ops import logprobs_and_entropy
 from tidal.common.precision import autocast, bf16_native
-from tidal.learner.weights_out import PolicyWeightsOut
 from tidal.learner.engine import (build_policy, build_value, free_port, init_distributed, linear_lr, make_engine,
                                   seed_everything)
+from tidal.learner.reward_model import RewardRoleCalls
+from tidal.learner.weights_out import PolicyWeightsOut
 
 ROLES = ("policy", "reward")
 CKPT_TAG = "state"
@@ -61,7 +61,7 @@ class FitPlan:
     schedule: str | None = None  # "constant" | "linear"; None: learner.lr_schedule
 
 
-class LearnerWorker:
+class LearnerWorker(RewardRoleCalls):
     def __init__(self, cfg: TidalConfig, rank: int, world_size: int, num_threads: int = 0, forward_threads: int = 0):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         apply_threads(num_threads)  # tidal.actors.threads

@@ -98,6 +98,7 @@ class RewardWorker:
         if not (math.isfinite(self.reward_mean) and math.isfinite(self.reward_std) and self.reward_std > 0):
             raise ValueError(f"{path}: metadata reward_mean={self.reward_mean}, reward_std={self.reward_std} "
                              f"cannot normalize (std must be finite and > 0).")
+        self.version = int(meta.get("version", 0))  # online RLHF: the reward-model version it scores with
         self.pad_id = self.tokenizer.pad_token_id
         self.fallback_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.pad_id
 
@@ -119,10 +120,11 @@ class RewardWorker:
         return [s[-self.max_len:] if s else [self.fallback_id] for s in seqs]
 
     @torch.inference_mode()
-    def score(self, batch: RewardInput) -> torch.Tensor:
-        """(B,) float32 normalized reward-model scores."""
+    def _forward(self, batch: RewardInput, fn) -> torch.Tensor:
+        """fn(input_ids (b, T), attention_mask (b, T)) -> (b, ...) over the batch in micro-batches,
+        rows back in batch order: (B, ...) float32 on the CPU."""
         seqs = self.encode(batch)
-        out = torch.empty(len(seqs), dtype=torch.float32)
+        out: torch.Tensor | None = None
         # Longest first, so rows of similar length share a micro-batch and padding stays small.
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         for start in range(0, len(order), self.micro_batch_size):
@@ -133,8 +135,32 @@ class RewardWorker:
             for r, i in enumerate(rows):
                 input_ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
                 attention_mask[r, :len(seqs[i])] = 1
-            out[rows] = self.model.score(input_ids.to(self.device), attention_mask.to(self.device)).float().cpu()  # (b,)
-        return (out - self.reward_mean) / self.reward_std
+            values = fn(input_ids.to(self.device), attention_mask.to(self.device)).float().cpu()  # (b, ...)
+            if out is None:
+                out = torch.empty((len(seqs), *values.shape[1:]), dtype=torch.float32)
+            out[rows] = values
+        return out if out is not None else torch.empty(0, dtype=torch.float32)
+
+    def score(self, batch: RewardInput) -> torch.Tensor:
+        """(B,) float32 normalized reward-model scores."""
+        return (self._forward(batch, self.model.score) - self.reward_mean) / self.reward_std
+
+    def features(self, batch: RewardInput) -> torch.Tensor:
+        """(B, H) float32 trunk features at each row's last token (what the head reads)."""
+        return self._forward(batch, self.model.features)
+
+    def load_weights(self, handle, reward_mean: float, reward_std: float) -> int:
+        """Hot swap (online RLHF): the reward model's tensors of a published version, pulled
+        through its weight transport (tidal.actors.weights), with that version's normalisation.
+        Called between scoring calls; returns the version now scored with."""
+        from tidal.actors.weights import pull
+
+        dtype = next(self.model.parameters()).dtype
+        state = {name: t.to(self.device, dtype) for name, t in pull(handle)}
+        self.model.load_state_dict(state, strict=True)
+        self.reward_mean, self.reward_std = float(reward_mean), float(reward_std)
+        self.version = handle.version
+        return self.version
 
 
 class RewardPool:
@@ -154,8 +180,10 @@ class RewardPool:
         if num_workers < 1:
             raise ValueError(f"RewardPool needs num_workers >= 1, got {num_workers} (local=True runs one in-process)")
         self.model_path, self.timeout_s, self.max_restarts = str(model_path), timeout_s, max_restarts
+        # a worker restarted after a hot swap loads the newest version's folder (`load_version`)
         self.group = ActorGroup(
-            RewardWorker, 1 if local else num_workers, args=(self.model_path, micro_batch_size, dtype, None, num_threads),
+            RewardWorker, 1 if local else num_workers,
+            args=lambda i: (self.model_path, micro_batch_size, dtype, None, num_threads),
             options={"num_cpus": num_cpus_per_worker, "num_gpus": num_gpus_per_worker, "max_restarts": 0},
             options_fn=options_fn, local=local, name="reward", label=lambda i: f"reward worker {i}",
             call_timeout_s=timeout_s)
@@ -200,6 +228,28 @@ class RewardPool:
                 return torch.cat([done[k] for k in range(n)])
         raise RewardWorkerError(f"reward workers ({self.model_path}) died or did not answer within {self.timeout_s:.0f} s "
                                 f"in {self.max_restarts + 1} rounds of restarts; check their logs (e.g. out of memory).")
+
+    def features(self, batch: RewardInput) -> torch.Tensor:
+        """(B, H) trunk features of the current version (one worker: a selector's few candidates)."""
+        self.group.restore()
+        (result,) = self.group.call(lambda a: a.features.remote(self.group.put(batch)),
+                                    actor_ids=self.group.healthy_actor_ids()[:1], timeout_s=self.timeout_s)
+        if not result.ok:
+            raise call_error(f"reward model {self.model_path}: features", [result], RewardWorkerError, self.timeout_s)
+        return result.value
+
+    def load_version(self, handle, path: str, reward_mean: float, reward_std: float) -> int:
+        """Every worker hot-swaps to the published version `handle` (its folder: `path`, which a
+        restarted worker loads). A worker that fails is restarted on the folder, so no worker
+        scores with an older version afterwards. Returns the version."""
+        self.model_path = str(path)
+        results = self.group.call(lambda a: a.load_weights.remote(handle, reward_mean, reward_std),
+                                  timeout_s=self.timeout_s)
+        for r in results:
+            if not r.ok:
+                self.group.mark_unhealthy(r.actor_id)
+        self.group.restore()  # the failed ones start again from `path`
+        return handle.version
 
     def shutdown(self) -> None:
         self.group.shutdown()

@@ -13,7 +13,8 @@ from tidal.common.config import LoggingConfig
 from tidal.common.config import load_config, to_yaml
 from tidal.common.dashboard import plot_dashboard, plot_run
 from tidal.common.metrics import MetricsLogger, Timer, format_progress, read_metrics
-from tidal.common.report import RunMetrics, fit_losses, kl, other_panels, phase_times, reward_model, rl_losses, rl_reward
+from tidal.common.report import (RunMetrics, fit_losses, heldout_gold, kl, online_feedback, other_panels, phase_times,
+                                 reward_model, rl_losses, rl_reward, version_bands)
 
 OFF = LoggingConfig(wandb_mode="disabled")
 
@@ -286,3 +287,27 @@ def test_dashboard_is_one_png_with_every_panel_even_an_empty_one(tmp_path):
     with MetricsLogger(other, OFF) as logger:
         logger.log(1, {"losses/sft": 2.0}, stage="sft")
     assert plot_dashboard(other).stat().st_size > 5000
+
+
+def test_online_rlhf_draws_reward_model_versions_as_bands_with_label_arrival_and_accuracy(tmp_path):
+    """feedback.mode=online: the steps each reward-model version scored are bands on the reward,
+    KL and gold panels; the online page shows labels per step and the online accuracy."""
+    versions, labels = [0, 0, 0, 1, 1, 2], [0, 2, 5, 9, 12, 16]
+    with MetricsLogger(tmp_path, OFF) as logger:
+        for step, (v, n) in enumerate(zip(versions, labels), start=1):
+            rec = {"rl/score_mean": 0.1 * step, "rl/kl": 0.2 * step, "online/reward_version": float(v),
+                   "online/labels": float(n), "eval/proxy": 0.1, "eval/gold": 0.2}
+            if v:
+                rec["online/online_accuracy"] = 0.5 + 0.1 * v
+            logger.log(step, rec, stage="rl")
+    m = RunMetrics.of_run(tmp_path)
+    bands = [(0.5, 3.5, "RM v0"), (3.5, 5.5, "RM v1"), (5.5, 6.5, "RM v2")]
+    assert version_bands(m) == bands
+    assert rl_reward(m).bands == kl(m).bands == heldout_gold(m).bands == bands
+    p = online_feedback(m)
+    assert p.line("new labels per step").y == [0, 2, 3, 4, 3, 4] and p.line("online accuracy").right
+    assert p.line("online accuracy").x == [4, 5, 6] and p.bands == bands
+    assert "reward_model.png" in [x.name for x in plot_run(tmp_path)] and plot_dashboard(tmp_path).is_file()
+    with MetricsLogger(tmp_path / "static", OFF) as logger:  # one version throughout: no bands
+        logger.log(1, {"rl/score_mean": 0.1, "online/reward_version": 0.0}, stage="rl")
+    assert version_bands(RunMetrics.of_run(tmp_path / "static")) == []

@@ -39,9 +39,17 @@ async function loadStats() {
   fill("labelers", ["labeler", "labels", "skips", "labels/hour", "last hour", "median s/label"],
        c.labelers.map((l) => { const rt = s.rates.per_labeler[l.name] || {}; return [l.name + (l.admin ? " (admin)" : ""), l.labels, l.skips, rt.per_hour, rt.last_hour, rt.median_s]; }));
   const a = s.agreement, g = s.gold, names = new Set([...Object.keys(a.per_labeler), ...Object.keys(g.per_labeler)]);
-  const rows = [["overall", a.pairs, a.agreement, a.tau, g.labels, g.agreement, g.tau]];
-  names.forEach((n) => { const x = a.per_labeler[n] || {}, y = g.per_labeler[n] || {}; rows.push([n, x.pairs, x.agreement, x.tau, y.labels, y.agreement, y.tau]); });
-  fill("agreement", ["", "overlap pairs", "agreement", "tau", "gold labels", "gold agreement", "gold tau"], rows);
+  const rel = s.reliability || {};
+  Object.keys(rel).forEach((n) => names.add(n));
+  const rows = [["overall", a.pairs, a.agreement, a.tau, g.labels, g.agreement, g.tau, ""]];
+  names.forEach((n) => {
+    const x = a.per_labeler[n] || {}, y = g.per_labeler[n] || {}, r = rel[n];
+    const weight = r === undefined ? "" : r.weight.toFixed(2) + (r.dropped ? " (left out)" : r.gold_pairs ? "" : " (no gold)");
+    rows.push([n, x.pairs, x.agreement, x.tau, y.labels, y.agreement, y.tau, weight]);
+  });
+  fill("agreement", ["", "overlap pairs", "agreement", "tau", "gold labels", "gold agreement", "gold tau", "reliability weight"], rows);
+  fill("versions", ["reward model", "fit on labels", "new labels", "labels/min", "held out", "online accuracy", "rl step"],
+       (s.versions || []).map((v) => ["v" + v.version, v.labels, v.new_labels, v.labels_per_min, v.heldout, v.online_accuracy, v.policy_step]));
   fill("likert", ["score", "count"], Object.entries(s.distributions.likert));
   fill("flags", ["flag", "responses flagged"], Object.entries(s.distributions.flags));
   fill("skips", ["reason", "count"], Object.entries(s.distributions.skips));
@@ -67,7 +75,8 @@ async function loadTasks(start) {
 async function showTask(id) {
   const d = await getJSON("/api/tasks/" + id);
   const t = d.task;
-  $("task-title").textContent = "Task " + t.id + (t.gold ? " (gold)" : "") + ": wants " + t.want + (t.want === 1 ? " label" : " labels");
+  const why = t.meta ? " - asked by " + Object.entries(t.meta).map(([k, v]) => k + " " + fmt(v)).join(", ") : "";
+  $("task-title").textContent = "Task " + t.id + (t.gold ? " (gold)" : "") + ": wants " + t.want + (t.want === 1 ? " label" : " labels") + why;
   $("task-prompt").textContent = promptText(t.prompt);
   fill("task-responses", ["#", "response", "source", "version"].concat(t.gold ? ["gold rank"] : []),
        t.responses.map((r, i) => [i + 1, r.text, r.source, r.version].concat(t.gold ? [t.gold[i] + 1] : [])));
