@@ -67,6 +67,15 @@ def default_rl_total_steps(cfg: TidalConfig) -> int:
     return cfg.algorithm.steps * cfg.algorithm.update_epochs * max(1, rows // cfg.learner.mini_batch_size)
 
 
+def _check_group_args(role: str, critic_path, local: bool, world_size: int) -> None:
+    if role not in ROLES:
+        raise ValueError(f"unknown learner role {role!r}; expected one of {ROLES}")
+    if role == "reward" and critic_path is not None:
+        raise ValueError("a reward-model group trains no critic; pass critic_path only with role='policy'")
+    if local and world_size != 1:
+        raise ValueError(f"local mode runs one rank in-process; set learner.num_workers=1 (got {world_size})")
+
+
 class LearnerGroup:
     def __init__(self, cfg: TidalConfig, model_path: str | Path, role: str = "policy",
                  critic_path: str | Path | None = None, reference_path: str | Path | None = None, *,
@@ -84,12 +93,7 @@ class LearnerGroup:
         self.world_size = cfg.learner.num_workers
         self.timeout = cfg.cluster.sync_timeout_s
         self.algorithm = algorithm_for(cfg)
-        if role not in ROLES:
-            raise ValueError(f"unknown learner role {role!r}; expected one of {ROLES}")
-        if role == "reward" and critic_path is not None:
-            raise ValueError("a reward-model group trains no critic; pass critic_path only with role='policy'")
-        if local and self.world_size != 1:
-            raise ValueError(f"local mode runs one rank in-process; set learner.num_workers=1 (got {self.world_size})")
+        _check_group_args(role, critic_path, local, self.world_size)
         self.tokenizer = load_tokenizer(model_path)  # the driver pads and tokenizes with it
         self.spec = WorkerSpec(role, str(model_path), None if critic_path is None else str(critic_path),
                                rl_total_steps or default_rl_total_steps(cfg), critic_affine)
