@@ -46,7 +46,7 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
                    verbose: bool = False) -> int:
     """Entry point of `tidal train`; returns the exit status. Every check that needs no cluster
     (config, data rows, models, reward functions, the checkpoint to resume) runs before Ray starts."""
-    extend = None  # the rl round a resume with more algorithm.steps reopens in a finished run
+    extend = None  # (rl round, its last step) a resume with more algorithm.steps reopens in a finished run
     if resume is not None:
         run_dir = Path(resume)
         cfg, extend = _resume_checks(run_dir, config_path, overrides)
@@ -60,8 +60,8 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
     check_data(cfg, data)  # every row the stages will read, still before Ray starts
     run_dir = claim_run_dir(run_dir, fresh=resume is None, numbered=resume is None and not cfg.logging.run_name)
     if extend is not None:  # the finished rl round goes on from its final checkpoint
-        forget_stage(run_dir, extend)
-        print(f"tidal: extending {run_dir}: {extend} goes on to step {cfg.algorithm.steps}", flush=True)
+        forget_stage(run_dir, extend[0])
+        print(f"tidal: extending {run_dir}: {extend[0]} goes on from step {extend[1]} to {cfg.algorithm.steps}", flush=True)
     if resume is not None and overrides:
         ck.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # a later resume continues with these
     try:
@@ -93,10 +93,11 @@ def train_from_cli(config_path: str | None, overrides: list[str], resume: str | 
     return 0
 
 
-def _resume_checks(run_dir: Path, config_path: str | None, overrides: list[str]) -> tuple[TidalConfig | None, str | None]:
+def _resume_checks(run_dir: Path, config_path: str | None, overrides: list[str]
+                   ) -> tuple[TidalConfig | None, tuple[str, int] | None]:
     """The config a resume continues with, after every check that writes nothing, and the rl round
-    it extends (a finished run with more algorithm.steps, `extension`); (None, None) when the run
-    already finished and nothing is to be done (said on the console)."""
+    it extends with the step it ended at (a finished run with more algorithm.steps, `extension`);
+    (None, None) when the run already finished and nothing is to be done (said on the console)."""
     if config_path is not None:
         raise ConfigError(f"--resume {run_dir} continues with {run_dir}/config.yaml; drop {config_path} "
                           f"(overrides of algorithm.steps, logging.* and cluster.* are allowed).")
@@ -110,7 +111,7 @@ def _resume_checks(run_dir: Path, config_path: str | None, overrides: list[str])
     if all(key in done for _, key, _ in stage_keys(cfg.stages.run)):
         old_steps = load_config(run_dir / "config.yaml").algorithm.steps
         if cfg.algorithm.steps != old_steps:
-            return cfg, extension(run_dir, cfg, old_steps)  # raises when the run cannot go on
+            return cfg, (extension(run_dir, cfg, old_steps), old_steps)  # raises when the run cannot go on
         print(f"tidal: run {run_dir} already finished (stages {', '.join(done)}); nothing to do. "
               f"Its results: {run_dir / 'summary.json'}", flush=True)
         return None, None
