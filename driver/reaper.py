@@ -52,6 +52,16 @@ def end_processes(pids: list[int], grace_s: float = 3.0) -> None:
             time.sleep(0.1)
 
 
+def end_session(temp_dir: str, rounds: int = 3) -> None:
+    """End every process of the session in `temp_dir`, scanning again after each round: a process
+    that was starting during a scan (Ray spawning a worker while Ctrl-C arrived) is caught by the next."""
+    for _ in range(rounds):
+        pids = session_processes(temp_dir)
+        if not pids:
+            return
+        end_processes(pids)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -79,7 +89,7 @@ def main(argv: list[str]) -> int:
         pass
     if not os.path.isdir(temp_dir):
         return 0  # the driver cleaned up itself
-    end_processes(session_processes(temp_dir))
+    end_session(temp_dir)
     if logs_to:
         try:
             copy_logs(temp_dir, logs_to)

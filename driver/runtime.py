@@ -211,9 +211,9 @@ def disconnect(conn: RayConnection, logs_to: Path | None = None) -> None:
         if conn.started_here:  # also after an ray.init cut short, which may leave is_initialized() False
             ray.shutdown()
         if conn.temp_dir is not None:
-            from tidal.driver.reaper import copy_logs, end_processes, session_processes
+            from tidal.driver.reaper import copy_logs, end_session
 
-            end_processes(session_processes(conn.temp_dir))
+            end_session(conn.temp_dir)
             if logs_to is not None:
                 copy_logs(conn.temp_dir, str(logs_to))
             shutil.rmtree(conn.temp_dir, ignore_errors=True)

@@ -299,7 +299,9 @@ def test_ctrl_c_while_ray_starts_undoes_the_half_started_cluster(tmp_path, monke
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     with pytest.raises(KeyboardInterrupt):
         runtime.connect(ClusterConfig(), verbose=False)
-    assert _gone(started[0].pid, 10)
+    pid = started[0].pid
+    assert _gone(pid, 10), (started[0].args, Path(f"/proc/{pid}/cmdline").read_bytes(),
+                            Path(f"/proc/{pid}/stat").read_text())
     started[0].wait(timeout=5)
     assert not list(tmp_path.glob("tidal-ray-*"))
 
