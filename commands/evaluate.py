@@ -8,7 +8,10 @@ completion is scored by the proxy (the config's reward, the one RL optimises) an
 judge the policies never trained on (logging.gold_term, VADER by default). Per method: the
 simulated win-rate against SFT on gold (pairwise on the same prompts, ties count half, Wilson
 95% interval), mean gold, mean proxy, KL to SFT, mean length in tokens and the share of
-degenerate completions. Written to OUT/eval.json and OUT/eval.png.
+degenerate completions; with a learned reward model in the proxy, two reward-model columns: the
+accuracy of the reward model the method's run ended with on (method, SFT) pairs judged by gold,
+and its margin between a plain answer and the exploit probes (tidal.commands.eval_judges).
+Written to OUT/eval.json and OUT/eval.png.
 
 KL to SFT is the k1 estimate on the method's own samples, sum over response tokens of
 log pi - log pi_sft, both from plain HF forward passes on the driver (the eval set is small;
@@ -31,7 +34,8 @@ from tidal.common.config import ConfigError, TidalConfig
 from tidal.driver.heldout import Seeds, build_gold, eval_sampling, gold_term, hf_sequence_kl, raw_scores, sample
 from tidal.driver.run_folder import policy_folder, sft_of
 
-COLUMNS = ("method", "win-rate vs SFT (95% CI)", "gold", "proxy", "KL to SFT", "length", "degenerate")
+COLUMNS = ("method", "win-rate vs SFT (95% CI)", "gold", "proxy", "KL to SFT", "length", "degenerate", "RM acc",
+           "probe margin")
 
 
 @dataclass
@@ -64,8 +68,10 @@ def resolve_policy(spec: str) -> tuple[str, str]:
 
 
 def evaluate_policies(cfg: TidalConfig, policies: dict[str, str], sft: str, best_of: int, eval_prompts: Path,
-                      proxy) -> list[dict]:
-    """Sample, score and tabulate every policy (plus SFT, plus best-of-n over SFT when best_of > 1)."""
+                      proxy, judges: dict[str, str] | None = None, default_judge: str | None = None) -> list[dict]:
+    """Sample, score and tabulate every policy (plus SFT, plus best-of-n over SFT when best_of > 1);
+    `judges` (method -> the reward model its run ended with; others: `default_judge`, the proxy's)
+    adds the reward-model columns (tidal.commands.eval_judges)."""
     from transformers import AutoModelForCausalLM
 
     from tidal.common.models import load_tokenizer
@@ -91,7 +97,24 @@ def evaluate_policies(cfg: TidalConfig, policies: dict[str, str], sft: str, best
     finally:
         gold.close()
     sft_gold = results[0].gold
-    return [r.row(sft_gold) for r in results]
+    rows = [r.row(sft_gold) for r in results]
+    if judges is not None:
+        _judge_rows(cfg, rows, results, judges, default_judge, sft, list(prompts.text))
+    return rows
+
+
+def _judge_rows(cfg: TidalConfig, rows: list[dict], results: list[MethodResult], judges: dict[str, str],
+                default_judge: str | None, sft: str, prompts: list[str]) -> None:
+    """Adds each row's reward-model columns, with its run's final reward model (or the proxy's)."""
+    from tidal.commands.eval_judges import judge_columns
+
+    sft_result = results[0]
+    for row, r in zip(rows, results):
+        against_sft = r is not sft_result
+        print(f"tidal eval: reward-model columns of {r.name}", flush=True)
+        row.update(judge_columns(cfg, judges.get(r.name) or default_judge, sft, prompts, r.completions, r.gold,
+                                 sft_result.completions if against_sft else None,
+                                 sft_result.gold if against_sft else None))
 
 
 def _best_of_sft(cfg: TidalConfig, sft: str, sft_model, tok, prompts, n: int, proxy, gold) -> MethodResult:
@@ -110,11 +133,19 @@ def _best_of_sft(cfg: TidalConfig, sft: str, sft_model, tok, prompts, n: int, pr
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{COLUMNS[0]:<16}{COLUMNS[1]:>26}{COLUMNS[2]:>9}{COLUMNS[3]:>9}{COLUMNS[4]:>11}{COLUMNS[5]:>8}{COLUMNS[6]:>12}"]
+    """The scoreboard as text; the reward-model columns (eval_judges) only when a row has them."""
+    judged = any("rm_judge" in r for r in rows)
+    head = f"{COLUMNS[0]:<16}{COLUMNS[1]:>26}{COLUMNS[2]:>9}{COLUMNS[3]:>9}{COLUMNS[4]:>11}{COLUMNS[5]:>8}{COLUMNS[6]:>12}"
+    lines = [head + (f"{COLUMNS[7]:>8}{COLUMNS[8]:>14}" if judged else "")]
     for r in rows:
         win = f"{100 * r['win_rate']:.1f} [{100 * r['win_low']:.1f}, {100 * r['win_high']:.1f}]"
-        lines.append(f"{r['method']:<16}{win:>26}{r['gold']:>9.3f}{r['proxy']:>9.3f}{r['kl']:>11.3f}"
-                     f"{r['length']:>8.1f}{100 * r['degenerate']:>11.1f}%")
+        line = (f"{r['method']:<16}{win:>26}{r['gold']:>9.3f}{r['proxy']:>9.3f}{r['kl']:>11.3f}"
+                f"{r['length']:>8.1f}{100 * r['degenerate']:>11.1f}%")
+        if judged:
+            acc, margin = r.get("rm_accuracy"), r.get("probe_margin")
+            line += (f"{'-' if acc is None else f'{100 * acc:.1f}%':>8}"
+                     f"{'-' if margin is None else f'{margin:+.2f}':>14}")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -152,6 +183,7 @@ class EvalPlan:
     policies: dict[str, str]  # method name -> HF folder
     sft: str
     reward_model: str | None  # of the proxy's model term: model.reward, else a run's own
+    judges: dict[str, str]  # method -> the reward model its run ended with (tidal.commands.eval_judges)
     eval_prompts: Path
     out_dir: Path
 
@@ -160,6 +192,7 @@ def plan_eval(args: EvalArgs) -> EvalPlan:
     """The config, the policies, the SFT model, the proxy's reward model (model.reward, else the
     one the first --run run's rm stage trained: the reward its RL optimised, as `tidal generate`
     finds it), the held-out prompts and the output folder; every user error here, before Ray."""
+    from tidal.commands.eval_judges import judges
     from tidal.commands.generate import check_reward
     from tidal.common.config import load_config
     from tidal.driver.job import prepare_data
@@ -185,7 +218,7 @@ def plan_eval(args: EvalArgs) -> EvalPlan:
     data = prepare_data(cfg)
     if data.eval_prompts is None:
         raise ConfigError("tidal eval needs held-out prompts: set data.eval_prompts (or data.task: sentiment).")
-    return EvalPlan(cfg, policies, sft_path, reward_model, data.eval_prompts, out_dir)
+    return EvalPlan(cfg, policies, sft_path, reward_model, judges(runs), data.eval_prompts, out_dir)
 
 
 def eval_from_cli(args: EvalArgs) -> int:
@@ -206,7 +239,8 @@ def eval_from_cli(args: EvalArgs) -> int:
         proxy = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=plan.sft, local=True,
                              dtype=cfg.model.dtype)
         try:
-            rows = evaluate_policies(cfg, plan.policies, plan.sft, args.best_of, plan.eval_prompts, proxy)
+            rows = evaluate_policies(cfg, plan.policies, plan.sft, args.best_of, plan.eval_prompts, proxy,
+                                     plan.judges, reward_model)
         finally:
             proxy.close()
     print(format_table(rows), flush=True)
