@@ -108,11 +108,7 @@ class LearnerGroup:
         t0 = time.perf_counter()
         try:
             if placement is None and not local:
-                from tidal.actors.placement import Placement, plan_placement
-
-                counts = {"learner": self.world_size, "reference": int(reference_path is not None)}
-                placement = self._own_placement = Placement(plan_placement(cfg, counts), self.timeout,
-                                                            name_prefix=f"tidal-{role}-{uuid.uuid4().hex[:8]}")
+                placement = self._own_placement = self._make_placement(reference_path is not None)
             lc, n = cfg.learner, self.world_size
             opts = {"num_cpus": lc.cpus_per_worker, "num_gpus": lc.gpus_per_worker}
             self.threads = run_threads(cfg, reference_alone=not (forward_planned(cfg) or self.algorithm.uses_critic))
@@ -138,6 +134,14 @@ class LearnerGroup:
         if self.timings["autocast_bf16"]:
             print(f"tidal: {role} learner forward passes in bf16 autocast (learner.autocast={cfg.learner.autocast})",
                   flush=True)
+
+    def _make_placement(self, with_reference: bool) -> Any:
+        """The group's own placement group (freed by shutdown): its ranks, and the reference worker."""
+        from tidal.actors.placement import Placement, plan_placement
+
+        counts = {"learner": self.world_size, "reference": int(with_reference)}
+        return Placement(plan_placement(self.cfg, counts), self.timeout,
+                         name_prefix=f"tidal-{self.role}-{uuid.uuid4().hex[:8]}")
 
     # ------------------------------------------------------------------ actors
 
