@@ -23,7 +23,8 @@ the sampled token): the correction for sampling from an older (or numerically di
 `auto` skips it in sync mode with unfiltered sampling (the engine and the trainer hold the same
 version); any correction can be chosen in either mode. With algorithm.dynamic_sampling the
 rollout side samples more prompts until the step holds prompts_per_step informative groups
-(tidal.driver.dynamic_sampling; metrics `sampling/*`). Where pi_old
+(tidal.driver.dynamic_sampling; metrics `sampling/*`); with rollout.partial a step takes the first
+groups to finish, generated in slices, the rest go on across the weight push (tidal.driver.partial). Where pi_old
 comes from each step - the learners' forward, the engine's own log-probs, or the update's first
 minibatch - is tidal.learner.pi_old's decision (algorithm.old_logprobs; metrics
 `rl/old_logprobs_engine`, `rl/old_logprobs_in_update`, `rollout/logprob_gap`).
