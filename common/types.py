@@ -96,8 +96,9 @@ class Experience:
     # (B,) float: 1 where the row enters the policy loss, 0 where it is left out (overlong filtering);
     # None: every row. The row's KL and metrics still count.
     trains: torch.Tensor | None = None
-    # (B, R) float: 1 on tokens young enough to train, 0 on tokens sampled more than algorithm.max_staleness
-    # versions before the trained one (rollout.partial: a continued response spans versions); None: every token
+    # (B, R) float: 1 on tokens young enough to train, 0 on tokens sampled more than
+    # tidal.learner.experience.max_token_lag versions before the trained one (rollout.partial: a continued
+    # response spans versions); None: every token
     token_trains: torch.Tensor | None = None
 
     def __len__(self) -> int:
