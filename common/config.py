@@ -170,6 +170,8 @@ def _convert(tp: Any, value: Any, path: str, meta: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if origin is Literal:
+        if value is False and "off" in args:  # YAML 1.1 reads a bare `off` as false
+            value = "off"
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""

@@ -45,6 +45,9 @@ class RolloutBatch:
     finish_reason: list[str]  # (B,) "stop" (EOS/stop string) or "length"
     weight_version: list[int]  # (B,) weight version that generated each sample
     reference: list[str | None] = field(default_factory=list)  # (B,) optional reference answers
+    # (B, *) weight version that sampled each response token (rollout.partial: a continued response
+    # spans versions); empty: every token has its row's weight_version
+    token_versions: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompt_index)
@@ -58,6 +61,7 @@ class RolloutBatch:
             cat("prompt_index"), cat("prompt_text"), cat("prompt_ids"), cat("response_text"),
             cat("response_ids"), cat("response_logprobs"), cat("finish_reason"),
             cat("weight_version"), cat("reference"),
+            cat("token_versions") if all(b.token_versions or not len(b) for b in batches) else [],
         )
 
 
@@ -92,6 +96,10 @@ class Experience:
     # (B,) float: 1 where the row enters the policy loss, 0 where it is left out (overlong filtering);
     # None: every row. The row's KL and metrics still count.
     trains: torch.Tensor | None = None
+    # (B, R) float: 1 on tokens young enough to train, 0 on tokens sampled more than
+    # tidal.learner.experience.max_token_lag versions before the trained one (rollout.partial: a continued
+    # response spans versions); None: every token
+    token_trains: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -63,11 +63,15 @@ class RolloutPipeline:
     """Schedules `produce(step)` and weight pushes on one background thread (see module doc)."""
 
     def __init__(self, produce: Callable[[int], Produced], push: Callable[[Any, int], None],
-                 start_step: int, total_steps: int, max_staleness: int, pool_version: int):
+                 start_step: int, total_steps: int, max_staleness: int, pool_version: int,
+                 max_lag: int | None = None):
+        """`max_lag`: the most versions a sample handed out may lag (None: max_staleness; rollout.partial
+        carries responses over steps, whose newest tokens may lag one more)."""
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self.produce, self.push_fn = produce, push
         self.total_steps, self.max_staleness = total_steps, max_staleness
+        self.max_lag = max_staleness if max_lag is None else max_lag
         self.next_step = start_step  # the next step to launch
         self.pool_version = pool_version  # version of the last push queued
         self.futures: dict[int, Future] = {}
@@ -92,7 +96,7 @@ class RolloutPipeline:
             raise RuntimeError(f"step {step} was never launched (next {self.next_step}, pool version "
                                f"{self.pool_version}, max_staleness {self.max_staleness}); push weights first")
         result = self.futures.pop(step).result(timeout=timeout_s)
-        check_staleness(step, result.weight_versions, self.max_staleness)
+        check_staleness(step, result.weight_versions, self.max_lag)
         return result
 
     def push(self, handle: Any, version: int) -> Future:

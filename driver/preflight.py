@@ -286,8 +286,11 @@ def check_resume(run_dir: Path, cfg: TidalConfig | None = None) -> None:
 def check_algorithm(cfg: TidalConfig) -> list[str]:
     from tidal.learner import algorithms, pi_old
 
+    from tidal.driver import partial
+
     algorithms.check_config(cfg)
     pi_old.check_config(cfg)
+    partial.check_config(cfg)
     a = cfg.algorithm
     return [f"stages.run: {', '.join(cfg.stages.run)}",
             f"algorithm.name={a.name}: {a.steps} steps, {a.prompts_per_step} prompts x {cfg.rollout.n_samples} "

@@ -23,7 +23,8 @@ the sampled token): the correction for sampling from an older (or numerically di
 `auto` skips it in sync mode with unfiltered sampling (the engine and the trainer hold the same
 version); any correction can be chosen in either mode. With algorithm.dynamic_sampling the
 rollout side samples more prompts until the step holds prompts_per_step informative groups
-(tidal.driver.dynamic_sampling; metrics `sampling/*`). Where pi_old
+(tidal.driver.dynamic_sampling; metrics `sampling/*`); with rollout.partial a step takes the first
+groups to finish, generated in slices, the rest go on across the weight push (tidal.driver.partial). Where pi_old
 comes from each step - the learners' forward, the engine's own log-probs, or the update's first
 minibatch - is tidal.learner.pi_old's decision (algorithm.old_logprobs; metrics
 `rl/old_logprobs_engine`, `rl/old_logprobs_in_update`, `rollout/logprob_gap`).
@@ -49,13 +50,14 @@ import torch
 from tidal.driver.checkpoint import DriverState, resume_checkpoint, write_checkpoint
 from tidal.driver.dynamic_sampling import Round, fill_step, shape_overlong
 from tidal.driver.interrupt import NO_STOPS, Interrupted, StopRequests
+from tidal.driver.partial import PartialRollouts, token_metrics
 from tidal.driver.pipeline import Produced, RolloutPipeline
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import METRICS_FILE, MetricsLogger, Timer
 from tidal.common.scoreboard import degenerate_share
 from tidal.driver.preflight import check_algorithm
 from tidal.driver.run_folder import config_record
-from tidal.learner.experience import usable_rows
+from tidal.learner.experience import max_token_lag, usable_rows
 from tidal.learner.kl import AdaptiveKLController, FixedKLController
 from tidal.learner.mismatch import correction_for
 from tidal.learner.pi_old import PiOld, PiOldStep
@@ -133,6 +135,8 @@ class RLLoop:
         self.pipeline: RolloutPipeline | None = None
         self._preloaded: list[Produced] = []
         self._load_times: list[float] = []  # seconds of each weight load into the pool
+        # rollout.partial: the groups in flight between steps (tidal.driver.partial)
+        self.partial = None if cfg.rollout.partial == "off" else PartialRollouts(cfg, parts.dataset, parts.pool)
 
     # ------------------------------------------------------------------ resume
 
@@ -162,6 +166,8 @@ class RLLoop:
                 self.monitor.forget_best()
         pending = ckpt / "pending.pt"
         self._preloaded = torch.load(pending, weights_only=False) if pending.is_file() else []
+        if self.partial is not None and (ckpt / "partial.pt").is_file():
+            self.partial.load_state_dict(torch.load(ckpt / "partial.pt", weights_only=False))
         if self.step > 0:  # the pool starts from the initial policy: give it the checkpoint's
             handle = self.parts.learners.export_weights(self.step)
             self.parts.pool.load_weights(handle)
@@ -187,9 +193,12 @@ class RLLoop:
         """One sampling round: the next `prompts` prompts, generated and scored (with the soft
         overlong punishment, algorithm.overlong_buffer)."""
         a = self.cfg.algorithm
-        batch = self.parts.dataset.next_batch(prompts)
         with timer("generate"):
-            rollout = self.parts.pool.generate(batch, step_sampling(self.cfg, step, round_))
+            if self.partial is not None:  # the first groups to finish, in slices (tidal.driver.partial)
+                batch, rollout = None, self.partial.next_batch(step, prompts)
+            else:
+                batch = self.parts.dataset.next_batch(prompts)
+                rollout = self.parts.pool.generate(batch, step_sampling(self.cfg, step, round_))
         stats = self.parts.pool.last_stats
         with timer("score"):
             scored = self.parts.reward.score(rollout)
@@ -199,8 +208,10 @@ class RLLoop:
                 scored, self.cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
         if round_ == 0:  # online queries sample the first round's prompts
             self._first_round = (batch, rollout)
+        partial = {} if self.partial is None else self.partial.stats
         return Round(scored, reward_metrics, {"rollout/requeued_chunks": float(stats.requeued_chunks),
-                                              "rollout/restarted_workers": float(len(stats.restarted_workers))})
+                                              "rollout/restarted_workers": float(len(stats.restarted_workers)),
+                                              **partial})
 
     def _push(self, handle: Any, version: int) -> None:
         """Runs on the rollout thread, in order with the generations around it."""
@@ -213,7 +224,7 @@ class RLLoop:
         a, lc = self.cfg.algorithm, self.cfg.logging
         self.start_step = self.step
         self.pipeline = RolloutPipeline(self._produce, self._push, self.step, a.steps, self.max_staleness,
-                                        pool_version=self.parts.pool.weight_version)
+                                        pool_version=self.parts.pool.weight_version, max_lag=max_token_lag(self.cfg))
         self.pipeline.preload(self._preloaded)
         self.logger.progress(self.step, a.steps, stage=self.stage)
         try:
@@ -347,6 +358,7 @@ class RLLoop:
             "time/step_s": wall,
             "time/load_weights_s": self._load_times[-1] if self._load_times else 0.0,
             **result.metrics, **pi_old_m, **produced.metrics,
+            **token_metrics(produced.step, scored.rollout, max_token_lag(self.cfg)),
         }
         return m
 
@@ -366,6 +378,7 @@ class RLLoop:
         """Atomic checkpoint after `self.step` steps. Async: waits for the queued rollouts and
         stores the generated-but-untrained steps, so a resume replays them exactly."""
         pending = self.pipeline.drain() if self.pipeline is not None else []
+        in_flight = None if self.partial is None else self.partial.state_dict()  # after drain: no slice runs
         state = DriverState(step=self.step, weight_version=self.step, kl_controller=self.kl_ctl.state_dict(),
                             reward_state=self.parts.reward.state_dict(),
                             data_state=dataclasses.asdict(self.parts.dataset.state),
@@ -378,6 +391,8 @@ class RLLoop:
             state.save(d)
             if pending:
                 torch.save(pending, d / "pending.pt")
+            if in_flight is not None:
+                torch.save(in_flight, d / "partial.pt")
 
         logs = (self.logger.run_dir / METRICS_FILE, self.run_dir / ROLLOUTS_FILE)  # on disk before the checkpoint
         return write_checkpoint(self.run_dir, self.step, write, logs=logs)

@@ -81,6 +81,30 @@ def pad_response_floats(values: list[list[float]], response_len: int) -> torch.T
     return out
 
 
+def max_token_lag(cfg) -> int:
+    """Most versions a response token may lag the step that trains it (rollout.partial_max_lag;
+    None: algorithm.max_staleness + 1 with partial rollouts, whose carried prefixes lag one more);
+    algorithm.max_staleness without partial rollouts, 0 in sync mode."""
+    a, r = cfg.algorithm, cfg.rollout
+    if a.mode != "async":
+        return 0
+    if r.partial == "off":
+        return a.max_staleness
+    return a.max_staleness + 1 if r.partial_max_lag is None else r.partial_max_lag
+
+
+def pad_response_versions(rollout: RolloutBatch, response_len: int) -> torch.Tensor | None:
+    """The weight version of each response token (RolloutBatch.token_versions) -> (B, R) long,
+    padding holding the row's version; None when the rollout records no per-token versions."""
+    if not rollout.token_versions:
+        return None
+    out = torch.tensor(rollout.weight_version, dtype=torch.long)[:, None].repeat(1, response_len)  # (B, R)
+    for i, v in enumerate(rollout.token_versions):
+        n = min(len(v), response_len)
+        out[i, :n] = torch.tensor(v[:n], dtype=torch.long)
+    return out
+
+
 def select_rollout(rollout: RolloutBatch, rows: list[int]) -> RolloutBatch:
     """The rollout restricted to `rows` (in that order)."""
     def pick(values: list) -> list:
@@ -88,7 +112,8 @@ def select_rollout(rollout: RolloutBatch, rows: list[int]) -> RolloutBatch:
 
     return RolloutBatch(pick(rollout.prompt_index), pick(rollout.prompt_text), pick(rollout.prompt_ids),
                         pick(rollout.response_text), pick(rollout.response_ids), pick(rollout.response_logprobs),
-                        pick(rollout.finish_reason), pick(rollout.weight_version), pick(rollout.reference))
+                        pick(rollout.finish_reason), pick(rollout.weight_version), pick(rollout.reference),
+                        pick(rollout.token_versions))
 
 
 def valid_rows(scored: ScoredBatch, group_size: int, whole_groups: bool) -> torch.Tensor:
@@ -123,6 +148,7 @@ class ForwardPass:
     weight_version: torch.Tensor | None = None  # (B,) long, version that generated each row
     pi_old: str = "trainer"  # where old_logprobs come from: "trainer" | "engine" | "update" (tidal.learner.pi_old)
     truncated: torch.Tensor | None = None  # (B,) bool, responses cut at the length budget (finish_reason not "stop")
+    token_versions: torch.Tensor | None = None  # (B, R) long, version that sampled each token (rollout.partial)
 
     @property
     def response_len(self) -> int:
@@ -152,14 +178,16 @@ class ForwardPass:
 
 def assemble_experience(fwd: ForwardPass, scores: torch.Tensor, algorithm: "Algorithm | str", group_size: int,
                         kl_coef: float, kl_estimator: str, gamma: float, lam: float, whiten: bool,
-                        overlong_filter: bool = False) -> Experience:
+                        overlong_filter: bool = False, oldest_version: int | None = None) -> Experience:
     """Per-token rewards and advantages of one batch, by the algorithm's table entry
     (tidal.learner.algorithms): PPO's KL-penalised token rewards and GAE over the critic's values
     (docs/implementation.md#d5, #d8), or a group baseline plus the KL penalty to go.
     `whiten`: advantages to zero mean / unit variance over real tokens only (#d7), where the
     algorithm allows it (GRPO's advantages are already normalised per group; REINFORCE++ always
     normalises). `overlong_filter`: responses cut at the length budget are left out of the loss
-    (Experience.trains 0; DAPO's overlong filtering) after they counted in the baselines. scores (B,)."""
+    (Experience.trains 0; DAPO's overlong filtering) after they counted in the baselines.
+    `oldest_version`: tokens sampled by an older weight version (fwd.token_versions) are left out of
+    the loss (Experience.token_trains 0), after they counted in the rewards. scores (B,)."""
     from tidal.learner.algorithms import algorithm_for  # here, not above: the table's updates import this module
 
     algo = algorithm_for(algorithm) if isinstance(algorithm, str) else algorithm
@@ -179,12 +207,16 @@ def assemble_experience(fwd: ForwardPass, scores: torch.Tensor, algorithm: "Algo
     trains = None
     if overlong_filter and fwd.truncated is not None:
         trains = (~fwd.truncated.bool()).float()  # (B,)
+    token_trains = None
+    if oldest_version is not None and fwd.token_versions is not None:
+        token_trains = (fwd.token_versions >= oldest_version).float()  # (B, R)
     return Experience(
         input_ids=fwd.input_ids, attention_mask=fwd.attention_mask, response_mask=mask,
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         advantages=advantages.detach().float(), returns=returns.detach().float(),
         values=torch.zeros_like(mask) if values is None else values.detach(), scores=scores.float(),
         rollout_logprobs=fwd.rollout_logprobs, weight_version=fwd.weight_version, trains=trains,
+        token_trains=token_trains,
     )
 
 
@@ -201,6 +233,8 @@ def experience_metrics(exp: Experience, kl_estimator: str) -> dict[str, float]:
     }
     if exp.trains is not None:
         out["experience/overlong_filtered"] = 1.0 - exp.trains.float().mean().item()
+    if exp.token_trains is not None:  # the share of response tokens too stale to train
+        out["experience/stale_tokens"] = 1.0 - masked_mean(exp.token_trains, mask).item()
     if exp.old_logprobs is not None:
         out.update(old_logprob_metrics(exp, kl_estimator))
     return out

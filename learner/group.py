@@ -42,7 +42,7 @@ from tidal.learner.algorithms import algorithm_for
 from tidal.learner.engine import model_dtype
 from tidal.learner.dpo import DPOBatch
 from tidal.learner.experience import (ForwardPass, assemble_experience, experience_metrics, pad_response_floats,
-                                      pad_rollout)
+                                      max_token_lag, pad_response_versions, pad_rollout)
 from tidal.learner.fits import RewardFit, SupervisedFits, train_shards
 from tidal.learner.lora import uses_own_base
 from tidal.learner.mismatch import Correction
@@ -288,15 +288,19 @@ class LearnerGroup:
             rollout_logprobs=None if from_engine else engine_lp,  # nothing to compare when they ARE pi_old
             weight_version=torch.tensor(rollout.weight_version, dtype=torch.long) if rollout.weight_version else None,
             pi_old=pi_old.source,
-            truncated=torch.tensor([f != "stop" for f in rollout.finish_reason]) if rollout.finish_reason else None)
+            truncated=torch.tensor([f != "stop" for f in rollout.finish_reason]) if rollout.finish_reason else None,
+            token_versions=pad_response_versions(rollout, R))
 
-    def assemble(self, fwd: ForwardPass, scores: torch.Tensor, kl_coef: float) -> tuple[Experience, dict[str, float]]:
+    def assemble(self, fwd: ForwardPass, scores: torch.Tensor, kl_coef: float,
+                 step: int | None = None) -> tuple[Experience, dict[str, float]]:
         """KL-penalised rewards and advantages of the algorithm's table entry, and the batch's
-        experience metrics (KL per sequence, lengths, engine-vs-trainer logprob gap)."""
+        experience metrics (KL per sequence, lengths, engine-vs-trainer logprob gap). `step`: the
+        version trained; tokens lagging it by more than algorithm.max_staleness are left out of the loss."""
         a = self.cfg.algorithm
+        oldest = None if step is None else step - max_token_lag(self.cfg)
         exp = assemble_experience(fwd, scores.float(), algorithm=self.algorithm, group_size=self.cfg.rollout.n_samples,
                                   kl_coef=kl_coef, kl_estimator=a.kl_estimator, gamma=a.gamma, lam=a.lam,
-                                  whiten=a.whiten_advantages, overlong_filter=a.overlong_filter)
+                                  whiten=a.whiten_advantages, overlong_filter=a.overlong_filter, oldest_version=oldest)
         return exp, experience_metrics(exp, a.kl_estimator)
 
     def update_rl(self, experience: Experience, ptx: SFTBatch | None = None,

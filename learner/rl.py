@@ -155,8 +155,10 @@ class _Shared:
 
 
 def train_mask(x: Experience) -> torch.Tensor:
-    """(B, R) the tokens the loss trains on: the response mask, less rows left out (Experience.trains)."""
-    return x.response_mask if x.trains is None else x.response_mask * x.trains[:, None].to(x.response_mask.dtype)
+    """(B, R) the tokens the loss trains on: the response mask, less rows left out (Experience.trains)
+    and tokens too stale to train (Experience.token_trains)."""
+    mask = x.response_mask if x.trains is None else x.response_mask * x.trains[:, None].to(x.response_mask.dtype)
+    return mask if x.token_trains is None else mask * x.token_trains.to(mask.dtype)
 
 
 def _minibatch_step(w: "LearnerWorker", mb: Experience, ptx: "SFTBatch | None", ptx_cursor: list[int],

@@ -52,7 +52,7 @@ class StepUpdate:
 def policy_gradient_update(group: "LearnerGroup", batch: StepBatch, timer: Timer) -> StepUpdate:
     """Advantages, then algorithm.update_epochs of clipped policy-gradient minibatch updates."""
     with timer("advantages"):
-        exp, metrics = group.assemble(batch.fwd, batch.scores, batch.kl_coef)
+        exp, metrics = group.assemble(batch.fwd, batch.scores, batch.kl_coef, step=batch.step)
     ptx = batch.ptx.for_step(batch.step, len(exp)) if batch.ptx is not None else None
     with timer("update"):
         result = group.update_rl(exp, ptx=ptx, correction=batch.correction)

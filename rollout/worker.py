@@ -126,7 +126,7 @@ def order_by_prompt(batch: RolloutBatch, prompts: PromptBatch, n: int) -> Rollou
     pick = lambda xs: [xs[r] for r in order] if xs else xs  # noqa: E731
     return RolloutBatch(*(pick(getattr(batch, f)) for f in (
         "prompt_index", "prompt_text", "prompt_ids", "response_text", "response_ids",
-        "response_logprobs", "finish_reason", "weight_version", "reference")))
+        "response_logprobs", "finish_reason", "weight_version", "reference", "token_versions")))
 
 
 def eos_token_ids(model_path: str | Path, tokenizer) -> set[int]:

@@ -57,3 +57,19 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p)
     return env
+
+
+def uneven_model(folder: Path, stop_every: int = 16) -> Path:
+    """The tiny random model (which never stops by itself) with every `stop_every`-th token id an
+    extra EOS in its generation_config.json: its responses end at uneven, seeded lengths, a few at
+    rollout.max_new_tokens. Written once into `folder`."""
+    import shutil
+
+    from tidal.common.models import resolve_model
+
+    if not (folder / "config.json").is_file():
+        shutil.copytree(resolve_model("tiny-random"), folder, dirs_exist_ok=True)
+        gen = json.loads((folder / "generation_config.json").read_text())
+        gen["eos_token_id"] = [gen["eos_token_id"], *range(stop_every, 512, stop_every)]
+        (folder / "generation_config.json").write_text(json.dumps(gen))
+    return folder

@@ -97,6 +97,11 @@ def test_policy_folder_missing(scratch):
     assert_user_error(scratch, ["train", TINY, "model.policy=/nonexistent"], "model.policy=/nonexistent")
 
 
+def test_partial_rollouts_in_sync_mode(scratch):
+    assert_user_error(scratch, ["train", TINY, "rollout.partial=continue"], "rollout.partial=continue",
+                      "algorithm.mode=async")
+
+
 def test_policy_folder_without_tokenizer(scratch):
     (scratch / "m").mkdir()
     (scratch / "m" / "config.json").write_text("{}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from e2e_support import HALF_FLAT_REWARD, REPO, read_jsonl, rl_records, subprocess_env, tiny_overrides
+from e2e_support import HALF_FLAT_REWARD, REPO, read_jsonl, rl_records, subprocess_env, tiny_overrides, uneven_model
 from tidal.driver import rl_stage
 from tidal.driver.job import prepare_data, run_pipeline
 from tidal.actors.placement import Placement
@@ -232,14 +232,25 @@ def test_sigint_stops_at_a_safe_point_cleans_up_and_resumes_to_the_same_metrics(
     _assert_same_run(run_dir, reference_run)
 
 
-def test_dynamic_sampling_run_killed_after_a_checkpoint_resumes_to_the_same_metrics(ray_cluster, tmp_path):
-    """DAPO's dynamic sampling in async mode, half of the prompts without signal: the extra rounds
-    consume a varying number of prompts per step, generated ahead of training. SIGKILL after the
-    step-4 checkpoint and --resume: the same rollouts, metrics (sampling/* included) and policy."""
-    extra = ("algorithm.dynamic_sampling=true", f"reward.terms={HALF_FLAT_REWARD}")
+@pytest.mark.parametrize("kind", ["dynamic_sampling", "partial"])
+def test_a_run_with_state_between_steps_killed_after_a_checkpoint_resumes_to_the_same_metrics(ray_cluster, tmp_path,
+                                                                                               kind):
+    """Async runs that carry state from one step's generation to the next. dynamic_sampling: DAPO's
+    dynamic sampling, half of the prompts without signal, whose extra rounds consume a varying number
+    of prompts per step. partial: rollout.partial=continue on a model whose responses end at uneven
+    lengths, unfinished responses in flight over the checkpoint. SIGKILL after the step-4 checkpoint
+    and --resume: the same rollouts, metrics (sampling/*, rollout/partial_* included) and policy."""
+    if kind == "dynamic_sampling":
+        extra = ("algorithm.dynamic_sampling=true", f"reward.terms={HALF_FLAT_REWARD}")
+    else:
+        extra = (f"model.policy={uneven_model(tmp_path / 'uneven', stop_every=8)}", "rollout.partial=continue",
+                 "rollout.max_new_tokens=32", "rollout.partial_tokens=8", "rollout.partial_spare=8")
     ref = tmp_path / "ref"
     run_pipeline(load_config(REPO / "configs" / "tiny_grpo.yaml", _overrides(tmp_path, "ref", *extra)), ref)
-    assert max(r["sampling/rounds"] for r in rl_records(ref)) >= 2  # the rounds this test is about happened
+    if kind == "dynamic_sampling":
+        assert max(r["sampling/rounds"] for r in rl_records(ref)) >= 2  # the rounds this test is about happened
+    else:  # responses in flight across steps (and so in the checkpoint), continued under newer weights
+        assert sum(r["rollout/partial_mixed"] for r in rl_records(ref)) > 0
 
     run_dir = tmp_path / "crash"
     args = ["configs/tiny_grpo.yaml", *_overrides(tmp_path, "crash", *extra,
