@@ -24,6 +24,7 @@ resumed trajectory identical to the uninterrupted one.
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -57,6 +58,25 @@ def check_staleness(step: int, weight_versions: list[int], max_staleness: int) -
             f"algorithm.max_staleness={max_staleness} (or comes from a future version). The rollout pool "
             f"did not load the pushed weights in time; check cluster.sync_timeout_s and the pool's weight sync.")
     return lag
+
+
+def load_or_restart(pool, weights: Any, version: int, timeout_s: float | None = None) -> int:
+    """Push weight `version` to the pool; returns how many workers failed to load it. A worker
+    killed or hung during the load does not stop the run: the pool has made `version` current
+    and restarts that worker with it (tidal.rollout.pool_weights), so every later generation is
+    served at `version`; the failure is said on stderr. Any other failure (the version did not
+    become current, e.g. the sender failed) is raised."""
+    from tidal.actors.weights import WeightSyncError
+
+    try:
+        pool.load_weights(weights, version, timeout_s)
+    except WeightSyncError as e:
+        if pool.weight_version != version:
+            raise
+        print(f"tidal: warning: weight version {version} did not load on {', '.join(e.failures)}; restarted "
+              f"with it, the run goes on ({e})", file=sys.stderr, flush=True)
+        return len(e.failures)
+    return 0
 
 
 class RolloutPipeline:

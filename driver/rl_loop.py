@@ -51,7 +51,7 @@ from tidal.driver.checkpoint import DriverState, resume_checkpoint, write_checkp
 from tidal.driver.dynamic_sampling import Round, fill_step, shape_overlong
 from tidal.driver.interrupt import NO_STOPS, Interrupted, StopRequests
 from tidal.driver.partial import PartialRollouts, token_metrics
-from tidal.driver.pipeline import Produced, RolloutPipeline
+from tidal.driver.pipeline import Produced, RolloutPipeline, load_or_restart
 from tidal.common.config import TidalConfig
 from tidal.common.metrics import METRICS_FILE, MetricsLogger, Timer
 from tidal.common.scoreboard import degenerate_share
@@ -135,6 +135,7 @@ class RLLoop:
         self.pipeline: RolloutPipeline | None = None
         self._preloaded: list[Produced] = []
         self._load_times: list[float] = []  # seconds of each weight load into the pool
+        self._sync_failed = 0  # rollout workers that failed a weight load (restarted with it) so far
         # rollout.partial: the groups in flight between steps (tidal.driver.partial)
         self.partial = None if cfg.rollout.partial == "off" else PartialRollouts(cfg, parts.dataset, parts.pool)
 
@@ -216,7 +217,7 @@ class RLLoop:
     def _push(self, handle: Any, version: int) -> None:
         """Runs on the rollout thread, in order with the generations around it."""
         t0 = time.perf_counter()
-        self.parts.pool.load_weights(handle)
+        self._sync_failed += load_or_restart(self.parts.pool, handle, version)  # a lost worker: warned, restarted
         self._load_times.append(time.perf_counter() - t0)
 
     def run(self) -> dict[str, float]:
@@ -357,6 +358,7 @@ class RLLoop:
             **{f"time/{k}_s": v for k, v in t.items()},
             "time/step_s": wall,
             "time/load_weights_s": self._load_times[-1] if self._load_times else 0.0,
+            "rollout/sync_failed_workers": float(self._sync_failed),
             **result.metrics, **pi_old_m, **produced.metrics,
             **token_metrics(produced.step, scored.rollout, max_token_lag(self.cfg)),
         }

@@ -215,3 +215,19 @@ def test_a_worker_that_died_while_idle_is_restarted_by_the_next_push(pool, tiny_
     pool.load_weights(model.state_dict().items())  # no WeightSyncError: the dead worker is replaced
     infos = pool.worker_infos()
     assert len(infos) == 2 and {i.weight_version for i in infos} == {pool.weight_version}
+
+
+@pytest.mark.ray
+def test_a_worker_that_hangs_in_an_rl_push_is_restarted_and_the_run_goes_on(pool, tiny_model, capsys):
+    from tidal.driver.pipeline import load_or_restart
+
+    stuck, _ = pool.worker_ids()
+    pool.group.call(lambda a: a.hang_next_load.remote(), actor_ids=[stuck], timeout_s=30)
+    version = pool.weight_version + 1
+    assert load_or_restart(pool, load_causal_lm(tiny_model).state_dict().items(), version, timeout_s=5.0) == 1
+    assert pool.weight_version == version and f"rollout-{stuck}" in capsys.readouterr().err
+    prompts = _prompts(tiny_model, 6)
+    _assert_exactly_once(pool.generate(prompts, SAMPLING), prompts)  # served at the new version only
+    assert {i.weight_version for i in pool.worker_infos()} == {version}
+    with pytest.raises(ValueError, match="not newer"):  # not a WeightSyncError: raised as it is
+        load_or_restart(pool, load_causal_lm(tiny_model).state_dict().items(), version)
