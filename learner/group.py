@@ -295,7 +295,7 @@ class LearnerGroup:
                  step: int | None = None) -> tuple[Experience, dict[str, float]]:
         """KL-penalised rewards and advantages of the algorithm's table entry, and the batch's
         experience metrics (KL per sequence, lengths, engine-vs-trainer logprob gap). `step`: the
-        version trained; tokens lagging it by more than algorithm.max_staleness are left out of the loss."""
+        version trained; tokens lagging it by more than learner.experience.max_token_lag are left out of the loss."""
         a = self.cfg.algorithm
         oldest = None if step is None else step - max_token_lag(self.cfg)
         exp = assemble_experience(fwd, scores.float(), algorithm=self.algorithm, group_size=self.cfg.rollout.n_samples,
