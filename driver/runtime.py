@@ -12,7 +12,8 @@ processes still alive (Ray's agents, which otherwise linger ~90 s) and removes i
 with Ctrl-C ignored meanwhile; a Ctrl-C while Ray starts undoes the half-started cluster; and a
 watchdog process (tidal.driver.reaper) does the same when the driver dies without cleaning up
 (kill -9). Workers' temporary files (e.g. vLLM's vllm_dist_* rendezvous files) go into the
-cluster's temp folder (TMPDIR), so they go with it.
+cluster's temp folder (TMPDIR), so they go with it; torch's compile cache stays where torch puts
+it (`inductor_cache_dir`), so a kernel compiled once serves every later run.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ RUNTIME_ENV_VARS: dict[str, str] = {
 # which every learner rank and rollout worker of a GPU cluster needs alike). Never
 # CUDA_VISIBLE_DEVICES: Ray sets it for each GPU actor from its own assignment; the submitter's
 # value would pin every actor on every node to the submitter's devices.
-PASS_THROUGH_VARS = ("TIDAL_CACHE", "PYTHONPATH", "HF_HOME", "TORCH_EXTENSIONS_DIR")
+PASS_THROUGH_VARS = ("TIDAL_CACHE", "PYTHONPATH", "HF_HOME", "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR")
 PASS_THROUGH_PREFIXES = ("NCCL_",)
 
 
@@ -69,6 +70,21 @@ def worker_env() -> dict[str, str]:
     env = {k: os.environ.get(k, v) for k, v in RUNTIME_ENV_VARS.items()}
     env.update({k: v for k, v in os.environ.items() if k in PASS_THROUGH_VARS or k.startswith(PASS_THROUGH_PREFIXES)})
     return env
+
+
+def inductor_cache_dir() -> str:
+    """torch's compile cache as torch would place it for this user without tidal's TMPDIR:
+    $TORCHINDUCTOR_CACHE_DIR, else <system temp>/torchinductor_<user>. It outlives the run, as
+    torch means it to: a compiled kernel is built once per machine, not once per run."""
+    import getpass
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no user name in a bare container
+        user = f"uid_{os.getuid()}"
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + "".join("_" if c in '\\/:*?"<>|' else c for c in user))
 
 
 def _job_env_vars() -> set[str]:
@@ -120,6 +136,12 @@ def connect(cfg: ClusterConfig, min_cpus: float = 0, verbose: bool = True, logs_
             workers_tmp = os.path.join(conn.temp_dir, "tmp")
             os.makedirs(workers_tmp, exist_ok=True)
             runtime_env["env_vars"]["TMPDIR"] = workers_tmp
+            # ...but not torch's compile cache, which defaults to TMPDIR/torchinductor_USER: vLLM's
+            # sampler compiles its log-prob gather on the first generate (12-30 s on 2 cores). The
+            # precompiled header stays in TMPDIR whatever the cache folder (torch's _HEADER_DIR): off.
+            runtime_env["env_vars"].setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
+            runtime_env["env_vars"].setdefault("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS",
+                                               os.environ.get("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", "0"))
         try:
             ray.init(num_cpus=num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, _temp_dir=temp_dir, runtime_env=runtime_env,
                      log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)

@@ -9,6 +9,11 @@ for _k, _v in _ENV.items():
     os.environ.setdefault(_k, _v)
 # One model cache for the whole test session (and CI run): tiny-random builds once.
 os.environ.setdefault("TIDAL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tidal"))
+# One torch compile cache too, fixed before tests point TMPDIR elsewhere for their subprocesses
+# (it defaults to TMPDIR/torchinductor_USER: vLLM's sampler would recompile in every run).
+from tidal.driver.runtime import inductor_cache_dir  # noqa: E402
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
 
 import pytest  # noqa: E402
 
