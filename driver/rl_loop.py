@@ -283,13 +283,14 @@ class RLLoop:
         with timer("sync"):
             handle = learners.export_weights(step + 1)
             self.pipeline.push(handle, step + 1)
+        push = {"rollout/push_mb": handle.num_bytes / 2**20} if handle.num_bytes else {}  # LoRA: adapters only
         if not self.async_mode:  # sync mode: the new weights are in the pool before the next step
             with timer("sync"):
                 self.pipeline.drain()
         self.kl_ctl.update(result.kl_per_seq, len(rollout))
         wall = time.perf_counter() - t0
         self._record_rollout(step, produced)
-        return self._step_metrics(produced, batch, pi_old, result, timer, wall)
+        return {**self._step_metrics(produced, batch, pi_old, result, timer, wall), **push}
 
     def _watch(self, last: dict[str, float]) -> dict[str, float]:
         """The monitors after a step: collapse warnings (degenerate share, KL per token) and the

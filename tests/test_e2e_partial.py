@@ -38,6 +38,7 @@ def test_with_uneven_lengths_a_step_no_longer_waits_for_the_longest_response(ray
     # the per-token versions reach the loss: the learner leaves out the share the driver counts as stale
     assert all(r["experience/stale_tokens"] == pytest.approx(r["rl/tokens_stale"], abs=1e-6) for r in on)
     assert all(r["rl/staleness_max"] <= 2 for r in on)  # a row's newest token lags at most max_staleness + 1
+    assert len({r["rollout/push_mb"] for r in off + on}) == 1 and off[0]["rollout/push_mb"] > 0  # the whole model, each push
     print("learner wait (s) off", [round(r["time/wait_rollout_s"], 2) for r in off],
           "continue", [round(r["time/wait_rollout_s"], 2) for r in on], "decode steps", off_waited, on_waited)
 
