@@ -6,7 +6,8 @@ for rollouts when response lengths are uneven, off against continue and abort.
 The tiny random model never stops by itself; a copy of it gets every 16th token id as an extra
 EOS (generation_config.json), so its responses end at uneven, seeded lengths, a few at the
 32-token cap. Each case is the real `tidal train` RL stage in async mode (GRPO, 8 prompts x 2
-samples per step, max_staleness 1, the built-in `length` reward) on one embedded Ray cluster,
+samples per step, one update epoch so that generation is the bottleneck, max_staleness 1,
+configs/tiny_grpo.yaml's VADER reward, which leaves the lengths alone) on one embedded Ray cluster,
 with the same seed; partial cases cut generation into 8-token slices with 8 spare groups in
 flight. Figures are means over the steps after the first (warm-up): the learner's wait for
 rollouts (time/wait_rollout_s), the step time, the engine's decode steps per step (off: the
@@ -45,9 +46,10 @@ def uneven_model(folder: Path, stop_every: int = 16) -> Path:
 def overrides(name: str, model: Path, steps: int, out: Path, extra: list[str]) -> list[str]:
     return [f"logging.output_dir={out}", f"logging.run_name={name}", "logging.wandb_mode=disabled",
             "logging.progress=false", "logging.eval_samples=0", f"algorithm.steps={steps}",
-            f"model.policy={model}", f"data.data_dir={out / 'data'}", 'reward.terms=[{kind: length, target: "8"}]',
+            f"model.policy={model}", f"data.data_dir={out / 'data'}",
             "algorithm.mode=async", "algorithm.max_staleness=1", "rollout.max_new_tokens=32", "rollout.n_samples=2",
-            "algorithm.prompts_per_step=8", "learner.mini_batch_size=16", "learner.micro_batch_size=16",
+            "algorithm.prompts_per_step=8", "algorithm.update_epochs=1", "learner.mini_batch_size=16",
+            "learner.micro_batch_size=16",
             *(PARTIAL if extra else []), *extra]
 
 
