@@ -46,7 +46,7 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/rollout.py && $(BIN)/python bench/weight_sync.py && $(BIN)/python bench/reward.py \
-	    && $(BIN)/python bench/e2e.py && $(BIN)/python bench/peer_trl.py
+	    && $(BIN)/python bench/e2e.py && $(BIN)/python bench/partial.py && $(BIN)/python bench/peer_trl.py
 
 # SFT -> RM once, then PPO, GRPO, DAPO (GRPO + dynamic sampling + clip-higher + soft overlong
 # punishment), GSPO (the paper's clip ranges), Dr. GRPO, expert iteration and DPO from the same SFT
