@@ -7,8 +7,9 @@ bench/results/lora_train.json.
 BASE holds `sft/` and `reward_model/`: `make compare`'s runs/compare-*/base, or a run of
 `tidal train configs/demo.yaml "stages.run=[sft,rm]"`. Each arm is `tidal train configs/demo.yaml`
 with only its RL stage, as `make compare` runs GRPO (rollout.n_samples=4, 8 prompts per step);
-the LoRA arm adds learner.lora_rank=8 and lr 1e-4. While an arm runs, the resident memory of
-every Ray actor process is read from /proc each second; the peak per role is reported (a role
+the LoRA arm adds learner.lora_rank=8 and lr 1e-3 (`--lora-lr`; ten times full fine-tuning's
+8e-5, as LoRA usually needs: at 1e-4 its policy barely moved in 20 steps, KL 0.015 nats). While an arm runs, the resident memory of
+every Ray actor process the run started is read from /proc each second; the peak per role is reported (a role
 that has no process, like the reference of a LoRA run, is absent).
 
 Reported per arm: median s/step (time/step_s), MiB pushed per step (rollout/push_mb), the
@@ -32,12 +33,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "lora_train.json"
 ROLES = ("LearnerWorker", "ReferenceWorker", "RolloutWorker", "RewardWorker")
+ARMS = ("full", "lora")
 
 
-def role_rss_mb() -> dict[str, float]:
-    """Summed RSS (MiB) of the live processes of each Ray actor role (ray::ROLE[.method])."""
-    out: dict[str, float] = {}
+def _parents() -> dict[int, int]:
+    out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:  # /proc/PID/stat: "pid (comm) state ppid ...", comm may hold spaces
+            out[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def role_rss_mb(root: int) -> dict[str, float]:
+    """Summed RSS (MiB) of the live processes of each Ray actor role (ray::ROLE[.method]) that
+    descend from `root` (the run's `tidal train`, whose embedded cluster starts them): actors of
+    anything else on the machine are not counted."""
+    parents, out = _parents(), {}
+    for pid in parents:
+        p = pid
+        while p not in (root, 0, 1) and p in parents:
+            p = parents[p]
+        if p != root:
+            continue
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             role = next((r for r in ROLES if title.startswith(f"ray::{r}")), None)
@@ -60,17 +79,20 @@ def run_arm(name: str, base: Path, out: Path, steps: int, extra: list[str]) -> d
     peak: dict[str, float] = {}
     done = threading.Event()
 
+    print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+    t0, load0 = time.time(), os.getloadavg()
+    proc = subprocess.Popen(cmd, cwd=REPO)
+
     def sample() -> None:
         while not done.wait(1.0):
-            for role, mb in role_rss_mb().items():
+            for role, mb in role_rss_mb(proc.pid).items():
                 peak[role] = max(peak.get(role, 0.0), mb)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-    t0, load0 = time.time(), os.getloadavg()
     sampler.start()
     try:
-        subprocess.run(cmd, check=True, cwd=REPO)
+        if proc.wait() != 0:
+            raise SystemExit(f"bench/lora_train.py: the {name} run failed (exit code {proc.returncode})")
     finally:
         done.set()
         sampler.join()
@@ -92,14 +114,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("base", type=Path, help="a folder with sft/ and reward_model/")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                    help="run these arms only; the others' figures come from the results file")
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / f"lora-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     args = ap.parse_args()
     base = args.base.resolve()
     if not (base / "sft").is_dir() or not (base / "reward_model").is_dir():
         print(f"bench/lora_train.py: {base} lacks sft/ or reward_model/ (see the docstring)", file=sys.stderr)
         return 2
-    arms = {"full": run_arm("full", base, args.out, args.steps, []),
-            "lora": run_arm("lora", base, args.out, args.steps, ["learner.lora_rank=8", "learner.lr=1e-4"])}
+    extra = {"full": [], "lora": ["learner.lora_rank=8", f"learner.lr={args.lora_lr}"]}
+    arms = json.loads(RESULTS.read_text())["arms"] if RESULTS.is_file() and set(args.arms) != set(ARMS) else {}
+    for name in args.arms:
+        arms[name] = {**run_arm(name, base, args.out, args.steps, extra[name]), "overrides": extra[name]}
     full, lora = arms["full"], arms["lora"]
     ratios = {"push_mb_lora_over_full": round(lora["push_mb"] / full["push_mb"], 4),
               "s_per_step_lora_over_full": round(lora["s_per_step"] / full["s_per_step"], 3),
