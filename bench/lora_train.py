@@ -127,6 +127,11 @@ def main() -> int:
     arms = json.loads(RESULTS.read_text())["arms"] if RESULTS.is_file() and set(args.arms) != set(ARMS) else {}
     for name in args.arms:
         arms[name] = {**run_arm(name, base, args.out, args.steps, extra[name]), "overrides": extra[name]}
+    missing = [a for a in ARMS if a not in arms]
+    if missing:
+        print(f"bench/lora_train.py: {RESULTS} has no {' or '.join(missing)} arm; run it with --arms {' '.join(missing)}",
+              file=sys.stderr)
+        return 2
     full, lora = arms["full"], arms["lora"]
     ratios = {"push_mb_lora_over_full": round(lora["push_mb"] / full["push_mb"], 4),
               "s_per_step_lora_over_full": round(lora["s_per_step"] / full["s_per_step"], 3),
