@@ -43,8 +43,9 @@ CHEAP = {("config", "show"), ("data", "sentiment"), ("report", None), ("reward",
 PARSED_ONLY = {("train", None), ("submit", None), ("eval", None), ("reward", "serve"), ("generate", None),
                ("label", "tasks"), ("label", "serve")}
 # What the pages' placeholders stand for here: a finished run (runs/<run> in the README, RUN and
-# runs/ppo-1 / runs/dpo-1 in docs/alternatives.md).
-PLACEHOLDERS = ((r"runs/<run>", f"runs/{RUN}"), (r"runs/(ppo|dpo)-1", f"runs/{RUN}"), (r"(?<![\w/])RUN/", f"runs/{RUN}/"))
+# runs/ppo-1 / runs/dpo-1 in docs/alternatives.md, the four arms' runs in docs/feedback.md).
+PLACEHOLDERS = ((r"runs/<run>", f"runs/{RUN}"), (r"runs/(ppo|dpo)-1", f"runs/{RUN}"), (r"(?<![\w/])RUN/", f"runs/{RUN}/"),
+                (r"runs/arms/(static|rounds|random|active)\b", f"runs/{RUN}"))
 
 
 def using_it() -> str:
