@@ -68,6 +68,9 @@ def start_parts(cfg: TidalConfig, policy: str, reward_model: str | None, data, c
     learners = pool = reward = calibration_rollout = None
     calibration: dict[str, float] = {}
     try:
+        # the engines start before the learners, not beside them: on a colocated GPU vLLM sizes its KV
+        # cache from the device's free memory while it profiles, which DeepSpeed allocating at the same
+        # time would change (measured on CPU, starting both at once saved ~2 s of 22 on 2 cores)
         pool = RolloutPool(cfg, policy, actor_options=placement.actor_options("rollout"))
         reward = build_reward(cfg.reward, reward_model=reward_model, policy_tokenizer=policy, placement=placement,
                               dtype=cfg.model.dtype, worker_timeout_s=cfg.cluster.sync_timeout_s,
