@@ -199,9 +199,7 @@ def run_rl(cfg: TidalConfig, run_dir: Path, logger: MetricsLogger, data, policy:
     online = _online(cfg, run_dir, stage, reward_model, data)
     placement, parts, calibration = start_parts(cfg, policy, online.path if online else reward_model, data,
                                                 calibrate=not resuming, reference=reference)
-    from tidal.learner.lora import uses_own_base
-
-    ref = "the base with adapters off" if uses_own_base(cfg.learner.lora_rank, policy, reference or policy) else "reference"
+    ref = "the base with adapters off" if parts.learners.reference_in_policy else "reference"
     print(f"tidal: rl roles up in {time.perf_counter() - t0:.1f} s ({cfg.cluster.placement}: "
           f"{cfg.learner.num_workers} learner(s) + {ref}, {cfg.rollout.num_workers} rollout worker(s))", flush=True)
     summary: dict = {}
