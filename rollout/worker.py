@@ -159,6 +159,8 @@ class RolloutWorker:
 
         self.worker_id, self.weight_version, self.rollout = worker_id, 0, rollout
         on_gpu = enter_device(rollout.gpus_per_worker > 0, f"rollout worker {worker_id}").type == "cuda"
+        if not on_gpu:  # eager as the model is: no torch.compile of vLLM's sampler helpers (3 s per start)
+            torch.compiler.set_stance("force_eager")
         # CPU: vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE (whole GB) override the explicit KV-cache
         # size, so it is hidden while the engine is configured.
         saved = None if on_gpu else os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
