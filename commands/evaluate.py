@@ -2,8 +2,8 @@
 
 Every policy (the SFT model, each run's final policy, best-of-n over SFT) answers the same
 held-out reporting prompts (data.eval_prompts or the task's held-out prompts, the first
-logging.eval_samples; the monitor picks models on the next ones, never on these), sampled by a
-fresh rollout pool with one fixed seed, one policy after another (tidal.driver.heldout). Each
+logging.eval_samples; the monitor picks models on the next ones, never on these), sampled with one fixed seed, one policy after another, by one rollout pool that loads each
+policy's weights in turn (tidal.driver.heldout.PolicySampler: one engine start per model). Each
 completion is scored by the proxy (the config's reward, the one RL optimises) and by a gold
 judge the policies never trained on (logging.gold_term, VADER by default). Per method: the
 simulated win-rate against SFT on gold (pairwise on the same prompts, ties count half, Wilson
@@ -31,7 +31,8 @@ import torch
 
 from tidal.commands.args import EvalArgs
 from tidal.common.config import ConfigError, TidalConfig
-from tidal.driver.heldout import Seeds, build_gold, eval_sampling, gold_term, hf_sequence_kl, raw_scores, sample
+from tidal.driver.heldout import (PolicySampler, Seeds, build_gold, eval_sampling, gold_term, hf_sequence_kl,
+                                  raw_scores)
 from tidal.driver.run_folder import policy_folder, sft_of
 
 COLUMNS = ("method", "win-rate vs SFT (95% CI)", "gold", "proxy", "KL to SFT", "length", "degenerate", "RM acc",
@@ -84,16 +85,18 @@ def evaluate_policies(cfg: TidalConfig, policies: dict[str, str], sft: str, best
     count, sampling = len(prompts.index), eval_sampling(cfg, Seeds.REPORTING)
     gold = build_gold(cfg, gold_term(cfg.logging.gold_term), sft)
     sft_model = AutoModelForCausalLM.from_pretrained(sft, torch_dtype=torch.float32).eval()
-    results = []
+    results, best = [], None
     try:
-        for name, path in {"sft": sft, **policies}.items():
-            print(f"tidal eval: sampling {count} completions from {name} ({path})", flush=True)
-            rollout = sample(path, prompts, sampling, cfg)
-            kl, lengths = hf_sequence_kl(path, sft_model, rollout, cfg.rollout.temperature, tok)
-            results.append(MethodResult(name, path, list(rollout.response_text), raw_scores(gold, rollout),
-                                        raw_scores(proxy, rollout), kl, lengths))
-        if best_of > 1:
-            results.append(_best_of_sft(cfg, sft, sft_model, tok, prompts, best_of, proxy, gold))
+        with PolicySampler(cfg) as draw:  # one engine for every policy of the same model
+            for name, path in {"sft": sft, **policies}.items():
+                print(f"tidal eval: sampling {count} completions from {name} ({path})", flush=True)
+                rollout = draw(path, prompts, sampling)
+                kl, lengths = hf_sequence_kl(path, sft_model, rollout, cfg.rollout.temperature, tok)
+                results.append(MethodResult(name, path, list(rollout.response_text), raw_scores(gold, rollout),
+                                            raw_scores(proxy, rollout), kl, lengths))
+                if name == "sft" and best_of > 1:  # while the engine holds SFT's weights
+                    best = _best_of_sft(cfg, draw, sft, sft_model, tok, prompts, best_of, proxy, gold)
+        results += [best] if best is not None else []
     finally:
         gold.close()
     sft_gold = results[0].gold
@@ -117,14 +120,15 @@ def _judge_rows(cfg: TidalConfig, rows: list[dict], results: list[MethodResult],
                                  sft_result.gold if against_sft else None))
 
 
-def _best_of_sft(cfg: TidalConfig, sft: str, sft_model, tok, prompts, n: int, proxy, gold) -> MethodResult:
+def _best_of_sft(cfg: TidalConfig, draw: PolicySampler, sft: str, sft_model, tok, prompts, n: int, proxy,
+                 gold) -> MethodResult:
     """Best-of-n over SFT by the proxy; its KL is the analytic bound (Stiennon et al. 2020)."""
     from tidal.driver.best_of import BestOfN
 
     count = len(prompts.index)
     print(f"tidal eval: best-of-{n} over sft ({n * count} samples)", flush=True)
-    best_of = BestOfN(None, proxy, eval_sampling(cfg, Seeds.REPORTING), n)  # its pool: sample's own
-    best = best_of.choose(sample(sft, prompts, best_of.sampling, cfg))
+    best_of = BestOfN(None, proxy, eval_sampling(cfg, Seeds.REPORTING), n)  # its pool: the sampler's
+    best = best_of.choose(draw(sft, prompts, best_of.sampling))
     chosen = best.chosen
     _, lengths = hf_sequence_kl(sft, sft_model, chosen, cfg.rollout.temperature, tok)
     bound = math.log(n) - (n - 1) / n

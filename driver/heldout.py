@@ -5,7 +5,7 @@ over-optimisation monitor, `tidal eval`, and every other place that samples a fi
   Seeds               which seed each use of sampling gets, in one place
   held-out prompts    the prompt set, split into a reporting set and a selection set
   sample / fresh_pool one sampler of a policy: a pool's current weights, or a fresh pool on an
-                      HF folder, closed afterwards
+                      HF folder, closed afterwards; PolicySampler: one pool for several folders
   gold judges         one builder (`build_gold`) for logging.gold_term and feedback.gold
   scores              the proxy's and gold's raw scores, and the KL to a reference: learner-side
                       (`ForwardPass.sequence_kl`, `evaluate_pool`) or by plain HF forward passes
@@ -126,6 +126,69 @@ def fresh_pool(cfg: TidalConfig, policy: str | Path):
         yield pool
     finally:
         pool.shutdown()
+
+
+class PolicySampler:
+    """Samples several HF folders with one rollout pool (`tidal eval`): the first folder starts it,
+    each later folder of the same model (config.json and generation_config.json equal but for
+    the fields that do not change the network) is loaded into it as a new weight version, and a
+    folder of another model gets a pool of its own. One engine start for a whole scoreboard
+    instead of one per policy; a load resets the engine's prefix cache, and every request has its
+    own seed, so a policy's samples are those of a fresh pool. LoRA runs export merged folders,
+    so the pool takes full weights (learner.lora_rank 0). Close it (or use it with `with`)."""
+
+    VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
+
+    def __init__(self, cfg: TidalConfig):
+        self.cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, lora_rank=0))
+        self.pool, self.folder, self.engine_starts = None, None, 0
+
+    def __call__(self, policy: str | Path, prompts, sampling):
+        folder = Path(policy)
+        if self.folder != folder:
+            if self.pool is not None and self._same_model(folder) and _safetensors(folder):
+                self.pool.load_weights(list(_read_safetensors(folder)))
+            else:
+                self.close()
+                from tidal.rollout.pool import RolloutPool
+
+                self.pool, self.engine_starts = RolloutPool(self.cfg, str(folder)), self.engine_starts + 1
+            self.folder = folder
+        return self.pool.generate(prompts, sampling)
+
+    def _same_model(self, folder: Path) -> bool:
+        return all(_json_without(self.folder / name, self.VOLATILE) == _json_without(folder / name, self.VOLATILE)
+                   for name in ("config.json", "generation_config.json"))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        self.pool, self.folder = None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _json_without(path: Path, keys: tuple[str, ...]) -> dict | None:
+    import json
+
+    if not path.is_file():
+        return None
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in keys}
+
+
+def _safetensors(folder: Path) -> list[Path]:
+    return sorted(folder.glob("model*.safetensors"))  # model.safetensors, or its shards
+
+
+def _read_safetensors(folder: Path):
+    from safetensors.torch import load_file
+
+    for path in _safetensors(folder):
+        yield from load_file(str(path)).items()
 
 
 def sample(policy, prompts, sampling, cfg: TidalConfig | None = None):

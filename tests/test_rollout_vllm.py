@@ -2,6 +2,7 @@
 temperature, top-k/top-p as documented in tidal.rollout.sampling), weight round trips, and a
 tied-embedding model after an update (the case a greedy round trip does not catch)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,31 @@ def test_tied_embeddings_logprobs_after_update(ray_cluster, tiny_model, tmp_path
         logp = torch.log_softmax(hidden @ old_embed.T, -1).gather(-1, ids[0, -R:, None])[:, 0]
         stale.append((torch.tensor(batch.response_logprobs[r]) - logp).abs().max().item())
     assert max(stale) > 1e-2
+
+
+def test_one_pool_samples_several_folders_as_fresh_pools_would(ray_cluster, tiny_model, tmp_path):
+    """`tidal eval`'s PolicySampler: a second folder of the same model is loaded into the running
+    engine, and its samples are those of a fresh pool on that folder; back on the first folder,
+    the first samples again. One engine start; a folder of another model would get its own."""
+    from tidal.driver.heldout import PolicySampler, Seeds, eval_sampling, sample
+
+    tie = load_causal_lm(tiny_model).config.tie_word_embeddings
+    other = make_variant(tiny_model, tmp_path / "other", tie=tie, head_scale=8.0)
+    cfg = load_config(None, ["rollout.num_workers=1", "rollout.max_model_len=128", "cluster.sync_timeout_s=240",
+                             "rollout.max_new_tokens=12"])
+    batch, sampling = prompts(tiny_model), eval_sampling(cfg, Seeds.REPORTING, n=2)
+    with PolicySampler(cfg) as draw:
+        first = draw(tiny_model, batch, sampling)
+        loaded = draw(other, batch, sampling)
+        again = draw(tiny_model, batch, sampling)
+        assert draw.engine_starts == 1
+        bigger = tmp_path / "bigger"
+        bigger.mkdir()
+        config = json.loads((Path(other) / "config.json").read_text())
+        (bigger / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+        assert draw._same_model(Path(other)) and not draw._same_model(bigger)
+    fresh = sample(other, batch, sampling, cfg)
+    assert loaded.response_ids == fresh.response_ids and loaded.response_ids != first.response_ids
+    for got, want in zip(loaded.response_logprobs, fresh.response_logprobs):
+        assert got == pytest.approx(want, abs=1e-5)
+    assert again.response_ids == first.response_ids
