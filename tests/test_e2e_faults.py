@@ -157,26 +157,16 @@ def _kill_after_checkpoint(args, run_dir, step_dir):
     _kill_tree(proc)
 
 
-def test_driver_killed_after_a_checkpoint_resumes_to_the_same_metrics(reference_run, tmp_path):
-    run_dir = tmp_path / "crash"
-    args = ["configs/tiny_ppo.yaml", *_overrides(tmp_path, "crash", "cluster.ray_temp_dir=" + tempfile.mkdtemp(prefix="tr-"))]
-    _kill_after_checkpoint(args, run_dir, "step-000004")
-    logged = [r["step"] for r in rl_records(run_dir)]
-    assert 4 <= max(logged) < STEPS, logged  # killed mid-run, after the checkpoint
-
-    resumed = _run_driver(["--resume", str(run_dir)], subprocess_env())
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out[-3000:]
-    _assert_same_run(run_dir, reference_run)
-
-
-def test_corrupt_newest_checkpoint_resumes_from_the_one_before(reference_run, tmp_path):
-    """Killed after its step-4 checkpoint, which then loses the end of a learner file: the resume
-    names the file, continues from step 2, ends equal to an uninterrupted run, and keeps the bad
-    checkpoint aside instead of replacing it."""
+def test_driver_killed_after_a_corrupt_checkpoint_resumes_from_the_one_before(reference_run, tmp_path):
+    """The driver's whole process tree SIGKILLed after its step-4 checkpoint, which then loses the
+    end of a learner file: the resume names the file, continues from step 2, ends equal to an
+    uninterrupted run, and keeps the bad checkpoint aside instead of replacing it. (A resume
+    from the newest checkpoint after a kill: the state tests below, and the SIGINT test.)"""
     run_dir = tmp_path / "bad"
     args = ["configs/tiny_ppo.yaml", *_overrides(tmp_path, "bad", "cluster.ray_temp_dir=" + tempfile.mkdtemp(prefix="tr-"))]
     _kill_after_checkpoint(args, run_dir, "step-000004")
+    logged = [r["step"] for r in rl_records(run_dir)]
+    assert 4 <= max(logged) < STEPS, logged  # killed mid-run, after the checkpoint
     newest = run_dir / "checkpoints" / "step-000004"
     bad = max((p for p in (newest / "learner").rglob("*.pt")), key=lambda p: p.stat().st_size)
     data = bad.read_bytes()

@@ -25,7 +25,7 @@ from raystart_support import RayNodes, tidal_submit
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 STEPS = 6
-WAIT_S = 20  # cluster.node_wait_s: how long the job waits for a replacement of the lost rollout node
+WAIT_S = 10  # cluster.node_wait_s: how long the job waits for a replacement of the lost rollout node
 
 
 def _overrides(out, name):
