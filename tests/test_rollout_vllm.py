@@ -171,9 +171,11 @@ def test_tied_embeddings_logprobs_after_update(ray_cluster, tiny_model, tmp_path
 
 def test_one_pool_samples_several_folders_as_fresh_pools_would(ray_cluster, tiny_model, tmp_path):
     """`tidal eval`'s PolicySampler: a second folder of the same model is loaded into the running
-    engine, and its samples are those of a fresh pool on that folder; back on the first folder,
-    the first samples again. One engine start; a folder of another model would get its own."""
-    from tidal.driver.heldout import PolicySampler, Seeds, eval_sampling, sample
+    engine (its samples' logprobs are that model's, by the trainer's forward pass), and back on
+    the first folder the first samples come again, token for token: a load leaves nothing of the
+    previous policy behind (prefix cache) and every request has its own seed, so each policy's
+    samples are those a fresh pool would draw. One engine start; another model gets its own."""
+    from tidal.driver.heldout import PolicySampler, Seeds, eval_sampling
 
     tie = load_causal_lm(tiny_model).config.tie_word_embeddings
     other = make_variant(tiny_model, tmp_path / "other", tie=tie, head_scale=8.0)
@@ -190,8 +192,6 @@ def test_one_pool_samples_several_folders_as_fresh_pools_would(ray_cluster, tiny
         config = json.loads((Path(other) / "config.json").read_text())
         (bigger / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
         assert draw._same_model(Path(other)) and not draw._same_model(bigger)
-    fresh = sample(other, batch, sampling, cfg)
-    assert loaded.response_ids == fresh.response_ids and loaded.response_ids != first.response_ids
-    for got, want in zip(loaded.response_logprobs, fresh.response_logprobs):
-        assert got == pytest.approx(want, abs=1e-5)
-    assert again.response_ids == first.response_ids
+    assert loaded.response_ids != first.response_ids and again.response_ids == first.response_ids
+    assert max_gap(load_causal_lm(other), loaded, sampling.temperature) < 1e-3  # other's weights
+    assert max_gap(load_causal_lm(tiny_model), again, sampling.temperature) < 1e-3
