@@ -2,8 +2,9 @@
 
 Every policy (the SFT model, each run's final policy, best-of-n over SFT) answers the same
 held-out reporting prompts (data.eval_prompts or the task's held-out prompts, the first
-logging.eval_samples; the monitor picks models on the next ones, never on these), sampled with one fixed seed, one policy after another, by one rollout pool that loads each
-policy's weights in turn (tidal.driver.heldout.PolicySampler: one engine start per model). Each
+logging.eval_samples; the monitor picks models on the next ones, never on these), sampled with
+one fixed seed, one policy after another, by one rollout pool that loads each policy's weights
+in turn (tidal.driver.heldout.PolicySampler: one engine start per model). Each
 completion is scored by the proxy (the config's reward, the one RL optimises) and by a gold
 judge the policies never trained on (logging.gold_term, VADER by default). Per method: the
 simulated win-rate against SFT on gold (pairwise on the same prompts, ties count half, Wilson
