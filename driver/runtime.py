@@ -137,7 +137,8 @@ def connect(cfg: ClusterConfig, min_cpus: float = 0, verbose: bool = True, logs_
             os.makedirs(workers_tmp, exist_ok=True)
             runtime_env["env_vars"]["TMPDIR"] = workers_tmp
             # ...but not torch's compile cache, which defaults to TMPDIR/torchinductor_USER: vLLM's
-            # sampler compiles its log-prob gather on the first generate (12-30 s on 2 cores). The
+            # sampler compiles its log-prob gather on the first generate (12-30 s on 2 cores without
+            # the cache; a GPU engine's case now, the CPU worker runs eagerly: rollout/worker.py). The
             # precompiled header stays in TMPDIR whatever the cache folder (torch's _HEADER_DIR): off.
             runtime_env["env_vars"].setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
             runtime_env["env_vars"].setdefault("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS",
